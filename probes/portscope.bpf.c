@@ -1,0 +1,431 @@
+// SPDX-License-Identifier: (LGPL-2.1 OR BSD-2-Clause)
+/*
+ * portscope.bpf.c: every probe portscope can load, in one CO-RE object.
+ *
+ * Three probe plans share this object and one event schema (portscope.h); the
+ * collector chooses which programs to load (tracer/plans.py):
+ *
+ *   tracepoint  syscalls:sys_{enter,exit}_{bind,listen,connect} only; the
+ *               socket is read from the fd with CO-RE.
+ *   kprobe      the same, plus kprobe/kretprobe on inet_csk_get_port, which
+ *               marks the calls where the port allocator itself said no, and
+ *               catches refusals outside any system call (io_uring, kernel).
+ *   fentry      the same as kprobe, with fexit instead (cheaper, has args).
+ *
+ * Hot-path rule: successful calls cost a map update and a delete; only calls
+ * the user asked to see (by default the failures) reach the ring buffer.
+ */
+#include "vmlinux.h"
+#include <bpf/bpf_helpers.h>
+#include <bpf/bpf_core_read.h>
+#include <bpf/bpf_tracing.h>
+#include <bpf/bpf_endian.h>
+#include "portscope.h"
+
+#define AF_UNSPEC 0
+#define AF_INET 2
+#define AF_INET6 10
+#define S_IFMT 00170000
+#define S_IFSOCK 0140000
+#define EINPROGRESS 115
+
+char LICENSE[] SEC("license") = "Dual BSD/GPL";
+
+const volatile struct ps_config ps_config = {};
+
+/* Anchors so that the BTF of this object describes the shared types; the
+ * Python layout is generated from it (scripts/build-probes). */
+struct ps_btf_anchor {
+	struct ps_event event;
+	struct ps_config config;
+	enum ps_kind kind;
+	enum ps_plan plan;
+	enum ps_opt opt;
+	enum ps_quality quality;
+	enum ps_counter counter;
+};
+const struct ps_btf_anchor *ps_btf_anchor __attribute__((unused));
+
+struct {
+	__uint(type, BPF_MAP_TYPE_RINGBUF);
+	__uint(max_entries, 4 << 20); /* resized by the collector before load */
+} ps_events SEC(".maps");
+
+struct {
+	__uint(type, BPF_MAP_TYPE_PERCPU_ARRAY);
+	__uint(max_entries, PS_CNT_MAX);
+	__type(key, __u32);
+	__type(value, __u64);
+} ps_counters SEC(".maps");
+
+/* What sys_enter_* saw, waiting for sys_exit_* of the same thread. */
+struct inflight {
+	__u64 uaddr;            /* user sockaddr of bind()/connect() */
+	__u64 sk;               /* struct sock *, read again at exit */
+	__u64 sock_inode;
+	__u32 netns;
+	__u32 sock_uid;
+	__s32 bound_dev_if;
+	__u16 pre_port;         /* listen(): the port bound before the call */
+	__u8 kind;
+	__u8 family;
+	__u8 protocol;
+	__u8 opts;
+	__u8 quality;
+	__u8 pad;
+	__u8 pre_addr[PS_ADDR_LEN];
+};
+
+struct {
+	__uint(type, BPF_MAP_TYPE_HASH);
+	__uint(max_entries, 16384);
+	__type(key, __u64);     /* pid_tgid */
+	__type(value, struct inflight);
+} ps_inflight SEC(".maps");
+
+/* Before 6.6 (commit 4bd0623f04ee, "inet: move inet->freebind to
+ * inet->inet_flags", and its siblings) these options were bitfields. */
+struct inet_sock___pre66 {
+	__u8 freebind : 1;
+	__u8 transparent : 1;
+	__u8 bind_address_no_port : 1;
+} __attribute__((preserve_access_index));
+
+static __always_inline void count(__u32 idx)
+{
+	__u64 *v = bpf_map_lookup_elem(&ps_counters, &idx);
+
+	if (v)
+		*v += 1;
+}
+
+/* The socket behind a file descriptor of the current task, or NULL when the
+ * fd is not a socket. */
+static __always_inline struct sock *fd_to_sock(int fd, __u64 *inode)
+{
+	struct task_struct *task = (struct task_struct *)bpf_get_current_task();
+	struct fdtable *fdt = BPF_CORE_READ(task, files, fdt);
+	struct file **fds;
+	struct file *file = NULL;
+	struct socket *sock;
+
+	if (fd < 0 || !fdt || (unsigned int)fd >= BPF_CORE_READ(fdt, max_fds))
+		return NULL;
+	fds = BPF_CORE_READ(fdt, fd);
+	if (bpf_probe_read_kernel(&file, sizeof(file), &fds[fd]) || !file)
+		return NULL;
+	if ((BPF_CORE_READ(file, f_inode, i_mode) & S_IFMT) != S_IFSOCK)
+		return NULL;
+	*inode = BPF_CORE_READ(file, f_inode, i_ino);
+	sock = BPF_CORE_READ(file, private_data);
+	return sock ? BPF_CORE_READ(sock, sk) : NULL;
+}
+
+static __always_inline __u8 read_opts(struct sock *sk)
+{
+	struct sock_common *skc = &sk->__sk_common;
+	__u8 opts = 0;
+
+	if (BPF_CORE_READ_BITFIELD_PROBED(skc, skc_reuse))
+		opts |= PS_OPT_REUSEADDR;
+	if (BPF_CORE_READ_BITFIELD_PROBED(skc, skc_reuseport))
+		opts |= PS_OPT_REUSEPORT;
+	if (BPF_CORE_READ_BITFIELD_PROBED(skc, skc_ipv6only))
+		opts |= PS_OPT_V6ONLY;
+
+	if (bpf_core_field_exists(struct inet_sock, inet_flags)) {
+		/* Bit numbers of the INET_FLAGS_* enum (include/net/inet_sock.h);
+		 * the enum is anonymous, so CO-RE cannot relocate them. */
+		unsigned long flags = BPF_CORE_READ((struct inet_sock *)sk, inet_flags);
+
+		if (flags & (1UL << 11))
+			opts |= PS_OPT_FREEBIND;
+		if (flags & (1UL << 15))
+			opts |= PS_OPT_TRANSPARENT;
+		if (flags & (1UL << 18))
+			opts |= PS_OPT_BIND_ADDRESS_NO_PORT;
+	} else {
+		struct inet_sock___pre66 *old = (void *)sk;
+
+		if (BPF_CORE_READ_BITFIELD_PROBED(old, freebind))
+			opts |= PS_OPT_FREEBIND;
+		if (BPF_CORE_READ_BITFIELD_PROBED(old, transparent))
+			opts |= PS_OPT_TRANSPARENT;
+		if (BPF_CORE_READ_BITFIELD_PROBED(old, bind_address_no_port))
+			opts |= PS_OPT_BIND_ADDRESS_NO_PORT;
+	}
+	return opts;
+}
+
+/* The local address and port a socket holds right now. */
+static __always_inline __u16 read_local(struct sock *sk, __u8 family, __u8 addr[PS_ADDR_LEN])
+{
+	if (family == AF_INET6)
+		BPF_CORE_READ_INTO(addr, sk, __sk_common.skc_v6_rcv_saddr.in6_u.u6_addr8);
+	else
+		BPF_CORE_READ_INTO((__u32 *)addr, sk, __sk_common.skc_rcv_saddr);
+	return BPF_CORE_READ(sk, __sk_common.skc_num);
+}
+
+/* Copy the sockaddr of the call; returns false when it cannot be read. */
+static __always_inline bool read_sockaddr(__u64 uaddr, struct ps_event *e)
+{
+	const void *u = (const void *)uaddr;
+	__u16 family = 0;
+
+	if (!u || bpf_probe_read_user(&family, sizeof(family), u))
+		return false;
+	e->req_family = family;
+	if (family == AF_INET6) {
+		struct sockaddr_in6 sa6;
+
+		if (bpf_probe_read_user(&sa6, sizeof(sa6), u))
+			return false;
+		e->req_port = bpf_ntohs(sa6.sin6_port);
+		__builtin_memcpy(e->req_addr, &sa6.sin6_addr, PS_ADDR_LEN);
+	} else if (family == AF_INET || family == AF_UNSPEC) {
+		/* bind() accepts AF_UNSPEC with INADDR_ANY on AF_INET sockets. */
+		struct sockaddr_in sa;
+
+		if (bpf_probe_read_user(&sa, sizeof(sa), u))
+			return false;
+		e->req_port = bpf_ntohs(sa.sin_port);
+		__builtin_memcpy(e->req_addr, &sa.sin_addr, 4);
+	}
+	return true;
+}
+
+static __always_inline int on_enter(__u8 kind, int fd, __u64 uaddr)
+{
+	__u64 id = bpf_get_current_pid_tgid();
+	struct inflight in = {};
+	struct sock *sk;
+
+	if (ps_config.target_tgid && (id >> 32) != ps_config.target_tgid)
+		return 0;
+	sk = fd_to_sock(fd, &in.sock_inode);
+	if (!sk)
+		return 0;
+	in.family = BPF_CORE_READ(sk, __sk_common.skc_family);
+	if (in.family != AF_INET && in.family != AF_INET6)
+		return 0;
+
+	in.kind = kind;
+	in.uaddr = uaddr;
+	in.sk = (__u64)sk;
+	in.protocol = BPF_CORE_READ(sk, sk_protocol);
+	in.netns = BPF_CORE_READ(sk, __sk_common.skc_net.net, ns.inum);
+	in.sock_uid = BPF_CORE_READ(sk, sk_uid.val);
+	in.bound_dev_if = BPF_CORE_READ(sk, __sk_common.skc_bound_dev_if);
+	in.opts = read_opts(sk);
+	if (kind == PS_KIND_LISTEN)
+		in.pre_port = read_local(sk, in.family, in.pre_addr);
+
+	if (bpf_map_update_elem(&ps_inflight, &id, &in, BPF_ANY))
+		count(PS_CNT_INFLIGHT_FULL);
+	return 0;
+}
+
+static __always_inline bool wanted(const struct inflight *in, long ret)
+{
+	if (!ps_config.errors_only)
+		return true;
+	/* A non-blocking connect() in progress is not a failure. */
+	if (in->kind == PS_KIND_CONNECT && ret == -EINPROGRESS)
+		return false;
+	return ret != 0;
+}
+
+static __always_inline void fill_task(struct ps_event *e, __u64 id)
+{
+	e->ts_ns = bpf_ktime_get_boot_ns();
+	e->pid = id >> 32;
+	e->tid = (__u32)id;
+	e->uid = (__u32)bpf_get_current_uid_gid();
+	e->cgroup_id = bpf_get_current_cgroup_id();
+	e->plan = ps_config.plan;
+	bpf_get_current_comm(e->comm, sizeof(e->comm));
+}
+
+static __always_inline int on_exit(long ret)
+{
+	__u64 id = bpf_get_current_pid_tgid();
+	struct inflight *in = bpf_map_lookup_elem(&ps_inflight, &id);
+	struct sock *sk;
+	struct ps_event *e;
+
+	if (!in)
+		return 0;
+	if (!wanted(in, ret))
+		goto out;
+
+	e = bpf_ringbuf_reserve(&ps_events, sizeof(*e), 0);
+	if (!e) {
+		count(PS_CNT_LOST);
+		goto out;
+	}
+	__builtin_memset(e, 0, sizeof(*e));
+	fill_task(e, id);
+	e->ret = ret;
+	e->kind = in->kind;
+	e->family = in->family;
+	e->protocol = in->protocol;
+	e->opts = in->opts;
+	e->quality = in->quality;
+	e->netns = in->netns;
+	e->sock_uid = in->sock_uid;
+	e->sock_inode = in->sock_inode;
+	e->bound_dev_if = in->bound_dev_if;
+
+	if (in->kind == PS_KIND_LISTEN) {
+		/* listen() names no address: what it asks for is what was bound. */
+		e->req_family = in->family;
+		e->req_port = in->pre_port;
+		__builtin_memcpy(e->req_addr, in->pre_addr, PS_ADDR_LEN);
+	} else if (!read_sockaddr(in->uaddr, e)) {
+		e->quality |= PS_Q_ADDR_UNREADABLE;
+	}
+	sk = (struct sock *)in->sk;
+	e->bound_port = read_local(sk, in->family, e->bound_addr);
+
+	if (ps_config.target_port && e->req_port != ps_config.target_port &&
+	    e->bound_port != ps_config.target_port) {
+		bpf_ringbuf_discard(e, 0);
+		goto out;
+	}
+	bpf_ringbuf_submit(e, 0);
+	count(PS_CNT_EMITTED);
+out:
+	bpf_map_delete_elem(&ps_inflight, &id);
+	return 0;
+}
+
+/* ---- system call tracepoints: every plan ---------------------------------- */
+
+SEC("tracepoint/syscalls/sys_enter_bind")
+int ps_enter_bind(struct trace_event_raw_sys_enter *ctx)
+{
+	return on_enter(PS_KIND_BIND, (int)ctx->args[0], ctx->args[1]);
+}
+
+SEC("tracepoint/syscalls/sys_exit_bind")
+int ps_exit_bind(struct trace_event_raw_sys_exit *ctx)
+{
+	return on_exit(ctx->ret);
+}
+
+SEC("tracepoint/syscalls/sys_enter_listen")
+int ps_enter_listen(struct trace_event_raw_sys_enter *ctx)
+{
+	return on_enter(PS_KIND_LISTEN, (int)ctx->args[0], 0);
+}
+
+SEC("tracepoint/syscalls/sys_exit_listen")
+int ps_exit_listen(struct trace_event_raw_sys_exit *ctx)
+{
+	return on_exit(ctx->ret);
+}
+
+SEC("tracepoint/syscalls/sys_enter_connect")
+int ps_enter_connect(struct trace_event_raw_sys_enter *ctx)
+{
+	return on_enter(PS_KIND_CONNECT, (int)ctx->args[0], ctx->args[1]);
+}
+
+SEC("tracepoint/syscalls/sys_exit_connect")
+int ps_exit_connect(struct trace_event_raw_sys_exit *ctx)
+{
+	return on_exit(ctx->ret);
+}
+
+/* ---- inet_csk_get_port: fentry and kprobe plans --------------------------- */
+
+/* The port allocator's verdict. Inside a traced call it is folded into that
+ * call's event; outside one (io_uring, kernel sockets) a refusal is an event. */
+static __always_inline int on_get_port(struct sock *sk, __u16 snum, int ret)
+{
+	__u64 id = bpf_get_current_pid_tgid();
+	struct inflight *in = bpf_map_lookup_elem(&ps_inflight, &id);
+	struct ps_event *e;
+
+	if (in) {
+		in->quality |= PS_Q_GET_PORT_SEEN;
+		if (ret)
+			in->quality |= PS_Q_GET_PORT_FAILED;
+		return 0;
+	}
+	if (!ret && ps_config.errors_only)
+		return 0;
+	if (ps_config.target_tgid && (id >> 32) != ps_config.target_tgid)
+		return 0;
+	if (ps_config.target_port && snum != ps_config.target_port)
+		return 0;
+
+	e = bpf_ringbuf_reserve(&ps_events, sizeof(*e), 0);
+	if (!e) {
+		count(PS_CNT_LOST);
+		return 0;
+	}
+	__builtin_memset(e, 0, sizeof(*e));
+	fill_task(e, id);
+	/* Older kernels return 1 for "in use"; report it as the EADDRINUSE the
+	 * caller turns it into. */
+	e->ret = ret > 0 ? -98 : ret;
+	e->kind = PS_KIND_GET_PORT;
+	e->family = BPF_CORE_READ(sk, __sk_common.skc_family);
+	e->protocol = BPF_CORE_READ(sk, sk_protocol);
+	e->netns = BPF_CORE_READ(sk, __sk_common.skc_net.net, ns.inum);
+	e->sock_uid = BPF_CORE_READ(sk, sk_uid.val);
+	e->bound_dev_if = BPF_CORE_READ(sk, __sk_common.skc_bound_dev_if);
+	e->opts = read_opts(sk);
+	e->quality = PS_Q_GET_PORT_SEEN | (ret ? PS_Q_GET_PORT_FAILED : 0);
+	e->req_family = e->family;
+	e->req_port = snum;
+	read_local(sk, e->family, e->req_addr);
+	e->bound_port = read_local(sk, e->family, e->bound_addr);
+	bpf_ringbuf_submit(e, 0);
+	count(PS_CNT_EMITTED);
+	return 0;
+}
+
+SEC("fexit/inet_csk_get_port")
+int BPF_PROG(ps_fexit_get_port, struct sock *sk, unsigned short snum, int ret)
+{
+	return on_get_port(sk, snum, ret);
+}
+
+/* kretprobes do not see the arguments: the entry probe keeps them. */
+struct get_port_args {
+	__u64 sk;
+	__u16 snum;
+};
+
+struct {
+	__uint(type, BPF_MAP_TYPE_HASH);
+	__uint(max_entries, 16384);
+	__type(key, __u64);
+	__type(value, struct get_port_args);
+} ps_get_port_args SEC(".maps");
+
+SEC("kprobe/inet_csk_get_port")
+int BPF_KPROBE(ps_kprobe_get_port, struct sock *sk, unsigned short snum)
+{
+	__u64 id = bpf_get_current_pid_tgid();
+	struct get_port_args args = { .sk = (__u64)sk, .snum = snum };
+
+	bpf_map_update_elem(&ps_get_port_args, &id, &args, BPF_ANY);
+	return 0;
+}
+
+SEC("kretprobe/inet_csk_get_port")
+int BPF_KRETPROBE(ps_kretprobe_get_port, int ret)
+{
+	__u64 id = bpf_get_current_pid_tgid();
+	struct get_port_args *args = bpf_map_lookup_elem(&ps_get_port_args, &id);
+
+	if (!args)
+		return 0;
+	on_get_port((struct sock *)args->sk, args->snum, ret);
+	bpf_map_delete_elem(&ps_get_port_args, &id);
+	return 0;
+}

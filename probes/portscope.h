@@ -1,0 +1,97 @@
+/* SPDX-License-Identifier: (LGPL-2.1 OR BSD-2-Clause) */
+/*
+ * portscope.h: the one definition of everything that crosses the line between
+ * the BPF programs and the Python collector.
+ *
+ * Fixed-width types only, explicit padding, no pointers: the layout must be the
+ * same for the BPF target and for the host. The Python side never restates
+ * these structs: scripts/build-probes reads them back from the BTF of the
+ * compiled object and generates tracer/layout.py.
+ */
+#ifndef PORTSCOPE_H
+#define PORTSCOPE_H
+
+#define PS_COMM_LEN 16
+#define PS_ADDR_LEN 16 /* room for an IPv6 address; IPv4 uses the first 4 bytes */
+
+/* Which system call an event reports. */
+enum ps_kind {
+	PS_KIND_BIND = 1,
+	PS_KIND_LISTEN = 2,
+	PS_KIND_CONNECT = 3,
+	/* inet_csk_get_port() failed outside any traced system call
+	 * (io_uring, kernel sockets): only the fentry/kprobe plans see these. */
+	PS_KIND_GET_PORT = 4,
+};
+
+/* How the event was observed; set from ps_config.plan. */
+enum ps_plan {
+	PS_PLAN_TRACEPOINT = 1,
+	PS_PLAN_KPROBE = 2,
+	PS_PLAN_FENTRY = 3,
+};
+
+/* Socket options at the moment of the call (ps_event.opts). */
+enum ps_opt {
+	PS_OPT_REUSEADDR = 1 << 0,
+	PS_OPT_REUSEPORT = 1 << 1,
+	PS_OPT_V6ONLY = 1 << 2,
+	PS_OPT_FREEBIND = 1 << 3,
+	PS_OPT_TRANSPARENT = 1 << 4,
+	PS_OPT_BIND_ADDRESS_NO_PORT = 1 << 5,
+};
+
+/* What the probe could and could not see (ps_event.quality). */
+enum ps_quality {
+	/* The sockaddr passed to bind()/connect() could not be read from user
+	 * memory; req_family/req_addr/req_port are then zero. */
+	PS_Q_ADDR_UNREADABLE = 1 << 0,
+	/* inet_csk_get_port() ran inside this call (fentry/kprobe plans). */
+	PS_Q_GET_PORT_SEEN = 1 << 1,
+	/* ... and it refused the port. */
+	PS_Q_GET_PORT_FAILED = 1 << 2,
+};
+
+/* Indexes of the per-CPU counters in the ps_counters map. */
+enum ps_counter {
+	PS_CNT_LOST = 0,        /* ring buffer full: event dropped */
+	PS_CNT_INFLIGHT_FULL,   /* too many concurrent calls: call not traced */
+	PS_CNT_EMITTED,         /* events submitted to the ring buffer */
+	PS_CNT_MAX,
+};
+
+struct ps_event {
+	__u64 ts_ns;            /* bpf_ktime_get_boot_ns() at the end of the call */
+	__u64 cgroup_id;
+	__u64 sock_inode;
+	__u32 pid;              /* tgid */
+	__u32 tid;
+	__u32 uid;              /* real uid of the calling task */
+	__u32 sock_uid;         /* sk_uid: what the SO_REUSEPORT uid check compares */
+	__u32 netns;            /* network namespace inode of the socket */
+	__s32 ret;              /* 0 or -errno */
+	__s32 bound_dev_if;     /* SO_BINDTODEVICE ifindex, 0 when unbound */
+	__u16 req_port;         /* requested port (host order), from the call's arguments */
+	__u16 bound_port;       /* port the socket holds after the call (host order) */
+	__u8 kind;              /* enum ps_kind */
+	__u8 plan;              /* enum ps_plan */
+	__u8 family;            /* the socket's family: AF_INET or AF_INET6 */
+	__u8 req_family;        /* family of the address in the call (AF_UNSPEC allowed) */
+	__u8 protocol;          /* IPPROTO_TCP, IPPROTO_UDP, ... */
+	__u8 opts;              /* enum ps_opt bits */
+	__u8 quality;           /* enum ps_quality bits */
+	__u8 pad;
+	__u8 req_addr[PS_ADDR_LEN];   /* requested address (network order) */
+	__u8 bound_addr[PS_ADDR_LEN]; /* local address the socket holds after the call */
+	char comm[PS_COMM_LEN];
+};
+
+/* Read-only configuration, set by the collector between open and load. */
+struct ps_config {
+	__u32 target_tgid;      /* 0: every process */
+	__u16 target_port;      /* 0: every port; else requested or bound port */
+	__u8 errors_only;       /* 1: successful calls are not sent */
+	__u8 plan;              /* enum ps_plan, copied into every event */
+};
+
+#endif /* PORTSCOPE_H */

@@ -1,0 +1,305 @@
+"""The probe engine: load a plan from probes/portscope.bpf.o, attach it, and
+hand out raw events and counters.
+
+Lifecycle, each phase with its own error: open the object, configure its
+read-only data, choose the plan's programs, load (the verifier runs here),
+attach, then poll. ``close()`` detaches everything and is safe to call twice.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import errno
+import os
+import re
+import struct
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+from . import libbpf
+from .errors import (
+    NoBTF,
+    ObjectInvalid,
+    PermissionDenied,
+    PlanUnavailable,
+    ProbeError,
+    Unsupported,
+    VerifierRejected,
+)
+from .layout import PsConfig, PsCounter, PsEvent
+from .plans import PLAN_PROGRAMS, PREFERENCE, KernelFacts, Plan, kernel_facts
+
+DEFAULT_OBJECT = Path(__file__).resolve().parent.parent / "probes" / "portscope.bpf.o"
+DEFAULT_RING_BYTES = 8 << 20
+EVENT_SIZE = ctypes.sizeof(PsEvent)
+
+
+def object_path() -> Path:
+    return Path(os.environ.get("PORTSCOPE_OBJECT", DEFAULT_OBJECT))
+
+
+@dataclass
+class EngineConfig:
+    plan: Plan | None = None  # None: the best one the kernel allows
+    errors_only: bool = True
+    pid: int = 0  # 0: every process
+    port: int = 0  # 0: every port
+    ring_bytes: int = DEFAULT_RING_BYTES
+    btf_path: str | None = None  # a BTF file for kernels that expose none
+    object_path: Path = field(default_factory=object_path)
+
+
+@dataclass
+class Counters:
+    """Kernel-side counters, summed over CPUs."""
+
+    emitted: int = 0
+    lost: int = 0  # ring buffer full
+    inflight_full: int = 0  # calls not traced: too many in flight at once
+
+
+@dataclass
+class PlanAttempt:
+    plan: Plan
+    ok: bool
+    reason: str
+
+
+class Engine:
+    """One loaded and attached plan. Create with :func:`open_engine`."""
+
+    def __init__(self, obj: libbpf.BpfObject, plan: Plan, links: list[libbpf.Link],
+                 attempts: list[PlanAttempt], facts: KernelFacts) -> None:
+        self._obj: libbpf.BpfObject | None = obj
+        self.plan = plan
+        self.attempts = attempts
+        self.facts = facts
+        self._links = links
+        self._counters = obj.map("ps_counters")
+        self._ncpus = libbpf.possible_cpus()
+        self._ring: libbpf.RingBuffer | None = None
+        self._pending: list[bytes] = []
+        self._ring = libbpf.RingBuffer(obj.map("ps_events"), self._pending.append)
+
+    def poll(self, timeout_ms: int = 100) -> list[bytes]:
+        """Raw ps_event records that arrived within ``timeout_ms``."""
+        assert self._ring is not None, "engine is closed"
+        self._ring.poll(timeout_ms)
+        out, self._pending[:] = list(self._pending), []
+        return out
+
+    def counters(self) -> Counters:
+        values = {}
+        for idx in (PsCounter.EMITTED, PsCounter.LOST, PsCounter.INFLIGHT_FULL):
+            raw = self._counters.lookup(struct.pack("I", idx), 8 * self._ncpus) or b""
+            values[idx] = sum(struct.unpack(f"{len(raw) // 8}Q", raw))
+        return Counters(
+            emitted=values[PsCounter.EMITTED],
+            lost=values[PsCounter.LOST],
+            inflight_full=values[PsCounter.INFLIGHT_FULL],
+        )
+
+    def close(self) -> None:
+        for link in self._links:
+            link.destroy()
+        self._links = []
+        if self._ring:
+            self._ring.free()
+            self._ring = None
+        if self._obj:
+            self._obj.close()
+            self._obj = None
+
+    def __enter__(self) -> "Engine":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def open_engine(config: EngineConfig, facts: KernelFacts | None = None) -> Engine:
+    """Load and attach the requested plan, or the best plan the kernel allows."""
+    facts = facts or kernel_facts(config.btf_path, mount_tracefs=True)
+    preflight(facts, config)
+    candidates = [config.plan] if config.plan else list(PREFERENCE)
+    attempts: list[PlanAttempt] = []
+    for plan in candidates:
+        reason = facts.static_reason_against(plan)
+        if reason is None:
+            try:
+                obj, links = _load_plan(config, plan)
+            except PlanUnavailable as exc:
+                reason = str(exc)
+            else:
+                attempts.append(PlanAttempt(plan, True, "loaded and attached"))
+                return Engine(obj, plan, links, attempts, facts)
+        attempts.append(PlanAttempt(plan, False, reason))
+        if config.plan:
+            raise PlanUnavailable(f"the {plan.value} plan cannot run on this kernel: {reason}")
+    tried = "; ".join(f"{a.plan.value}: {a.reason}" for a in attempts)
+    raise Unsupported(f"no probe plan can run on this kernel ({tried})")
+
+
+def preflight(facts: KernelFacts, config: EngineConfig) -> None:
+    """The failures that need no probe loaded to be explained."""
+    if not facts.privileged:
+        raise PermissionDenied(
+            "portscope needs root (or CAP_BPF and CAP_PERFMON) to load its probes: run it with sudo"
+        )
+    if config.btf_path and not os.path.exists(config.btf_path):
+        raise NoBTF(f"the BTF file {config.btf_path} does not exist")
+    if not facts.btf:
+        raise NoBTF(
+            "this kernel exposes no BTF (/sys/kernel/btf/vmlinux, CONFIG_DEBUG_INFO_BTF=y): "
+            "pass --btf FILE with a BTF file for this kernel (for example from btfhub)"
+        )
+    if facts.lockdown == "confidentiality":
+        raise PermissionDenied(
+            "kernel lockdown is in confidentiality mode, which forbids BPF programs from "
+            "reading kernel memory: portscope cannot trace on this boot"
+        )
+    if not facts.syscall_tracepoints:
+        raise Unsupported(
+            "the syscalls tracepoints are missing: mount tracefs "
+            "(mount -t tracefs nodev /sys/kernel/tracing) on a kernel built with CONFIG_FTRACE_SYSCALLS"
+        )
+    if not config.object_path.is_file():
+        raise ObjectInvalid(
+            f"the probe object {config.object_path} is missing: run scripts/build-probes"
+        )
+
+
+def _load_plan(config: EngineConfig, plan: Plan) -> tuple[libbpf.BpfObject, list[libbpf.Link]]:
+    obj = _open(config)
+    links: list[libbpf.Link] = []
+    try:
+        _configure(obj, config, plan)
+        wanted = set(PLAN_PROGRAMS[plan])
+        for prog in obj.programs():
+            prog.set_autoload(prog.name in wanted)
+        _load(obj, plan)
+        for prog in obj.programs():
+            if prog.name in wanted:
+                links.append(_attach(prog, plan))
+        return obj, links
+    except BaseException:
+        for link in links:
+            link.destroy()
+        obj.close()
+        raise
+
+
+def _open(config: EngineConfig) -> libbpf.BpfObject:
+    try:
+        return libbpf.BpfObject(str(config.object_path), config.btf_path)
+    except OSError as exc:
+        log = libbpf.take_log()
+        raise ObjectInvalid(
+            f"{config.object_path} is not a valid BPF object ({exc.strerror}); "
+            "rebuild it with scripts/build-probes"
+        ) from _Log(log)
+
+
+def _configure(obj: libbpf.BpfObject, config: EngineConfig, plan: Plan) -> None:
+    ring = obj.map("ps_events")
+    ring.set_max_entries(_ring_size(config.ring_bytes))
+    cfg = PsConfig(
+        target_tgid=config.pid,
+        target_port=config.port,
+        errors_only=int(config.errors_only),
+        plan=plan.code,
+    )
+    rodata = obj.map(".rodata")
+    addr, size = rodata.initial_value()
+    offset, var_size = _var_offset(obj, ".rodata", "ps_config")
+    if var_size != ctypes.sizeof(cfg) or offset + var_size > size:
+        raise ObjectInvalid(f"{obj.path}: ps_config in .rodata does not match tracer/layout.py")
+    ctypes.memmove(addr + offset, ctypes.addressof(cfg), var_size)
+
+
+def _ring_size(requested: int) -> int:
+    """Ring buffers must be a power of two pages; round up."""
+    size = max(requested, os.sysconf("SC_PAGE_SIZE"))
+    return 1 << (size - 1).bit_length()
+
+
+def _var_offset(obj: libbpf.BpfObject, section: str, var: str) -> tuple[int, int]:
+    btf = obj.btf()
+    try:
+        sec = btf.find(section, libbpf.BtfKind.DATASEC)
+        return btf.datasec_vars(sec)[var]
+    except KeyError:
+        raise ObjectInvalid(f"{obj.path} has no {var} in {section}: rebuild it") from None
+
+
+def _load(obj: libbpf.BpfObject, plan: Plan) -> None:
+    try:
+        obj.load()
+    except OSError as exc:
+        log = libbpf.take_log()
+        raise _load_error(exc, log, plan) from _Log(log)
+
+
+def _attach(prog: libbpf.Program, plan: Plan) -> libbpf.Link:
+    try:
+        return prog.attach()
+    except OSError as exc:
+        log = libbpf.take_log()
+        if exc.errno in (errno.ENOENT, errno.EOPNOTSUPP, errno.ENOTSUP, errno.EINVAL) and plan is not Plan.TRACEPOINT:
+            raise PlanUnavailable(
+                f"attaching {prog.name} ({prog.section}) failed: {os.strerror(exc.errno)}"
+            ) from _Log(log)
+        if "tracepoint" in prog.section and exc.errno == errno.ENOENT:
+            raise Unsupported(
+                f"the tracepoint {prog.section.split('/', 1)[1]} does not exist on this kernel"
+            ) from _Log(log)
+        raise ProbeError(
+            f"attaching probe {prog.name} ({prog.section}) failed: {os.strerror(exc.errno)}", log
+        ) from _Log(log)
+
+
+_VERIFIER_LOG = re.compile(r"-- BEGIN PROG LOAD LOG --\n(.*?)-- END PROG LOAD LOG --", re.S)
+_FAILED_PROG = re.compile(r"prog '([^']+)': (?:BPF program load failed|failed to load)")
+
+
+def _load_error(exc: OSError, log: str, plan: Plan) -> Exception:
+    """Turn a failed bpf_object__load into the one error that explains it."""
+    prog_match = _FAILED_PROG.search(log)
+    prog = prog_match.group(1) if prog_match else "?"
+    verifier = _VERIFIER_LOG.search(log)
+    if verifier and verifier.group(1).strip():
+        return VerifierRejected(prog, summarize_verifier_log(verifier.group(1)), verifier.group(1))
+    if "failed to find valid kernel BTF" in log or "vmlinux BTF" in log and exc.errno == errno.ESRCH:
+        return NoBTF("libbpf found no usable kernel BTF for CO-RE relocations")
+    if exc.errno == errno.EPERM and plan is Plan.FENTRY:
+        return PlanUnavailable(
+            f"the kernel refused the fentry program {prog} (EPERM): BPF trampolines are not allowed here"
+        )
+    if plan is not Plan.TRACEPOINT and prog in _plan_only(plan):
+        return PlanUnavailable(f"loading {prog} failed: {os.strerror(exc.errno)}")
+    if exc.errno == errno.EPERM:
+        return PermissionDenied(
+            f"the kernel refused to load probe {prog} (EPERM): run as root, and check "
+            "kernel.unprivileged_bpf_disabled, lockdown and any BPF LSM policy"
+        )
+    return ProbeError(f"loading probe {prog} failed: {os.strerror(exc.errno)}", log)
+
+
+def _plan_only(plan: Plan) -> set[str]:
+    return set(PLAN_PROGRAMS[plan]) - set(PLAN_PROGRAMS[Plan.TRACEPOINT])
+
+
+def summarize_verifier_log(log: str) -> str:
+    """The verifier's last complaint, which is the reason it gave up."""
+    lines = [ln.strip() for ln in log.strip().splitlines() if ln.strip()]
+    skip = ("processed ", "verification time", "stack depth", "-- ", "mark_precise")
+    reasons = [ln for ln in lines if not ln.startswith(skip) and not ln[:1].isdigit()]
+    return reasons[-1] if reasons else (lines[-1] if lines else "no log")
+
+
+class _Log(Exception):
+    """libbpf's log, chained under a user-facing error for --debug."""
+
+

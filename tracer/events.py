@@ -1,0 +1,180 @@
+"""Decoded events: what a bind(), listen() or connect() asked for and got.
+
+``decode()`` turns one raw ps_event record into a :class:`CallEvent`;
+``CallEvent.to_json()`` is the stable JSON form documented in the README.
+"""
+
+from __future__ import annotations
+
+import errno as errno_mod
+import socket
+import time
+from dataclasses import dataclass
+
+from .layout import PsEvent, PsKind, PsOpt, PsPlan, PsQuality
+
+FAMILIES = {socket.AF_INET: "ipv4", socket.AF_INET6: "ipv6", socket.AF_UNSPEC: "unspec"}
+PROTOCOLS = {
+    socket.IPPROTO_TCP: "tcp",
+    socket.IPPROTO_UDP: "udp",
+    136: "udplite",
+    132: "sctp",
+    socket.IPPROTO_ICMP: "icmp",
+    socket.IPPROTO_ICMPV6: "icmpv6",
+    socket.IPPROTO_RAW: "raw",
+    0: "ip",
+}
+OPTION_NAMES = {
+    PsOpt.REUSEADDR: "reuseaddr",
+    PsOpt.REUSEPORT: "reuseport",
+    PsOpt.V6ONLY: "v6only",
+    PsOpt.FREEBIND: "freebind",
+    PsOpt.TRANSPARENT: "transparent",
+    PsOpt.BIND_ADDRESS_NO_PORT: "bind_address_no_port",
+}
+
+
+def errno_name(code: int) -> str | None:
+    """'EADDRINUSE' for 98; None for 0."""
+    if code == 0:
+        return None
+    return errno_mod.errorcode.get(code, f"E{code}")
+
+
+def format_addr(family: str, addr: str, port: int) -> str:
+    return f"[{addr}]:{port}" if family == "ipv6" else f"{addr}:{port}"
+
+
+def _ntop(family: int, raw: bytes) -> str:
+    if family == socket.AF_INET6:
+        return socket.inet_ntop(socket.AF_INET6, raw)
+    return socket.inet_ntop(socket.AF_INET, raw[:4])
+
+
+@dataclass(frozen=True, slots=True)
+class Options:
+    """Socket options at the moment of the call."""
+
+    flags: frozenset[str]
+    bound_dev_if: int
+
+    def names(self) -> list[str]:
+        """Stable order: the order of OPTION_NAMES."""
+        return [n for n in OPTION_NAMES.values() if n in self.flags]
+
+
+@dataclass(frozen=True, slots=True)
+class CallEvent:
+    time: float  # wall clock, seconds since the epoch
+    call: str  # bind | listen | connect | get_port
+    pid: int
+    tid: int
+    uid: int
+    sock_uid: int
+    comm: str
+    cgroup_id: int
+    netns: int
+    family: str  # the socket's: ipv4 | ipv6
+    protocol: str
+    addr_family: str  # of the requested address: ipv4 | ipv6 | unspec
+    addr: str  # requested address (for connect: the destination)
+    port: int  # requested port
+    bound_addr: str  # local address held after the call
+    bound_port: int  # local port held after the call (the one chosen for port 0)
+    options: Options
+    inode: int
+    errno: int  # 0 on success
+    plan: str
+    addr_unreadable: bool
+    get_port: str | None  # fentry/kprobe plans: "ok" | "refused"; else None
+
+    @property
+    def ok(self) -> bool:
+        return self.errno == 0
+
+    @property
+    def errno_name(self) -> str | None:
+        return errno_name(self.errno)
+
+    @property
+    def requested(self) -> str:
+        return format_addr(self.addr_family, self.addr, self.port)
+
+    @property
+    def bound(self) -> str:
+        return format_addr(self.family, self.bound_addr, self.bound_port)
+
+    def to_json(self) -> dict[str, object]:
+        return {
+            "time": self.time,
+            "call": self.call,
+            "result": "ok" if self.ok else self.errno_name,
+            "errno": self.errno,
+            "pid": self.pid,
+            "tid": self.tid,
+            "uid": self.uid,
+            "sock_uid": self.sock_uid,
+            "comm": self.comm,
+            "cgroup_id": self.cgroup_id,
+            "netns": self.netns,
+            "family": self.family,
+            "protocol": self.protocol,
+            "addr_family": self.addr_family,
+            "addr": self.addr,
+            "port": self.port,
+            "bound_addr": self.bound_addr,
+            "bound_port": self.bound_port,
+            "options": self.options.names(),
+            "bound_dev_if": self.options.bound_dev_if,
+            "inode": self.inode,
+            "plan": self.plan,
+            "addr_unreadable": self.addr_unreadable,
+            "get_port": self.get_port,
+        }
+
+
+class Clock:
+    """Converts the kernel's boot-time nanoseconds to wall-clock seconds."""
+
+    def __init__(self) -> None:
+        self.offset_ns = time.time_ns() - time.clock_gettime_ns(time.CLOCK_BOOTTIME)
+
+    def wall(self, boot_ns: int) -> float:
+        return (boot_ns + self.offset_ns) / 1e9
+
+
+def decode(raw: bytes, clock: Clock) -> CallEvent:
+    ev = PsEvent.from_buffer_copy(raw)
+    quality = PsQuality(ev.quality)
+    get_port = None
+    if quality & PsQuality.GET_PORT_SEEN:
+        get_port = "refused" if quality & PsQuality.GET_PORT_FAILED else "ok"
+    opts = PsOpt(ev.opts)
+    addr_family = FAMILIES.get(ev.req_family, str(ev.req_family))
+    return CallEvent(
+        time=clock.wall(ev.ts_ns),
+        call=PsKind(ev.kind).name.lower(),
+        pid=ev.pid,
+        tid=ev.tid,
+        uid=ev.uid,
+        sock_uid=ev.sock_uid,
+        comm=ev.comm.decode(errors="replace"),
+        cgroup_id=ev.cgroup_id,
+        netns=ev.netns,
+        family=FAMILIES.get(ev.family, str(ev.family)),
+        protocol=PROTOCOLS.get(ev.protocol, str(ev.protocol)),
+        addr_family=addr_family,
+        addr=_ntop(socket.AF_INET6 if addr_family == "ipv6" else socket.AF_INET, bytes(ev.req_addr)),
+        port=ev.req_port,
+        bound_addr=_ntop(ev.family, bytes(ev.bound_addr)),
+        bound_port=ev.bound_port,
+        options=Options(
+            frozenset(name for flag, name in OPTION_NAMES.items() if opts & flag),
+            ev.bound_dev_if,
+        ),
+        inode=ev.sock_inode,
+        errno=-ev.ret if ev.ret < 0 else 0,
+        plan=PsPlan(ev.plan).name.lower(),
+        addr_unreadable=bool(quality & PsQuality.ADDR_UNREADABLE),
+        get_port=get_port,
+    )

@@ -1,0 +1,149 @@
+"""Probe plans and what the running kernel allows.
+
+A plan is a set of programs from probes/portscope.bpf.o that fill the one
+event schema. ``kernel_facts()`` reads what can be read without loading
+anything; whether fentry or kprobes really work is only known by trying,
+which the engine does (``engine.open_engine``), falling back plan by plan.
+"""
+
+from __future__ import annotations
+
+import enum
+import os
+import platform
+import subprocess
+from dataclasses import dataclass, field
+
+from .layout import PsPlan
+
+
+class Plan(str, enum.Enum):
+    FENTRY = "fentry"
+    KPROBE = "kprobe"
+    TRACEPOINT = "tracepoint"
+
+    @property
+    def code(self) -> PsPlan:
+        return PsPlan[self.name]
+
+
+SYSCALL_PROGRAMS = (
+    "ps_enter_bind",
+    "ps_exit_bind",
+    "ps_enter_listen",
+    "ps_exit_listen",
+    "ps_enter_connect",
+    "ps_exit_connect",
+)
+
+PLAN_PROGRAMS: dict[Plan, tuple[str, ...]] = {
+    Plan.FENTRY: SYSCALL_PROGRAMS + ("ps_fexit_get_port",),
+    Plan.KPROBE: SYSCALL_PROGRAMS + ("ps_kprobe_get_port", "ps_kretprobe_get_port"),
+    Plan.TRACEPOINT: SYSCALL_PROGRAMS,
+}
+
+# Preference order when the plan is chosen automatically: fentry is the
+# cheapest and sees arguments at exit; kprobes next; syscall tracepoints
+# alone miss refusals outside system calls (io_uring, kernel sockets).
+PREFERENCE = (Plan.FENTRY, Plan.KPROBE, Plan.TRACEPOINT)
+
+BTF_PATH = "/sys/kernel/btf/vmlinux"
+TRACEFS_CANDIDATES = ("/sys/kernel/tracing", "/sys/kernel/debug/tracing")
+KPROBE_PMU = "/sys/bus/event_source/devices/kprobe/type"
+LOCKDOWN = "/sys/kernel/security/lockdown"
+
+# Capability bits (include/uapi/linux/capability.h).
+CAP_SYS_ADMIN = 21
+CAP_PERFMON = 38
+CAP_BPF = 39
+
+
+@dataclass
+class KernelFacts:
+    """What can be learnt about the kernel without loading a program."""
+
+    release: str
+    arch: str
+    privileged: bool
+    btf: str | None
+    tracefs: str | None
+    syscall_tracepoints: bool
+    kprobe_pmu: bool
+    lockdown: str | None
+    notes: list[str] = field(default_factory=list)
+
+    def static_reason_against(self, plan: Plan) -> str | None:
+        """Why ``plan`` cannot work, as far as files tell; None if it might."""
+        if not self.syscall_tracepoints:
+            return "the syscalls tracepoints (CONFIG_FTRACE_SYSCALLS) are not available"
+        if plan is Plan.KPROBE and not self.kprobe_pmu:
+            return "kprobes are not available (CONFIG_KPROBES is off or perf kprobes are disabled)"
+        if plan is Plan.FENTRY and not self.btf:
+            return "fentry needs the kernel's BTF, which this kernel does not expose"
+        return None
+
+
+def kernel_facts(btf_path: str | None = None, mount_tracefs: bool = False) -> KernelFacts:
+    tracefs = find_tracefs()
+    notes: list[str] = []
+    if tracefs is None and mount_tracefs and _privileged():
+        tracefs = _mount_tracefs(notes)
+    btf = btf_path or BTF_PATH
+    return KernelFacts(
+        release=platform.release(),
+        arch=platform.machine(),
+        privileged=_privileged(),
+        btf=btf if os.path.exists(btf) else None,
+        tracefs=tracefs,
+        syscall_tracepoints=bool(tracefs)
+        and os.path.exists(f"{tracefs}/events/syscalls/sys_enter_bind/id"),
+        kprobe_pmu=os.path.exists(KPROBE_PMU),
+        lockdown=_lockdown(),
+        notes=notes,
+    )
+
+
+def find_tracefs() -> str | None:
+    for path in TRACEFS_CANDIDATES:
+        if os.path.isdir(f"{path}/events"):
+            return path
+    return None
+
+
+def _mount_tracefs(notes: list[str]) -> str | None:
+    # libbpf attaches tracepoints through their ids in tracefs; mounting it is
+    # harmless and is what the user would otherwise be told to do.
+    path = TRACEFS_CANDIDATES[0]
+    result = subprocess.run(
+        ["mount", "-t", "tracefs", "nodev", path], capture_output=True, text=True
+    )
+    if result.returncode == 0 and os.path.isdir(f"{path}/events"):
+        notes.append(f"mounted tracefs at {path}")
+        return path
+    return None
+
+
+def _privileged() -> bool:
+    """Root, or the capabilities that loading tracing programs needs."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("CapEff:"):
+                    caps = int(line.split()[1], 16)
+                    admin = bool(caps & (1 << CAP_SYS_ADMIN))
+                    bpf = bool(caps & (1 << CAP_BPF)) and bool(caps & (1 << CAP_PERFMON))
+                    return admin or bpf
+    except OSError:
+        pass
+    return os.geteuid() == 0
+
+
+def _lockdown() -> str | None:
+    try:
+        with open(LOCKDOWN) as f:
+            text = f.read()
+    except OSError:
+        return None
+    # "none [integrity] confidentiality": the bracketed word is in force.
+    start, end = text.find("["), text.find("]")
+    return text[start + 1 : end] if 0 <= start < end else None
