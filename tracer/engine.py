@@ -171,7 +171,17 @@ def preflight(facts: KernelFacts, config: EngineConfig) -> None:
         )
 
 
-def _load_plan(config: EngineConfig, plan: Plan) -> tuple[libbpf.BpfObject, list[libbpf.Link]]:
+def verify_plan(config: EngineConfig, plan: Plan) -> None:
+    """Load the plan's programs (the verifier runs) without attaching them.
+
+    This is how a plan that cannot attach here (kprobes without
+    CONFIG_KPROBES) is still proven to pass this kernel's verifier."""
+    obj, _ = _load_plan(config, plan, attach=False)
+    obj.close()
+
+
+def _load_plan(config: EngineConfig, plan: Plan,
+               attach: bool = True) -> tuple[libbpf.BpfObject, list[libbpf.Link]]:
     obj = _open(config)
     links: list[libbpf.Link] = []
     try:
@@ -181,7 +191,7 @@ def _load_plan(config: EngineConfig, plan: Plan) -> tuple[libbpf.BpfObject, list
             prog.set_autoload(prog.name in wanted)
         _load(obj, plan)
         for prog in obj.programs():
-            if prog.name in wanted:
+            if attach and prog.name in wanted:
                 links.append(_attach(prog, plan))
         return obj, links
     except BaseException:

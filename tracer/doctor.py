@@ -1,0 +1,102 @@
+"""``portscope doctor``: what the running kernel allows, and which plan wins.
+
+Static facts come from files (plans.kernel_facts); whether a plan really works
+is learnt by loading it, then attaching it, and detaching at once.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from dataclasses import asdict, dataclass
+
+from . import libbpf
+from .engine import EngineConfig, open_engine, preflight, verify_plan
+from .errors import ExitStatus, PlanUnavailable, PortscopeError
+from .plans import PREFERENCE, KernelFacts, Plan, kernel_facts
+
+
+@dataclass
+class PlanReport:
+    plan: str
+    verifier: str  # "passed" or why not
+    attach: str  # "ok" or why not
+
+
+def check_plan(config: EngineConfig, facts: KernelFacts, plan: Plan) -> PlanReport:
+    try:
+        verify_plan(config, plan)
+        verifier = "passed"
+    except PortscopeError as exc:
+        return PlanReport(plan.value, str(exc), "not tried: the programs do not load")
+    reason = facts.static_reason_against(plan)
+    if reason:
+        return PlanReport(plan.value, verifier, reason)
+    try:
+        engine = open_engine(EngineConfig(plan=plan, btf_path=config.btf_path), facts)
+    except PlanUnavailable as exc:
+        return PlanReport(plan.value, verifier, str(exc).split(": ", 1)[-1])
+    except PortscopeError as exc:
+        return PlanReport(plan.value, verifier, str(exc))
+    engine.close()
+    return PlanReport(plan.value, verifier, "ok")
+
+
+def run(args: argparse.Namespace) -> ExitStatus:
+    config = EngineConfig(btf_path=args.btf)
+    facts = kernel_facts(args.btf, mount_tracefs=True)
+    report: dict[str, object] = {"kernel": asdict(facts), "libbpf": libbpf.version()}
+    blocker = None
+    try:
+        preflight(facts, config)
+    except PortscopeError as exc:
+        blocker = exc
+    plans = [] if blocker else [check_plan(config, facts, p) for p in PREFERENCE]
+    chosen = next((p for p in plans if p.attach == "ok"), None)
+    report["plans"] = [asdict(p) for p in plans]
+    report["chosen"] = chosen.plan if chosen else None
+    report["problem"] = str(blocker) if blocker else None
+
+    if args.json:
+        print(json.dumps(report, indent=2))
+    else:
+        _print_human(facts, plans, chosen, blocker)
+    if blocker:
+        return blocker.status
+    return ExitStatus.OK if chosen else ExitStatus.UNSUPPORTED
+
+
+def _yes(flag: object) -> str:
+    return "yes" if flag else "no"
+
+
+def _print_human(facts: KernelFacts, plans: list[PlanReport], chosen: PlanReport | None,
+                 blocker: PortscopeError | None) -> None:
+    rows = [
+        ("kernel", f"{facts.release} ({facts.arch})"),
+        ("libbpf", libbpf.version()),
+        ("privileged", _yes(facts.privileged)),
+        ("kernel BTF", facts.btf or "missing"),
+        ("tracefs", facts.tracefs or "not mounted"),
+        ("syscall tracepoints", _yes(facts.syscall_tracepoints)),
+        ("kprobes", _yes(facts.kprobe_pmu)),
+        ("lockdown", facts.lockdown or "unknown (securityfs not mounted)"),
+    ]
+    for name, value in rows:
+        print(f"{name:20} {value}")
+    for note in facts.notes:
+        print(f"{'note':20} {note}")
+    if blocker:
+        print(f"\nportscope cannot trace here: {blocker}")
+        return
+    print(f"\n{'plan':11} {'loads':6} {'attaches':9} why not")
+    for p in plans:
+        loads = p.verifier == "passed"
+        attaches = p.attach == "ok"
+        why = "" if attaches else (p.attach if loads else p.verifier)
+        print(f"{p.plan:11} {_yes(loads):6} {_yes(attaches) if loads else '-':9} {why}".rstrip())
+    if chosen:
+        print(f"\nportscope will use the {chosen.plan} plan: the first of "
+              f"{', '.join(p.value for p in PREFERENCE)} that attaches here.")
+    else:
+        print("\nno plan attaches on this kernel.")

@@ -1,0 +1,147 @@
+"""``portscope trace``: stream bind()/listen()/connect() calls as they happen."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import signal
+import sys
+import time
+from typing import TextIO
+
+from .engine import Counters, Engine, EngineConfig, open_engine
+from .errors import ExitStatus
+from .events import CallEvent, Clock, decode
+from .plans import Plan
+
+POLL_MS = 100
+COUNTER_CHECK_S = 1.0
+
+COLUMNS = (
+    ("TIME", 15), ("CALL", 7), ("RESULT", 13), ("PID", 7), ("COMM", 15), ("UID", 5),
+    ("PROTO", 5), ("REQUESTED", 28), ("BOUND", 28), ("OPTIONS", 0),
+)
+
+
+def config_from_args(args: argparse.Namespace) -> EngineConfig:
+    return EngineConfig(
+        plan=None if args.plan == "auto" else Plan(args.plan),
+        errors_only=not args.all,
+        pid=args.pid or 0,
+        port=args.port or 0,
+        ring_bytes=args.ring_size,
+        btf_path=args.btf,
+    )
+
+
+def human_line(ev: CallEvent) -> str:
+    stamp = time.strftime("%H:%M:%S", time.localtime(ev.time)) + f".{int(ev.time % 1 * 1e6):06d}"
+    options = list(ev.options.names())
+    if ev.options.bound_dev_if:
+        options.append(f"dev={ev.options.bound_dev_if}")
+    if ev.addr_unreadable:
+        options.append("addr-unreadable")
+    proto = ev.protocol + ("6" if ev.family == "ipv6" else "4")
+    bound = ev.bound if ev.bound_port or ev.call == "connect" else "-"
+    values = (
+        stamp, ev.call, ev.errno_name or "ok", str(ev.pid), ev.comm, str(ev.uid), proto,
+        ev.requested, bound, ",".join(options) + f" netns={ev.netns} ino={ev.inode}",
+    )
+    return _columns(values)
+
+
+def header_line() -> str:
+    return _columns(tuple(name for name, _ in COLUMNS))
+
+
+def _columns(values: tuple[str, ...]) -> str:
+    return " ".join(v.ljust(w) if w else v for v, (_, w) in zip(values, COLUMNS)).rstrip()
+
+
+class Printer:
+    def __init__(self, out: TextIO, as_json: bool) -> None:
+        self.out = out
+        self.as_json = as_json
+        if not as_json:
+            print(header_line(), file=out)
+
+    def emit(self, ev: CallEvent) -> None:
+        if self.as_json:
+            self.out.write(json.dumps(ev.to_json(), separators=(",", ":")) + "\n")
+        else:
+            self.out.write(human_line(ev) + "\n")
+
+
+def _stop_on_sigterm() -> None:
+    def handler(_signum: int, _frame: object) -> None:
+        raise KeyboardInterrupt
+
+    signal.signal(signal.SIGTERM, handler)
+
+
+def run(args: argparse.Namespace) -> ExitStatus:
+    _stop_on_sigterm()
+    engine = open_engine(config_from_args(args))
+    try:
+        _announce(engine)
+        return _stream(engine, args, sys.stdout)
+    finally:
+        engine.close()
+
+
+def _announce(engine: Engine) -> None:
+    skipped = "; ".join(f"{a.plan.value}: {a.reason}" for a in engine.attempts if not a.ok)
+    note = f" ({skipped})" if skipped else ""
+    print(f"portscope: tracing with the {engine.plan.value} plan{note}; Ctrl-C to stop",
+          file=sys.stderr, flush=True)
+
+
+def _stream(engine: Engine, args: argparse.Namespace, out: TextIO) -> ExitStatus:
+    clock = Clock()
+    printer = Printer(out, args.json)
+    out.flush()
+    deadline = time.monotonic() + args.duration if args.duration else None
+    shown = 0
+    reported = Counters()
+    next_check = time.monotonic() + COUNTER_CHECK_S
+    try:
+        while deadline is None or time.monotonic() < deadline:
+            for raw in engine.poll(POLL_MS):
+                ev = decode(raw, clock)
+                if not _selected(ev, args):
+                    continue
+                printer.emit(ev)
+                shown += 1
+                if args.count and shown >= args.count:
+                    return ExitStatus.OK
+            out.flush()
+            if time.monotonic() >= next_check:
+                reported = _report_losses(engine.counters(), reported)
+                next_check = time.monotonic() + COUNTER_CHECK_S
+    except KeyboardInterrupt:
+        pass
+    finally:
+        out.flush()
+        final = engine.counters()
+        _report_losses(final, reported)
+        print(f"portscope: {shown} events shown, {final.lost} lost, "
+              f"{final.inflight_full} calls untraced", file=sys.stderr)
+    return ExitStatus.OK
+
+
+def _selected(ev: CallEvent, args: argparse.Namespace) -> bool:
+    """The filters the kernel side does not apply (it filters pid and port)."""
+    if args.comm and ev.comm != args.comm:
+        return False
+    return not args.errno or ev.errno in args.errno
+
+
+def _report_losses(now: Counters, before: Counters) -> Counters:
+    """Say so, once per increase, when the kernel side dropped anything."""
+    if now.lost > before.lost:
+        print(f"portscope: {now.lost - before.lost} events lost: the ring buffer was full "
+              "(raise --ring-size)", file=sys.stderr, flush=True)
+    if now.inflight_full > before.inflight_full:
+        print(f"portscope: {now.inflight_full - before.inflight_full} calls not traced: "
+              "too many concurrent calls in flight", file=sys.stderr, flush=True)
+    return now
