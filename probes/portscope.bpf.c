@@ -265,6 +265,11 @@ static __always_inline int on_exit(long ret)
 		goto out;
 	}
 	__builtin_memset(e, 0, sizeof(*e));
+#ifdef PS_TEST_VERIFIER_REJECT
+	/* Only in the object the error-path tests build: an unbounded index
+	 * that the verifier must refuse, to prove how a rejection is reported. */
+	e->comm[bpf_get_prandom_u32()] = 0;
+#endif
 	fill_task(e, id);
 	e->ret = ret;
 	e->kind = in->kind;

@@ -202,14 +202,23 @@ def _load_plan(config: EngineConfig, plan: Plan,
 
 
 def _open(config: EngineConfig) -> libbpf.BpfObject:
+    if config.btf_path:
+        _check_btf_file(config.btf_path)
     try:
         return libbpf.BpfObject(str(config.object_path), config.btf_path)
     except OSError as exc:
         log = libbpf.take_log()
         raise ObjectInvalid(
-            f"{config.object_path} is not a valid BPF object ({exc.strerror}); "
+            f"{config.object_path} is not a valid BPF object ({libbpf.strerror(exc.errno)}); "
             "rebuild it with scripts/build-probes"
         ) from _Log(log)
+
+
+def _check_btf_file(path: str) -> None:
+    try:
+        libbpf.Btf.parse(path).close()
+    except OSError as exc:
+        raise NoBTF(f"{path} is not a usable BTF file ({libbpf.strerror(exc.errno)})") from _Log(libbpf.take_log())
 
 
 def _configure(obj: libbpf.BpfObject, config: EngineConfig, plan: Plan) -> None:
@@ -259,14 +268,14 @@ def _attach(prog: libbpf.Program, plan: Plan) -> libbpf.Link:
         log = libbpf.take_log()
         if exc.errno in (errno.ENOENT, errno.EOPNOTSUPP, errno.ENOTSUP, errno.EINVAL) and plan is not Plan.TRACEPOINT:
             raise PlanUnavailable(
-                f"attaching {prog.name} ({prog.section}) failed: {os.strerror(exc.errno)}"
+                f"attaching {prog.name} ({prog.section}) failed: {libbpf.strerror(exc.errno)}"
             ) from _Log(log)
         if "tracepoint" in prog.section and exc.errno == errno.ENOENT:
             raise Unsupported(
                 f"the tracepoint {prog.section.split('/', 1)[1]} does not exist on this kernel"
             ) from _Log(log)
         raise ProbeError(
-            f"attaching probe {prog.name} ({prog.section}) failed: {os.strerror(exc.errno)}", log
+            f"attaching probe {prog.name} ({prog.section}) failed: {libbpf.strerror(exc.errno)}", log
         ) from _Log(log)
 
 
@@ -288,13 +297,13 @@ def _load_error(exc: OSError, log: str, plan: Plan) -> Exception:
             f"the kernel refused the fentry program {prog} (EPERM): BPF trampolines are not allowed here"
         )
     if plan is not Plan.TRACEPOINT and prog in _plan_only(plan):
-        return PlanUnavailable(f"loading {prog} failed: {os.strerror(exc.errno)}")
+        return PlanUnavailable(f"loading {prog} failed: {libbpf.strerror(exc.errno)}")
     if exc.errno == errno.EPERM:
         return PermissionDenied(
             f"the kernel refused to load probe {prog} (EPERM): run as root, and check "
             "kernel.unprivileged_bpf_disabled, lockdown and any BPF LSM policy"
         )
-    return ProbeError(f"loading probe {prog} failed: {os.strerror(exc.errno)}", log)
+    return ProbeError(f"loading probe {prog} failed: {libbpf.strerror(exc.errno)}", log)
 
 
 def _plan_only(plan: Plan) -> set[str]:

@@ -67,6 +67,7 @@ class _IterAttachOpts(ctypes.Structure):
 _SIGNATURES: dict[str, tuple[object, list[object]]] = {
     "libbpf_set_print": (c_void_p, [_PRINT_FN]),
     "libbpf_num_possible_cpus": (c_int, []),
+    "libbpf_strerror": (c_int, [c_int, c_char_p, c_size_t]),
     "libbpf_major_version": (c_uint32, []),
     "libbpf_minor_version": (c_uint32, []),
     "bpf_object__open_file": (c_void_p, [c_char_p, POINTER(_OpenOpts)]),
@@ -164,14 +165,20 @@ _log_lines: list[str] = []
 _log_lock = threading.Lock()
 
 
+_VA_LIST_BYTES = 32  # sizeof(va_list): 24 on x86-64, 32 on arm64
+
+
 def _on_libbpf_print(level: int, fmt: bytes, args: int) -> int:
-    # va_list is passed by pointer on x86-64 and arm64, so vsnprintf can
-    # expand it here.
-    buf = ctypes.create_string_buffer(4096)
+    # va_list reaches us as a pointer on x86-64 and arm64, so vsnprintf can
+    # expand it. A va_list is consumed by use: measuring the message first
+    # needs a copy (what va_copy does on these ABIs: copy the bytes).
+    copy = ctypes.create_string_buffer(ctypes.string_at(args, _VA_LIST_BYTES), _VA_LIST_BYTES)
+    size = _libc.vsnprintf(None, 0, fmt, copy) + 1
+    buf = ctypes.create_string_buffer(max(size, 1))
     _libc.vsnprintf(buf, len(buf), fmt, args)
     with _log_lock:
         _log_lines.append(buf.value.decode(errors="replace"))
-        del _log_lines[:-4000]  # bounded: a verifier log can be huge
+        del _log_lines[:-1000]  # bounded: keep the latest messages only
     return 0
 
 
@@ -193,6 +200,15 @@ def take_log() -> str:
 # ---- errors ---------------------------------------------------------------
 
 
+def strerror(err: int) -> str:
+    """os.strerror, plus libbpf's own codes (4000 and up: bad ELF, bad BTF...)."""
+    if err >= 4000:
+        buf = ctypes.create_string_buffer(256)
+        lib().libbpf_strerror(err, buf, len(buf))
+        return buf.value.decode()
+    return os.strerror(err)
+
+
 def _errno() -> int:
     return ctypes.get_errno() or 1
 
@@ -200,7 +216,7 @@ def _errno() -> int:
 def _check_ptr(ptr: int | None, what: str) -> int:
     if not ptr:
         err = _errno()
-        raise OSError(err, f"{what}: {os.strerror(err)}")
+        raise OSError(err, f"{what}: {strerror(err)}")
     return ptr
 
 
@@ -208,7 +224,7 @@ def _check_ret(ret: int, what: str) -> int:
     """libbpf 1.x returns -errno from every call, low-level bpf_* ones too."""
     if ret < 0:
         err = -ret
-        raise OSError(err, f"{what}: {os.strerror(err)}")
+        raise OSError(err, f"{what}: {strerror(err)}")
     return ret
 
 

@@ -1,0 +1,48 @@
+"""The command line's argument handling and error reporting, in-process."""
+
+import pytest
+
+from tracer import cli
+from tracer.errors import ExitStatus
+
+
+def run(capsys, *argv):
+    with pytest.raises(SystemExit) as exc:
+        cli.main(list(argv))
+    out = capsys.readouterr()
+    return exc.value.code, out.out, out.err
+
+
+@pytest.mark.parametrize("port", ["0", "65536", "-1", "http", "80x"])
+def test_bad_port_is_one_sentence_and_usage_status(capsys, port):
+    code, _, err = run(capsys, "trace", "--port", port)
+    assert code == ExitStatus.USAGE
+    assert f"invalid port '{port}'" in err and "Traceback" not in err
+
+
+def test_unknown_errno_name(capsys):
+    code, _, err = run(capsys, "trace", "--errno", "EWHATEVER")
+    assert code == ExitStatus.USAGE and "unknown errno 'EWHATEVER'" in err
+
+
+@pytest.mark.parametrize("size,expected", [("8M", 8 << 20), ("512k", 512 << 10), ("4096", 4096)])
+def test_byte_sizes(size, expected):
+    assert cli.byte_size(size) == expected
+
+
+def test_errno_names_and_numbers():
+    assert cli.errno_code("EADDRINUSE") == 98 == cli.errno_code("98")
+    assert cli.errno_code("eaddrnotavail") == 99
+
+
+def test_help_teaches(capsys):
+    code, out, _ = run(capsys, "trace", "--help")
+    assert code == 0
+    for option in ("--port", "--pid", "--comm", "--errno", "--all", "--errors-only", "--json",
+                   "--plan", "examples:"):
+        assert option in out
+
+
+def test_no_command_prints_help_and_usage_status(capsys):
+    assert cli.main([]) == ExitStatus.USAGE
+    assert "trace" in capsys.readouterr().out
