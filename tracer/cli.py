@@ -123,6 +123,9 @@ def build_parser() -> argparse.ArgumentParser:
                        help="only failed calls (the default)")
     which.add_argument("--all", dest="all", action="store_true",
                        help="successful calls too")
+    # Both flags share one destination; without this the store_false of
+    # --errors-only would make "all" the default.
+    trace.set_defaults(all=False)
     o = trace.add_argument_group("output")
     o.add_argument("--json", action="store_true",
                    help="one JSON object per line (keys documented in the README)")

@@ -46,3 +46,10 @@ def test_help_teaches(capsys):
 def test_no_command_prints_help_and_usage_status(capsys):
     assert cli.main([]) == ExitStatus.USAGE
     assert "trace" in capsys.readouterr().out
+
+
+def test_errors_only_is_the_default():
+    parser = cli.build_parser()
+    assert parser.parse_args(["trace"]).all is False
+    assert parser.parse_args(["trace", "--all"]).all is True
+    assert parser.parse_args(["trace", "--errors-only"]).all is False

@@ -1,0 +1,146 @@
+"""`portscope trace` as a user runs it: a real process, real conflicts in a
+private network namespace, its stdout parsed, Ctrl-C to stop."""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import select
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from tests.needs import need_root, need_tool
+
+REPO = Path(__file__).resolve().parents[2]
+pytestmark = pytest.mark.kernel
+
+# Runs in its own network namespace: a listener, then a second bind that the
+# kernel refuses. Prints its pid and the errno it got.
+CONFLICT = """
+import os, socket, sys
+port = int(sys.argv[1])
+a = socket.socket(); a.bind(("0.0.0.0", port)); a.listen()
+b = socket.socket(socket.AF_INET6)
+b.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+try:
+    b.bind(("::", port)); err = 0
+except OSError as e:
+    err = e.errno
+print(os.getpid(), err, os.stat(f"/proc/self/ns/net").st_ino, b.fileno() and os.fstat(b.fileno()).st_ino)
+"""
+
+
+class Tracer:
+    """A running `portscope trace` whose stdout lines can be awaited."""
+
+    def __init__(self, *args: str) -> None:
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "tracer.cli", "trace", *args],
+            cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, bufsize=0,
+        )
+        self.stderr_lines: list[str] = []
+        self._pending = b""
+        self._wait_stderr("tracing with", timeout=10)
+
+    def _wait_stderr(self, needle: str, timeout: float) -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            line = self.proc.stderr.readline()
+            if not line:
+                break
+            self.stderr_lines.append(line)
+            if needle in line:
+                return
+        self.proc.kill()
+        raise AssertionError(f"tracer never said {needle!r}: {''.join(self.stderr_lines)}")
+
+    def lines(self, count: int, timeout: float = 5) -> list[str]:
+        """The next ``count`` stdout lines (fewer if the timeout passes).
+
+        Reads the raw pipe: a buffered reader would hide buffered lines
+        from select()."""
+        fd = self.proc.stdout.fileno()
+        deadline = time.monotonic() + timeout
+        while self._pending.count(b"\n") < count and time.monotonic() < deadline:
+            ready, _, _ = select.select([fd], [], [], 0.1)
+            if ready:
+                chunk = os.read(fd, 65536)
+                if not chunk:
+                    break
+                self._pending += chunk
+        *complete, rest = self._pending.split(b"\n")
+        taken, keep = complete[:count], complete[count:]
+        self._pending = b"\n".join(keep + [rest])
+        return [line.decode() + "\n" for line in taken]
+
+    def interrupt(self) -> tuple[int, str]:
+        self.proc.send_signal(signal.SIGINT)
+        _, err = self.proc.communicate(timeout=10)
+        return self.proc.returncode, "".join(self.stderr_lines) + err
+
+
+@pytest.fixture(autouse=True)
+def _root() -> None:
+    need_root()
+    need_tool("unshare")
+
+
+def provoke_conflict(port: int) -> tuple[int, int, int, int]:
+    out = subprocess.run(["unshare", "-n", sys.executable, "-c", CONFLICT, str(port)],
+                         capture_output=True, text=True, check=True, timeout=30).stdout.split()
+    pid, err, netns, inode = map(int, out)
+    return pid, err, netns, inode
+
+
+def test_json_stream_reports_the_failure_with_requested_address():
+    port = random.randint(20000, 60000)
+    tracer = Tracer("--json", "--port", str(port))
+    pid, err, netns, inode = provoke_conflict(port)
+    assert err == 98, "the kernel should refuse [::]:port over 0.0.0.0:port"
+    lines = tracer.lines(1)
+    code, stderr = tracer.interrupt()
+    assert len(lines) == 1, f"expected exactly the failure (errors only): {lines} {stderr}"
+    event = json.loads(lines[0])
+    assert event["call"] == "bind" and event["result"] == "EADDRINUSE" and event["errno"] == 98
+    assert (event["pid"], event["netns"], event["inode"]) == (pid, netns, inode)
+    assert (event["family"], event["addr_family"], event["addr"], event["port"]) == (
+        "ipv6", "ipv6", "::", port)
+    assert event["options"] == ["reuseaddr"]
+    assert code == 0
+    assert "1 events shown, 0 lost" in stderr
+
+
+def test_all_shows_successes_and_human_lines_are_aligned():
+    port = random.randint(20000, 60000)
+    tracer = Tracer("--all", "--port", str(port))
+    header = tracer.lines(1)
+    provoke_conflict(port)
+    lines = tracer.lines(3)  # bind ok, listen ok, bind EADDRINUSE
+    code, _ = tracer.interrupt()
+    assert code == 0
+    assert header[0].split()[:3] == ["TIME", "CALL", "RESULT"]
+    calls = [(ln.split()[1], ln.split()[2]) for ln in lines]
+    assert calls == [("bind", "ok"), ("listen", "ok"), ("bind", "EADDRINUSE")], lines
+    assert f"[::]:{port}" in lines[2] and f"0.0.0.0:{port}" in lines[0]
+    # Columns line up under the header.
+    assert lines[2].index("EADDRINUSE") == header[0].index("RESULT")
+
+
+def test_count_stops_by_itself():
+    port = random.randint(20000, 60000)
+    proc = subprocess.Popen([sys.executable, "-m", "tracer.cli", "trace", "--json", "--count", "1",
+                             "--port", str(port)], cwd=REPO, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 10
+    while proc.poll() is None and time.monotonic() < deadline:
+        provoke_conflict(port)
+        time.sleep(0.1)
+    out, err = proc.communicate(timeout=10)
+    assert proc.returncode == 0, err
+    assert len(out.splitlines()) == 1 and json.loads(out)["port"] == port
