@@ -160,8 +160,10 @@ static __always_inline __u8 read_opts(struct sock *sk)
 /* The local address and port a socket holds right now. */
 static __always_inline __u16 read_local(struct sock *sk, __u8 family, __u8 addr[PS_ADDR_LEN])
 {
+	/* addr is a pointer here, so BPF_CORE_READ_INTO (which copies
+	 * sizeof(*dst)) would read one byte: give the length explicitly. */
 	if (family == AF_INET6)
-		BPF_CORE_READ_INTO(addr, sk, __sk_common.skc_v6_rcv_saddr.in6_u.u6_addr8);
+		bpf_core_read(addr, PS_ADDR_LEN, &sk->__sk_common.skc_v6_rcv_saddr);
 	else
 		BPF_CORE_READ_INTO((__u32 *)addr, sk, __sk_common.skc_rcv_saddr);
 	return BPF_CORE_READ(sk, __sk_common.skc_num);

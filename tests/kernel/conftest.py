@@ -1,0 +1,69 @@
+"""Fixtures for the tests against the running kernel (root, BPF, netns).
+
+These tests prove the tracer against what the kernel really does, so they
+need root and a kernel that loads the probes. Where that is missing they
+skip with the reason, except under ``CI=true``, where a skipped kernel test
+would hide a broken CI machine: there they fail.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+from pathlib import Path
+from typing import Iterator
+
+import pytest
+
+from harness import EventCollector, Netns
+from tests.needs import missing
+
+KERNEL_TESTS = Path(__file__).resolve().parent
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Every test in this folder needs the kernel: mark it so ``-m`` can select it."""
+    for item in items:
+        if KERNEL_TESTS in Path(str(item.path)).resolve().parents:
+            item.add_marker(pytest.mark.kernel)
+
+
+@pytest.fixture(scope="session")
+def root() -> None:
+    if os.geteuid() != 0:
+        missing("needs root (network namespaces, other uids, BPF); run as root")
+    if shutil.which("ip") is None:
+        missing("needs the ip command (iproute2) for network namespaces")
+
+
+@pytest.fixture(scope="session")
+def tracer(root: None) -> Iterator[EventCollector]:
+    """One engine for the whole session, tracing every call, failed or not."""
+    from tracer.engine import EngineConfig, open_engine
+    from tracer.errors import PortscopeError
+
+    try:
+        engine = open_engine(EngineConfig(errors_only=False))
+    except (PortscopeError, OSError) as exc:
+        missing(f"the BPF probes cannot be loaded: {type(exc).__name__}: {exc}")
+    try:
+        yield EventCollector(engine)
+    finally:
+        engine.close()
+
+
+@pytest.fixture
+def netns(request: pytest.FixtureRequest, root: None) -> Iterator[Netns]:
+    """A fresh namespace, deleted (with its actors) even when the test fails.
+
+    If the test also uses ``tracer``, the collector forgets older events and
+    keeps only this namespace's, so that events are matched to this test.
+    """
+    collector = request.getfixturevalue("tracer") if "tracer" in request.fixturenames else None
+    ns = Netns()
+    try:
+        if collector is not None:
+            collector.follow(ns.inode)
+        yield ns
+    finally:
+        ns.close()
