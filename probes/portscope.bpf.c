@@ -249,6 +249,26 @@ static __always_inline void fill_task(struct ps_event *e, __u64 id)
 	bpf_get_current_comm(e->comm, sizeof(e->comm));
 }
 
+/* The --port filter, applied before any ring-buffer space is taken, so that
+ * records nobody asked for neither wake the collector nor count as lost.
+ * sin_port and sin6_port sit at the same offset, after the family. */
+static __always_inline bool port_selected(const struct inflight *in)
+{
+	struct sock *sk = (struct sock *)in->sk;
+	__u16 target = ps_config.target_port;
+	__u16 head[2] = {};
+
+	if (!target)
+		return true;
+	if (BPF_CORE_READ(sk, __sk_common.skc_num) == target)
+		return true;
+	if (in->kind == PS_KIND_LISTEN)
+		return in->pre_port == target;
+	if (in->uaddr && !bpf_probe_read_user(head, sizeof(head), (const void *)in->uaddr))
+		return bpf_ntohs(head[1]) == target;
+	return true; /* unreadable address: better shown than silently dropped */
+}
+
 static __always_inline int on_exit(long ret)
 {
 	__u64 id = bpf_get_current_pid_tgid();
@@ -258,7 +278,7 @@ static __always_inline int on_exit(long ret)
 
 	if (!in)
 		return 0;
-	if (!wanted(in, ret))
+	if (!wanted(in, ret) || !port_selected(in))
 		goto out;
 
 	e = bpf_ringbuf_reserve(&ps_events, sizeof(*e), 0);
@@ -294,12 +314,6 @@ static __always_inline int on_exit(long ret)
 	}
 	sk = (struct sock *)in->sk;
 	e->bound_port = read_local(sk, in->family, e->bound_addr);
-
-	if (ps_config.target_port && e->req_port != ps_config.target_port &&
-	    e->bound_port != ps_config.target_port) {
-		bpf_ringbuf_discard(e, 0);
-		goto out;
-	}
 	bpf_ringbuf_submit(e, 0);
 	count(PS_CNT_EMITTED);
 out:

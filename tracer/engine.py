@@ -90,6 +90,13 @@ class Engine:
         out, self._pending[:] = list(self._pending), []
         return out
 
+    def drain(self) -> list[bytes]:
+        """Every record still in the ring buffer, without waiting."""
+        assert self._ring is not None, "engine is closed"
+        self._ring.consume()
+        out, self._pending[:] = list(self._pending), []
+        return out
+
     def counters(self) -> Counters:
         values = {}
         for idx in (PsCounter.EMITTED, PsCounter.LOST, PsCounter.INFLIGHT_FULL):

@@ -15,6 +15,7 @@ from .events import CallEvent, Clock, decode
 from .plans import Plan
 
 POLL_MS = 100
+COALESCE_S = 0.005
 COUNTER_CHECK_S = 1.0
 
 COLUMNS = (
@@ -72,19 +73,28 @@ class Printer:
             self.out.write(human_line(ev) + "\n")
 
 
-def _stop_on_sigterm() -> None:
-    def handler(_signum: int, _frame: object) -> None:
-        raise KeyboardInterrupt
+class StopSignal:
+    """SIGINT and SIGTERM ask the loop to stop at a safe point, so that no
+    event already read from the kernel is dropped half-way through a batch.
+    A second signal while stopping gives up at once."""
 
-    signal.signal(signal.SIGTERM, handler)
+    def __init__(self) -> None:
+        self.requested = False
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            signal.signal(sig, self._handle)
+
+    def _handle(self, _signum: int, _frame: object) -> None:
+        if self.requested:
+            raise KeyboardInterrupt
+        self.requested = True
 
 
 def run(args: argparse.Namespace) -> ExitStatus:
-    _stop_on_sigterm()
+    stop = StopSignal()
     engine = open_engine(config_from_args(args))
     try:
         _announce(engine)
-        return _stream(engine, args, sys.stdout)
+        return _stream(engine, args, sys.stdout, stop)
     finally:
         engine.close()
 
@@ -96,7 +106,7 @@ def _announce(engine: Engine) -> None:
           file=sys.stderr, flush=True)
 
 
-def _stream(engine: Engine, args: argparse.Namespace, out: TextIO) -> ExitStatus:
+def _stream(engine: Engine, args: argparse.Namespace, out: TextIO, stop: StopSignal) -> ExitStatus:
     clock = Clock()
     printer = Printer(out, args.json)
     out.flush()
@@ -104,22 +114,34 @@ def _stream(engine: Engine, args: argparse.Namespace, out: TextIO) -> ExitStatus
     shown = 0
     reported = Counters()
     next_check = time.monotonic() + COUNTER_CHECK_S
-    try:
-        while deadline is None or time.monotonic() < deadline:
-            for raw in engine.poll(POLL_MS):
-                ev = decode(raw, clock)
-                if not _selected(ev, args):
-                    continue
+
+    def show(raws: list[bytes]) -> bool:
+        """Print the selected events; True once --count is reached."""
+        nonlocal shown
+        for raw in raws:
+            ev = decode(raw, clock)
+            if _selected(ev, args):
                 printer.emit(ev)
                 shown += 1
                 if args.count and shown >= args.count:
-                    return ExitStatus.OK
-            out.flush()
+                    return True
+        out.flush()
+        return False
+
+    try:
+        while not stop.requested and (deadline is None or time.monotonic() < deadline):
+            raws = engine.poll(POLL_MS)
+            if show(raws):
+                return ExitStatus.OK
+            if raws:
+                # Let a burst gather: the kernel wakes us only when we have
+                # caught up, so one wakeup then serves many records.
+                time.sleep(COALESCE_S)
             if time.monotonic() >= next_check:
                 reported = _report_losses(engine.counters(), reported)
                 next_check = time.monotonic() + COUNTER_CHECK_S
-    except KeyboardInterrupt:
-        pass
+        # What is already in the ring buffer happened: show it before leaving.
+        show(engine.drain())
     finally:
         out.flush()
         final = engine.counters()

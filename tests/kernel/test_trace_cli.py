@@ -144,3 +144,39 @@ def test_count_stops_by_itself():
     out, err = proc.communicate(timeout=10)
     assert proc.returncode == 0, err
     assert len(out.splitlines()) == 1 and json.loads(out)["port"] == port
+
+
+BURST = """
+import socket, sys
+port, n = int(sys.argv[1]), int(sys.argv[2])
+a = socket.socket(); a.bind(("127.0.0.1", port)); a.listen()
+failed = 0
+for _ in range(n):
+    s = socket.socket()
+    try:
+        s.bind(("127.0.0.1", port))
+    except OSError:
+        failed += 1
+    s.close()
+print(failed)
+"""
+
+
+def test_interrupt_right_after_a_burst_loses_nothing(tmp_path):
+    """Ctrl-C straight after a burst: what is in the ring buffer still gets out."""
+    port = random.randint(20000, 60000)
+    out_path = tmp_path / "events.jsonl"
+    with out_path.open("w") as out:
+        proc = subprocess.Popen([sys.executable, "-m", "tracer.cli", "trace", "--json",
+                                 "--port", str(port)], cwd=REPO, stdout=out,
+                                stderr=subprocess.PIPE, text=True)
+        assert "tracing with" in proc.stderr.readline()
+        failed = int(subprocess.run(["unshare", "-n", sys.executable, "-c", BURST, str(port),
+                                     "20000"], capture_output=True, text=True, check=True,
+                                    timeout=60).stdout)
+        proc.send_signal(signal.SIGINT)
+        _, err = proc.communicate(timeout=30)
+    assert failed == 20000
+    events = [json.loads(line) for line in out_path.read_text().splitlines()]
+    assert len(events) == failed, err
+    assert f"{failed} events shown, 0 lost" in err
