@@ -28,6 +28,10 @@
 #define S_IFMT 00170000
 #define S_IFSOCK 0140000
 #define EINPROGRESS 115
+#define IPPROTO_TCP 6
+#define IPPROTO_UDP 17
+#define TCP_TIME_WAIT 6
+#define TCP_NEW_SYN_RECV 12
 
 char LICENSE[] SEC("license") = "Dual BSD/GPL";
 
@@ -43,6 +47,8 @@ struct ps_btf_anchor {
 	enum ps_opt opt;
 	enum ps_quality quality;
 	enum ps_counter counter;
+	struct ps_sockinfo sockinfo;
+	enum ps_group_flag group_flag;
 };
 const struct ps_btf_anchor *ps_btf_anchor __attribute__((unused));
 
@@ -121,9 +127,9 @@ static __always_inline struct sock *fd_to_sock(int fd, __u64 *inode)
 	return sock ? BPF_CORE_READ(sock, sk) : NULL;
 }
 
-static __always_inline __u8 read_opts(struct sock *sk)
+/* The options kept in sock_common: valid for TIME_WAIT and request sockets too. */
+static __always_inline __u8 read_common_opts(struct sock_common *skc)
 {
-	struct sock_common *skc = &sk->__sk_common;
 	__u8 opts = 0;
 
 	if (BPF_CORE_READ_BITFIELD_PROBED(skc, skc_reuse))
@@ -132,6 +138,13 @@ static __always_inline __u8 read_opts(struct sock *sk)
 		opts |= PS_OPT_REUSEPORT;
 	if (BPF_CORE_READ_BITFIELD_PROBED(skc, skc_ipv6only))
 		opts |= PS_OPT_V6ONLY;
+	return opts;
+}
+
+/* All options of a full socket. */
+static __always_inline __u8 read_opts(struct sock *sk)
+{
+	__u8 opts = read_common_opts(&sk->__sk_common);
 
 	if (bpf_core_field_exists(struct inet_sock, inet_flags)) {
 		/* Bit numbers of the INET_FLAGS_* enum (include/net/inet_sock.h);
@@ -448,5 +461,69 @@ int BPF_KRETPROBE(ps_kretprobe_get_port, int ret)
 		return 0;
 	on_get_port((struct sock *)args->sk, args->snum, ret);
 	bpf_map_delete_elem(&ps_get_port_args, &id);
+	return 0;
+}
+
+/* ---- socket iterators: every plan ----------------------------------------- */
+
+static __always_inline void emit_sockinfo(struct seq_file *seq, struct sock_common *skc,
+					  __u8 protocol, uid_t uid)
+{
+	struct ps_sockinfo info = {};
+	struct sock *sk = (struct sock *)skc;
+	struct sock_reuseport *reuse;
+
+	info.family = BPF_CORE_READ(skc, skc_family);
+	if (info.family != AF_INET && info.family != AF_INET6)
+		return;
+	info.protocol = protocol;
+	info.state = BPF_CORE_READ(skc, skc_state);
+	info.sock_uid = uid;
+	info.netns = BPF_CORE_READ(skc, skc_net.net, ns.inum);
+	info.cookie = BPF_CORE_READ(skc, skc_cookie.counter);
+	info.bound_dev_if = BPF_CORE_READ(skc, skc_bound_dev_if);
+	info.port = read_local(sk, info.family, info.addr);
+
+	/* TIME_WAIT and request sockets are not full sockets: only the
+	 * sock_common part may be read. */
+	if (protocol == IPPROTO_TCP &&
+	    (info.state == TCP_TIME_WAIT || info.state == TCP_NEW_SYN_RECV)) {
+		info.opts = read_common_opts(skc);
+		bpf_seq_write(seq, &info, sizeof(info));
+		return;
+	}
+	info.opts = read_opts(sk);
+	info.inode = BPF_CORE_READ(sk, sk_socket, file, f_inode, i_ino);
+	reuse = BPF_CORE_READ(sk, sk_reuseport_cb);
+	if (reuse) {
+		info.group_key = (__u64)reuse;
+		info.group_size = BPF_CORE_READ(reuse, num_socks);
+		if (BPF_CORE_READ(reuse, prog))
+			info.group_flags |= PS_GROUP_BPF_PROG;
+		if (BPF_CORE_READ_BITFIELD_PROBED(reuse, has_conns))
+			info.group_flags |= PS_GROUP_HAS_CONNS;
+	}
+	bpf_seq_write(seq, &info, sizeof(info));
+}
+
+/* The context pointers are read once into locals: the verifier tracks the
+ * NULL check on the register that was checked, not on a second load. */
+SEC("iter/tcp")
+int ps_iter_tcp(struct bpf_iter__tcp *ctx)
+{
+	struct sock_common *skc = ctx->sk_common;
+
+	if (skc)
+		emit_sockinfo(ctx->meta->seq, skc, IPPROTO_TCP, ctx->uid);
+	return 0;
+}
+
+SEC("iter/udp")
+int ps_iter_udp(struct bpf_iter__udp *ctx)
+{
+	struct udp_sock *udp = ctx->udp_sk;
+
+	if (udp)
+		emit_sockinfo(ctx->meta->seq, (struct sock_common *)udp, IPPROTO_UDP, ctx->uid);
 	return 0;
 }

@@ -86,6 +86,33 @@ struct ps_event {
 	char comm[PS_COMM_LEN];
 };
 
+/* One socket as the iter/tcp and iter/udp programs see it: the flags that
+ * sock_diag does not report. Written with bpf_seq_write, read as a stream
+ * of fixed-size records. */
+struct ps_sockinfo {
+	__u64 cookie;           /* socket cookie, 0 if the kernel never assigned one */
+	__u64 inode;            /* 0 for TIME_WAIT, SYN_RECV and unaccepted sockets */
+	__u64 group_key;        /* identifies the reuseport group (the kernel's
+	                         * sock_reuseport address); 0 when in no group */
+	__u32 netns;
+	__u32 sock_uid;
+	__s32 bound_dev_if;
+	__u16 port;             /* local port, host order */
+	__u16 group_size;       /* sockets in the reuseport group */
+	__u8 family;
+	__u8 protocol;
+	__u8 state;             /* TCP_* state number */
+	__u8 opts;              /* enum ps_opt bits */
+	__u8 group_flags;       /* enum ps_group_flag bits */
+	__u8 pad[3];
+	__u8 addr[PS_ADDR_LEN]; /* local address (network order) */
+};
+
+enum ps_group_flag {
+	PS_GROUP_BPF_PROG = 1 << 0,     /* a reuseport BPF program steers the group */
+	PS_GROUP_HAS_CONNS = 1 << 1,    /* a connected UDP socket is in the group */
+};
+
 /* Read-only configuration, set by the collector between open and load. */
 struct ps_config {
 	__u32 target_tgid;      /* 0: every process */

@@ -189,21 +189,30 @@ def verify_plan(config: EngineConfig, plan: Plan) -> None:
 
 def _load_plan(config: EngineConfig, plan: Plan,
                attach: bool = True) -> tuple[libbpf.BpfObject, list[libbpf.Link]]:
-    obj = _open(config)
+    obj = load_programs(config, plan, PLAN_PROGRAMS[plan])
     links: list[libbpf.Link] = []
     try:
-        _configure(obj, config, plan)
-        wanted = set(PLAN_PROGRAMS[plan])
         for prog in obj.programs():
-            prog.set_autoload(prog.name in wanted)
-        _load(obj, plan)
-        for prog in obj.programs():
-            if attach and prog.name in wanted:
+            if attach and prog.autoload:
                 links.append(_attach(prog, plan))
         return obj, links
     except BaseException:
         for link in links:
             link.destroy()
+        obj.close()
+        raise
+
+
+def load_programs(config: EngineConfig, plan: Plan, names: tuple[str, ...]) -> libbpf.BpfObject:
+    """Open the object, configure it, and load only the programs ``names``."""
+    obj = _open(config)
+    try:
+        _configure(obj, config, plan)
+        for prog in obj.programs():
+            prog.set_autoload(prog.name in names)
+        _load(obj, plan)
+        return obj
+    except BaseException:
         obj.close()
         raise
 

@@ -56,6 +56,29 @@ class PsConfig(ctypes.Structure):
 _check(PsConfig, 8, {"target_tgid": 0, "target_port": 4, "errors_only": 6, "plan": 7})
 
 
+class PsSockinfo(ctypes.Structure):
+    _fields_ = [
+        ("cookie", ctypes.c_uint64),
+        ("inode", ctypes.c_uint64),
+        ("group_key", ctypes.c_uint64),
+        ("netns", ctypes.c_uint32),
+        ("sock_uid", ctypes.c_uint32),
+        ("bound_dev_if", ctypes.c_int32),
+        ("port", ctypes.c_uint16),
+        ("group_size", ctypes.c_uint16),
+        ("family", ctypes.c_uint8),
+        ("protocol", ctypes.c_uint8),
+        ("state", ctypes.c_uint8),
+        ("opts", ctypes.c_uint8),
+        ("group_flags", ctypes.c_uint8),
+        ("pad", ctypes.c_uint8 * 3),
+        ("addr", ctypes.c_uint8 * 16),
+    ]
+
+
+_check(PsSockinfo, 64, {"cookie": 0, "inode": 8, "group_key": 16, "netns": 24, "sock_uid": 28, "bound_dev_if": 32, "port": 36, "group_size": 38, "family": 40, "protocol": 41, "state": 42, "opts": 43, "group_flags": 44, "pad": 45, "addr": 48})
+
+
 class PsKind(enum.IntEnum):
     BIND = 1
     LISTEN = 2
@@ -89,3 +112,8 @@ class PsQuality(enum.IntFlag):
     ADDR_UNREADABLE = 1
     GET_PORT_SEEN = 2
     GET_PORT_FAILED = 4
+
+
+class PsGroupFlag(enum.IntFlag):
+    BPF_PROG = 1
+    HAS_CONNS = 2

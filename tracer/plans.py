@@ -36,6 +36,9 @@ SYSCALL_PROGRAMS = (
     "ps_exit_connect",
 )
 
+# Socket iterators work the same under every plan.
+ITERATOR_PROGRAMS = ("ps_iter_tcp", "ps_iter_udp")
+
 PLAN_PROGRAMS: dict[Plan, tuple[str, ...]] = {
     Plan.FENTRY: SYSCALL_PROGRAMS + ("ps_fexit_get_port",),
     Plan.KPROBE: SYSCALL_PROGRAMS + ("ps_kprobe_get_port", "ps_kretprobe_get_port"),

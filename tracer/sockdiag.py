@@ -32,16 +32,15 @@ state names (``tcp_states.h``): ESTABLISHED, TIME_WAIT, CLOSE, ...
 
 from __future__ import annotations
 
-import ctypes
 import errno
 import os
 import socket
 import struct
-import threading
 from dataclasses import dataclass, fields, make_dataclass
-from typing import Callable, Iterable
+from typing import Iterable
 
-from .errors import PermissionDenied, Unsupported
+from .errors import Unsupported
+from .nsenter import in_netns
 
 # ---- kernel constants (linux/netlink.h, linux/sock_diag.h, linux/inet_diag.h)
 
@@ -54,7 +53,6 @@ NLMSG_ERROR = 2
 NLMSG_DONE = 3
 INET_DIAG_REQ_BYTECODE = 1
 INET_DIAG_BC_S_EQ = 11
-CLONE_NEWNET = 0x40000000
 
 PROTOCOLS = {"tcp": socket.IPPROTO_TCP, "udp": socket.IPPROTO_UDP}
 FAMILIES = {"ipv4": socket.AF_INET, "ipv6": socket.AF_INET6}
@@ -144,7 +142,7 @@ def dump(netns_fd: int | None = None, protocols: Iterable[str] = ("tcp", "udp"),
         sock = _diag_socket()
     else:
         netns = os.fstat(netns_fd).st_ino
-        sock = socket_in_netns(netns_fd, _diag_socket)
+        sock = in_netns(netns_fd, _diag_socket)
     with sock:
         records: list[SockRecord] = []
         for seq, (kind, protocol, family) in enumerate(queries, start=1):
@@ -222,59 +220,6 @@ def build_request(seq: int, kind: int, protocol: int, family: int, states: int, 
         length = _REQUEST_V2.size + len(attr)
         head = _REQUEST_V2.pack(length, kind, flags, seq, 0, family, protocol, 0, 0, states, *sockid)
     return head + attr
-
-
-def socket_in_netns(netns_fd: int, make: Callable[[], socket.socket]) -> socket.socket:
-    """``make()`` a socket inside another network namespace.
-
-    A socket belongs for life to the namespace of the thread that created it,
-    and setns() moves only the calling thread. So a short-lived thread of our
-    own enters the namespace, creates the socket and goes back; no other
-    thread (which might be creating sockets of its own) ever changes
-    namespace.
-    """
-    outcome: list[socket.socket | BaseException] = []
-
-    def enter_and_make() -> None:
-        try:
-            outcome.append(_make_in(netns_fd, make))
-        except BaseException as exc:  # handed to the caller's thread below
-            outcome.append(exc)
-
-    worker = threading.Thread(target=enter_and_make, name="portscope-setns")
-    worker.start()
-    worker.join()
-    result = outcome[0]
-    if isinstance(result, BaseException):
-        raise result
-    return result
-
-
-def _make_in(netns_fd: int, make: Callable[[], socket.socket]) -> socket.socket:
-    home = os.open("/proc/thread-self/ns/net", os.O_RDONLY | os.O_CLOEXEC)
-    try:
-        setns_net(netns_fd)
-        try:
-            return make()
-        finally:
-            setns_net(home)
-    finally:
-        os.close(home)
-
-
-_libc = ctypes.CDLL(None, use_errno=True)
-
-
-def setns_net(fd: int) -> None:
-    """Move the calling thread into the network namespace open on ``fd``
-    (setns(2); os.setns exists only from Python 3.12). Only for a thread of
-    its own, or a forked child before exec: a thread that moves changes
-    where its later sockets live."""
-    if _libc.setns(fd, CLONE_NEWNET) != 0:
-        err = ctypes.get_errno()
-        if err == errno.EPERM:
-            raise PermissionDenied("entering another network namespace needs CAP_SYS_ADMIN: run as root")
-        raise OSError(err, f"setns: {os.strerror(err)}")
 
 
 def _diag_socket() -> socket.socket:

@@ -27,7 +27,8 @@ import pytest
 
 from tests.needs import need_root, need_tool
 from tracer.netns import NetnsRef, NetnsScan, dump_all, list_netns
-from tracer.sockdiag import SockRecord, dump, socket_in_netns
+from tracer.nsenter import in_netns
+from tracer.sockdiag import SockRecord, dump
 
 pytestmark = pytest.mark.kernel
 
@@ -80,7 +81,7 @@ class World:
 
     def new(self, family: socket.AddressFamily, kind: socket.SocketKind) -> socket.socket:
         """A socket created inside the namespace."""
-        sock = socket_in_netns(self.fd, lambda: socket.socket(family, kind))
+        sock = in_netns(self.fd, lambda: socket.socket(family, kind))
         self.sockets.append(sock)
         return sock
 

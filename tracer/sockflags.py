@@ -1,0 +1,124 @@
+"""What sock_diag cannot tell: each socket's SO_REUSEADDR, SO_REUSEPORT,
+IPV6_V6ONLY, bound device, and the reuseport group it belongs to, read by
+the ``iter/tcp`` and ``iter/udp`` programs of probes/portscope.bpf.o.
+
+A BPF socket iterator walks the sockets of the network namespace of the
+thread that creates it, so reading another namespace runs on a thread that
+enters it (nsenter.in_netns).
+"""
+
+from __future__ import annotations
+
+import ctypes
+import hashlib
+import os
+import socket
+from dataclasses import dataclass
+
+from . import libbpf
+from .engine import EngineConfig, load_programs
+from .events import FAMILIES, OPTION_NAMES, PROTOCOLS
+from .layout import PsGroupFlag, PsSockinfo
+from .nsenter import in_netns
+from .plans import ITERATOR_PROGRAMS, Plan
+
+RECORD = ctypes.sizeof(PsSockinfo)
+
+# include/net/tcp_states.h
+TCP_STATES = {
+    1: "ESTABLISHED", 2: "SYN_SENT", 3: "SYN_RECV", 4: "FIN_WAIT1", 5: "FIN_WAIT2",
+    6: "TIME_WAIT", 7: "CLOSE", 8: "CLOSE_WAIT", 9: "LAST_ACK", 10: "LISTEN", 11: "CLOSING",
+    12: "NEW_SYN_RECV",
+}
+
+
+@dataclass(frozen=True, slots=True)
+class SockFlags:
+    netns: int
+    protocol: str
+    family: str
+    state: str
+    addr: str
+    port: int
+    cookie: int
+    inode: int
+    sock_uid: int
+    options: frozenset[str]  # reuseaddr, reuseport, v6only, freebind, transparent, ...
+    bound_dev_if: int
+    group: int  # opaque reuseport group id, equal for members of one group; 0: none
+    group_size: int
+    group_bpf_prog: bool  # a reuseport BPF program steers the group
+    group_has_conns: bool
+
+
+def decode(raw: bytes) -> list[SockFlags]:
+    if len(raw) % RECORD:
+        raise ValueError(f"iterator output of {len(raw)} bytes is not a whole number of records")
+    return [_one(PsSockinfo.from_buffer_copy(raw, off)) for off in range(0, len(raw), RECORD)]
+
+
+def _one(r: PsSockinfo) -> SockFlags:
+    family = socket.AF_INET6 if r.family == socket.AF_INET6 else socket.AF_INET
+    raw_addr = bytes(r.addr) if family == socket.AF_INET6 else bytes(r.addr)[:4]
+    return SockFlags(
+        netns=r.netns,
+        protocol=PROTOCOLS.get(r.protocol, str(r.protocol)),
+        family=FAMILIES[family],
+        state=TCP_STATES.get(r.state, str(r.state)),
+        addr=socket.inet_ntop(family, raw_addr),
+        port=r.port,
+        cookie=r.cookie,
+        inode=r.inode,
+        sock_uid=r.sock_uid,
+        options=frozenset(name for bit, name in OPTION_NAMES.items() if r.opts & bit),
+        bound_dev_if=r.bound_dev_if,
+        group=_opaque(r.group_key),
+        group_size=r.group_size,
+        group_bpf_prog=bool(r.group_flags & PsGroupFlag.BPF_PROG),
+        group_has_conns=bool(r.group_flags & PsGroupFlag.HAS_CONNS),
+    )
+
+
+_GROUP_SALT = os.urandom(8)
+
+
+def _opaque(key: int) -> int:
+    """A stable, short id for a kernel address, which is not shown as such."""
+    if not key:
+        return 0
+    digest = hashlib.blake2b(key.to_bytes(8, "little"), digest_size=4, key=_GROUP_SALT).digest()
+    return int.from_bytes(digest, "little") or 1
+
+
+class SocketIterators:
+    """The loaded iterator programs; ``read()`` walks one namespace's sockets."""
+
+    def __init__(self, config: EngineConfig | None = None) -> None:
+        config = config or EngineConfig()
+        # The ring buffer is not used by iterators: keep it at one page.
+        config.ring_bytes = 0
+        self._obj: libbpf.BpfObject | None = load_programs(config, Plan.TRACEPOINT,
+                                                           ITERATOR_PROGRAMS)
+        self._links = [p.attach_iter() for p in self._obj.programs() if p.autoload]
+
+    def read(self, netns_fd: int | None = None) -> list[SockFlags]:
+        """Every TCP and UDP socket of the namespace (default: our own)."""
+        def walk() -> bytes:
+            return b"".join(libbpf.run_iterator(link) for link in self._links)
+
+        raw = walk() if netns_fd is None else in_netns(netns_fd, walk)
+        return decode(raw)
+
+    def close(self) -> None:
+        for link in self._links:
+            link.destroy()
+        self._links = []
+        if self._obj:
+            self._obj.close()
+            self._obj = None
+
+    def __enter__(self) -> "SocketIterators":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
