@@ -48,6 +48,7 @@ struct ps_btf_anchor {
 	enum ps_quality quality;
 	enum ps_counter counter;
 	struct ps_sockinfo sockinfo;
+	struct ps_fileinfo fileinfo;
 	enum ps_group_flag group_flag;
 };
 const struct ps_btf_anchor *ps_btf_anchor __attribute__((unused));
@@ -466,44 +467,52 @@ int BPF_KRETPROBE(ps_kretprobe_get_port, int ret)
 
 /* ---- socket iterators: every plan ----------------------------------------- */
 
-static __always_inline void emit_sockinfo(struct seq_file *seq, struct sock_common *skc,
+/* Fill *info from a socket; false when it is not an IPv4/IPv6 socket. */
+static __always_inline bool fill_sockinfo(struct ps_sockinfo *info, struct sock_common *skc,
 					  __u8 protocol, uid_t uid)
 {
-	struct ps_sockinfo info = {};
 	struct sock *sk = (struct sock *)skc;
 	struct sock_reuseport *reuse;
 
-	info.family = BPF_CORE_READ(skc, skc_family);
-	if (info.family != AF_INET && info.family != AF_INET6)
-		return;
-	info.protocol = protocol;
-	info.state = BPF_CORE_READ(skc, skc_state);
-	info.sock_uid = uid;
-	info.netns = BPF_CORE_READ(skc, skc_net.net, ns.inum);
-	info.cookie = BPF_CORE_READ(skc, skc_cookie.counter);
-	info.bound_dev_if = BPF_CORE_READ(skc, skc_bound_dev_if);
-	info.port = read_local(sk, info.family, info.addr);
+	info->family = BPF_CORE_READ(skc, skc_family);
+	if (info->family != AF_INET && info->family != AF_INET6)
+		return false;
+	info->protocol = protocol;
+	info->state = BPF_CORE_READ(skc, skc_state);
+	info->sock_uid = uid;
+	info->netns = BPF_CORE_READ(skc, skc_net.net, ns.inum);
+	info->cookie = BPF_CORE_READ(skc, skc_cookie.counter);
+	info->bound_dev_if = BPF_CORE_READ(skc, skc_bound_dev_if);
+	info->port = read_local(sk, info->family, info->addr);
 
 	/* TIME_WAIT and request sockets are not full sockets: only the
 	 * sock_common part may be read. */
 	if (protocol == IPPROTO_TCP &&
-	    (info.state == TCP_TIME_WAIT || info.state == TCP_NEW_SYN_RECV)) {
-		info.opts = read_common_opts(skc);
-		bpf_seq_write(seq, &info, sizeof(info));
-		return;
+	    (info->state == TCP_TIME_WAIT || info->state == TCP_NEW_SYN_RECV)) {
+		info->opts = read_common_opts(skc);
+		return true;
 	}
-	info.opts = read_opts(sk);
-	info.inode = BPF_CORE_READ(sk, sk_socket, file, f_inode, i_ino);
+	info->opts = read_opts(sk);
+	info->inode = BPF_CORE_READ(sk, sk_socket, file, f_inode, i_ino);
 	reuse = BPF_CORE_READ(sk, sk_reuseport_cb);
 	if (reuse) {
-		info.group_key = (__u64)reuse;
-		info.group_size = BPF_CORE_READ(reuse, num_socks);
+		info->group_key = (__u64)reuse;
+		info->group_size = BPF_CORE_READ(reuse, num_socks);
 		if (BPF_CORE_READ(reuse, prog))
-			info.group_flags |= PS_GROUP_BPF_PROG;
+			info->group_flags |= PS_GROUP_BPF_PROG;
 		if (BPF_CORE_READ_BITFIELD_PROBED(reuse, has_conns))
-			info.group_flags |= PS_GROUP_HAS_CONNS;
+			info->group_flags |= PS_GROUP_HAS_CONNS;
 	}
-	bpf_seq_write(seq, &info, sizeof(info));
+	return true;
+}
+
+static __always_inline void emit_sockinfo(struct seq_file *seq, struct sock_common *skc,
+					  __u8 protocol, uid_t uid)
+{
+	struct ps_sockinfo info = {};
+
+	if (fill_sockinfo(&info, skc, protocol, uid))
+		bpf_seq_write(seq, &info, sizeof(info));
 }
 
 /* The context pointers are read once into locals: the verifier tracks the
@@ -525,5 +534,35 @@ int ps_iter_udp(struct bpf_iter__udp *ctx)
 
 	if (udp)
 		emit_sockinfo(ctx->meta->seq, (struct sock_common *)udp, IPPROTO_UDP, ctx->uid);
+	return 0;
+}
+
+/* Every socket every process holds: owners, and flags for the sockets the
+ * socket iterators cannot see (bound-only TCP). Threads that share their
+ * leader's file table are skipped by the kernel. */
+SEC("iter/task_file")
+int ps_iter_task_file(struct bpf_iter__task_file *ctx)
+{
+	struct file *file = ctx->file;
+	struct task_struct *task = ctx->task;
+	struct ps_fileinfo out = {};
+	struct socket *sock;
+	struct sock *sk;
+
+	if (!file || !task)
+		return 0;
+	if ((BPF_CORE_READ(file, f_inode, i_mode) & S_IFMT) != S_IFSOCK)
+		return 0;
+	sock = BPF_CORE_READ(file, private_data);
+	sk = sock ? BPF_CORE_READ(sock, sk) : NULL;
+	if (!sk)
+		return 0;
+	out.pid = BPF_CORE_READ(task, tgid);
+	out.fd = ctx->fd;
+	BPF_CORE_READ_STR_INTO(&out.comm, task, comm);
+	if (!fill_sockinfo(&out.sock, &sk->__sk_common, BPF_CORE_READ(sk, sk_protocol),
+			   BPF_CORE_READ(sk, sk_uid.val)))
+		return 0;
+	bpf_seq_write(ctx->meta->seq, &out, sizeof(out));
 	return 0;
 }

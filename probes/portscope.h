@@ -108,6 +108,15 @@ struct ps_sockinfo {
 	__u8 addr[PS_ADDR_LEN]; /* local address (network order) */
 };
 
+/* A socket held by a process, as iter/task_file sees it: who holds which
+ * socket, including the bound-only TCP sockets that iter/tcp never walks. */
+struct ps_fileinfo {
+	__u32 pid;              /* tgid of the holder */
+	__u32 fd;
+	char comm[PS_COMM_LEN];
+	struct ps_sockinfo sock;
+};
+
 enum ps_group_flag {
 	PS_GROUP_BPF_PROG = 1 << 0,     /* a reuseport BPF program steers the group */
 	PS_GROUP_HAS_CONNS = 1 << 1,    /* a connected UDP socket is in the group */

@@ -15,11 +15,14 @@ from typing import Callable, Sequence
 from .errors import ExitStatus, PortscopeError
 
 PLANS = ("auto", "fentry", "kprobe", "tracepoint")
+STATES = ("listen", "established", "time_wait", "close", "syn_sent", "syn_recv", "fin_wait1",
+          "fin_wait2", "close_wait", "last_ack", "closing")
 
 EPILOG = """\
 exit status:
   0  success            1  runtime failure      2  bad arguments or input
   3  not permitted (not root, lockdown)          4  kernel lacks a feature
+  5  portscope why: the bind would fail
 """
 
 
@@ -134,6 +137,65 @@ def build_parser() -> argparse.ArgumentParser:
                    help="stop after this many seconds")
     _add_engine_options(trace)
 
+    ports = sub.add_parser(
+        "ports",
+        help="every TCP/UDP socket, in every network namespace, with owners and flags",
+        description="List sockets from netlink sock_diag in every network namespace, with "
+                    "the flags ss cannot show (SO_REUSEADDR, SO_REUSEPORT and the reuseport "
+                    "group, IPV6_V6ONLY, bound device) and every process holding each socket. "
+                    "QUEUE is recv/send, or for listeners accept-queue depth/backlog.",
+        epilog="examples:\n"
+               "  portscope ports 8080              who holds port 8080, anywhere\n"
+               "  portscope ports --state listen    every listener\n"
+               "  portscope ports 53 --udp --json   for scripts\n",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    ports.add_argument("ports", nargs="*", type=port_number, metavar="PORT",
+                       help="local ports to show (default: all)")
+    proto = ports.add_mutually_exclusive_group()
+    proto.add_argument("--tcp", action="store_true", help="TCP only")
+    proto.add_argument("--udp", action="store_true", help="UDP only")
+    ports.add_argument("--state", action="append", choices=STATES, type=str.lower,
+                       metavar="STATE", help="only this state (repeatable): "
+                       + ", ".join(STATES))
+    ports.add_argument("--netns", metavar="NS", help="one network namespace: inode, "
+                       "ip-netns name, path, or pid:PID (default: all)")
+    ports.add_argument("--json", action="store_true", help="machine-readable output")
+
+    why = sub.add_parser(
+        "why",
+        help="would a bind to PORT succeed now? if not, who blocks it, under which rule",
+        description="Check a bind() (or, with --listen, a listen()) against the sockets that "
+                    "exist now, with the kernel's own rules: which sockets block it, owned by "
+                    "whom, why, and which changes would make it work. Exit status 5 when it "
+                    "would fail.",
+        epilog="examples:\n"
+               "  portscope why 80                        could a server bind 0.0.0.0:80?\n"
+               "  portscope why 8080 --reuseaddr          ... with SO_REUSEADDR\n"
+               "  portscope why 443 --addr :: --v6only    an IPv6-only listener\n"
+               "  portscope why 9000 --reuseport --user app   join a reuseport group as app\n"
+               "  portscope why 0                         is any ephemeral port left?\n",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    why.add_argument("port", type=lambda t: 0 if t == "0" else port_number(t), metavar="PORT",
+                     help="the port to bind (0: any ephemeral port)")
+    why.add_argument("--addr", help="the address to bind (default: the wildcard 0.0.0.0, "
+                     "or :: with --ipv6)")
+    why.add_argument("--ipv6", action="store_true", help="an IPv6 socket (implied by an IPv6 --addr)")
+    why.add_argument("--udp", action="store_true", help="a UDP socket (default TCP)")
+    why.add_argument("--reuseaddr", action="store_true", help="with SO_REUSEADDR")
+    why.add_argument("--reuseport", action="store_true", help="with SO_REUSEPORT")
+    why.add_argument("--v6only", action="store_true", help="with IPV6_V6ONLY")
+    why.add_argument("--device", metavar="DEV", help="with SO_BINDTODEVICE (name or index)")
+    why.add_argument("--user", metavar="USER", help="as this user (name or uid; default: "
+                     "yours); matters for SO_REUSEPORT")
+    why.add_argument("--listen", action="store_true",
+                     help="ask about listen() on a socket already bound to the address")
+    why.add_argument("--netns", metavar="NS", help="network namespace: inode, ip-netns "
+                     "name, path, or pid:PID (default: portscope's own)")
+    why.add_argument("--json", action="store_true", help='{"verdict": "free"|"conflict", '
+                     '"blockers": [...], "fixes": [...]}')
+
     doctor = sub.add_parser(
         "doctor",
         help="what this kernel allows, and which probe plan portscope picks",
@@ -147,9 +209,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _commands() -> dict[str, Callable[[argparse.Namespace], ExitStatus]]:
     # Imported lazily: `portscope --help` must not pay for loading libbpf.
-    from . import doctor, trace
+    from . import doctor, ports, trace, why
 
-    return {"trace": trace.run, "doctor": doctor.run}
+    return {"trace": trace.run, "doctor": doctor.run, "ports": ports.run, "why": why.run}
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -17,6 +17,7 @@ class ExitStatus(enum.IntEnum):
     USAGE = 2  # bad arguments or bad input file
     NO_PERMISSION = 3  # not root, lockdown, BPF refused by policy
     UNSUPPORTED = 4  # the kernel lacks what the command needs (BTF, plan)
+    CONFLICT = 5  # portscope why: the bind would fail
     INTERRUPTED = 130  # stopped by a signal before finishing its work
 
 

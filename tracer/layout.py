@@ -79,6 +79,18 @@ class PsSockinfo(ctypes.Structure):
 _check(PsSockinfo, 64, {"cookie": 0, "inode": 8, "group_key": 16, "netns": 24, "sock_uid": 28, "bound_dev_if": 32, "port": 36, "group_size": 38, "family": 40, "protocol": 41, "state": 42, "opts": 43, "group_flags": 44, "pad": 45, "addr": 48})
 
 
+class PsFileinfo(ctypes.Structure):
+    _fields_ = [
+        ("pid", ctypes.c_uint32),
+        ("fd", ctypes.c_uint32),
+        ("comm", ctypes.c_char * 16),
+        ("sock", PsSockinfo),
+    ]
+
+
+_check(PsFileinfo, 88, {"pid": 0, "fd": 4, "comm": 8, "sock": 24})
+
+
 class PsKind(enum.IntEnum):
     BIND = 1
     LISTEN = 2

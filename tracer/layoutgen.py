@@ -15,7 +15,7 @@ import sys
 
 from .libbpf import Btf, BtfKind
 
-STRUCTS = ("ps_event", "ps_config", "ps_sockinfo")
+STRUCTS = ("ps_event", "ps_config", "ps_sockinfo", "ps_fileinfo")
 INT_ENUMS = ("ps_kind", "ps_plan", "ps_counter")
 FLAG_ENUMS = ("ps_opt", "ps_quality", "ps_group_flag")
 
@@ -48,6 +48,8 @@ def ctype_of(btf: Btf, tid: int) -> str:
         return f"{ctype_of(btf, elem)} * {n}"
     if kind == BtfKind.ENUM:
         return f"ctypes.c_uint{btf.size(tid) * 8}"
+    if kind == BtfKind.STRUCT and btf.name(tid) in STRUCTS:
+        return camel(btf.name(tid))  # generated earlier: STRUCTS lists it first
     raise ValueError(f"unsupported BTF kind {kind} for member type {btf.name(tid)!r}")
 
 

@@ -37,7 +37,7 @@ SYSCALL_PROGRAMS = (
 )
 
 # Socket iterators work the same under every plan.
-ITERATOR_PROGRAMS = ("ps_iter_tcp", "ps_iter_udp")
+ITERATOR_PROGRAMS = ("ps_iter_tcp", "ps_iter_udp", "ps_iter_task_file")
 
 PLAN_PROGRAMS: dict[Plan, tuple[str, ...]] = {
     Plan.FENTRY: SYSCALL_PROGRAMS + ("ps_fexit_get_port",),

@@ -18,11 +18,12 @@ from dataclasses import dataclass
 from . import libbpf
 from .engine import EngineConfig, load_programs
 from .events import FAMILIES, OPTION_NAMES, PROTOCOLS
-from .layout import PsGroupFlag, PsSockinfo
+from .layout import PsFileinfo, PsGroupFlag, PsSockinfo
 from .nsenter import in_netns
 from .plans import ITERATOR_PROGRAMS, Plan
 
 RECORD = ctypes.sizeof(PsSockinfo)
+FILE_RECORD = ctypes.sizeof(PsFileinfo)
 
 # include/net/tcp_states.h
 TCP_STATES = {
@@ -51,10 +52,34 @@ class SockFlags:
     group_has_conns: bool
 
 
+@dataclass(frozen=True, slots=True)
+class Holder:
+    """A process holding a socket through one of its file descriptors."""
+
+    pid: int
+    fd: int
+    comm: str
+    sock: SockFlags
+
+
 def decode(raw: bytes) -> list[SockFlags]:
-    if len(raw) % RECORD:
+    """Records of the iter/tcp and iter/udp programs."""
+    return [_one(PsSockinfo.from_buffer_copy(raw, off)) for off in _offsets(raw, RECORD)]
+
+
+def decode_holders(raw: bytes) -> list[Holder]:
+    """Records of the iter/task_file program."""
+    out = []
+    for off in _offsets(raw, FILE_RECORD):
+        r = PsFileinfo.from_buffer_copy(raw, off)
+        out.append(Holder(r.pid, r.fd, r.comm.decode(errors="replace"), _one(r.sock)))
+    return out
+
+
+def _offsets(raw: bytes, size: int) -> range:
+    if len(raw) % size:
         raise ValueError(f"iterator output of {len(raw)} bytes is not a whole number of records")
-    return [_one(PsSockinfo.from_buffer_copy(raw, off)) for off in range(0, len(raw), RECORD)]
+    return range(0, len(raw), size)
 
 
 def _one(r: PsSockinfo) -> SockFlags:
@@ -91,7 +116,10 @@ def _opaque(key: int) -> int:
 
 
 class SocketIterators:
-    """The loaded iterator programs; ``read()`` walks one namespace's sockets."""
+    """The loaded iterator programs.
+
+    ``sockets()`` walks one namespace's TCP and UDP tables; ``holders()``
+    walks every process's file table (all namespaces at once)."""
 
     def __init__(self, config: EngineConfig | None = None) -> None:
         config = config or EngineConfig()
@@ -99,20 +127,25 @@ class SocketIterators:
         config.ring_bytes = 0
         self._obj: libbpf.BpfObject | None = load_programs(config, Plan.TRACEPOINT,
                                                            ITERATOR_PROGRAMS)
-        self._links = [p.attach_iter() for p in self._obj.programs() if p.autoload]
+        self._links = {p.name: p.attach_iter() for p in self._obj.programs() if p.autoload}
 
-    def read(self, netns_fd: int | None = None) -> list[SockFlags]:
+    def sockets(self, netns_fd: int | None = None) -> list[SockFlags]:
         """Every TCP and UDP socket of the namespace (default: our own)."""
         def walk() -> bytes:
-            return b"".join(libbpf.run_iterator(link) for link in self._links)
+            return (libbpf.run_iterator(self._links["ps_iter_tcp"])
+                    + libbpf.run_iterator(self._links["ps_iter_udp"]))
 
         raw = walk() if netns_fd is None else in_netns(netns_fd, walk)
         return decode(raw)
 
+    def holders(self) -> list[Holder]:
+        """Every IPv4/IPv6 socket held by a process, with the holder."""
+        return decode_holders(libbpf.run_iterator(self._links["ps_iter_task_file"]))
+
     def close(self) -> None:
-        for link in self._links:
+        for link in self._links.values():
             link.destroy()
-        self._links = []
+        self._links = {}
         if self._obj:
             self._obj.close()
             self._obj = None

@@ -1,0 +1,248 @@
+"""The kernel's bind rules, as one pure function: which existing sockets
+block a bind (or a listen) with given options, and under which rule.
+
+This mirrors the kernel's own checks rather than a table of cases:
+
+* TCP: ``inet_csk_get_port`` -> ``inet_csk_bind_conflict`` ->
+  ``inet_bind_conflict`` (the option and uid rules) and
+  ``inet_rcv_saddr_equal`` (the address overlap), net/ipv4/inet_connection_sock.c;
+* UDP: ``udp_lib_get_port`` -> ``udp_lib_lport_inuse``, net/ipv4/udp.c.
+  One kernel subtlety is not reproduced: UDP stops at the first overlapping
+  socket on the port's hash chain, so when one socket would admit the
+  newcomer through SO_REUSEPORT and another would refuse it, the chain order
+  (not visible from user space) decides. Every blocker is listed instead.
+
+Sockets only ever conflict within one network namespace and one protocol on
+one port; the caller passes those sockets only. The tests prove every
+verdict against the kernel by performing the bind for real.
+"""
+
+from __future__ import annotations
+
+import enum
+import ipaddress
+from dataclasses import dataclass
+from typing import Iterable
+
+TIME_WAIT = "TIME_WAIT"
+LISTEN = "LISTEN"
+NEW_SYN_RECV = "NEW_SYN_RECV"
+SYN_RECV = "SYN_RECV"
+
+
+@dataclass(frozen=True)
+class Sock:
+    """A socket as the bind rules see it. For the socket being bound, the
+    address and options are the ones of the call; ``listening`` is set when
+    the question is a listen() on an already bound socket."""
+
+    protocol: str  # tcp | udp
+    family: str  # ipv4 | ipv6
+    addr: str
+    port: int
+    state: str = "CLOSE"
+    reuseaddr: bool = False
+    reuseport: bool = False
+    v6only: bool = False
+    bound_dev_if: int = 0
+    uid: int = 0
+    in_group: bool = False  # already in a reuseport group (UDP rule)
+    key: object = None  # the caller's handle (inode, cookie ...), carried along
+
+    @property
+    def ip(self) -> ipaddress.IPv4Address | ipaddress.IPv6Address:
+        return ipaddress.ip_address(self.addr)
+
+
+class Rule(str, enum.Enum):
+    """Why the kernel's exemptions (SO_REUSEADDR, SO_REUSEPORT) do not apply."""
+
+    NO_REUSE = "no_reuse"  # neither option set on both sides
+    LISTENER = "listener"  # a listening socket: SO_REUSEADDR never shares with it
+    REUSEADDR_ONE_SIDE = "reuseaddr_one_side"  # set on one socket only
+    REUSEPORT_ONE_SIDE = "reuseport_one_side"  # set on one socket only
+    REUSEPORT_OTHER_UID = "reuseport_other_uid"  # both set, different owners
+    REUSEPORT_IN_GROUP = "reuseport_in_group"  # UDP: new socket already in a group
+    TIME_WAIT = "time_wait"  # a TIME_WAIT socket and the options do not match
+    EPHEMERAL = "ephemeral"  # port 0: the kernel never shares an automatically chosen port
+
+
+class Overlap(str, enum.Enum):
+    """How the two addresses overlap."""
+
+    SAME_ADDRESS = "same_address"
+    WILDCARD = "wildcard"  # one side is 0.0.0.0 or :: of the same family
+    DUAL_STACK = "dual_stack"  # an IPv6 :: without IPV6_V6ONLY covers IPv4
+
+
+@dataclass(frozen=True)
+class Blocker:
+    sock: Sock
+    rule: Rule
+    overlap: Overlap
+
+    def sentence(self) -> str:
+        return f"{RULE_TEXT[self.rule]}; {OVERLAP_TEXT[self.overlap]}"
+
+
+RULE_TEXT = {
+    Rule.NO_REUSE: "neither socket has SO_REUSEADDR or SO_REUSEPORT",
+    Rule.LISTENER: "the existing socket is listening: SO_REUSEADDR never shares a port with a "
+                   "listener (Linux, unlike BSD); only SO_REUSEPORT on both, same user, does",
+    Rule.REUSEADDR_ONE_SIDE: "SO_REUSEADDR is set on one socket only; both need it",
+    Rule.REUSEPORT_ONE_SIDE: "SO_REUSEPORT is set on one socket only; both need it",
+    Rule.REUSEPORT_OTHER_UID: "both have SO_REUSEPORT but different owners (uids); "
+                              "a reuseport group is for one user",
+    Rule.REUSEPORT_IN_GROUP: "the new socket is already in a reuseport group",
+    Rule.TIME_WAIT: "a TIME_WAIT socket holds the address; it only yields when both it "
+                    "and the new socket have SO_REUSEADDR, or both SO_REUSEPORT",
+    Rule.EPHEMERAL: "a port chosen by the kernel (port 0) is never shared with an "
+                    "overlapping socket, whatever the options",
+}
+OVERLAP_TEXT = {
+    Overlap.SAME_ADDRESS: "same address",
+    Overlap.WILDCARD: "a wildcard address covers the other",
+    Overlap.DUAL_STACK: "an IPv6 wildcard without IPV6_V6ONLY also covers IPv4",
+}
+
+
+# ---- address overlap: inet_rcv_saddr_equal(sk, sk2, match_wildcard=true) ----
+
+
+def _v4_part(s: Sock) -> int | None:
+    """sk_rcv_saddr as the kernel keeps it: the IPv4 address of an IPv4
+    socket or of a v4-mapped IPv6 one, 0 for ::, and for any other IPv6
+    address a placeholder that matches nothing (LOOPBACK4_IPV6)."""
+    ip = s.ip
+    if isinstance(ip, ipaddress.IPv4Address):
+        return int(ip)
+    if ip.ipv4_mapped is not None:
+        return int(ip.ipv4_mapped)
+    if ip == ipaddress.IPv6Address("::"):
+        return 0
+    return None
+
+
+def _v6_kind(s: Sock) -> str:
+    """ipv6_addr_type() reduced to what the rule uses: any, mapped, other."""
+    if s.family != "ipv6":
+        return "mapped"  # inet6_rcv_saddr(ipv4 sock) is NULL: treated as mapped
+    ip = s.ip
+    if ip == ipaddress.IPv6Address("::"):
+        return "any"
+    return "mapped" if ip.ipv4_mapped is not None else "other"
+
+
+def overlap(new: Sock, old: Sock) -> Overlap | None:
+    """How ``new``'s address overlaps ``old``'s, or None; ``new`` is the
+    socket being bound (the kernel's sk), ``old`` an existing one (sk2)."""
+    if new.family == "ipv4":
+        return _v4_overlap(_v4_part(new), _v4_part(old), old.v6only, old.family)
+    kind, kind2 = _v6_kind(new), _v6_kind(old)
+    if kind == "mapped" and kind2 == "mapped":
+        return _v4_overlap(_v4_part(new), _v4_part(old), old.v6only, old.family)
+    if kind == "any" and kind2 == "any":
+        return Overlap.SAME_ADDRESS
+    if kind2 == "any" and not (old.v6only and kind == "mapped"):
+        return Overlap.WILDCARD if kind == "other" else Overlap.DUAL_STACK
+    if kind == "any" and not (new.v6only and kind2 == "mapped"):
+        return Overlap.WILDCARD if kind2 == "other" else Overlap.DUAL_STACK
+    if old.family == "ipv6" and new.ip == old.ip:
+        return Overlap.SAME_ADDRESS
+    return None
+
+
+def _v4_overlap(a: int | None, b: int | None, b_v6only: bool, b_family: str) -> Overlap | None:
+    """ipv4_rcv_saddr_equal with both wildcards matching."""
+    if b_v6only or a is None or b is None:
+        return None
+    if a == b:
+        # 0.0.0.0 against an IPv6 :: is the dual-stack case.
+        return Overlap.DUAL_STACK if (a == 0 and b_family == "ipv6") else Overlap.SAME_ADDRESS
+    if a == 0 or b == 0:
+        return Overlap.DUAL_STACK if b_family == "ipv6" and b == 0 else Overlap.WILDCARD
+    return None
+
+
+def _devices_overlap(a: Sock, b: Sock) -> bool:
+    return not a.bound_dev_if or not b.bound_dev_if or a.bound_dev_if == b.bound_dev_if
+
+
+# ---- the option and uid rules ----------------------------------------------
+
+
+def tcp_rule(new: Sock, old: Sock) -> Rule | None:
+    """inet_bind_conflict() with relax=true, reuseport_ok=true (an explicit
+    port): the Rule that makes ``old`` block ``new``, or None."""
+    if new.reuseaddr and old.reuseaddr and old.state != LISTEN:
+        return None  # relaxed: SO_REUSEADDR on both, the old one not listening
+    reuseport_ok = new.reuseport and old.reuseport and (
+        old.state == TIME_WAIT or new.uid == old.uid)
+    if reuseport_ok:
+        return None
+    if old.state == TIME_WAIT:
+        return Rule.TIME_WAIT
+    if new.reuseport and old.reuseport:
+        return Rule.REUSEPORT_OTHER_UID
+    if old.state == LISTEN:
+        return Rule.LISTENER
+    return _one_sided(new, old)
+
+
+def udp_rule(new: Sock, old: Sock) -> Rule | None:
+    """udp_lib_lport_inuse(): SO_REUSEADDR on both shares the port outright;
+    otherwise SO_REUSEPORT on both with one owner, unless the new socket is
+    already in a group."""
+    if new.reuseaddr and old.reuseaddr:
+        return None
+    if new.reuseport and old.reuseport:
+        if new.in_group:
+            return Rule.REUSEPORT_IN_GROUP
+        return None if new.uid == old.uid else Rule.REUSEPORT_OTHER_UID
+    return _one_sided(new, old)
+
+
+def _one_sided(new: Sock, old: Sock) -> Rule:
+    if new.reuseaddr != old.reuseaddr:
+        return Rule.REUSEADDR_ONE_SIDE
+    if new.reuseport != old.reuseport:
+        return Rule.REUSEPORT_ONE_SIDE
+    return Rule.NO_REUSE
+
+
+# ---- the verdict -------------------------------------------------------------
+
+
+def _tcp_ephemeral_rule(new: Sock, old: Sock) -> Rule | None:
+    """inet_csk_find_open_port() checks with relax=false and
+    reuseport_ok=false: every overlapping socket blocks."""
+    return Rule.EPHEMERAL
+
+
+def blockers(new: Sock, existing: Iterable[Sock], ephemeral: bool = False) -> list[Blocker]:
+    """Every existing socket that makes the kernel refuse ``new``.
+
+    ``existing`` are the sockets of the same namespace, protocol and port;
+    the socket itself (for a listen() question) must not be among them.
+    ``ephemeral``: the port is one the kernel considers for a port-0 bind.
+    Request sockets (SYN_RECV) do not sit in the bind table and never block.
+    """
+    found = []
+    if new.protocol == "tcp":
+        rule_of = _tcp_ephemeral_rule if ephemeral else tcp_rule
+    else:
+        rule_of = udp_rule  # UDP picks a free port by the same rule (udp_lib_lport_inuse)
+    for old in existing:
+        if old.protocol != new.protocol or old.port != new.port:
+            continue
+        if old.state in (NEW_SYN_RECV, SYN_RECV):
+            continue
+        if not _devices_overlap(new, old):
+            continue
+        how = overlap(new, old)
+        if how is None:
+            continue
+        rule = rule_of(new, old)
+        if rule is not None:
+            found.append(Blocker(old, rule, how))
+    return found

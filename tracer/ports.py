@@ -1,0 +1,63 @@
+"""``portscope ports``: who holds what, in every network namespace."""
+
+from __future__ import annotations
+
+import argparse
+import json
+
+from .errors import ExitStatus
+from .inventory import Inventory, Socket, take
+
+HEADER = ("NETNS", "PROTO", "STATE", "LOCAL", "REMOTE", "QUEUE", "TIMER", "UID", "INODE",
+          "FLAGS", "OWNERS")
+
+
+def run(args: argparse.Namespace) -> ExitStatus:
+    protocols = ("tcp",) if args.tcp else ("udp",) if args.udp else ("tcp", "udp")
+    states = [s.upper() for s in args.state] if args.state else None
+    ports = args.ports or [None]
+    sockets: list[Socket] = []
+    inv = Inventory([])
+    for port in ports:
+        inv = take(port=port, protocols=protocols, states=states, netns=args.netns)
+        sockets.extend(inv.sockets)
+    sockets.sort(key=lambda s: (s.diag.netns, s.diag.local_port, s.diag.protocol, s.diag.state))
+    if args.json:
+        print(json.dumps({"sockets": [s.to_json() for s in sockets], "health": inv.health()}))
+    else:
+        _print_table(sockets)
+        _print_health(inv)
+    return ExitStatus.OK
+
+
+def row(s: Socket) -> tuple[str, ...]:
+    d = s.diag
+    proto = d.protocol + ("6" if d.family == "ipv6" else "4")
+    local = f"[{d.local_addr}]:{d.local_port}" if d.family == "ipv6" else f"{d.local_addr}:{d.local_port}"
+    remote = "*" if not d.remote_port else (
+        f"[{d.remote_addr}]:{d.remote_port}" if d.family == "ipv6" else f"{d.remote_addr}:{d.remote_port}")
+    # For a listener the queues are the accept queue and the backlog.
+    queue = f"{d.rqueue}/{d.wqueue}"
+    timer = f"{d.timer}:{d.timer_ms / 1000:.1f}s" if d.timer else "-"
+    flags = ",".join(sorted(s.options)) if s.flags else "?"
+    if s.flags and s.flags.group:
+        flags += f" group={s.flags.group:08x}/{s.flags.group_size}"
+        if s.flags.group_bpf_prog:
+            flags += "+bpf"
+    owners = " ".join(o.label() for o in s.owners) or "-"
+    return (str(d.netns), proto, d.state, local, remote, queue, timer, str(d.uid), str(d.inode),
+            flags or "-", owners)
+
+
+def _print_table(sockets: list[Socket]) -> None:
+    rows = [HEADER] + [row(s) for s in sockets]
+    widths = [max(len(r[i]) for r in rows) for i in range(len(HEADER) - 1)]
+    for r in rows:
+        print("  ".join(v.ljust(w) for v, w in zip(r, widths)) + "  " + r[-1])
+
+
+def _print_health(inv: Inventory) -> None:
+    h = inv.health()
+    gaps = [f"{v} {k.replace('_', ' ')}" for k, v in h.items() if k != "namespaces" and v]
+    tail = f"; could not see: {', '.join(gaps)}" if gaps else ""
+    print(f"\n{h['namespaces']} network namespace(s){tail}")
