@@ -8,6 +8,7 @@ meaningful exit code; ``--debug`` adds the traceback and libbpf's log.
 from __future__ import annotations
 
 import argparse
+import importlib
 import sys
 import traceback
 from typing import Callable, Sequence
@@ -207,11 +208,11 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _commands() -> dict[str, Callable[[argparse.Namespace], ExitStatus]]:
-    # Imported lazily: `portscope --help` must not pay for loading libbpf.
-    from . import doctor, ports, trace, why
-
-    return {"trace": trace.run, "doctor": doctor.run, "ports": ports.run, "why": why.run}
+def _command(name: str) -> Callable[[argparse.Namespace], ExitStatus]:
+    # Only the chosen command's module is imported: `trace` starts fast and
+    # needs nothing beyond libbpf, `--help` loads nothing at all.
+    module = importlib.import_module(f".{name}", __package__)
+    return module.run
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -221,7 +222,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser.print_help()
         return ExitStatus.USAGE
     try:
-        return int(_commands()[args.command](args))
+        return int(_command(args.command)(args))
     except PortscopeError as exc:
         if args.debug:
             traceback.print_exc()
