@@ -133,6 +133,9 @@ def build_parser() -> argparse.ArgumentParser:
     o = trace.add_argument_group("output")
     o.add_argument("--json", action="store_true",
                    help="one JSON object per line (keys documented in the README)")
+    o.add_argument("--no-explain", action="store_true",
+                   help="do not name the blocking sockets of each EADDRINUSE (by default "
+                        "the port's inventory is taken at the moment of the failure)")
     o.add_argument("--count", type=positive_int, metavar="N", help="stop after N events")
     o.add_argument("--duration", type=positive_float, metavar="SECONDS",
                    help="stop after this many seconds")

@@ -12,6 +12,7 @@ from typing import TextIO
 from .engine import Counters, Engine, EngineConfig, open_engine
 from .errors import ExitStatus
 from .events import CallEvent, Clock, decode
+from .onthespot import OnTheSpot
 from .plans import Plan
 
 POLL_MS = 100
@@ -60,17 +61,25 @@ def _columns(values: tuple[str, ...]) -> str:
 
 
 class Printer:
-    def __init__(self, out: TextIO, as_json: bool) -> None:
+    def __init__(self, out: TextIO, as_json: bool, explainer: OnTheSpot | None) -> None:
         self.out = out
         self.as_json = as_json
+        self.explainer = explainer
         if not as_json:
             print(header_line(), file=out)
 
     def emit(self, ev: CallEvent) -> None:
+        blockers = self.explainer.blockers(ev) if self.explainer else None
         if self.as_json:
-            self.out.write(json.dumps(ev.to_json(), separators=(",", ":")) + "\n")
+            doc = ev.to_json()
+            if blockers is not None:
+                doc["blockers"] = blockers.to_json()
+            self.out.write(json.dumps(doc, separators=(",", ":")) + "\n")
         else:
-            self.out.write(human_line(ev) + "\n")
+            line = human_line(ev)
+            if blockers is not None:
+                line += "\n    blocked by: " + blockers.text()
+            self.out.write(line + "\n")
 
 
 class StopSignal:
@@ -108,7 +117,8 @@ def _announce(engine: Engine) -> None:
 
 def _stream(engine: Engine, args: argparse.Namespace, out: TextIO, stop: StopSignal) -> ExitStatus:
     clock = Clock()
-    printer = Printer(out, args.json)
+    explainer = None if args.no_explain else OnTheSpot()
+    printer = Printer(out, args.json, explainer)
     out.flush()
     deadline = time.monotonic() + args.duration if args.duration else None
     shown = 0
@@ -144,6 +154,8 @@ def _stream(engine: Engine, args: argparse.Namespace, out: TextIO, stop: StopSig
         show(engine.drain())
     finally:
         out.flush()
+        if explainer:
+            explainer.close()
         final = engine.counters()
         _report_losses(final, reported)
         print(f"portscope: {shown} events shown, {final.lost} lost, "

@@ -180,3 +180,36 @@ def test_interrupt_right_after_a_burst_loses_nothing(tmp_path):
     events = [json.loads(line) for line in out_path.read_text().splitlines()]
     assert len(events) == failed, err
     assert f"{failed} events shown, 0 lost" in err
+
+
+HOLD = """
+import os, socket, sys, time
+port = int(sys.argv[1])
+a = socket.socket(); a.bind(("0.0.0.0", port)); a.listen()
+b = socket.socket(socket.AF_INET6)
+try:
+    b.bind(("::", port))
+except OSError:
+    pass
+print(os.getpid(), flush=True)
+time.sleep(3)  # keep the namespace and the listener while the tracer looks
+"""
+
+
+def test_each_eaddrinuse_names_its_blocker_on_the_spot():
+    port = random.randint(20000, 60000)
+    tracer = Tracer("--json", "--port", str(port))
+    holder = subprocess.Popen(["unshare", "-n", sys.executable, "-c", HOLD, str(port)],
+                              stdout=subprocess.PIPE, text=True)
+    try:
+        pid = int(holder.stdout.readline())
+        lines = tracer.lines(1)
+    finally:
+        holder.kill()
+        holder.wait()
+    tracer.interrupt()
+    event = json.loads(lines[0])
+    assert event["result"] == "EADDRINUSE"
+    # The same process holds the listener that refused its own second bind.
+    assert event["blockers"] == [{"pids": [pid], "comm": event["comm"], "state": "LISTEN",
+                                  "local": f"0.0.0.0:{port}", "rule": "listener"}]
