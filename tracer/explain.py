@@ -39,6 +39,7 @@ class Request:
     bound_dev_if: int = 0
     uid: int = 0
     listen: bool = False  # the question is listen() on a socket already bound there
+    self_inode: int = 0  # for listen(): the socket itself, which never blocks itself
 
     def sock(self) -> Sock:
         family = self.family or _family_of(self.addr)
@@ -141,7 +142,7 @@ def explain(request: Request, netns: str | None = None,
     new = request.sock()
     if request.port == 0:
         return _explain_ephemeral(request, new, inv, netns)
-    pairs = _rule_pairs(inv, new)
+    pairs = _rule_pairs(inv, new, request.self_inode)
     found = bindrules.blockers(new, [r for r, _ in pairs])
     by_key = {r.key: s for r, s in pairs}
     blockers = [(b, by_key[b.sock.key]) for b in found]
@@ -150,13 +151,15 @@ def explain(request: Request, netns: str | None = None,
     return Explanation(request, new, blockers, fixes, notes, inv)
 
 
-def _rule_pairs(inv: Inventory, new: Sock) -> list[tuple[Sock, Socket]]:
+def _rule_pairs(inv: Inventory, new: Sock, self_inode: int = 0) -> list[tuple[Sock, Socket]]:
     """The namespace's sockets on the port, as rule sockets. For a listen()
     question the socket itself is among them: it never blocks itself, and
     the kernel skips it (sk == sk2), so the first socket that looks exactly
     like the request and is not listening is left out."""
     pairs = [(as_rule_sock(s), s) for s in inv.sockets
              if s.diag.protocol == new.protocol and s.diag.local_port == new.port]
+    if self_inode:
+        return [(r, s) for r, s in pairs if s.diag.inode != self_inode]
     if new.state == "LISTEN":
         for i, (r, _) in enumerate(pairs):
             if r.state != "LISTEN" and r.addr == new.addr and r.family == new.family:

@@ -27,7 +27,7 @@ def iterators(root: None):
 def read_ns(iterators: SocketIterators, ns: Netns) -> list[SockFlags]:
     fd = os.open(ns.path, os.O_RDONLY | os.O_CLOEXEC)
     try:
-        return iterators.read(fd)
+        return iterators.sockets(fd)
     finally:
         os.close(fd)
 
