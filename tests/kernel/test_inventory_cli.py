@@ -1,0 +1,111 @@
+"""`portscope ports` and `portscope why` as a user runs them, against sockets
+made for real in a private namespace: owners (including a forked child
+sharing a socket), flags, queues, timers, verdicts and exit codes."""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import subprocess
+import sys
+from pathlib import Path
+
+from harness import Actor, Netns
+
+from tracer.owners import OwnerCache
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def portscope(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "tracer.cli", *args], cwd=REPO,
+                          capture_output=True, text=True, timeout=60)
+
+
+def ports_json(*args: str) -> list[dict]:
+    result = portscope("ports", "--json", *args)
+    assert result.returncode == 0, result.stderr
+    return json.loads(result.stdout)["sockets"]
+
+
+def test_ports_shows_every_holder_flags_and_queues(netns: Netns) -> None:
+    a, client = Actor(netns), Actor(netns)
+    port = random.randint(20000, 29999)
+    lfd = a.socket("tcp", reuseport=True)
+    bound = a.bind(lfd, "127.0.0.1", port)
+    a.listen(lfd, backlog=7)
+    keeper = a.fork_keep([lfd])  # parent and child now share the listener
+    for _ in range(2):  # two connections left in the accept queue
+        client.connect(client.socket("tcp"), "127.0.0.1", port)
+
+    sockets = ports_json(str(port), "--netns", netns.name, "--tcp")
+    listeners = [s for s in sockets if s["state"] == "LISTEN"]
+    assert len(listeners) == 1, sockets
+    lst = listeners[0]
+    assert lst["inode"] == bound.inode and lst["netns"] == netns.inode
+    assert sorted(o["pid"] for o in lst["owners"]) == sorted([a.pid, keeper])
+    assert lst["options"] == ["reuseport"] and lst["reuseport_group_size"] == 1
+    assert (lst["recv_q"], lst["send_q"]) == (2, 7), "accept-queue depth / backlog"
+    unaccepted = [s for s in sockets if s["state"] == "ESTABLISHED" and s["local"].endswith(f":{port}")]
+    assert len(unaccepted) == 2 and all(not s["owners"] for s in unaccepted)
+
+
+def test_ports_time_wait_has_its_timer(netns: Netns) -> None:
+    server, client = Actor(netns), Actor(netns)
+    port = random.randint(20000, 29999)
+    lfd = server.socket("tcp")
+    server.bind(lfd, "127.0.0.1", port)
+    server.listen(lfd)
+    cfd = client.socket("tcp")
+    client.connect(cfd, "127.0.0.1", port)
+    server.close(server.accept(lfd))
+    client.close(cfd)
+    server.wait_tcp_states(port, lambda states: "TIME_WAIT" in states)
+
+    tw = [s for s in ports_json(str(port), "--netns", netns.name, "--state", "time_wait")]
+    assert len(tw) == 1 and tw[0]["timer"] == "timewait"
+    assert 0 < tw[0]["timer_ms"] <= 60000
+
+
+def test_why_names_blocker_and_exit_codes(netns: Netns) -> None:
+    a = Actor(netns)
+    port = random.randint(20000, 29999)
+    lfd = a.socket("tcp")
+    a.bind(lfd, "0.0.0.0", port)
+    a.listen(lfd)
+
+    busy = portscope("why", str(port), "--addr", "127.0.0.1", "--netns", netns.name, "--json")
+    assert busy.returncode == 5, busy.stderr
+    answer = json.loads(busy.stdout)
+    assert answer["verdict"] == "conflict"
+    assert [b["pids"] for b in answer["blockers"]] == [[a.pid]]
+    assert answer["blockers"][0]["rule"] == "listener"
+    assert answer["blockers"][0]["overlap"] == "wildcard"
+
+    free = portscope("why", str(port + 1), "--netns", netns.name, "--json")
+    assert free.returncode == 0 and json.loads(free.stdout)["verdict"] == "free"
+
+    human = portscope("why", str(port), "--netns", netns.name)
+    assert "would FAIL with EADDRINUSE" in human.stdout and f"[{a.pid}]" in human.stdout
+
+
+def test_bad_inputs_are_one_sentence() -> None:
+    for args, words in [(("why", "99999"), "invalid port"),
+                        (("why", "80", "--addr", "not-an-ip"), "invalid address"),
+                        (("why", "80", "--user", "no-such-user-xyz"), "no user named"),
+                        (("why", "80", "--netns", "no-such-netns-xyz"), "no network namespace"),
+                        (("why", "80", "--device", "nodev0"), "no network device")]:
+        result = portscope(*args)
+        assert result.returncode == 2, (args, result.stderr)
+        assert words in result.stderr and "Traceback" not in result.stderr, result.stderr
+
+
+def test_vanished_process_is_counted_not_raised() -> None:
+    proc = subprocess.Popen(["true"])
+    proc.wait()  # reaped: its pid is gone
+    cache = OwnerCache()
+    owner = cache.get(proc.pid, "true")
+    assert not owner.readable and owner.comm == "true"
+    assert cache.unreadable == 1
+    assert cache.get(os.getpid(), "x").readable
