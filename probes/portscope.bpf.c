@@ -467,6 +467,23 @@ int BPF_KRETPROBE(ps_kretprobe_get_port, int ret)
 
 /* ---- socket iterators: every plan ----------------------------------------- */
 
+/* The local port the socket iterators report (0: every port). A map, not
+ * read-only data: the collector changes it between runs of the iterator. */
+struct {
+	__uint(type, BPF_MAP_TYPE_ARRAY);
+	__uint(max_entries, 1);
+	__type(key, __u32);
+	__type(value, __u16);
+} ps_iter_port SEC(".maps");
+
+static __always_inline bool iter_port_wanted(struct sock_common *skc)
+{
+	__u32 zero = 0;
+	__u16 *port = bpf_map_lookup_elem(&ps_iter_port, &zero);
+
+	return !port || !*port || BPF_CORE_READ(skc, skc_num) == *port;
+}
+
 /* Fill *info from a socket; false when it is not an IPv4/IPv6 socket. */
 static __always_inline bool fill_sockinfo(struct ps_sockinfo *info, struct sock_common *skc,
 					  __u8 protocol, uid_t uid)
@@ -511,7 +528,7 @@ static __always_inline void emit_sockinfo(struct seq_file *seq, struct sock_comm
 {
 	struct ps_sockinfo info = {};
 
-	if (fill_sockinfo(&info, skc, protocol, uid))
+	if (iter_port_wanted(skc) && fill_sockinfo(&info, skc, protocol, uid))
 		bpf_seq_write(seq, &info, sizeof(info));
 }
 
@@ -555,7 +572,7 @@ int ps_iter_task_file(struct bpf_iter__task_file *ctx)
 		return 0;
 	sock = BPF_CORE_READ(file, private_data);
 	sk = sock ? BPF_CORE_READ(sock, sk) : NULL;
-	if (!sk)
+	if (!sk || !iter_port_wanted(&sk->__sk_common))
 		return 0;
 	out.pid = BPF_CORE_READ(task, tgid);
 	out.fd = ctx->fd;

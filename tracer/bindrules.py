@@ -20,6 +20,7 @@ verdict against the kernel by performing the bind for real.
 from __future__ import annotations
 
 import enum
+import functools
 import ipaddress
 from dataclasses import dataclass
 from typing import Iterable
@@ -51,7 +52,13 @@ class Sock:
 
     @property
     def ip(self) -> ipaddress.IPv4Address | ipaddress.IPv6Address:
-        return ipaddress.ip_address(self.addr)
+        return _parse(self.addr)
+
+
+@functools.lru_cache(maxsize=65536)
+def _parse(addr: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address:
+    # Cached: a port with 100,000 TIME_WAIT sockets has a handful of addresses.
+    return ipaddress.ip_address(addr)
 
 
 class Rule(str, enum.Enum):
@@ -110,10 +117,15 @@ OVERLAP_TEXT = {
 
 
 def _v4_part(s: Sock) -> int | None:
+    return _v4_of(s.addr)
+
+
+@functools.lru_cache(maxsize=65536)
+def _v4_of(addr: str) -> int | None:
     """sk_rcv_saddr as the kernel keeps it: the IPv4 address of an IPv4
     socket or of a v4-mapped IPv6 one, 0 for ::, and for any other IPv6
     address a placeholder that matches nothing (LOOPBACK4_IPV6)."""
-    ip = s.ip
+    ip = _parse(addr)
     if isinstance(ip, ipaddress.IPv4Address):
         return int(ip)
     if ip.ipv4_mapped is not None:
@@ -127,7 +139,12 @@ def _v6_kind(s: Sock) -> str:
     """ipv6_addr_type() reduced to what the rule uses: any, mapped, other."""
     if s.family != "ipv6":
         return "mapped"  # inet6_rcv_saddr(ipv4 sock) is NULL: treated as mapped
-    ip = s.ip
+    return _v6_kind_of(s.addr)
+
+
+@functools.lru_cache(maxsize=65536)
+def _v6_kind_of(addr: str) -> str:
+    ip = _parse(addr)
     if ip == ipaddress.IPv6Address("::"):
         return "any"
     return "mapped" if ip.ipv4_mapped is not None else "other"

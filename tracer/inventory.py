@@ -124,7 +124,7 @@ def take(port: int | None = None, protocols: Iterable[str] = ("tcp", "udp"),
     owned_here = iterators is None
     its = iterators or SocketIterators()
     try:
-        holders = _holders_by_inode(its.holders())
+        holders = _holders_by_inode(its.holders(port))
         inv = Inventory(sockets=[], namespaces=len(refs), unreadable_processes=unreadable)
         owners = OwnerCache()
         for ref in refs:
@@ -154,7 +154,7 @@ def _take_one(ref: NetnsRef, port: int | None, protocols: tuple[str, ...],
     try:
         records = dump(fd, protocols, ("ipv4", "ipv6"), states, port)
         # After the dump: sock_diag gives every socket its cookie.
-        flags = {f.cookie: f for f in its.sockets(fd) if f.cookie}
+        flags = {f.cookie: f for f in its.sockets(fd, port) if f.cookie}
     finally:
         os.close(fd)
     for rec in records:

@@ -92,6 +92,7 @@ _SIGNATURES: dict[str, tuple[object, list[object]]] = {
     "bpf_map__value_size": (c_uint32, [c_void_p]),
     "bpf_map__initial_value": (c_void_p, [c_void_p, POINTER(c_size_t)]),
     "bpf_map_lookup_elem": (c_int, [c_int, c_void_p, c_void_p]),
+    "bpf_map_update_elem": (c_int, [c_int, c_void_p, c_void_p, c_uint64]),
     "bpf_map_lookup_batch": (
         c_int,
         [c_int, c_void_p, c_void_p, c_void_p, c_void_p, POINTER(c_uint32), POINTER(_BatchOpts)],
@@ -323,6 +324,9 @@ class Map:
                 return None
             raise OSError(err, f"lookup in map {self.name}: {os.strerror(err)}")
         return out.raw
+
+    def update(self, key: bytes, value: bytes) -> None:
+        _check_ret(lib().bpf_map_update_elem(self.fd, key, value, 0), f"update map {self.name}")
 
     def lookup_batch(self, value_size: int, chunk: int = 4096) -> Iterator[tuple[bytes, bytes]]:
         """Every (key, value) of a hash map, ``chunk`` elements per syscall."""

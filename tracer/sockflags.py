@@ -10,9 +10,11 @@ enters it (nsenter.in_netns).
 from __future__ import annotations
 
 import ctypes
+import functools
 import hashlib
 import os
 import socket
+import struct
 from dataclasses import dataclass
 
 from . import libbpf
@@ -83,30 +85,45 @@ def _offsets(raw: bytes, size: int) -> range:
 
 
 def _one(r: PsSockinfo) -> SockFlags:
-    family = socket.AF_INET6 if r.family == socket.AF_INET6 else socket.AF_INET
-    raw_addr = bytes(r.addr) if family == socket.AF_INET6 else bytes(r.addr)[:4]
     return SockFlags(
         netns=r.netns,
         protocol=PROTOCOLS.get(r.protocol, str(r.protocol)),
-        family=FAMILIES[family],
+        family=FAMILIES.get(r.family, str(r.family)),
         state=TCP_STATES.get(r.state, str(r.state)),
-        addr=socket.inet_ntop(family, raw_addr),
+        addr=_ntop(r.family, bytes(r.addr)),
         port=r.port,
         cookie=r.cookie,
         inode=r.inode,
         sock_uid=r.sock_uid,
-        options=frozenset(name for bit, name in OPTION_NAMES.items() if r.opts & bit),
+        options=_options(r.opts),
         bound_dev_if=r.bound_dev_if,
         group=_opaque(r.group_key),
         group_size=r.group_size,
-        group_bpf_prog=bool(r.group_flags & PsGroupFlag.BPF_PROG),
-        group_has_conns=bool(r.group_flags & PsGroupFlag.HAS_CONNS),
+        group_bpf_prog=bool(r.group_flags & _BPF_PROG),
+        group_has_conns=bool(r.group_flags & _HAS_CONNS),
     )
+
+
+# Cached: a busy port repeats a few addresses and option sets many times.
+_BPF_PROG, _HAS_CONNS = int(PsGroupFlag.BPF_PROG), int(PsGroupFlag.HAS_CONNS)
+
+
+@functools.lru_cache(maxsize=256)
+def _options(bits: int) -> frozenset[str]:
+    return frozenset(name for bit, name in OPTION_NAMES.items() if bits & bit)
+
+
+@functools.lru_cache(maxsize=65536)
+def _ntop(family: int, raw: bytes) -> str:
+    if family == socket.AF_INET6:
+        return socket.inet_ntop(socket.AF_INET6, raw)
+    return socket.inet_ntop(socket.AF_INET, raw[:4])
 
 
 _GROUP_SALT = os.urandom(8)
 
 
+@functools.lru_cache(maxsize=65536)
 def _opaque(key: int) -> int:
     """A stable, short id for a kernel address, which is not shown as such."""
     if not key:
@@ -128,9 +145,14 @@ class SocketIterators:
         self._obj: libbpf.BpfObject | None = load_programs(config, Plan.TRACEPOINT,
                                                            ITERATOR_PROGRAMS)
         self._links = {p.name: p.attach_iter() for p in self._obj.programs() if p.autoload}
+        self._port_map = self._obj.map("ps_iter_port")
 
-    def sockets(self, netns_fd: int | None = None) -> list[SockFlags]:
-        """Every TCP and UDP socket of the namespace (default: our own)."""
+    def sockets(self, netns_fd: int | None = None, port: int | None = None) -> list[SockFlags]:
+        """Every TCP and UDP socket of the namespace (default: our own), or
+        only those on local ``port`` (filtered in the kernel: the walk covers
+        the host's whole tables, 100,000s of TIME_WAIT sockets on a busy host)."""
+        self._set_port(port)
+
         def walk() -> bytes:
             return (libbpf.run_iterator(self._links["ps_iter_tcp"])
                     + libbpf.run_iterator(self._links["ps_iter_udp"]))
@@ -138,9 +160,14 @@ class SocketIterators:
         raw = walk() if netns_fd is None else in_netns(netns_fd, walk)
         return decode(raw)
 
-    def holders(self) -> list[Holder]:
-        """Every IPv4/IPv6 socket held by a process, with the holder."""
+    def holders(self, port: int | None = None) -> list[Holder]:
+        """Every IPv4/IPv6 socket held by a process (or only those on local
+        ``port``), with the holder."""
+        self._set_port(port)
         return decode_holders(libbpf.run_iterator(self._links["ps_iter_task_file"]))
+
+    def _set_port(self, port: int | None) -> None:
+        self._port_map.update(struct.pack("I", 0), struct.pack("H", port or 0))
 
     def close(self) -> None:
         for link in self._links.values():
