@@ -69,6 +69,16 @@ def run(args: argparse.Namespace) -> ExitStatus:
     return ExitStatus.OK if result.verdict == "free" else ExitStatus.CONFLICT
 
 
+def _grouped(blockers: list[dict]) -> list[list[dict]]:
+    """Blockers that differ only by their peer (thousands of TIME_WAIT
+    sockets on one port) are shown as one line with a count."""
+    groups: dict[tuple, list[dict]] = {}
+    for b in blockers:
+        key = (b["state"], b["local"], b["uid"], tuple(b["options"]), tuple(b["pids"]), b["why"])
+        groups.setdefault(key, []).append(b)
+    return list(groups.values())
+
+
 def render(e: Explanation) -> str:
     req = e.to_json()["request"]
     opts = ", ".join(req["options"]) or "no options"
@@ -79,11 +89,18 @@ def render(e: Explanation) -> str:
         lo, hi = e.ephemeral["range"]
         lines.append(f"  ephemeral range {lo}-{hi}: {e.ephemeral['free']} port(s) free, "
                      f"{e.ephemeral['in_use']} in use, {e.ephemeral['reserved']} reserved")
-    for b in e.to_json()["blockers"]:
-        owners = ", ".join(f"{o['comm']}[{o['pid']}]" for o in b["owners"]) or "no process"
-        lines.append(f"\n  blocked by {b['state']} {b['local']}"
-                     + (f" <-> {b['remote']}" if b["state"] not in ("LISTEN", "CLOSE") else "")
-                     + f"  uid {b['uid']}  options [{', '.join(b['options']) or '-'}]  held by {owners}")
+    for group in _grouped(e.to_json()["blockers"]):
+        b, count = group[0], len(group)
+        owners = ", ".join(f"{o['comm']}[{o['pid']}]" for o in b["owners"]) or (
+            "no process (TIME_WAIT outlives its socket)" if b["state"] == "TIME_WAIT"
+            else "no visible process")
+        many = f"{count} x " if count > 1 else ""
+        peers = ""
+        if b["state"] not in ("LISTEN", "CLOSE"):
+            remotes = [g["remote"] for g in group]
+            peers = " <-> " + ", ".join(remotes[:3]) + (f" and {count - 3} more" if count > 3 else "")
+        lines.append(f"\n  blocked by {many}{b['state']} {b['local']}{peers}  uid {b['uid']}  "
+                     f"options [{', '.join(b['options']) or '-'}]  held by {owners}")
         lines.append(f"    rule: {b['why']}")
     if e.fixes:
         lines.append("\n  what would work:")
