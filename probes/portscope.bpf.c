@@ -30,6 +30,7 @@
 #define EINPROGRESS 115
 #define IPPROTO_TCP 6
 #define IPPROTO_UDP 17
+#define TCP_FIN_WAIT1 4
 #define TCP_TIME_WAIT 6
 #define TCP_NEW_SYN_RECV 12
 
@@ -49,6 +50,8 @@ struct ps_btf_anchor {
 	enum ps_counter counter;
 	struct ps_sockinfo sockinfo;
 	struct ps_fileinfo fileinfo;
+	struct ps_conn_key conn_key;
+	struct ps_closer closer;
 	enum ps_group_flag group_flag;
 };
 const struct ps_btf_anchor *ps_btf_anchor __attribute__((unused));
@@ -581,5 +584,50 @@ int ps_iter_task_file(struct bpf_iter__task_file *ctx)
 			   BPF_CORE_READ(sk, sk_uid.val)))
 		return 0;
 	bpf_seq_write(ctx->meta->seq, &out, sizeof(out));
+	return 0;
+}
+
+/* ---- who closed first: every plan ------------------------------------------ */
+
+struct {
+	__uint(type, BPF_MAP_TYPE_LRU_HASH);
+	__uint(max_entries, 131072); /* resized by the collector before load */
+	__type(key, struct ps_conn_key);
+	__type(value, struct ps_closer);
+} ps_closers SEC(".maps");
+
+/* An active close (the side that will hold the TIME_WAIT) starts with the
+ * move to FIN_WAIT1, in the context of the task that closed: remember it.
+ * Every TCP state change passes here, so anything else returns at once. */
+SEC("tracepoint/sock/inet_sock_set_state")
+int ps_state_change(struct trace_event_raw_inet_sock_set_state *ctx)
+{
+	struct ps_conn_key key = {};
+	struct ps_closer who = {};
+	__u64 id;
+
+	if (ctx->newstate != TCP_FIN_WAIT1 || ctx->protocol != IPPROTO_TCP)
+		return 0;
+	key.netns = BPF_CORE_READ((struct sock *)ctx->skaddr, __sk_common.skc_net.net, ns.inum);
+	key.sport = ctx->sport;
+	key.dport = ctx->dport;
+	key.family = ctx->family;
+	/* Copied with a helper: the verifier allows only fixed-offset loads
+	 * from a tracepoint context, not a memcpy through a moved pointer. */
+	if (ctx->family == AF_INET6) {
+		bpf_probe_read_kernel(key.saddr, PS_ADDR_LEN, ctx->saddr_v6);
+		bpf_probe_read_kernel(key.daddr, PS_ADDR_LEN, ctx->daddr_v6);
+	} else {
+		bpf_probe_read_kernel(key.saddr, 4, ctx->saddr);
+		bpf_probe_read_kernel(key.daddr, 4, ctx->daddr);
+	}
+	id = bpf_get_current_pid_tgid();
+	who.ts_ns = bpf_ktime_get_boot_ns();
+	who.cgroup_id = bpf_get_current_cgroup_id();
+	who.pid = id >> 32;
+	who.uid = (__u32)bpf_get_current_uid_gid();
+	who.from_state = ctx->oldstate;
+	bpf_get_current_comm(who.comm, sizeof(who.comm));
+	bpf_map_update_elem(&ps_closers, &key, &who, BPF_ANY);
 	return 0;
 }

@@ -122,6 +122,30 @@ enum ps_group_flag {
 	PS_GROUP_HAS_CONNS = 1 << 1,    /* a connected UDP socket is in the group */
 };
 
+/* A TCP connection, as the kernel's inet_sock_set_state tracepoint and
+ * sock_diag both describe it: the key of the closers map. */
+struct ps_conn_key {
+	__u32 netns;
+	__u16 sport;            /* host order */
+	__u16 dport;            /* host order */
+	__u8 family;
+	__u8 pad[3];
+	__u8 saddr[PS_ADDR_LEN];
+	__u8 daddr[PS_ADDR_LEN];
+};
+
+/* Who closed a connection first (the side that goes to TIME_WAIT), kept
+ * in the kernel so that it outlives the process. */
+struct ps_closer {
+	__u64 ts_ns;            /* bpf_ktime_get_boot_ns() at the close */
+	__u64 cgroup_id;
+	__u32 pid;
+	__u32 uid;
+	__u8 from_state;        /* TCP state before the close */
+	__u8 pad[7];
+	char comm[PS_COMM_LEN];
+};
+
 /* Read-only configuration, set by the collector between open and load. */
 struct ps_config {
 	__u32 target_tgid;      /* 0: every process */

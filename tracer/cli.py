@@ -200,6 +200,33 @@ def build_parser() -> argparse.ArgumentParser:
     why.add_argument("--json", action="store_true", help='{"verdict": "free"|"conflict", '
                      '"blockers": [...], "fixes": [...]}')
 
+    timewait = sub.add_parser(
+        "timewait",
+        help="TIME_WAIT sockets: by port, remote or the process that closed them; "
+             "ephemeral-port pressure",
+        description="Group the TIME_WAIT sockets by local port, remote endpoint, or the "
+                    "process that closed the connection first (known for connections closed "
+                    "while a portscope collector was running: trace, record, or timewait "
+                    "--watch), with the time they have left; and show, per source address "
+                    "and destination, how much of ip_local_port_range is in use, since that "
+                    "is what makes connect() fail with EADDRNOTAVAIL.",
+        epilog="examples:\n"
+               "  portscope timewait                 every TIME_WAIT socket, by local port\n"
+               "  portscope timewait 443 --by remote who we talked to on 443\n"
+               "  portscope timewait --by process --watch\n",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    timewait.add_argument("port", nargs="?", type=port_number, metavar="PORT",
+                          help="only TIME_WAIT sockets on this local port")
+    timewait.add_argument("--by", choices=("port", "remote", "process"), default="port",
+                          help="how to group (default: port)")
+    timewait.add_argument("--netns", metavar="NS", help="one network namespace (default: all)")
+    timewait.add_argument("--watch", action="store_true",
+                          help="record closes while running and refresh (Ctrl-C to stop)")
+    timewait.add_argument("--interval", type=positive_float, default=1.0, metavar="SECONDS",
+                          help="refresh interval with --watch (default 1)")
+    timewait.add_argument("--json", action="store_true", help="machine-readable output")
+
     doctor = sub.add_parser(
         "doctor",
         help="what this kernel allows, and which probe plan portscope picks",

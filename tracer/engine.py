@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
-from . import libbpf
+from . import closers, libbpf
 from .errors import (
     NoBTF,
     ObjectInvalid,
@@ -28,6 +28,7 @@ from .errors import (
     Unsupported,
     VerifierRejected,
 )
+from .events import Clock
 from .layout import PsConfig, PsCounter, PsEvent
 from .plans import PLAN_PROGRAMS, PREFERENCE, KernelFacts, Plan, kernel_facts
 
@@ -47,6 +48,9 @@ class EngineConfig:
     pid: int = 0  # 0: every process
     port: int = 0  # 0: every port
     ring_bytes: int = DEFAULT_RING_BYTES
+    # Connections whose closer is remembered (an LRU map, preallocated:
+    # about 150 bytes each, so 10 MiB by default).
+    closer_entries: int = 65536
     btf_path: str | None = None  # a BTF file for kernels that expose none
     object_path: Path = field(default_factory=object_path)
 
@@ -82,6 +86,8 @@ class Engine:
         self._ring: libbpf.RingBuffer | None = None
         self._pending: list[bytes] = []
         self._ring = libbpf.RingBuffer(obj.map("ps_events"), self._pending.append)
+        self._closers = obj.map("ps_closers")
+        self._closers_pin = closers.publish(self._closers)
 
     def poll(self, timeout_ms: int = 100) -> list[bytes]:
         """Raw ps_event records that arrived within ``timeout_ms``."""
@@ -108,7 +114,14 @@ class Engine:
             inflight_full=values[PsCounter.INFLIGHT_FULL],
         )
 
+    def closers(self) -> dict[closers.ConnKey, closers.Closer]:
+        """The closes this engine recorded (also readable by other processes
+        through the pinned map: closers.read_pinned)."""
+        return closers.read_fd(self._closers.fd, Clock())
+
     def close(self) -> None:
+        if self._obj:
+            closers.withdraw(self._closers, self._closers_pin)
         for link in self._links:
             link.destroy()
         self._links = []
@@ -240,6 +253,7 @@ def _check_btf_file(path: str) -> None:
 def _configure(obj: libbpf.BpfObject, config: EngineConfig, plan: Plan) -> None:
     ring = obj.map("ps_events")
     ring.set_max_entries(_ring_size(config.ring_bytes))
+    obj.map("ps_closers").set_max_entries(config.closer_entries)
     cfg = PsConfig(
         target_tgid=config.pid,
         target_port=config.port,

@@ -91,6 +91,36 @@ class PsFileinfo(ctypes.Structure):
 _check(PsFileinfo, 88, {"pid": 0, "fd": 4, "comm": 8, "sock": 24})
 
 
+class PsConnKey(ctypes.Structure):
+    _fields_ = [
+        ("netns", ctypes.c_uint32),
+        ("sport", ctypes.c_uint16),
+        ("dport", ctypes.c_uint16),
+        ("family", ctypes.c_uint8),
+        ("pad", ctypes.c_uint8 * 3),
+        ("saddr", ctypes.c_uint8 * 16),
+        ("daddr", ctypes.c_uint8 * 16),
+    ]
+
+
+_check(PsConnKey, 44, {"netns": 0, "sport": 4, "dport": 6, "family": 8, "pad": 9, "saddr": 12, "daddr": 28})
+
+
+class PsCloser(ctypes.Structure):
+    _fields_ = [
+        ("ts_ns", ctypes.c_uint64),
+        ("cgroup_id", ctypes.c_uint64),
+        ("pid", ctypes.c_uint32),
+        ("uid", ctypes.c_uint32),
+        ("from_state", ctypes.c_uint8),
+        ("pad", ctypes.c_uint8 * 7),
+        ("comm", ctypes.c_char * 16),
+    ]
+
+
+_check(PsCloser, 48, {"ts_ns": 0, "cgroup_id": 8, "pid": 16, "uid": 20, "from_state": 24, "pad": 25, "comm": 32})
+
+
 class PsKind(enum.IntEnum):
     BIND = 1
     LISTEN = 2

@@ -91,6 +91,9 @@ _SIGNATURES: dict[str, tuple[object, list[object]]] = {
     "bpf_map__key_size": (c_uint32, [c_void_p]),
     "bpf_map__value_size": (c_uint32, [c_void_p]),
     "bpf_map__initial_value": (c_void_p, [c_void_p, POINTER(c_size_t)]),
+    "bpf_map__pin": (c_int, [c_void_p, c_char_p]),
+    "bpf_map__unpin": (c_int, [c_void_p, c_char_p]),
+    "bpf_obj_get": (c_int, [c_char_p]),
     "bpf_map_lookup_elem": (c_int, [c_int, c_void_p, c_void_p]),
     "bpf_map_update_elem": (c_int, [c_int, c_void_p, c_void_p, c_uint64]),
     "bpf_map_lookup_batch": (
@@ -325,33 +328,50 @@ class Map:
             raise OSError(err, f"lookup in map {self.name}: {os.strerror(err)}")
         return out.raw
 
+    def pin(self, path: str) -> None:
+        """Keep the map reachable at ``path`` in bpffs (for other processes)."""
+        _check_ret(lib().bpf_map__pin(self.ptr, path.encode()), f"pin map {self.name} at {path}")
+
+    def unpin(self, path: str) -> None:
+        _check_ret(lib().bpf_map__unpin(self.ptr, path.encode()), f"unpin map {self.name}")
+
     def update(self, key: bytes, value: bytes) -> None:
         _check_ret(lib().bpf_map_update_elem(self.fd, key, value, 0), f"update map {self.name}")
 
     def lookup_batch(self, value_size: int, chunk: int = 4096) -> Iterator[tuple[bytes, bytes]]:
         """Every (key, value) of a hash map, ``chunk`` elements per syscall."""
-        ksz = self.key_size
-        keys = ctypes.create_string_buffer(ksz * chunk)
-        values = ctypes.create_string_buffer(value_size * chunk)
-        token = ctypes.create_string_buffer(max(ksz, 8))
-        opts = _BatchOpts(sz=ctypes.sizeof(_BatchOpts))
-        in_batch = None
-        while True:
-            count = c_uint32(chunk)
-            ret = lib().bpf_map_lookup_batch(
-                self.fd, in_batch, token, keys, values, ctypes.byref(count), ctypes.byref(opts)
+        return lookup_batch(self.fd, self.key_size, value_size, self.name, chunk)
+
+
+def open_pinned(path: str) -> int:
+    """An fd on a map pinned in bpffs (close it with os.close)."""
+    return _check_ret(lib().bpf_obj_get(path.encode()), f"open pinned map {path}")
+
+
+def lookup_batch(fd: int, key_size: int, value_size: int, name: str,
+                 chunk: int = 4096) -> Iterator[tuple[bytes, bytes]]:
+    """Every (key, value) of the map open on ``fd``, ``chunk`` per syscall."""
+    keys = ctypes.create_string_buffer(key_size * chunk)
+    values = ctypes.create_string_buffer(value_size * chunk)
+    token = ctypes.create_string_buffer(max(key_size, 8))
+    opts = _BatchOpts(sz=ctypes.sizeof(_BatchOpts))
+    in_batch = None
+    while True:
+        count = c_uint32(chunk)
+        ret = lib().bpf_map_lookup_batch(
+            fd, in_batch, token, keys, values, ctypes.byref(count), ctypes.byref(opts)
+        )
+        err = -ret if ret < 0 else 0
+        if ret < 0 and err != 2:  # ENOENT marks the last batch
+            raise OSError(err, f"batch lookup in map {name}: {os.strerror(err)}")
+        for i in range(count.value):
+            yield (
+                keys.raw[i * key_size : (i + 1) * key_size],
+                values.raw[i * value_size : (i + 1) * value_size],
             )
-            err = -ret if ret < 0 else 0
-            if ret < 0 and err != 2:  # ENOENT marks the last batch
-                raise OSError(err, f"batch lookup in map {self.name}: {os.strerror(err)}")
-            for i in range(count.value):
-                yield (
-                    keys.raw[i * ksz : (i + 1) * ksz],
-                    values.raw[i * value_size : (i + 1) * value_size],
-                )
-            if ret < 0:
-                return
-            in_batch = token
+        if ret < 0:
+            return
+        in_batch = token
 
 
 class BpfObject:
@@ -554,6 +574,8 @@ __all__ = [
     "Program",
     "RingBuffer",
     "possible_cpus",
+    "lookup_batch",
+    "open_pinned",
     "run_iterator",
     "take_log",
     "version",

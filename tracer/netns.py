@@ -17,6 +17,7 @@ import os
 from dataclasses import dataclass
 from typing import Iterable
 
+from .nsenter import in_netns
 from .sockdiag import SockRecord, dump
 
 PROC = "/proc"
@@ -152,3 +153,41 @@ def dump_all(port: int | None = None, protocols: Iterable[str] = ("tcp", "udp"),
     for ref in scan.namespaces:
         records.extend(dump_in(ref, protocols, families, states, port) or ())
     return records
+
+
+@dataclass(frozen=True, slots=True)
+class PortRange:
+    """net.ipv4.ip_local_port_range and ip_local_reserved_ports of a namespace."""
+
+    low: int
+    high: int
+    reserved: frozenset[int]  # reserved ports inside [low, high]
+
+    @property
+    def usable(self) -> int:
+        return self.high - self.low + 1 - len(self.reserved)
+
+
+def port_range(ref: NetnsRef | None = None) -> PortRange | None:
+    """The namespace's ephemeral range (default: our own); None if it is gone.
+    /proc/sys/net shows the namespace of the reading thread, hence in_netns."""
+    if ref is None:
+        return _read_port_range()
+    fd = open_netns(ref)
+    if fd is None:
+        return None
+    try:
+        return in_netns(fd, _read_port_range)
+    finally:
+        os.close(fd)
+
+
+def _read_port_range() -> PortRange:
+    with open("/proc/sys/net/ipv4/ip_local_port_range") as f:
+        low, high = map(int, f.read().split())
+    reserved: set[int] = set()
+    with open("/proc/sys/net/ipv4/ip_local_reserved_ports") as f:
+        for part in filter(None, f.read().strip().split(",")):
+            lo, _, hi = part.partition("-")
+            reserved.update(range(max(int(lo), low), min(int(hi or lo), high) + 1))
+    return PortRange(low, high, frozenset(reserved))

@@ -1,0 +1,128 @@
+"""Who closed each TCP connection first: the kernel-side ``ps_closers`` map.
+
+Every running collector (trace, and the commands built on the engine)
+records active closes in its own LRU map and pins it in bpffs as
+``/sys/fs/bpf/portscope/closers-PID``, so that ``portscope timewait`` — a
+separate, short-lived process — can attribute TIME_WAIT sockets to the
+process that left them, even after that process exited. The pin goes when
+its collector stops; pins left by a collector that died are removed by the
+next one (their programs are gone, so they would only hold memory).
+"""
+
+from __future__ import annotations
+
+import ctypes
+import glob
+import os
+import socket
+import subprocess
+from dataclasses import dataclass
+
+from . import libbpf
+from .events import Clock
+from .layout import PsCloser, PsConnKey
+
+PIN_DIR = "/sys/fs/bpf/portscope"
+BPFFS = "/sys/fs/bpf"
+
+ConnKey = tuple[int, str, str, int, str, int]  # netns, family, laddr, lport, raddr, rport
+
+TCP_STATES = {1: "ESTABLISHED", 3: "SYN_RECV", 8: "CLOSE_WAIT"}
+
+
+@dataclass(frozen=True, slots=True)
+class Closer:
+    pid: int
+    uid: int
+    comm: str
+    cgroup_id: int
+    time: float  # wall clock of the close
+    from_state: str
+
+    def to_json(self) -> dict[str, object]:
+        return {"pid": self.pid, "uid": self.uid, "comm": self.comm,
+                "cgroup_id": self.cgroup_id, "time": self.time, "from_state": self.from_state}
+
+
+def pin_path(pid: int | None = None) -> str:
+    return f"{PIN_DIR}/closers-{pid or os.getpid()}"
+
+
+def publish(closers: libbpf.Map) -> str | None:
+    """Pin our map for other portscope processes; None if bpffs is not to be
+    had (attribution then works only inside this process)."""
+    if not _bpffs_ready():
+        return None
+    _prune_dead()
+    path = pin_path()
+    try:
+        closers.pin(path)
+    except OSError:
+        return None
+    return path
+
+
+def withdraw(closers: libbpf.Map, path: str | None) -> None:
+    if path:
+        try:
+            closers.unpin(path)
+        except OSError:
+            pass
+
+
+def _bpffs_ready() -> bool:
+    if not os.path.ismount(BPFFS):
+        subprocess.run(["mount", "-t", "bpf", "bpf", BPFFS], capture_output=True)
+    if not os.path.ismount(BPFFS):
+        return False
+    os.makedirs(PIN_DIR, mode=0o700, exist_ok=True)
+    return True
+
+
+def _prune_dead() -> None:
+    for path in glob.glob(f"{PIN_DIR}/closers-*"):
+        pid = path.rsplit("-", 1)[-1]
+        if pid.isdigit() and not os.path.exists(f"/proc/{pid}"):
+            try:
+                os.unlink(path)
+            except OSError:
+                pass
+
+
+def read_pinned(clock: Clock | None = None) -> tuple[dict[ConnKey, Closer], int]:
+    """Every close recorded by every running collector, and how many
+    collectors that is (0: nobody was watching, attribution unknown)."""
+    clock = clock or Clock()
+    found: dict[ConnKey, Closer] = {}
+    sources = 0
+    for path in sorted(glob.glob(f"{PIN_DIR}/closers-*")):
+        try:
+            fd = libbpf.open_pinned(path)
+        except OSError:
+            continue
+        sources += 1
+        try:
+            found.update(read_fd(fd, clock))
+        finally:
+            os.close(fd)
+    return found, sources
+
+
+def read_fd(fd: int, clock: Clock) -> dict[ConnKey, Closer]:
+    ksz, vsz = ctypes.sizeof(PsConnKey), ctypes.sizeof(PsCloser)
+    out: dict[ConnKey, Closer] = {}
+    for kraw, vraw in libbpf.lookup_batch(fd, ksz, vsz, "ps_closers"):
+        k, v = PsConnKey.from_buffer_copy(kraw), PsCloser.from_buffer_copy(vraw)
+        out[conn_key(k)] = Closer(v.pid, v.uid, v.comm.decode(errors="replace"), v.cgroup_id,
+                                  clock.wall(v.ts_ns), TCP_STATES.get(v.from_state,
+                                                                      str(v.from_state)))
+    return out
+
+
+def conn_key(k: PsConnKey) -> ConnKey:
+    if k.family == socket.AF_INET6:
+        fam, size, name = socket.AF_INET6, 16, "ipv6"
+    else:
+        fam, size, name = socket.AF_INET, 4, "ipv4"
+    return (k.netns, name, socket.inet_ntop(fam, bytes(k.saddr)[:size]), k.sport,
+            socket.inet_ntop(fam, bytes(k.daddr)[:size]), k.dport)
