@@ -12,6 +12,20 @@ This mirrors the kernel's own checks rather than a table of cases:
   newcomer through SO_REUSEPORT and another would refuse it, the chain order
   (not visible from user space) decides. Every blocker is listed instead.
 
+A second subtlety is TCP's SO_REUSEPORT fast path (``sk_reuseport_match``).
+Each port's bind bucket caches the uid and address of the last SO_REUSEPORT
+socket that got the port (``tb->fastuid``, ``fast_rcv_saddr``, set by
+``inet_csk_update_fastreuse`` when it did not match the cache, and kept until
+a socket without SO_REUSEPORT binds the port or the bucket empties). A new
+SO_REUSEPORT socket of that uid whose address the cached one covers is
+accepted with no conflict check at all, even when another socket on the port
+would refuse it (one admitted through SO_REUSEADDR, a TIME_WAIT socket).
+Which socket set the cache depends on the order of earlier binds and
+listens, and it may have closed since: two namespaces with the same sockets
+can answer differently (the kernel tests show it). The verdict here is the
+full check; :func:`fast_path_candidates` names the live sockets that could
+have set the cache, so that the explainer can say the kernel might accept.
+
 Sockets only ever conflict within one network namespace and one protocol on
 one port; the caller passes those sockets only. The tests prove every
 verdict against the kernel by performing the bind for real.
@@ -103,8 +117,8 @@ RULE_TEXT = {
     Rule.REUSEPORT_IN_GROUP: "the new socket is already in a reuseport group",
     Rule.TIME_WAIT: "a TIME_WAIT socket holds the address; it only yields when both it "
                     "and the new socket have SO_REUSEADDR, or both SO_REUSEPORT",
-    Rule.EPHEMERAL: "a port chosen by the kernel (port 0) is never shared with an "
-                    "overlapping socket, whatever the options",
+    Rule.EPHEMERAL: "a port chosen by the kernel (port 0): TCP never shares it with an "
+                    "overlapping socket, whatever the options; UDP shares it by its usual rules",
 }
 OVERLAP_TEXT = {
     Overlap.SAME_ADDRESS: "same address",
@@ -225,6 +239,24 @@ def _one_sided(new: Sock, old: Sock) -> Rule:
     if new.reuseport != old.reuseport:
         return Rule.REUSEPORT_ONE_SIDE
     return Rule.NO_REUSE
+
+
+def fast_path_candidates(new: Sock, existing: Iterable[Sock]) -> list[Sock]:
+    """Live sockets that, had they been the last SO_REUSEPORT socket to get
+    the port, would make sk_reuseport_match() accept ``new`` unchecked: TCP,
+    an explicit port, SO_REUSEPORT on both, the same uid, and an address
+    that covers the new one (the same, or a wildcard that overlaps it)."""
+    if new.protocol != "tcp" or not new.port or not new.reuseport or new.in_group:
+        return []
+    out = []
+    for old in existing:
+        if old.protocol != "tcp" or old.port != new.port or not old.reuseport \
+                or old.uid != new.uid or old.state in (TIME_WAIT, NEW_SYN_RECV, SYN_RECV):
+            continue
+        how = overlap(new, old)
+        if how == Overlap.SAME_ADDRESS or (how is not None and old.ip.is_unspecified):
+            out.append(old)
+    return out
 
 
 # ---- the verdict -------------------------------------------------------------

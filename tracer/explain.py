@@ -17,8 +17,7 @@ from . import bindrules
 from .bindrules import Blocker, Rule, Sock
 from .errors import UsageError
 from .inventory import Inventory, Socket, select_namespaces, take
-from .netns import open_netns
-from .nsenter import in_netns
+from .netns import port_range
 
 WILDCARDS = {"ipv4": "0.0.0.0", "ipv6": "::"}
 # Stand-ins for "some specific address the blockers do not use" (TEST-NET).
@@ -147,6 +146,8 @@ def explain(request: Request, netns: str | None = None,
     by_key = {r.key: s for r, s in pairs}
     blockers = [(b, by_key[b.sock.key]) for b in found]
     fixes, notes = _fixes(new, [r for r, _ in pairs], blockers)
+    if blockers:
+        notes += _fast_path_notes(new, pairs)
     notes += _inventory_notes(inv)
     return Explanation(request, new, blockers, fixes, notes, inv)
 
@@ -205,6 +206,23 @@ def _fixes(new: Sock, existing: list[Sock],
         fixes.append(f"wait {wait / 1000:.0f} s for the TIME_WAIT sockets to expire")
     fixes.extend(_holder_fixes(blockers))
     return fixes, notes
+
+
+def _fast_path_notes(new: Sock, pairs: list[tuple[Sock, Socket]]) -> list[str]:
+    """The kernel's SO_REUSEPORT fast path may accept what the full check
+    refuses (see tracer.bindrules): say so when a live socket could have
+    set the port's cache."""
+    by_key = {r.key: s for r, s in pairs}
+    candidates = bindrules.fast_path_candidates(new, [r for r, _ in pairs])
+    if not candidates:
+        return []
+    where = ", ".join(
+        f"{_endpoint(c.family, c.addr, c.port)} (inode {by_key[c.key].diag.inode})"
+        for c in candidates)
+    return [f"the kernel may still accept this bind: it skips the conflict check for a "
+            f"SO_REUSEPORT socket of uid {new.uid} when the last SO_REUSEPORT socket that got "
+            f"the port was of that uid and covered this address, as {where} does; which "
+            "socket that was depends on the order of earlier binds, which cannot be seen"]
 
 
 def _option_changes(new: Sock) -> list[tuple[dict[str, object], str]]:
@@ -267,7 +285,11 @@ def _explain_ephemeral(request: Request, new: Sock, inv: Inventory, netns: str) 
     overlaps at all: neither SO_REUSEADDR nor SO_REUSEPORT lets the kernel
     share an ephemeral port (relax=false, reuseport_ok=false in
     inet_csk_find_open_port; UDP applies its usual rule)."""
-    low, high, reserved = _port_range(netns)
+    refs, _ = select_namespaces(netns)
+    rng = port_range(refs[0]) if refs else None
+    if rng is None:
+        raise UsageError(f"the network namespace {netns!r} is gone")
+    low, high, reserved = rng.low, rng.high, rng.reserved
     taken: dict[int, list[Sock]] = {}
     for s in inv.sockets:
         r = as_rule_sock(s)
@@ -287,33 +309,3 @@ def _explain_ephemeral(request: Request, new: Sock, inv: Inventory, netns: str) 
     fixes = [] if free else ["widen net.ipv4.ip_local_port_range, or close sockets that hold "
                              "ports in it (see portscope timewait)"]
     return Explanation(request, new, [], fixes, notes + _inventory_notes(inv), inv, eph)
-
-
-def _port_range(netns: str) -> tuple[int, int, set[int]]:
-    refs, _ = select_namespaces(netns)
-    fd = open_netns(refs[0]) if refs else None
-
-    def read() -> tuple[int, int, set[int]]:
-        with open("/proc/sys/net/ipv4/ip_local_port_range") as f:
-            low, high = map(int, f.read().split())
-        with open("/proc/sys/net/ipv4/ip_local_reserved_ports") as f:
-            reserved = _parse_ports(f.read())
-        return low, high, reserved
-
-    if fd is None:
-        return read()
-    try:
-        return in_netns(fd, read)
-    finally:
-        os.close(fd)
-
-
-def _parse_ports(text: str) -> set[int]:
-    out: set[int] = set()
-    for part in text.strip().split(","):
-        if not part:
-            continue
-        lo, _, hi = part.partition("-")
-        out.update(range(int(lo), int(hi or lo) + 1))
-    return out
-
