@@ -31,6 +31,8 @@
 #define IPPROTO_TCP 6
 #define IPPROTO_UDP 17
 #define TCP_FIN_WAIT1 4
+#define TCP_CLOSE 7
+#define TCP_LISTEN 10
 #define TCP_TIME_WAIT 6
 #define TCP_NEW_SYN_RECV 12
 
@@ -53,6 +55,7 @@ struct ps_btf_anchor {
 	struct ps_conn_key conn_key;
 	struct ps_closer closer;
 	enum ps_group_flag group_flag;
+	struct ps_member_count member_count;
 };
 const struct ps_btf_anchor *ps_btf_anchor __attribute__((unused));
 
@@ -245,14 +248,17 @@ static __always_inline int on_enter(__u8 kind, int fd, __u64 uaddr)
 	return 0;
 }
 
+static __always_inline bool success_wanted(__u8 kind)
+{
+	return ps_config.success_kinds & (1 << kind);
+}
+
 static __always_inline bool wanted(const struct inflight *in, long ret)
 {
-	if (!ps_config.errors_only)
-		return true;
 	/* A non-blocking connect() in progress is not a failure. */
-	if (in->kind == PS_KIND_CONNECT && ret == -EINPROGRESS)
-		return false;
-	return ret != 0;
+	if (ret == 0 || (in->kind == PS_KIND_CONNECT && ret == -EINPROGRESS))
+		return success_wanted(in->kind);
+	return true;
 }
 
 static __always_inline void fill_task(struct ps_event *e, __u64 id)
@@ -392,7 +398,7 @@ static __always_inline int on_get_port(struct sock *sk, __u16 snum, int ret)
 			in->quality |= PS_Q_GET_PORT_FAILED;
 		return 0;
 	}
-	if (!ret && ps_config.errors_only)
+	if (!ret && !success_wanted(PS_KIND_GET_PORT))
 		return 0;
 	if (ps_config.target_tgid && (id >> 32) != ps_config.target_tgid)
 		return 0;
@@ -465,6 +471,109 @@ int BPF_KRETPROBE(ps_kretprobe_get_port, int ret)
 		return 0;
 	on_get_port((struct sock *)args->sk, args->snum, ret);
 	bpf_map_delete_elem(&ps_get_port_args, &id);
+	return 0;
+}
+
+/* ---- reuseport groups: who gets each connection or datagram --------------- */
+
+/* Deliveries to each member of a reuseport group, per CPU, keyed by socket
+ * cookie. Nothing here goes through the ring buffer: the collector reads the
+ * map in batches (tracer/groups.py) and deletes the keys of departed members. */
+struct {
+	__uint(type, BPF_MAP_TYPE_PERCPU_HASH);
+	/* Not preallocated: a member costs memory (8 bytes per CPU) from its
+	 * first delivery on; a preallocated map would cost it all up front. */
+	__uint(map_flags, BPF_F_NO_PREALLOC);
+	__uint(max_entries, 65536);
+	__type(key, __u64);
+	__type(value, struct ps_member_count);
+} ps_group_counts SEC(".maps");
+
+#define TCP_LISTEN 10
+#define MAX_ERRNO 4095
+
+static __always_inline void count_delivery(__u64 cookie)
+{
+	struct ps_member_count *c, first = { .delivered = 1 };
+
+	c = bpf_map_lookup_elem(&ps_group_counts, &cookie);
+	if (c) {
+		c->delivered++;
+		return;
+	}
+	/* The member's first delivery on this CPU. Another CPU may insert the
+	 * key at the same moment (EEXIST): then this CPU's slot is there. */
+	if (!bpf_map_update_elem(&ps_group_counts, &cookie, &first, BPF_NOEXIST))
+		return;
+	c = bpf_map_lookup_elem(&ps_group_counts, &cookie);
+	if (c)
+		c->delivered++;
+	else
+		count(PS_CNT_GROUP_FULL);
+}
+
+/* tracepoint plan (kernel 6.6+): sk_data_ready fires on a listener once per
+ * connection put in its accept queue, and on a UDP socket once per datagram
+ * queued to it. It fires for every readable socket on the host, so the
+ * common case (no reuseport group) returns after one load. */
+SEC("tp_btf/sk_data_ready")
+int BPF_PROG(ps_group_data_ready, const struct sock *sk)
+{
+	__u16 protocol;
+
+	if (!sk->sk_reuseport_cb)
+		return 0;
+	protocol = sk->sk_protocol;
+	if (protocol == IPPROTO_TCP) {
+		/* Accepted sockets leave the group (sk_clone_lock), but be sure:
+		 * data on a connection is not a delivery. */
+		if (sk->__sk_common.skc_state != TCP_LISTEN)
+			return 0;
+	} else if (protocol != IPPROTO_UDP) {
+		return 0;
+	}
+	if (ps_config.target_port && sk->__sk_common.skc_num != ps_config.target_port)
+		return 0;
+	count_delivery(bpf_get_socket_cookie((void *)sk));
+	return 0;
+}
+
+/* fentry plan: the kernel's choice among the group's members (TCP SYNs,
+ * UDP datagrams). The result may be NULL (no group) or, with a reuseport
+ * BPF program that drops, an error pointer. */
+SEC("fexit/reuseport_select_sock")
+int BPF_PROG(ps_fexit_reuseport_select, struct sock *sk, __u32 hash, struct sk_buff *skb,
+	     int hdr_len, struct sock *ret)
+{
+	__u64 p = (__u64)ret;
+
+	if (!p || p >= (__u64)-MAX_ERRNO)
+		return 0;
+	if (ps_config.target_port && ret->__sk_common.skc_num != ps_config.target_port)
+		return 0;
+	count_delivery(bpf_get_socket_cookie(ret));
+	return 0;
+}
+
+/* kprobe plan: the same choice, from the return value. A kprobe cannot
+ * assign a cookie (the collector's sock_diag dumps do), so a member's
+ * deliveries before its first inventory are counted apart. */
+SEC("kretprobe/reuseport_select_sock")
+int BPF_KRETPROBE(ps_kretprobe_reuseport_select, struct sock *ret)
+{
+	__u64 p = (__u64)ret, cookie;
+
+	if (!p || p >= (__u64)-MAX_ERRNO)
+		return 0;
+	if (ps_config.target_port &&
+	    BPF_CORE_READ(ret, __sk_common.skc_num) != ps_config.target_port)
+		return 0;
+	cookie = BPF_CORE_READ(ret, __sk_common.skc_cookie.counter);
+	if (!cookie) {
+		count(PS_CNT_GROUP_NO_COOKIE);
+		return 0;
+	}
+	count_delivery(cookie);
 	return 0;
 }
 
@@ -596,6 +705,44 @@ struct {
 	__type(value, struct ps_closer);
 } ps_closers SEC(".maps");
 
+/* A listener closes: a rare event, sent when the collector asks for it (the
+ * journal: who gave a port up, just before someone else took it). */
+static __always_inline int on_listen_close(struct sock *sk)
+{
+	__u64 id = bpf_get_current_pid_tgid();
+	struct ps_event *e;
+	__u16 port;
+
+	if (!success_wanted(PS_KIND_LISTEN_CLOSE))
+		return 0;
+	if (ps_config.target_tgid && (id >> 32) != ps_config.target_tgid)
+		return 0;
+	port = BPF_CORE_READ(sk, __sk_common.skc_num);
+	if (ps_config.target_port && port != ps_config.target_port)
+		return 0;
+	e = bpf_ringbuf_reserve(&ps_events, sizeof(*e), 0);
+	if (!e) {
+		count(PS_CNT_LOST);
+		return 0;
+	}
+	__builtin_memset(e, 0, sizeof(*e));
+	fill_task(e, id);
+	e->kind = PS_KIND_LISTEN_CLOSE;
+	e->family = BPF_CORE_READ(sk, __sk_common.skc_family);
+	e->protocol = IPPROTO_TCP;
+	e->netns = BPF_CORE_READ(sk, __sk_common.skc_net.net, ns.inum);
+	e->sock_uid = BPF_CORE_READ(sk, sk_uid.val);
+	e->bound_dev_if = BPF_CORE_READ(sk, __sk_common.skc_bound_dev_if);
+	e->sock_inode = BPF_CORE_READ(sk, sk_socket, file, f_inode, i_ino);
+	e->opts = read_opts(sk);
+	e->req_family = e->family;
+	e->req_port = read_local(sk, e->family, e->req_addr);
+	e->bound_port = read_local(sk, e->family, e->bound_addr);
+	bpf_ringbuf_submit(e, 0);
+	count(PS_CNT_EMITTED);
+	return 0;
+}
+
 /* An active close (the side that will hold the TIME_WAIT) starts with the
  * move to FIN_WAIT1, in the context of the task that closed: remember it.
  * Every TCP state change passes here, so anything else returns at once. */
@@ -606,7 +753,11 @@ int ps_state_change(struct trace_event_raw_inet_sock_set_state *ctx)
 	struct ps_closer who = {};
 	__u64 id;
 
-	if (ctx->newstate != TCP_FIN_WAIT1 || ctx->protocol != IPPROTO_TCP)
+	if (ctx->protocol != IPPROTO_TCP)
+		return 0;
+	if (ctx->oldstate == TCP_LISTEN && ctx->newstate == TCP_CLOSE)
+		return on_listen_close((struct sock *)ctx->skaddr);
+	if (ctx->newstate != TCP_FIN_WAIT1)
 		return 0;
 	key.netns = BPF_CORE_READ((struct sock *)ctx->skaddr, __sk_common.skc_net.net, ns.inum);
 	key.sport = ctx->sport;

@@ -22,6 +22,9 @@ enum ps_kind {
 	/* inet_csk_get_port() failed outside any traced system call
 	 * (io_uring, kernel sockets): only the fentry/kprobe plans see these. */
 	PS_KIND_GET_PORT = 4,
+	/* A listening TCP socket closed (sock:inet_sock_set_state LISTEN ->
+	 * CLOSE): who gave the port up, and when. Sent only when asked for. */
+	PS_KIND_LISTEN_CLOSE = 5,
 };
 
 /* How the event was observed; set from ps_config.plan. */
@@ -57,6 +60,8 @@ enum ps_counter {
 	PS_CNT_LOST = 0,        /* ring buffer full: event dropped */
 	PS_CNT_INFLIGHT_FULL,   /* too many concurrent calls: call not traced */
 	PS_CNT_EMITTED,         /* events submitted to the ring buffer */
+	PS_CNT_GROUP_FULL,      /* reuseport delivery not counted: ps_group_counts full */
+	PS_CNT_GROUP_NO_COOKIE, /* kprobe plan: delivery to a socket without a cookie yet */
 	PS_CNT_MAX,
 };
 
@@ -146,11 +151,20 @@ struct ps_closer {
 	char comm[PS_COMM_LEN];
 };
 
+/* What the ps_group_counts map holds per member of a reuseport group, per
+ * CPU, keyed by the socket cookie (__u64). One schema for every plan: the
+ * tracepoint plan counts at sk_data_ready on the receiving listener or UDP
+ * socket, the fentry and kprobe plans at the exit of reuseport_select_sock. */
+struct ps_member_count {
+	__u64 delivered;        /* TCP: connections queued for accept(); UDP: datagrams */
+};
+
 /* Read-only configuration, set by the collector between open and load. */
 struct ps_config {
 	__u32 target_tgid;      /* 0: every process */
 	__u16 target_port;      /* 0: every port; else requested or bound port */
-	__u8 errors_only;       /* 1: successful calls are not sent */
+	__u8 success_kinds;     /* bit (1 << enum ps_kind): successes of that kind
+	                         * are sent too; failures always are */
 	__u8 plan;              /* enum ps_plan, copied into every event */
 };
 

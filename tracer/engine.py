@@ -29,8 +29,8 @@ from .errors import (
     VerifierRejected,
 )
 from .events import Clock
-from .layout import PsConfig, PsCounter, PsEvent
-from .plans import PLAN_PROGRAMS, PREFERENCE, KernelFacts, Plan, kernel_facts
+from .layout import PsConfig, PsCounter, PsEvent, PsKind
+from .plans import GROUP_PROGRAMS, PLAN_PROGRAMS, PREFERENCE, KernelFacts, Plan, kernel_facts
 
 DEFAULT_OBJECT = Path(__file__).resolve().parent.parent / "probes" / "portscope.bpf.o"
 DEFAULT_RING_BYTES = 8 << 20
@@ -44,7 +44,10 @@ def object_path() -> Path:
 @dataclass
 class EngineConfig:
     plan: Plan | None = None  # None: the best one the kernel allows
-    errors_only: bool = True
+    errors_only: bool = True  # False: successes of bind, listen and connect too
+    # Overrides errors_only: whose successes to send, from "bind", "listen",
+    # "connect", "get_port", "listen_close" (failures are always sent).
+    successes: frozenset[str] | None = None
     pid: int = 0  # 0: every process
     port: int = 0  # 0: every port
     ring_bytes: int = DEFAULT_RING_BYTES
@@ -53,6 +56,10 @@ class EngineConfig:
     closer_entries: int = 65536
     btf_path: str | None = None  # a BTF file for kernels that expose none
     object_path: Path = field(default_factory=object_path)
+    # Which program set each plan loads: PLAN_PROGRAMS (bind/listen/connect
+    # events) or GROUP_PROGRAMS (reuseport group counters); the plan itself is
+    # still chosen here, by open_engine, the same way for both.
+    programs: dict[Plan, tuple[str, ...]] = field(default_factory=lambda: PLAN_PROGRAMS)
 
 
 @dataclass
@@ -113,6 +120,21 @@ class Engine:
             lost=values[PsCounter.LOST],
             inflight_full=values[PsCounter.INFLIGHT_FULL],
         )
+
+    def counter(self, idx: int) -> int:
+        """One ps_counters slot, summed over CPUs."""
+        raw = self._counters.lookup(struct.pack("I", idx), 8 * self._ncpus) or b""
+        return sum(struct.unpack(f"{len(raw) // 8}Q", raw))
+
+    def map(self, name: str) -> libbpf.Map:
+        assert self._obj is not None, "engine is closed"
+        return self._obj.map(name)
+
+    def recursion_misses(self) -> int:
+        """Runs the kernel skipped because the same program was already
+        running on that CPU (a tracepoint hit from an interrupt)."""
+        assert self._obj is not None, "engine is closed"
+        return sum(p.recursion_misses() for p in self._obj.programs() if p.autoload)
 
     def closers(self) -> dict[closers.ConnKey, closers.Closer]:
         """The closes this engine recorded (also readable by other processes
@@ -202,7 +224,7 @@ def verify_plan(config: EngineConfig, plan: Plan) -> None:
 
 def _load_plan(config: EngineConfig, plan: Plan,
                attach: bool = True) -> tuple[libbpf.BpfObject, list[libbpf.Link]]:
-    obj = load_programs(config, plan, PLAN_PROGRAMS[plan])
+    obj = load_programs(config, plan, config.programs[plan])
     links: list[libbpf.Link] = []
     try:
         for prog in obj.programs():
@@ -257,7 +279,7 @@ def _configure(obj: libbpf.BpfObject, config: EngineConfig, plan: Plan) -> None:
     cfg = PsConfig(
         target_tgid=config.pid,
         target_port=config.port,
-        errors_only=int(config.errors_only),
+        success_kinds=_success_mask(config),
         plan=plan.code,
     )
     rodata = obj.map(".rodata")
@@ -266,6 +288,16 @@ def _configure(obj: libbpf.BpfObject, config: EngineConfig, plan: Plan) -> None:
     if var_size != ctypes.sizeof(cfg) or offset + var_size > size:
         raise ObjectInvalid(f"{obj.path}: ps_config in .rodata does not match tracer/layout.py")
     ctypes.memmove(addr + offset, ctypes.addressof(cfg), var_size)
+
+
+def _success_mask(config: EngineConfig) -> int:
+    names = config.successes
+    if names is None:
+        names = frozenset() if config.errors_only else frozenset({"bind", "listen", "connect"})
+    mask = 0
+    for name in names:
+        mask |= 1 << PsKind[name.upper()]
+    return mask
 
 
 def _ring_size(requested: int) -> int:
@@ -310,6 +342,7 @@ def _attach(prog: libbpf.Program, plan: Plan) -> libbpf.Link:
 
 
 _VERIFIER_LOG = re.compile(r"-- BEGIN PROG LOAD LOG --\n(.*?)-- END PROG LOAD LOG --", re.S)
+_MISSING_HOOK = re.compile(r"failed to find kernel BTF type ID of '([^']+)'")
 _FAILED_PROG = re.compile(r"prog '([^']+)': (?:BPF program load failed|failed to load)")
 
 
@@ -322,6 +355,13 @@ def _load_error(exc: OSError, log: str, plan: Plan) -> Exception:
         return VerifierRejected(prog, summarize_verifier_log(verifier.group(1)), verifier.group(1))
     if "failed to find valid kernel BTF" in log or "vmlinux BTF" in log and exc.errno == errno.ESRCH:
         return NoBTF("libbpf found no usable kernel BTF for CO-RE relocations")
+    missing_hook = _MISSING_HOOK.search(log)
+    if missing_hook:
+        # tp_btf/fexit/fentry name a kernel type or function this kernel lacks
+        # (sk_data_ready is a tracepoint since 6.6): the plan cannot run here.
+        return PlanUnavailable(
+            f"{prog} needs the kernel hook {missing_hook.group(1)}, which this kernel lacks"
+        )
     if exc.errno == errno.EPERM and plan is Plan.FENTRY:
         return PlanUnavailable(
             f"the kernel refused the fentry program {prog} (EPERM): BPF trampolines are not allowed here"
@@ -337,7 +377,8 @@ def _load_error(exc: OSError, log: str, plan: Plan) -> Exception:
 
 
 def _plan_only(plan: Plan) -> set[str]:
-    return set(PLAN_PROGRAMS[plan]) - set(PLAN_PROGRAMS[Plan.TRACEPOINT])
+    tracepoint = set(PLAN_PROGRAMS[Plan.TRACEPOINT]) | set(GROUP_PROGRAMS[Plan.TRACEPOINT])
+    return (set(PLAN_PROGRAMS[plan]) | set(GROUP_PROGRAMS[plan])) - tracepoint
 
 
 def summarize_verifier_log(log: str) -> str:

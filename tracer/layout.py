@@ -48,12 +48,12 @@ class PsConfig(ctypes.Structure):
     _fields_ = [
         ("target_tgid", ctypes.c_uint32),
         ("target_port", ctypes.c_uint16),
-        ("errors_only", ctypes.c_uint8),
+        ("success_kinds", ctypes.c_uint8),
         ("plan", ctypes.c_uint8),
     ]
 
 
-_check(PsConfig, 8, {"target_tgid": 0, "target_port": 4, "errors_only": 6, "plan": 7})
+_check(PsConfig, 8, {"target_tgid": 0, "target_port": 4, "success_kinds": 6, "plan": 7})
 
 
 class PsSockinfo(ctypes.Structure):
@@ -121,11 +121,21 @@ class PsCloser(ctypes.Structure):
 _check(PsCloser, 48, {"ts_ns": 0, "cgroup_id": 8, "pid": 16, "uid": 20, "from_state": 24, "pad": 25, "comm": 32})
 
 
+class PsMemberCount(ctypes.Structure):
+    _fields_ = [
+        ("delivered", ctypes.c_uint64),
+    ]
+
+
+_check(PsMemberCount, 8, {"delivered": 0})
+
+
 class PsKind(enum.IntEnum):
     BIND = 1
     LISTEN = 2
     CONNECT = 3
     GET_PORT = 4
+    LISTEN_CLOSE = 5
 
 
 class PsPlan(enum.IntEnum):
@@ -138,7 +148,9 @@ class PsCounter(enum.IntEnum):
     LOST = 0
     INFLIGHT_FULL = 1
     EMITTED = 2
-    MAX = 3
+    GROUP_FULL = 3
+    GROUP_NO_COOKIE = 4
+    MAX = 5
 
 
 class PsOpt(enum.IntFlag):
