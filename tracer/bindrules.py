@@ -37,7 +37,7 @@ import enum
 import functools
 import ipaddress
 from dataclasses import dataclass
-from typing import Iterable
+from typing import Iterable, Iterator
 
 TIME_WAIT = "TIME_WAIT"
 LISTEN = "LISTEN"
@@ -276,7 +276,16 @@ def blockers(new: Sock, existing: Iterable[Sock], ephemeral: bool = False) -> li
     ``ephemeral``: the port is one the kernel considers for a port-0 bind.
     Request sockets (SYN_RECV) do not sit in the bind table and never block.
     """
-    found = []
+    return list(_blockers(new, existing, ephemeral))
+
+
+def refused(new: Sock, existing: Iterable[Sock], ephemeral: bool = False) -> bool:
+    """Whether any socket blocks ``new``: stops at the first one (a port may
+    hold 100,000 TIME_WAIT sockets)."""
+    return next(_blockers(new, existing, ephemeral), None) is not None
+
+
+def _blockers(new: Sock, existing: Iterable[Sock], ephemeral: bool) -> Iterator[Blocker]:
     if new.protocol == "tcp":
         rule_of = _tcp_ephemeral_rule if ephemeral else tcp_rule
     else:
@@ -293,5 +302,4 @@ def blockers(new: Sock, existing: Iterable[Sock], ephemeral: bool = False) -> li
             continue
         rule = rule_of(new, old)
         if rule is not None:
-            found.append(Blocker(old, rule, how))
-    return found
+            yield Blocker(old, rule, how)

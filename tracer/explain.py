@@ -178,7 +178,7 @@ def _fixes(new: Sock, existing: list[Sock],
         return [], []
     fixes: list[str] = []
     notes: list[str] = []
-    works = lambda candidate: not bindrules.blockers(candidate, existing)  # noqa: E731
+    works = lambda candidate: not bindrules.refused(candidate, existing)  # noqa: E731
 
     for changes, text in _option_changes(new):
         if works(replace(new, **changes)):
@@ -300,7 +300,7 @@ def _explain_ephemeral(request: Request, new: Sock, inv: Inventory, netns: str) 
         if port in reserved:
             continue
         occupants = taken.get(port, [])
-        if not bindrules.blockers(replace(new, port=port), occupants, ephemeral=True):
+        if not bindrules.refused(replace(new, port=port), occupants, ephemeral=True):
             free += 1
     eph = {"range": [low, high], "reserved": len(reserved), "free": free,
            "in_use": len(taken)}
