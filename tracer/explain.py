@@ -136,8 +136,6 @@ def explain(request: Request, netns: str | None = None,
     netns = netns or str(os.stat("/proc/thread-self/ns/net").st_ino)
     port = request.port or None
     inv = inventory or take(port=port, protocols=(request.protocol,), netns=netns)
-    if not inv.namespaces:
-        raise UsageError(f"no network namespace matches {netns!r}")
     new = request.sock()
     if request.port == 0:
         return _explain_ephemeral(request, new, inv, netns)

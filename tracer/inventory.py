@@ -22,6 +22,7 @@ import os
 from dataclasses import dataclass, field
 from typing import Iterable
 
+from .errors import UsageError
 from .netns import NetnsRef, dump_in, list_netns, open_netns
 from .owners import Owner, OwnerCache
 from .sockdiag import SockRecord, dump
@@ -92,6 +93,9 @@ def select_namespaces(spec: str | None) -> tuple[list[NetnsRef], int]:
     if not chosen and inode is not None:
         path = _spec_path(spec)
         chosen = [NetnsRef(inode, path, ())] if path else []
+    if not chosen:
+        raise UsageError(f"no network namespace matches {spec!r}: give an inode number, an "
+                         "ip-netns name, a path to a namespace file, or pid:PID")
     return chosen, scan.unreadable
 
 
