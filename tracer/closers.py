@@ -22,8 +22,10 @@ from . import libbpf
 from .events import Clock
 from .layout import PsCloser, PsConnKey
 
-PIN_DIR = "/sys/fs/bpf/portscope"
 BPFFS = "/sys/fs/bpf"
+# Where collectors pin their maps; another directory keeps two portscope
+# deployments (or a test) apart.
+PIN_DIR = os.environ.get("PORTSCOPE_PIN_DIR", f"{BPFFS}/portscope")
 
 ConnKey = tuple[int, str, str, int, str, int]  # netns, family, laddr, lport, raddr, rport
 

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import errno
 import json
+import os
 import random
 import subprocess
 import sys
@@ -21,9 +22,10 @@ REPO = Path(__file__).resolve().parents[2]
 TCP_TIMEWAIT_LEN_MS = 60_000  # include/net/tcp.h
 
 
-def timewait(*args: str) -> dict:
+def timewait(*args: str, env: dict[str, str] | None = None) -> dict:
     result = subprocess.run([sys.executable, "-m", "tracer.cli", "timewait", "--json", *args],
-                            cwd=REPO, capture_output=True, text=True, timeout=60)
+                            cwd=REPO, capture_output=True, text=True, timeout=60,
+                            env={**os.environ, **(env or {})})
     assert result.returncode == 0, result.stderr
     return json.loads(result.stdout)
 
@@ -64,7 +66,9 @@ def test_closer_is_known_after_it_exited(collector, netns: Netns) -> None:
     assert [g["key"] for g in by_remote["groups"]] == [f"127.0.0.1:{port}"]
 
 
-def test_without_a_collector_the_closer_is_unknown(netns: Netns) -> None:
+def test_without_a_collector_the_closer_is_unknown(netns: Netns, tmp_path: Path) -> None:
+    """Other collectors may run on the host (the test session's own tracer):
+    an empty pin directory stands for a host where none runs."""
     server, client = Actor(netns), Actor(netns)
     port = random.randint(20000, 29999)
     lfd = server.socket("tcp")
@@ -75,8 +79,9 @@ def test_without_a_collector_the_closer_is_unknown(netns: Netns) -> None:
     accepted = server.accept(lfd)
     client.close(fd)
     server.close(accepted)
-    doc = timewait("--netns", netns.name, "--by", "process")
-    assert doc["time_wait"] == 1 and doc["attributed"] == 0
+    doc = timewait("--netns", netns.name, "--by", "process",
+                   env={"PORTSCOPE_PIN_DIR": str(tmp_path)})
+    assert doc["time_wait"] == 1 and doc["attributed"] == 0 and doc["collectors"] == 0
     assert doc["groups"][0]["key"] == "unknown"
     assert any("closer unknown" in n or "is unknown" in n for n in doc["notes"])
 
