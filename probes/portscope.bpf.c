@@ -538,35 +538,89 @@ int BPF_PROG(ps_group_data_ready, const struct sock *sk)
 	return 0;
 }
 
-/* fentry plan: the kernel's choice among the group's members (TCP SYNs,
- * UDP datagrams). The result may be NULL (no group) or, with a reuseport
- * BPF program that drops, an error pointer. */
+/* fentry and kprobe plans: the kernel's choice among the group's members,
+ * at the exit of reuseport_select_sock. Every packet that reaches a listener
+ * lookup makes a choice, so for TCP only a SYN counts (a stray ACK, FIN or
+ * RST, or a syncookie's ACK, would count twice); a UDP datagram always does.
+ * Lookups without a packet (bpf_sk_lookup_*, ICMP errors) do not count. The
+ * result may be NULL (no group) or, when a reuseport BPF program drops, an
+ * error pointer. */
+#define TCPHDR_FLAGS 13         /* offset of the flags byte in struct tcphdr */
+#define TCPHDR_SYN 0x02
+#define TCPHDR_RST 0x04
+#define TCPHDR_ACK 0x10
+
+static __always_inline bool is_selection(struct sock *chosen, struct sk_buff *skb)
+{
+	unsigned char *data;
+	__u8 flags = 0;
+
+	if (!skb)
+		return false;
+	if (BPF_CORE_READ(chosen, sk_protocol) != IPPROTO_TCP)
+		return true;
+	/* At the lookup, skb->data is the transport header. */
+	data = BPF_CORE_READ(skb, data);
+	if (bpf_probe_read_kernel(&flags, sizeof(flags), data + TCPHDR_FLAGS))
+		return false;
+	return (flags & (TCPHDR_SYN | TCPHDR_ACK | TCPHDR_RST)) == TCPHDR_SYN;
+}
+
+static __always_inline bool chosen_ok(struct sock *chosen)
+{
+	__u64 p = (__u64)chosen;
+
+	if (!p || p >= (__u64)-MAX_ERRNO)
+		return false;
+	return !ps_config.target_port ||
+	       BPF_CORE_READ(chosen, __sk_common.skc_num) == ps_config.target_port;
+}
+
 SEC("fexit/reuseport_select_sock")
 int BPF_PROG(ps_fexit_reuseport_select, struct sock *sk, __u32 hash, struct sk_buff *skb,
 	     int hdr_len, struct sock *ret)
 {
-	__u64 p = (__u64)ret;
-
-	if (!p || p >= (__u64)-MAX_ERRNO)
-		return 0;
-	if (ps_config.target_port && ret->__sk_common.skc_num != ps_config.target_port)
-		return 0;
-	count_delivery(bpf_get_socket_cookie(ret));
+	if (chosen_ok(ret) && is_selection(ret, skb))
+		count_delivery(bpf_get_socket_cookie(ret));
 	return 0;
 }
 
-/* kprobe plan: the same choice, from the return value. A kprobe cannot
- * assign a cookie (the collector's sock_diag dumps do), so a member's
- * deliveries before its first inventory are counted apart. */
+/* kprobe plan: a kretprobe sees only the result, so the entry probe keeps
+ * the packet, in a per-CPU slot: lookups run in softirq (or with bottom
+ * halves off) and never nest on one CPU. A kprobe cannot assign a cookie
+ * (the collector's sock_diag dumps do), so a member's deliveries before its
+ * first inventory are counted apart. */
+struct {
+	__uint(type, BPF_MAP_TYPE_PERCPU_ARRAY);
+	__uint(max_entries, 1);
+	__type(key, __u32);
+	__type(value, __u64);
+} ps_select_skb SEC(".maps");
+
+SEC("kprobe/reuseport_select_sock")
+int BPF_KPROBE(ps_kprobe_reuseport_select, struct sock *sk, __u32 hash, struct sk_buff *skb)
+{
+	__u32 zero = 0;
+	__u64 *slot = bpf_map_lookup_elem(&ps_select_skb, &zero);
+
+	if (slot)
+		*slot = (__u64)skb;
+	return 0;
+}
+
 SEC("kretprobe/reuseport_select_sock")
 int BPF_KRETPROBE(ps_kretprobe_reuseport_select, struct sock *ret)
 {
-	__u64 p = (__u64)ret, cookie;
+	__u32 zero = 0;
+	__u64 *slot = bpf_map_lookup_elem(&ps_select_skb, &zero);
+	struct sk_buff *skb;
+	__u64 cookie;
 
-	if (!p || p >= (__u64)-MAX_ERRNO)
+	if (!slot)
 		return 0;
-	if (ps_config.target_port &&
-	    BPF_CORE_READ(ret, __sk_common.skc_num) != ps_config.target_port)
+	skb = (struct sk_buff *)*slot;
+	*slot = 0;
+	if (!chosen_ok(ret) || !is_selection(ret, skb))
 		return 0;
 	cookie = BPF_CORE_READ(ret, __sk_common.skc_cookie.counter);
 	if (!cookie) {

@@ -80,6 +80,20 @@ def byte_size(text: str) -> int:
     return value
 
 
+def duration(text: str) -> float:
+    """'90', '90s', '10m', '2h', '7d', '1w' -> seconds."""
+    units = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800}
+    unit = units.get(text[-1:].lower())
+    try:
+        value = float(text[:-1] if unit else text) * (unit or 1)
+    except ValueError:
+        value = 0.0
+    if not 0 < value < float("inf"):
+        raise argparse.ArgumentTypeError(f"invalid duration {text!r}: use seconds or a s/m/h/d/w "
+                                         "suffix, e.g. 7d")
+    return value
+
+
 def _add_engine_options(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("probes")
     g.add_argument("--plan", choices=PLANS, default="auto",
@@ -227,6 +241,128 @@ def build_parser() -> argparse.ArgumentParser:
                           help="refresh interval with --watch (default 1)")
     timewait.add_argument("--json", action="store_true", help="machine-readable output")
 
+    groups = sub.add_parser(
+        "groups",
+        help="SO_REUSEPORT groups: how connections and datagrams are spread over members",
+        description="Show every SO_REUSEPORT group (TCP listeners and UDP sockets) with its "
+                    "members and their owners, and count in the kernel what each member "
+                    "receives: connections (TCP) or datagrams (UDP) delivered, per second, "
+                    "accept-queue depth and backlog, share of the group's traffic, and the "
+                    "group's imbalance (max/min share, coefficient of variation, chi-square "
+                    "test against an even split: p < 0.01 means the imbalance is not noise). "
+                    "Counting starts when the command starts: without --watch it samples "
+                    "for one --interval and prints once. Members joining and leaving are "
+                    "shown as events.",
+        epilog="examples:\n"
+               "  portscope groups                  every group, sampled for one second\n"
+               "  portscope groups 8080 --watch     live view of the group(s) on port 8080\n"
+               "  portscope groups 53 --udp --interval 5\n"
+               "  portscope groups --watch --json   one JSON object per refresh\n",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    groups.add_argument("port", nargs="?", type=port_number, metavar="PORT",
+                        help="only groups on this local port (filtered in the kernel)")
+    gproto = groups.add_mutually_exclusive_group()
+    gproto.add_argument("--tcp", action="store_true", help="TCP groups only")
+    gproto.add_argument("--udp", action="store_true", help="UDP groups only")
+    groups.add_argument("--netns", metavar="NS", help="one network namespace: inode, "
+                        "ip-netns name, path, or pid:PID (default: all)")
+    groups.add_argument("--watch", action="store_true",
+                        help="refresh every --interval until Ctrl-C")
+    groups.add_argument("--interval", type=positive_float, default=1.0, metavar="SECONDS",
+                        help="sampling time, and refresh interval with --watch (default 1)")
+    groups.add_argument("--count", type=positive_int, metavar="N",
+                        help="with --watch: stop after N refreshes (the first is shown at start)")
+    groups.add_argument("--json", action="store_true",
+                        help="one JSON object per refresh (keys documented in the README)")
+    gprobes = groups.add_argument_group("probes")
+    gprobes.add_argument("--plan", choices=PLANS, default="auto",
+                         help="probe plan (default: the best one this kernel allows): "
+                              "tracepoint counts at sk_data_ready (kernel 6.6+), fentry and "
+                              "kprobe at reuseport_select_sock")
+    gprobes.add_argument("--btf", metavar="FILE",
+                         help="BTF of the running kernel, for kernels without "
+                              "/sys/kernel/btf/vmlinux")
+
+    ui = sub.add_parser(
+        "ui",
+        help="the live terminal UI (what portscope opens with no arguments, on a terminal)",
+        description="Watch the host live: conflicts as they happen with their explanation, "
+                    "who holds which port, reuseport groups and their balance, TIME_WAIT "
+                    "sockets and ephemeral-port pressure. Keys are shown at the bottom; q quits.",
+        epilog="examples:\n"
+               "  portscope                           the same as portscope ui\n"
+               "  portscope ui --plan tracepoint\n"
+               "  portscope ui --replay session.jsonl replay a recording (no root needed)\n",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    ui.add_argument("--replay", metavar="FILE",
+                    help="show a recording (JSON lines of portscope trace --json) instead of "
+                         "the live host")
+    ui.add_argument("--speed", type=positive_float, default=1.0, metavar="X",
+                    help="replay speed (default 1: the recording's own pace)")
+    _add_engine_options(ui)
+
+    record = sub.add_parser(
+        "record",
+        help="write every event and periodic socket snapshots to a journal, headless",
+        description="Record, until SIGTERM or Ctrl-C, every failing bind()/listen()/connect(), "
+                    "every successful bind() and listen(), every listener close, and a snapshot "
+                    "of every listener, UDP socket and bound socket with its owners (every "
+                    "--snapshot-interval seconds, and soon after each bind, listen or close), "
+                    "to an SQLite journal for 'portscope report'. The journal is mode 0600 "
+                    "(it holds command lines), bounded by --max-size and --retain (the oldest "
+                    "data goes first), and survives a crash: at most the last second is lost. "
+                    "Meant to run as a systemd service (deploy/portscope-record.service).",
+        epilog="examples:\n"
+               "  portscope record                              /var/lib/portscope/journal.db\n"
+               "  portscope record -o /tmp/j.db --max-size 64M --retain 2d\n"
+               "  portscope report /var/lib/portscope/journal.db --since 1h\n",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    record.add_argument("-o", "--output", metavar="FILE", default="/var/lib/portscope/journal.db",
+                        help="the journal (default /var/lib/portscope/journal.db); created, "
+                             "or appended to if it exists")
+    record.add_argument("--max-size", type=byte_size, default=256 << 20, metavar="SIZE",
+                        help="drop the oldest data beyond this size (default 256M)")
+    record.add_argument("--retain", type=duration, default=7 * 86400.0, metavar="DURATION",
+                        help="drop data older than this, e.g. 12h, 7d (default 7d)")
+    record.add_argument("--snapshot-interval", type=positive_float, default=2.0, metavar="SECONDS",
+                        help="seconds between periodic socket snapshots (default 2)")
+    record.add_argument("--no-explain", action="store_true",
+                        help="do not record the blocking sockets of each EADDRINUSE")
+    _add_engine_options(record)
+
+    report = sub.add_parser(
+        "report",
+        help="postmortem of a journal: conflicts, ownership changes, port hijack findings",
+        description="Read a journal written by 'portscope record' and print the findings (a "
+                    "process of another user trying to join a reuseport group; a process of "
+                    "another executable or cgroup joining one; a UDP port shared across "
+                    "executables or users; a port taken by another executable just after its "
+                    "owner closed it; a specific-address socket shadowing a wildcard one; a "
+                    "reuseport BPF program attached to a group that had none), each with the "
+                    "events and snapshots that show it, then a timeline of conflicts and "
+                    "ownership changes per port.",
+        epilog="examples:\n"
+               "  portscope report /var/lib/portscope/journal.db\n"
+               "  portscope report journal.db --since 2h --port 8080\n"
+               "  portscope report journal.db --since 2026-11-21T06:00 --json | jq .findings\n",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    report.add_argument("file", metavar="FILE", help="the journal")
+    report.add_argument("--since", metavar="T", help="only what happened from T on: an ISO time "
+                        "(2026-11-21T06:00, local time unless a zone is given), seconds since the "
+                        "epoch, or a time ago: 30s, 10m, 2h, 1d")
+    report.add_argument("--port", type=port_number, help="only this port")
+    report.add_argument("--netns", type=positive_int, metavar="INODE",
+                        help="only this network namespace (its inode, as in the events)")
+    report.add_argument("--race-window", type=positive_float, default=5.0, metavar="SECONDS",
+                        help="a port taken by another executable within this long after its "
+                             "owner closed it is a restart race (default 5)")
+    report.add_argument("--json", action="store_true",
+                        help='{"journal": {...}, "findings": [...], "timeline": [...]}')
+
     doctor = sub.add_parser(
         "doctor",
         help="what this kernel allows, and which probe plan portscope picks",
@@ -249,9 +385,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     if not args.command:
-        parser.print_help()
-        return ExitStatus.USAGE
+        if not (sys.stdin.isatty() and sys.stdout.isatty()):
+            parser.print_help()
+            return ExitStatus.USAGE
+        # On a terminal, no command opens the live UI.
+        args = parser.parse_args(["ui", *(["--debug"] if args.debug else [])])
     try:
+        if args.command == "ui":
+            return int(run_ui(args))
         return int(_command(args.command)(args))
     except PortscopeError as exc:
         if args.debug:
@@ -268,6 +409,42 @@ def main(argv: Sequence[str] | None = None) -> int:
         sys.stderr.close()
         return int(ExitStatus.OK)
 
+
+def run_ui(args: argparse.Namespace) -> ExitStatus:
+    """The terminal UI over the live collector (or a recording). The
+    collector starts first, so that "not root" or "no BTF" is one sentence
+    on the terminal, not a screen; the UI knows nothing of the kernel."""
+    from .errors import UsageError
+    from .state import StateModel
+
+    try:
+        from tui.app import make_app
+    except ImportError as exc:
+        raise PortscopeError(f"the terminal UI needs the textual package ({exc}): "
+                             "install portscope with scripts/setup") from exc
+    model = StateModel()
+    if args.replay:
+        from .collector import Replay
+
+        try:
+            source = Replay(model, args.replay)
+        except (OSError, ValueError) as exc:
+            raise UsageError(f"cannot replay {args.replay}: {exc}") from exc
+        source.play(args.speed)
+    else:
+        from .collector import LiveCollector
+        from .engine import EngineConfig
+        from .plans import Plan
+
+        source = LiveCollector(model, EngineConfig(
+            plan=None if args.plan == "auto" else Plan(args.plan), errors_only=True,
+            ring_bytes=args.ring_size, btf_path=args.btf))
+        source.start()
+    try:
+        make_app(model).run()
+    finally:
+        source.stop()
+    return ExitStatus.OK
 
 
 if __name__ == "__main__":

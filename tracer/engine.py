@@ -26,6 +26,7 @@ from .errors import (
     PlanUnavailable,
     ProbeError,
     Unsupported,
+    UsageError,
     VerifierRejected,
 )
 from .events import Clock
@@ -39,6 +40,22 @@ EVENT_SIZE = ctypes.sizeof(PsEvent)
 
 def object_path() -> Path:
     return Path(os.environ.get("PORTSCOPE_OBJECT", DEFAULT_OBJECT))
+
+
+PLAN_VARIABLE = "PORTSCOPE_PLAN"
+
+
+def forced_plan() -> Plan | None:
+    """The plan named by $PORTSCOPE_PLAN, which replaces the automatic choice
+    (the kernel matrix runs the whole test suite once per plan with it)."""
+    value = os.environ.get(PLAN_VARIABLE, "").strip()
+    if not value:
+        return None
+    try:
+        return Plan(value)
+    except ValueError:
+        names = ", ".join(p.value for p in Plan)
+        raise UsageError(f"{PLAN_VARIABLE}={value!r} is not a probe plan: use one of {names}") from None
 
 
 @dataclass
@@ -165,7 +182,8 @@ def open_engine(config: EngineConfig, facts: KernelFacts | None = None) -> Engin
     """Load and attach the requested plan, or the best plan the kernel allows."""
     facts = facts or kernel_facts(config.btf_path, mount_tracefs=True)
     preflight(facts, config)
-    candidates = [config.plan] if config.plan else list(PREFERENCE)
+    requested = config.plan or forced_plan()
+    candidates = [requested] if requested else list(PREFERENCE)
     attempts: list[PlanAttempt] = []
     for plan in candidates:
         reason = facts.static_reason_against(plan)
@@ -178,7 +196,7 @@ def open_engine(config: EngineConfig, facts: KernelFacts | None = None) -> Engin
                 attempts.append(PlanAttempt(plan, True, "loaded and attached"))
                 return Engine(obj, plan, links, attempts, facts)
         attempts.append(PlanAttempt(plan, False, reason))
-        if config.plan:
+        if requested:
             raise PlanUnavailable(f"the {plan.value} plan cannot run on this kernel: {reason}")
     tried = "; ".join(f"{a.plan.value}: {a.reason}" for a in attempts)
     raise Unsupported(f"no probe plan can run on this kernel ({tried})")

@@ -60,6 +60,12 @@ class _BatchOpts(ctypes.Structure):
     _fields_ = [("sz", c_size_t), ("elem_flags", c_uint64), ("flags", c_uint64)]
 
 
+# struct bpf_prog_info (linux/bpf.h): its size as of 6.x and where the
+# recursion_misses counter sits (added in 5.12).
+_PROG_INFO_SIZE = 232
+_PROG_INFO_RECURSION_MISSES = 208
+
+
 class _IterAttachOpts(ctypes.Structure):
     _fields_ = [("sz", c_size_t), ("link_info", c_void_p), ("link_info_len", c_uint32)]
 
@@ -96,6 +102,9 @@ _SIGNATURES: dict[str, tuple[object, list[object]]] = {
     "bpf_obj_get": (c_int, [c_char_p]),
     "bpf_map_lookup_elem": (c_int, [c_int, c_void_p, c_void_p]),
     "bpf_map_update_elem": (c_int, [c_int, c_void_p, c_void_p, c_uint64]),
+    "bpf_map_delete_elem": (c_int, [c_int, c_void_p]),
+    "bpf_program__fd": (c_int, [c_void_p]),
+    "bpf_obj_get_info_by_fd": (c_int, [c_int, c_void_p, POINTER(c_uint32)]),
     "bpf_map_lookup_batch": (
         c_int,
         [c_int, c_void_p, c_void_p, c_void_p, c_void_p, POINTER(c_uint32), POINTER(_BatchOpts)],
@@ -269,6 +278,18 @@ class Program:
         ptr = lib().bpf_program__attach(self.ptr)
         return Link(_check_ptr(ptr, f"attach {self.name} ({self.section})"), self.name)
 
+    def recursion_misses(self) -> int:
+        """Times the kernel skipped this (loaded) program because it was
+        already running on the same CPU (bpf_prog_info.recursion_misses)."""
+        fd = _check_ret(lib().bpf_program__fd(self.ptr), f"fd of program {self.name}")
+        info = ctypes.create_string_buffer(_PROG_INFO_SIZE)
+        size = c_uint32(_PROG_INFO_SIZE)
+        _check_ret(lib().bpf_obj_get_info_by_fd(fd, info, ctypes.byref(size)),
+                   f"info of program {self.name}")
+        if size.value < _PROG_INFO_RECURSION_MISSES + 8:
+            return 0  # a kernel older than 5.12 does not report it
+        return c_uint64.from_buffer(info, _PROG_INFO_RECURSION_MISSES).value
+
     def attach_iter(self) -> Link:
         opts = _IterAttachOpts(sz=ctypes.sizeof(_IterAttachOpts))
         ptr = lib().bpf_program__attach_iter(self.ptr, ctypes.byref(opts))
@@ -337,6 +358,14 @@ class Map:
 
     def update(self, key: bytes, value: bytes) -> None:
         _check_ret(lib().bpf_map_update_elem(self.fd, key, value, 0), f"update map {self.name}")
+
+    def delete(self, key: bytes) -> bool:
+        """Remove one element; False when it was not there."""
+        ret = lib().bpf_map_delete_elem(self.fd, key)
+        if ret == -2:  # ENOENT
+            return False
+        _check_ret(ret, f"delete from map {self.name}")
+        return True
 
     def lookup_batch(self, value_size: int, chunk: int = 4096) -> Iterator[tuple[bytes, bytes]]:
         """Every (key, value) of a hash map, ``chunk`` elements per syscall."""

@@ -26,6 +26,8 @@ class BlockerSummary:
     state: str
     local: str
     rule: str
+    overlap: str = ""  # how the addresses overlap (same_address, wildcard, dual_stack)
+    why: str = ""  # the rule as a sentence
 
     def text(self) -> str:
         who = f"{self.comm}[{','.join(map(str, self.pids))}]" if self.pids else "no visible process"
@@ -42,6 +44,8 @@ class Finding:
 
     blockers: tuple[BlockerSummary, ...] = ()
     error: str | None = None
+    fixes: tuple[str, ...] = ()  # changes the bind rules confirm would work
+    notes: tuple[str, ...] = ()
 
     def text(self) -> str:
         if self.error:
@@ -72,7 +76,7 @@ class OnTheSpot:
         if hit and now - hit[0] < TTL_S:
             return hit[1]
         try:
-            found = Finding(tuple(self._explain(ev)))
+            found = self._explain(ev)
         except UsageError:  # explain() found no such namespace
             self.failures += 1
             found = Finding(error="the socket's network namespace is gone: its last process exited")
@@ -86,7 +90,7 @@ class OnTheSpot:
         self._cache[key] = (now, found)
         return found
 
-    def _explain(self, ev: CallEvent) -> list[BlockerSummary]:
+    def _explain(self, ev: CallEvent) -> Finding:
         from .explain import Request, explain
         from .inventory import take
         from .sockflags import SocketIterators
@@ -103,10 +107,11 @@ class OnTheSpot:
         inv = take(port=ev.port, protocols=(ev.protocol,), netns=str(ev.netns),
                    iterators=self._iterators)
         result = explain(req, netns=str(ev.netns), inventory=inv)
-        return [BlockerSummary(tuple(o.pid for o in s.owners),
-                               s.owners[0].comm if s.owners else None, s.diag.state,
-                               b["local"], b["rule"])
-                for (_, s), b in zip(result.blockers, result.to_json()["blockers"])]
+        blockers = tuple(
+            BlockerSummary(tuple(o.pid for o in s.owners), s.owners[0].comm if s.owners else None,
+                           s.diag.state, b["local"], b["rule"], b["overlap"], b["why"])
+            for (_, s), b in zip(result.blockers, result.to_json()["blockers"]))
+        return Finding(blockers, fixes=tuple(result.fixes), notes=tuple(result.notes))
 
     def close(self) -> None:
         if self._iterators is not None:

@@ -48,6 +48,16 @@ PLAN_PROGRAMS: dict[Plan, tuple[str, ...]] = {
     Plan.TRACEPOINT: SYSCALL_PROGRAMS,
 }
 
+# Reuseport group counters (portscope groups): per-member deliveries in the
+# ps_group_counts map, one schema, each plan with its own hook. Loaded
+# instead of PLAN_PROGRAMS when EngineConfig.programs is GROUP_PROGRAMS.
+GROUP_PROGRAMS: dict[Plan, tuple[str, ...]] = {
+    Plan.FENTRY: ("ps_fexit_reuseport_select",),
+    Plan.KPROBE: ("ps_kprobe_reuseport_select", "ps_kretprobe_reuseport_select"),
+    # tp_btf/sk_data_ready: kernel 6.6 and later.
+    Plan.TRACEPOINT: ("ps_group_data_ready",),
+}
+
 # Preference order when the plan is chosen automatically: fentry is the
 # cheapest and sees arguments at exit; kprobes next; syscall tracepoints
 # alone miss refusals outside system calls (io_uring, kernel sockets).

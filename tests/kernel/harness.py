@@ -769,3 +769,128 @@ def _option(family: int, name: str) -> tuple[int, int]:
     if name == "v6only" and not v6:
         raise ValueError("v6only applies to ipv6 sockets only")
     return table[name]
+
+
+# ---- reuseport groups: actors that serve many connections or datagrams ------
+
+SO_ATTACH_REUSEPORT_CBPF = 51
+SO_RCVBUFFORCE = 33
+
+
+class _Serving:
+    """A thread inside an actor that accepts (TCP) or receives (UDP) on one
+    socket and counts, closing each accepted connection at once."""
+
+    def __init__(self, sock: socket.socket) -> None:
+        self.sock = sock
+        self.count = 0
+        self.stopping = False
+        self.thread = threading.Thread(target=self._loop, daemon=True)
+        self.thread.start()
+
+    def _loop(self) -> None:
+        tcp = self.sock.type == socket.SOCK_STREAM
+        while not self.stopping:
+            if not select.select([self.sock], [], [], 0.05)[0]:
+                continue
+            if tcp:
+                conn, _ = self.sock.accept()
+                conn.close()
+            else:
+                self.sock.recv(65536)
+            self.count += 1
+
+    def stop(self) -> int:
+        self.stopping = True
+        self.thread.join()
+        return self.count
+
+
+def _op_serve(self: _ActorServer, fd: int) -> None:
+    if not hasattr(self, "serving"):
+        self.serving = {}
+    self.serving[fd] = _Serving(self.sockets[fd])
+
+
+def _op_served(self: _ActorServer, fd: int) -> int:
+    return self.serving[fd].count
+
+
+def _op_stop_serving(self: _ActorServer, fd: int) -> int:
+    return self.serving.pop(fd).stop()
+
+
+def _op_rcvbuf(self: _ActorServer, fd: int, size: int) -> None:
+    self.sockets[fd].setsockopt(socket.SOL_SOCKET, SO_RCVBUFFORCE, size)
+
+
+def _op_connect_many(self: _ActorServer, family: str, addr: str, port: int, n: int) -> int:
+    """``n`` connections, each from a new socket, closed at once; returns how
+    many connected. A plain close (FIN), not a reset: on loopback the
+    handshake's last ACK and a reset sent right after it can be processed in
+    either order (two CPUs' backlogs), and a reset first silently undoes a
+    connection the client saw succeed; a FIN completes the handshake itself."""
+    made = 0
+    for _ in range(n):
+        with socket.socket(FAMILIES[family], socket.SOCK_STREAM) as s:
+            s.connect(_sockaddr(FAMILIES[family], addr, port))
+            made += 1
+    return made
+
+
+def _op_send_many(self: _ActorServer, family: str, addr: str, port: int, n: int) -> int:
+    """``n`` datagrams, each from a new socket (a new source port, so the
+    group's hash spreads them); returns how many were sent."""
+    sent = 0
+    for _ in range(n):
+        with socket.socket(FAMILIES[family], socket.SOCK_DGRAM) as s:
+            s.sendto(b"x", _sockaddr(FAMILIES[family], addr, port))
+            sent += 1
+    return sent
+
+
+def _op_steer_to(self: _ActorServer, fd: int, index: int) -> None:
+    """Attach a classic reuseport BPF program that sends everything to the
+    group member at ``index`` (SO_ATTACH_REUSEPORT_CBPF: "ret #index")."""
+    insns = struct.pack("HBBI", 0x06, 0, 0, index)  # BPF_RET | BPF_K
+    prog = ctypes.create_string_buffer(insns, len(insns))
+    fprog = struct.pack("HxxxxxxQ", 1, ctypes.addressof(prog))
+    buf = ctypes.create_string_buffer(fprog, len(fprog))
+    if _libc.setsockopt(fd, socket.SOL_SOCKET, SO_ATTACH_REUSEPORT_CBPF, buf, len(fprog)) != 0:
+        err = ctypes.get_errno()
+        raise OSError(err, f"SO_ATTACH_REUSEPORT_CBPF: {os.strerror(err)}")
+
+
+for _name, _fn in (("serve", _op_serve), ("served", _op_served), ("stop_serving", _op_stop_serving),
+                   ("rcvbuf", _op_rcvbuf), ("connect_many", _op_connect_many),
+                   ("send_many", _op_send_many), ("steer_to", _op_steer_to)):
+    setattr(_ActorServer, f"op_{_name}", _fn)
+
+
+class ServingActor(Actor):
+    """An actor that can also serve a socket in the background and make or
+    send many connections or datagrams in one step."""
+
+    def serve(self, fd: int) -> None:
+        """Accept (TCP) or receive (UDP) on ``fd`` in the background, counting."""
+        self._call("serve", fd)
+
+    def served(self, fd: int) -> int:
+        """How many connections accepted or datagrams received so far."""
+        return self._call("served", fd)
+
+    def stop_serving(self, fd: int) -> int:
+        """Stop accepting or receiving; returns the final count."""
+        return self._call("stop_serving", fd)
+
+    def rcvbuf(self, fd: int, size: int) -> None:
+        self._call("rcvbuf", fd, size)
+
+    def connect_many(self, addr: str, port: int, n: int, family: str = "ipv4") -> int:
+        return self._call("connect_many", family, addr, port, n)
+
+    def send_many(self, addr: str, port: int, n: int, family: str = "ipv4") -> int:
+        return self._call("send_many", family, addr, port, n)
+
+    def steer_to(self, fd: int, index: int) -> None:
+        self._call("steer_to", fd, index)

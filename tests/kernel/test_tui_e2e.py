@@ -1,0 +1,118 @@
+"""End to end: the real `portscope` UI in a real 80x24 terminal (tmux), over
+the live collector, while real sockets fail to bind and form a reuseport
+group. What the screen shows is read back with capture-pane."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Callable
+
+import pytest
+
+from harness import Actor, Netns
+from tests.needs import need_tool
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def _emulated() -> bool:
+    """Booted by scripts/vm-run (virtme-ng, software emulation: ~50x slower)."""
+    try:
+        return "virtme" in Path("/proc/cmdline").read_text()
+    except OSError:
+        return False
+
+
+SLOWDOWN = 50.0 if _emulated() else 1.0
+DEADLINE_S = 2.0 * SLOWDOWN  # from the kernel event to the screen: the promise
+START_S = 60.0 * SLOWDOWN  # the app itself: probes loaded, first inventory read
+
+
+class Terminal:
+    """A tmux session running one command at 80x24."""
+
+    def __init__(self, command: str, width: int = 80, height: int = 24) -> None:
+        self.tmux = need_tool("tmux")
+        self.name = f"portscope-e2e-{os.getpid()}-{time.monotonic_ns()}"
+        subprocess.run([self.tmux, "new-session", "-d", "-s", self.name, "-x", str(width),
+                        "-y", str(height), command], check=True, cwd=ROOT)
+
+    def screen(self) -> str:
+        out = subprocess.run([self.tmux, "capture-pane", "-p", "-t", self.name],
+                             capture_output=True, text=True)
+        return out.stdout
+
+    def keys(self, *keys: str) -> None:
+        subprocess.run([self.tmux, "send-keys", "-t", self.name, *keys], check=True)
+
+    def wait_for(self, ready: Callable[[str], bool], timeout: float) -> tuple[float, str]:
+        """Seconds until ``ready(screen)``; fails with the last screen."""
+        start = time.monotonic()
+        while True:
+            screen = self.screen()
+            if ready(screen):
+                return time.monotonic() - start, screen
+            if time.monotonic() - start > timeout:
+                pytest.fail(f"not on screen within {timeout} s; the screen was:\n{screen}")
+            time.sleep(0.05)
+
+    def close(self) -> None:
+        subprocess.run([self.tmux, "send-keys", "-t", self.name, "q"], capture_output=True)
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline and subprocess.run(
+                [self.tmux, "has-session", "-t", self.name], capture_output=True).returncode == 0:
+            time.sleep(0.1)
+        subprocess.run([self.tmux, "kill-session", "-t", self.name], capture_output=True)
+
+
+@pytest.fixture
+def terminal(root: None):
+    # `portscope` with no arguments, on a terminal: the UI. The pane keeps
+    # the exit status visible if the app dies early.
+    term = Terminal(f"{sys.executable} -m tracer.cli; echo portscope exited $?; sleep 30")
+    try:
+        yield term
+    finally:
+        term.close()
+
+
+def test_conflict_and_reuseport_group_reach_the_screen_within_two_seconds(terminal, netns: Netns):
+    _, screen = terminal.wait_for(lambda s: "live · " in s and "Refresh" in s, START_S)
+    assert "1 Overview" in screen and "Quit" in screen  # tabs and footer fit in 80x24
+
+    # A real EADDRINUSE: a listener, then a bind to the same address.
+    port = 20000 + os.getpid() % 10000
+    server, intruder = Actor(netns), Actor(netns)
+    lst = server.socket("tcp")
+    server.bind(lst, "0.0.0.0", port)
+    server.listen(lst)
+    terminal.keys("2")
+    start = time.monotonic()
+    truth = intruder.bind(intruder.socket("tcp"), "0.0.0.0", port)
+    assert truth.errno == 98  # the kernel said EADDRINUSE
+    wanted = f"0.0.0.0:{port}"
+    terminal.wait_for(lambda s: any("EADDRINUSE" in line and wanted in line
+                                    for line in s.splitlines()), DEADLINE_S)
+    # ... and, on the spot, who blocks it (the explainer reads the port's sockets).
+    _, screen = terminal.wait_for(lambda s: "Blocked by" in s and "listener" in s,
+                                  max(DEADLINE_S - (time.monotonic() - start), 0.1))
+    assert f"[{server.pid}]" in screen
+    print(f"conflict explained after {time.monotonic() - start:.2f} s:\n{screen}")
+
+    # A real reuseport group of two members.
+    gport = port + 1
+    members = [Actor(netns) for _ in range(2)]
+    terminal.keys("4")
+    for m in members:
+        fd = m.socket("tcp", reuseport=True)
+        m.bind(fd, "0.0.0.0", gport)
+        m.listen(fd)
+    elapsed, screen = terminal.wait_for(
+        lambda s: any(f"0.0.0.0:{gport}" in line and " 2 " in line for line in s.splitlines()),
+        DEADLINE_S)
+    assert elapsed < DEADLINE_S
+    print(f"group on screen after {elapsed:.2f} s:\n{screen}")

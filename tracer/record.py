@@ -1,0 +1,325 @@
+"""``portscope record``: write every traced event and a periodic inventory
+snapshot to the journal, headless (a systemd service: deploy/).
+
+Three activities, two threads:
+
+* the main thread polls the probes (failures of bind/listen/connect,
+  successes of bind and listen, listener closes), decodes each event, adds
+  who the caller is (executable, cgroup, command line, read now, while the
+  process still exists) and, for an EADDRINUSE, the blocking sockets
+  explained on the spot; it is the only thread that writes to the journal,
+  and it commits at least every ``journal.COMMIT_S`` seconds;
+* a snapshot thread takes the inventory of listeners, UDP sockets and bound
+  sockets every ``--snapshot-interval`` seconds, and soon after any bind,
+  listen or listener close (at most one such extra snapshot per
+  ``MIN_GAP_S``), so that short-lived ownership is seen too; the main thread
+  writes what it took;
+* rotation (age and size limits) runs between batches, a bounded slice at a
+  time, so that it never holds events back for long.
+
+SIGINT and SIGTERM stop cleanly: the ring buffer is drained, the snapshots
+already taken are written, the session is marked as ended, everything is
+committed. A second signal while stopping gives up at once.
+"""
+
+from __future__ import annotations
+
+import argparse
+import errno
+import queue
+import sys
+import threading
+import time
+
+from . import journal as jr
+from .engine import Engine, EngineConfig, open_engine
+from .errors import ExitStatus, PortscopeError
+from .events import CallEvent, Clock, decode
+from .onthespot import OnTheSpot
+from .owners import Owner, OwnerCache
+from .plans import Plan
+from .trace import StopSignal
+
+POLL_MS = 100
+TRIGGER_DELAY_S = 0.2  # let a bind become a listen before looking
+MIN_GAP_S = 0.5  # at most two event-triggered snapshots a second
+EXPLAIN_SHARE = 0.25  # of each second, at most this much explaining EADDRINUSE on the spot
+IDENTITY_TTL_S = 2.0
+SNAPSHOT_STATES = ("LISTEN", "CLOSE")  # listeners; unconnected UDP; bound-only TCP
+SUCCESSES = frozenset({"bind", "listen", "listen_close"})
+CHUNK = 1000  # events decoded and written between two looks at the commit clock
+
+
+def run(args: argparse.Namespace) -> ExitStatus:
+    # Opened first: a bad journal is a usage error, whatever the kernel allows.
+    writer = jr.JournalWriter(args.output, max_size=args.max_size, retain=args.retain)
+    stop = StopSignal()
+    try:
+        engine = open_engine(EngineConfig(
+            plan=None if args.plan == "auto" else Plan(args.plan),
+            successes=SUCCESSES,
+            ring_bytes=args.ring_size,
+            btf_path=args.btf,
+        ))
+        try:
+            recorder = Recorder(engine, writer, args.snapshot_interval, explain=not args.no_explain)
+            print(f"portscope: recording to {args.output} with the {engine.plan.value} plan "
+                  f"(snapshot every {args.snapshot_interval:g}s{_limits(args)}); "
+                  "SIGTERM or Ctrl-C to stop", file=sys.stderr, flush=True)
+            recorder.run(stop)
+        finally:
+            engine.close()
+    finally:
+        writer.close()
+    return ExitStatus.OK
+
+
+def _limits(args: argparse.Namespace) -> str:
+    parts = []
+    if args.max_size:
+        parts.append(f"max {args.max_size >> 20} MiB" if args.max_size >= 1 << 20
+                     else f"max {args.max_size} bytes")
+    if args.retain:
+        parts.append(f"kept {_span(args.retain)}")
+    return "; " + ", ".join(parts) if parts else ""
+
+
+def _span(seconds: float) -> str:
+    for unit, size in (("w", 604800), ("d", 86400), ("h", 3600), ("m", 60)):
+        if seconds >= size and seconds % size == 0:
+            return f"{seconds / size:g}{unit}"
+    return f"{seconds:g}s"
+
+
+class Identities:
+    """Who a pid is, read with psutil, remembered for IDENTITY_TTL_S (a storm
+    of events from one process reads /proc once)."""
+
+    def __init__(self) -> None:
+        self._cache: dict[int, tuple[float, Owner]] = {}
+        self._pruned = time.monotonic()
+
+    def get(self, pid: int, comm: str) -> Owner:
+        now = time.monotonic()
+        hit = self._cache.get(pid)
+        if hit and now - hit[0] < (IDENTITY_TTL_S if hit[1].readable else 0.2):
+            return hit[1]
+        owner = OwnerCache().get(pid, comm)
+        self._cache[pid] = (now, owner)
+        if now - self._pruned > 10 * IDENTITY_TTL_S:
+            self._cache = {p: v for p, v in self._cache.items() if now - v[0] < IDENTITY_TTL_S}
+            self._pruned = now
+        return owner
+
+
+class Snapshotter:
+    """The inventory thread. ``trigger()`` asks for a snapshot soon; results
+    (jr.Snapshot, or an exception to report) arrive on ``results``."""
+
+    def __init__(self, interval: float) -> None:
+        self.interval = interval
+        self.results: queue.Queue[jr.Snapshot | BaseException] = queue.Queue()
+        self._cond = threading.Condition()
+        self._trigger_at: float | None = None
+        self._stopping = False
+        self._thread = threading.Thread(target=self._main, name="portscope-snapshots", daemon=True)
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def trigger(self) -> None:
+        with self._cond:
+            if self._trigger_at is None:
+                self._trigger_at = time.monotonic() + TRIGGER_DELAY_S
+                self._cond.notify()
+
+    def stop(self, timeout: float = 10.0) -> None:
+        with self._cond:
+            self._stopping = True
+            self._cond.notify()
+        self._thread.join(timeout)
+
+    def _main(self) -> None:
+        from .sockflags import SocketIterators
+
+        try:
+            iterators = SocketIterators()
+        except (PortscopeError, OSError) as exc:
+            self.results.put(exc)
+            return
+        try:
+            next_periodic = time.monotonic()
+            last_end = -1e9
+            gap = MIN_GAP_S
+            while True:
+                reason = self._wait(next_periodic, last_end + gap)
+                if reason is None:
+                    return
+                started, wall = time.monotonic(), time.time()
+                try:
+                    snap = self._take(iterators, wall, reason)
+                except (PortscopeError, OSError) as exc:
+                    self.results.put(exc)
+                    snap = None
+                last_end = time.monotonic()
+                # A slow inventory (a huge host) must not run back to back.
+                gap = max(MIN_GAP_S, 4 * (last_end - started))
+                if snap is not None:
+                    snap.duration = last_end - started
+                    self.results.put(snap)
+                if reason == "periodic":
+                    next_periodic = max(started + self.interval, last_end + gap)
+        finally:
+            iterators.close()
+
+    def _wait(self, next_periodic: float, earliest_trigger: float) -> str | None:
+        with self._cond:
+            while True:
+                if self._stopping:
+                    return None
+                now = time.monotonic()
+                due, reason = next_periodic, "periodic"
+                if self._trigger_at is not None:
+                    at = max(self._trigger_at, earliest_trigger)
+                    if at < due:
+                        due, reason = at, "event"
+                if now >= due:
+                    # Any snapshot answers a pending trigger.
+                    if self._trigger_at is not None and self._trigger_at <= now:
+                        self._trigger_at = None
+                    return reason
+                self._cond.wait(due - now)
+
+    @staticmethod
+    def _take(iterators: object, wall: float, reason: str) -> jr.Snapshot:
+        from .inventory import take
+
+        inv = take(states=SNAPSHOT_STATES, iterators=iterators)  # type: ignore[arg-type]
+        sockets = [jr.snapshot_socket(s) for s in inv.sockets
+                   if s.diag.local_port and not (s.diag.protocol == "udp" and s.diag.remote_port)]
+        return jr.Snapshot(wall, 0.0, reason, sockets, inv.health())
+
+
+class Recorder:
+    def __init__(self, engine: Engine, writer: jr.JournalWriter, interval: float,
+                 explain: bool = True) -> None:
+        self.engine = engine
+        self.writer = writer
+        self.clock = Clock()
+        self.identities = Identities()
+        self.explainer = OnTheSpot() if explain else None
+        self.snapshots = Snapshotter(interval)
+        self.interval = interval
+        self.unexplained = 0
+        self.recorded = 0
+        self._window_end = 0.0
+        self._explaining = 0.0
+        self._warned: set[str] = set()
+        self._last_commit = time.monotonic()
+        self._lost = 0
+
+    def run(self, stop: StopSignal) -> None:
+        self.writer.start_session(self.engine.plan.value, self.interval)
+        self.snapshots.start()
+        self._last_commit = time.monotonic()
+        next_rotate = self._last_commit
+        try:
+            self.writer.rotate()
+            while not stop.requested:
+                self._record(self.engine.poll(POLL_MS))
+                self._write_snapshots()
+                self._maybe_commit()
+                if time.monotonic() >= next_rotate:
+                    self.writer.rotate()
+                    next_rotate = time.monotonic() + jr.COMMIT_S
+            # What is in the ring buffer happened: keep it.
+            self._record(self.engine.drain())
+        except BaseException:
+            self._shutdown(failing=True)
+            raise
+        self._shutdown(failing=False)
+
+    def _shutdown(self, failing: bool) -> None:
+        """Stop the snapshots, write what is left, end the session. When
+        already failing (the journal's disk is full), do what can be done
+        without hiding the first error."""
+        self.snapshots.stop()
+        if self.explainer:
+            self.explainer.close()
+        try:
+            self._write_snapshots()
+            self._commit()
+            self.writer.end_session()
+        except jr.JournalIOError:
+            if not failing:
+                raise
+        counters = self.engine.counters()
+        print(f"portscope: {self.recorded} events recorded, {counters.lost} lost, "
+              f"{counters.inflight_full} calls untraced", file=sys.stderr)
+
+    def _record(self, raws: list[bytes]) -> None:
+        """Decode, enrich and write; a long batch (a storm) is committed as it
+        goes, so that a crash loses at most COMMIT_S of what was read."""
+        for i in range(0, len(raws), CHUNK):
+            self._record_chunk(raws[i:i + CHUNK])
+            self._maybe_commit()
+
+    def _record_chunk(self, raws: list[bytes]) -> None:
+        rows = []
+        trigger = False
+        session = self.writer.session
+        for raw in raws:
+            ev = decode(raw, self.clock)
+            owner = self.identities.get(ev.pid, ev.comm)
+            rows.append(jr.event_row(session, ev, owner, self._explain(ev)))
+            if ev.call in SUCCESSES and (ev.port or ev.bound_port):
+                trigger = True
+        self.writer.add_events(rows)
+        self.recorded += len(rows)
+        if trigger:
+            self.snapshots.trigger()
+
+    def _explain(self, ev: CallEvent) -> object:
+        """The on-the-spot blockers of an EADDRINUSE (JSON form), within a
+        time budget: a storm of distinct failures must not stall recording."""
+        if self.explainer is None or ev.errno != errno.EADDRINUSE or ev.call not in ("bind", "listen"):
+            return None
+        now = time.monotonic()
+        if now >= self._window_end:
+            self._window_end, self._explaining = now + 1.0, 0.0
+        if self._explaining >= EXPLAIN_SHARE:
+            self.unexplained += 1
+            return {"error": "not explained: too many failures at once (see the snapshots)"}
+        found = self.explainer.blockers(ev)
+        self._explaining += time.monotonic() - now
+        return None if found is None else found.to_json()
+
+    def _write_snapshots(self) -> None:
+        while True:
+            try:
+                item = self.snapshots.results.get_nowait()
+            except queue.Empty:
+                return
+            if isinstance(item, BaseException):
+                self._warn(f"portscope: snapshot failed: {item}")
+            else:
+                self.writer.add_snapshot(item)
+
+    def _maybe_commit(self) -> None:
+        if time.monotonic() - self._last_commit >= jr.COMMIT_S:
+            self._commit()
+
+    def _commit(self) -> None:
+        c = self.engine.counters()
+        if c.lost > self._lost:
+            print(f"portscope: {c.lost - self._lost} events lost: the ring buffer was full "
+                  "(raise --ring-size)", file=sys.stderr, flush=True)
+            self._lost = c.lost
+        self.writer.heartbeat(c.emitted, c.lost, c.inflight_full, self.unexplained)
+        self.writer.commit()
+        self._last_commit = time.monotonic()
+
+    def _warn(self, text: str) -> None:
+        if text not in self._warned:
+            self._warned.add(text)
+            print(text, file=sys.stderr, flush=True)

@@ -1,0 +1,175 @@
+"""portscope's terminal UI: five screens over the collector's state model.
+
+The app reads one thing, an object with a ``snapshot()`` method returning a
+:class:`tracer.state.Snapshot` (the :class:`~tracer.state.StateModel` the
+collector fills, or one filled from a recording). A timer pulls the newest
+snapshot a few times a second and redraws the shown screen only if a part
+it shows has a new version: however fast the kernel produces events, the UI
+handles at most one state per tick and never queues any (that is the
+coalescing). The app never talks to the kernel.
+
+Build it with :func:`make_app`; ``portscope`` (no arguments, on a terminal)
+and ``portscope ui`` run it over the live collector.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Protocol
+
+from rich.text import Text
+from textual.app import App, ComposeResult
+from textual.binding import Binding
+from textual.widgets import Footer, Static, TabbedContent
+
+from tracer.state import Snapshot
+
+from .base import Pane
+from .conflicts import ConflictsPane
+from .groups import GroupsPane
+from .overview import OverviewPane
+from .ports import PortsPane
+from .render import count, rate
+from .timewait import TimewaitPane
+
+REFRESH_HZ = 4.0
+SCREENS = ("overview", "conflicts", "ports", "groups", "timewait")
+TALL = 40  # rows from which lists get more room
+
+
+class StateSource(Protocol):
+    def snapshot(self) -> Snapshot: ...
+
+
+def status_text(snap: Snapshot, paused: bool) -> Text:
+    h = snap.health
+    out = Text()
+    out.append("portscope", "bold")
+    out.append(f" │ {h.source} · {h.plan or '?'}")
+    out.append(f" │ {rate(h.events_per_s)}")
+    out.append(" │ ")
+    out.append(f"{count(h.lost)} lost", "bold red" if h.lost else "")
+    out.append(f" │ {count(snap.conflicts_total)} conflicts")
+    if h.errors:
+        out.append(f" │ {len(h.errors)} error(s)", "bold red")
+    if paused:
+        out.append(" │ PAUSED (p)", "bold reverse yellow")
+    return out
+
+
+class PortscopeApp(App[None]):
+    CSS_PATH = Path(__file__).with_name("portscope.tcss")
+    TITLE = "portscope"
+    ENABLE_COMMAND_PALETTE = False
+    _SCREENS = Binding.Group("Screens", compact=True)
+    BINDINGS = [
+        Binding("q", "quit", "Quit"),
+        Binding("1", "show('overview')", "Overview", group=_SCREENS),
+        Binding("2", "show('conflicts')", "Conflicts", group=_SCREENS),
+        Binding("3", "show('ports')", "Ports", group=_SCREENS),
+        Binding("4", "show('groups')", "Groups", group=_SCREENS),
+        Binding("5", "show('timewait')", "TIME_WAIT", group=_SCREENS),
+        Binding("p", "pause", "Pause"),
+    ]
+
+    def __init__(self, source: StateSource, *, refresh_hz: float = REFRESH_HZ,
+                 initial: str = "overview") -> None:
+        super().__init__()
+        self.source = source
+        self.refresh_hz = refresh_hz
+        self.initial = initial
+        self.paused = False
+        self.snap: Snapshot | None = None
+        self.frames = 0  # snapshots drawn (for tests and the benchmark)
+        self.skipped = 0  # versions never drawn because a newer one came first
+        self._notified: set[tuple[str, str]] = set()
+
+    def compose(self) -> ComposeResult:
+        yield Static(id="status")
+        with TabbedContent(initial=self.initial, id="tabs"):
+            yield OverviewPane()
+            yield ConflictsPane()
+            yield PortsPane()
+            yield GroupsPane()
+            yield TimewaitPane()
+        yield Footer()
+
+    def on_mount(self) -> None:
+        self.set_interval(1 / self.refresh_hz, self.pull)
+        self.pull()
+        self._focus_active()
+
+    def on_resize(self) -> None:
+        self.set_class(self.size.height >= TALL, "-tall")
+
+    # -- pulling the state
+
+    def pull(self, force: bool = False) -> None:
+        """Draw the newest snapshot if it is new (or ``force``)."""
+        if self.paused and not force:
+            return
+        snap = self.source.snapshot()
+        if self.snap is not None and snap.version == self.snap.version and not force:
+            return
+        if self.snap is not None and snap.version > self.snap.version + 1:
+            self.skipped += snap.version - self.snap.version - 1
+        self.snap = snap
+        self.frames += 1
+        self.query_one("#status", Static).update(status_text(snap, self.paused))
+        pane = self.active_pane
+        if pane is not None:
+            pane.show(snap, force=force)
+        self._notify_errors(snap)
+
+    def _notify_errors(self, snap: Snapshot) -> None:
+        for kind, sentence in snap.health.errors:
+            if (kind, sentence) not in self._notified:
+                self._notified.add((kind, sentence))
+                self.notify(sentence, title=kind, severity="error", timeout=10)
+
+    @property
+    def active_pane(self) -> Pane | None:
+        tabs = self.query_one("#tabs", TabbedContent)
+        if not tabs.active:
+            return None
+        pane = tabs.get_pane(tabs.active)
+        return pane if isinstance(pane, Pane) else None
+
+    # -- screens
+
+    def action_show(self, screen: str) -> None:
+        self.query_one("#tabs", TabbedContent).active = screen
+
+    def on_tabbed_content_tab_activated(self, event: TabbedContent.TabActivated) -> None:
+        pane = self.active_pane
+        if pane is not None and self.snap is not None:
+            pane.show(self.snap)
+        self.call_after_refresh(self._focus_active)
+
+    def _focus_active(self) -> None:
+        pane = self.active_pane
+        widget = pane.main_widget() if pane else None
+        if widget is not None:
+            widget.focus()
+
+    def on_overview_pane_open(self, event: OverviewPane.Open) -> None:
+        self.action_show("conflicts")
+        conflicts = self.query_one(ConflictsPane)
+        if self.snap is not None:
+            conflicts.show(self.snap)
+        conflicts.select(event.seq)
+
+    def action_pause(self) -> None:
+        self.paused = not self.paused
+        if self.snap is not None:
+            self.query_one("#status", Static).update(status_text(self.snap, self.paused))
+        if not self.paused:
+            self.pull()
+        self.notify("paused: the screens stay as they are; the collector goes on"
+                    if self.paused else "live again", timeout=3)
+
+
+def make_app(state_source: StateSource, **options: object) -> PortscopeApp:
+    """The app over ``state_source`` (anything with ``snapshot()``)."""
+    return PortscopeApp(state_source, **options)  # type: ignore[arg-type]
+

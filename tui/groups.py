@@ -1,0 +1,122 @@
+"""The Groups screen: each SO_REUSEPORT group, and for the selected one a bar
+per member (its share of the deliveries), the group's rate as a sparkline,
+the imbalance figures, and the members that joined or left."""
+
+from __future__ import annotations
+
+from rich.text import Text
+from textual.app import ComposeResult
+from textual.containers import VerticalScroll
+from textual.widgets import Static
+
+from tracer.state import GroupView, Snapshot, clock_text
+
+from .base import Pane
+from .render import bar, count, rate, share, sparkline
+from .table import Column, Row, VirtualTable
+
+COLUMNS = (
+    Column("GROUP", 14, flex=2),
+    Column("PROTO", 5),
+    Column("MEMBERS", 7, right=True),
+    Column("RATE", 8, right=True),
+    Column("BALANCE", 12),
+    Column("NETNS", 10, right=True, hide_below=110),
+    Column("OWNERS", 8, flex=3),
+)
+
+VERDICT_STYLE = {"uneven": "warn", "even": "ok"}
+
+
+def group_row(g: GroupView) -> Row:
+    verdict = g.imbalance.verdict if g.imbalance else "-"
+    if verdict == "insufficient":
+        verdict = "too little"
+    members = str(len(g.members)) if len(g.members) == g.size else f"{len(g.members)}/{g.size}"
+    return Row(g.key, (g.local, g.proto, members, rate(g.rate), verdict, str(g.netns), g.owners),
+               VERDICT_STYLE.get(g.imbalance.verdict if g.imbalance else "", ""))
+
+
+def detail(g: GroupView, width: int) -> Text:
+    width = max(width, 40)
+    out = Text()
+    out.append(f"{g.local} {g.proto}", "bold")
+    out.append(f" · netns {g.netns} · {len(g.members)} members"
+               + (f" (kernel counts {g.size})" if g.size != len(g.members) else "")
+               + f" · {count(g.delivered)} delivered · {rate(g.rate)}"
+               + (" · steered by a BPF program" if g.bpf else "") + "\n")
+    spark_w = max(min(len(g.history), width - 16), 0)
+    out.append("rate      ", "bold")
+    out.append(sparkline(g.history, spark_w) or "(after the second read)", "cyan")
+    if g.history:
+        out.append(f" {rate(g.history[-1])}")
+    out.append("\n")
+    if g.imbalance:
+        out.append("imbalance ", "bold")
+        out.append(g.imbalance.text + "\n",
+                   "yellow" if g.imbalance.verdict == "uneven" else "")
+    # A bar per member: its share of the deliveries since membership last
+    # changed (what the imbalance is measured on), else of all it received.
+    name_w = min(max((len(m.owner) for m in g.members), default=6), 24)
+    figures_w = 34
+    bar_w = max(width - name_w - figures_w - 2, 6)
+    values = [m.share if m.share is not None else float(m.delivered) for m in g.members]
+    peak = max(values, default=0)
+    out.append(f"{'MEMBER'.ljust(name_w)} {'SHARE'.ljust(bar_w)}"
+               f" {'DELIVERED':>9} {'%':>4} {'RATE':>8} {'QUEUE':>9}\n", "bold")
+    for m, v in zip(g.members, values):
+        owner = m.owner if len(m.owner) <= name_w else m.owner[: name_w - 1] + "…"
+        queue = f"{m.queue}/{m.backlog}" if m.backlog is not None else str(m.queue)
+        out.append(owner.ljust(name_w) + " ")
+        out.append(bar(v, peak, bar_w), "green")
+        out.append(f" {m.delivered:>9,} {share(m.share):>4} {rate(m.rate):>8} {queue:>9}\n")
+    if g.events:
+        out.append("joined and left\n", "bold")
+        for e in reversed(g.events[-8:]):
+            mark, style = ("+", "green") if e.kind == "join" else ("-", "red")
+            out.append(f"  {clock_text(e.time)[:8]} ")
+            out.append(f"{mark} {e.kind:5} ", style)
+            out.append(e.member + (f" ({count(e.delivered)} delivered)" if e.kind == "leave"
+                                   else "") + "\n")
+    return out
+
+
+class GroupsPane(Pane):
+    PARTS = ("groups",)
+
+    def __init__(self) -> None:
+        super().__init__("4 Groups", id="groups")
+        self._by_key: dict[str, GroupView] = {}
+
+    def compose(self) -> ComposeResult:
+        yield VirtualTable(COLUMNS, id="group-table", empty="no SO_REUSEPORT group on this host")
+        with VerticalScroll(id="group-detail", classes="detail"):
+            yield Static(id="group-text")
+
+    @property
+    def table(self) -> VirtualTable:
+        return self.query_one("#group-table", VirtualTable)
+
+    def main_widget(self) -> VirtualTable:
+        return self.table
+
+    def render_snapshot(self, snap: Snapshot) -> None:
+        self._by_key = {g.key: g for g in snap.groups}
+        self.table.set_rows([group_row(g) for g in snap.groups])
+        self._show_detail(self.table.cursor_key)
+
+    def _show_detail(self, key: object) -> None:
+        g = self._by_key.get(key)  # type: ignore[arg-type]
+        width = self.query_one("#group-detail").size.width or 78
+        text = detail(g, width - 2) if g else Text(
+            "sockets that share a port with SO_REUSEPORT appear here, with how the kernel "
+            "spreads connections and datagrams over them", "dim italic")
+        self.query_one("#group-text", Static).update(text)
+
+    def on_virtual_table_highlighted(self, event: VirtualTable.Highlighted) -> None:
+        event.stop()
+        self._show_detail(event.key)
+
+    def on_resize(self) -> None:
+        if self.snapshot is not None:
+            self._show_detail(self.table.cursor_key)

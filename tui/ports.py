@@ -1,0 +1,123 @@
+"""The Ports screen: who holds what. Every socket but TIME_WAIT (their own
+screen), by port, listeners first, with owners and the flags ss cannot show;
+a filter narrows it as you type."""
+
+from __future__ import annotations
+
+import time
+
+from textual.app import ComposeResult
+from textual.binding import Binding
+from textual.widgets import Input, Static
+
+from tracer.state import SocketRow, Snapshot, matches
+
+from .base import Pane
+from .render import count
+from .table import Column, Row, VirtualTable
+
+COLUMNS = (
+    Column("PROTO", 5),
+    Column("STATE", 9),
+    Column("LOCAL", 14, flex=1),
+    Column("REMOTE", 15, flex=1),
+    Column("QUEUE", 7, right=True),
+    Column("FLAGS", 8, flex=1),
+    Column("OWNERS", 10, flex=3),
+    Column("NETNS", 10, right=True, hide_below=120),
+    Column("UID", 5, right=True, hide_below=120),
+    Column("INODE", 8, right=True, hide_below=140),
+    Column("TIMER", 9, hide_below=140),
+)
+
+# ss's short names: the table is read at 80 columns.
+SHORT_STATES = {"ESTABLISHED": "ESTAB", "CLOSE": "UNCONN", "SYN_SENT": "SYN-SENT",
+                "SYN_RECV": "SYN-RECV", "FIN_WAIT1": "FIN-WAIT1", "FIN_WAIT2": "FIN-WAIT2",
+                "CLOSE_WAIT": "CLOSE-WAIT", "LAST_ACK": "LAST-ACK", "TIME_WAIT": "TIME-WAIT"}
+
+
+def port_key(r: SocketRow) -> tuple:
+    return (r.netns, r.cookie, r.inode, r.local, r.remote)
+
+
+def port_row(r: SocketRow) -> Row:
+    return Row(port_key(r),
+               (r.proto, SHORT_STATES.get(r.state, r.state), r.local, r.remote, r.queue,
+                r.flags, r.owners, str(r.netns), str(r.uid), str(r.inode), r.timer),
+               "ok" if r.state == "LISTEN" else ("dim" if r.owners == "-" else ""))
+
+
+class PortsPane(Pane):
+    PARTS = ("ports",)
+    BINDINGS = [
+        Binding("slash", "filter", "Filter"),
+        Binding("l", "listeners", "Listeners"),
+        Binding("escape", "clear", "Clear", show=False),
+    ]
+
+    def __init__(self) -> None:
+        super().__init__("3 Ports", id="ports")
+        self.query_text = ""
+        self.listeners_only = False
+        self._source: tuple[SocketRow, ...] = ()
+        self._listeners = 0
+
+    def compose(self) -> ComposeResult:
+        yield Input(placeholder="/ filter: words, :PORT, state, owner, user, flag…",
+                    id="port-filter")
+        yield Static(id="port-summary", classes="summary")
+        yield VirtualTable(COLUMNS, id="port-table", empty="no sockets read yet")
+
+    @property
+    def table(self) -> VirtualTable:
+        return self.query_one("#port-table", VirtualTable)
+
+    def main_widget(self) -> VirtualTable:
+        return self.table
+
+    def render_snapshot(self, snap: Snapshot) -> None:
+        if snap.ports is not self._source:
+            self._source = snap.ports
+            self._listeners = sum(1 for r in snap.ports if r.state == "LISTEN")
+        self._apply()
+
+    def _apply(self) -> None:
+        q = self.query_text.strip()
+        lo = self.listeners_only
+        shown = [r for r in self._source
+                 if (not lo or r.state == "LISTEN") and (not q or matches(r.search, q))]
+        # Rows are made only for the lines on screen.
+        self.table.set_rows(shown, port_row, port_key)
+        total = len(self._source)
+        listeners = self._listeners
+        parts = [f"{count(total)} sockets (not TIME_WAIT)", f"{count(listeners)} listening"]
+        if q or lo:
+            parts.append(f"{count(len(shown))} shown" + (" · listeners only" if lo else ""))
+        snap = self.snapshot
+        if snap and snap.ports_taken_at:
+            parts.append("read " + time.strftime("%H:%M:%S", time.localtime(snap.ports_taken_at)))
+        self.query_one("#port-summary", Static).update(" · ".join(parts))
+
+    def on_input_changed(self, event: Input.Changed) -> None:
+        event.stop()
+        self.query_text = event.value
+        if self.snapshot is not None:
+            self._apply()
+
+    def on_input_submitted(self, event: Input.Submitted) -> None:
+        event.stop()
+        self.table.focus()
+
+    def action_filter(self) -> None:
+        self.query_one("#port-filter", Input).focus()
+
+    def action_clear(self) -> None:
+        inp = self.query_one("#port-filter", Input)
+        if inp.value:
+            inp.value = ""
+        self.table.focus()
+
+    def action_listeners(self) -> None:
+        self.listeners_only = not self.listeners_only
+        if self.snapshot is not None:
+            self._apply()

@@ -1,0 +1,303 @@
+"""A virtual table: thousands of rows, only the visible ones rendered.
+
+Textual's DataTable keeps a cell object per value and measures every cell
+when rows are added: refilling 10,000 rows blocks the UI thread for 0.4 s
+to 2 s (scripts/bench-tui prints the figure). Here the rows are a list of
+any objects, replaced in one assignment and turned into text only for the
+lines on screen, so a refresh costs about the same with 10 rows or 100,000. The cursor stays
+on the same row *key* across updates, so a refresh never moves what the
+user is reading.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable, Hashable, NamedTuple, Sequence
+
+from rich.segment import Segment
+from rich.style import Style
+from textual import events
+from textual.binding import Binding
+from textual.geometry import Size
+from textual.message import Message
+from textual.reactive import reactive
+from textual.scroll_view import ScrollView
+from textual.strip import Strip
+
+
+class Column(NamedTuple):
+    label: str
+    width: int  # fixed width, or the minimum width of a flexible column
+    flex: int = 0  # share of the space left over (0: fixed)
+    right: bool = False  # right-aligned (numbers)
+    hide_below: int = 0  # hidden when the table is narrower than this
+
+
+class Row(NamedTuple):
+    key: Hashable
+    cells: tuple[str, ...]
+    style: str = ""  # "", "error", "warn", "dim", "ok"
+
+
+def fit(text: str, width: int, right: bool = False) -> str:
+    """``text`` cut (with an ellipsis) or padded to exactly ``width`` cells."""
+    if width <= 0:
+        return ""
+    if len(text) > width:
+        return text[: width - 1] + "…"
+    return text.rjust(width) if right else text.ljust(width)
+
+
+def layout(columns: Sequence[Column], total: int) -> list[tuple[int, int]]:
+    """(column index, width) of the columns shown in ``total`` cells, one
+    space between columns; flexible columns share what is left."""
+    shown = [i for i, c in enumerate(columns) if total >= c.hide_below]
+    gaps = max(len(shown) - 1, 0)
+    fixed = sum(columns[i].width for i in shown)
+    spare = total - gaps - fixed
+    flex_total = sum(columns[i].flex for i in shown)
+    widths = []
+    given = 0
+    flex_seen = 0
+    for i in shown:
+        c = columns[i]
+        w = c.width
+        if c.flex and spare > 0:
+            flex_seen += c.flex
+            share = spare * flex_seen // flex_total - given
+            given += share
+            w += share
+        widths.append((i, w))
+    return widths
+
+
+def _row_key(row: Row) -> Hashable:
+    return row.key
+
+
+class VirtualTable(ScrollView, can_focus=True):
+    """Rows of text with a fixed header and a cursor that follows its row."""
+
+    DEFAULT_CSS = """
+    VirtualTable {
+        height: 1fr;
+        scrollbar-size-vertical: 1;
+        overflow-x: hidden;
+    }
+    VirtualTable > .vtable--header { text-style: bold; color: $text-accent; }
+    VirtualTable > .vtable--cursor { background: $block-cursor-background; color: $block-cursor-foreground; text-style: bold; }
+    VirtualTable > .vtable--cursor-blurred { background: $block-cursor-blurred-background; }
+    VirtualTable > .vtable--error { color: $text-error; }
+    VirtualTable > .vtable--warn { color: $text-warning; }
+    VirtualTable > .vtable--ok { color: $text-success; }
+    VirtualTable > .vtable--dim { color: $text-muted; }
+    VirtualTable > .vtable--empty { color: $text-muted; text-style: italic; }
+    """
+    COMPONENT_CLASSES = {"vtable--header", "vtable--cursor", "vtable--cursor-blurred",
+                         "vtable--error", "vtable--warn", "vtable--ok", "vtable--dim",
+                         "vtable--empty"}
+    BINDINGS = [
+        Binding("up", "cursor(-1)", "Up", show=False),
+        Binding("down", "cursor(1)", "Down", show=False),
+        Binding("k", "cursor(-1)", "Up", show=False),
+        Binding("j", "cursor(1)", "Down", show=False),
+        Binding("pageup", "page(-1)", "Page up", show=False),
+        Binding("pagedown", "page(1)", "Page down", show=False),
+        Binding("home", "first", "First", show=False),
+        Binding("end", "last", "Last", show=False),
+        Binding("enter", "select", "Select", show=False),
+    ]
+
+    cursor: reactive[int] = reactive(0, always_update=False, repaint=False)
+
+    class Highlighted(Message):
+        """The cursor moved to another row (or the row under it changed)."""
+
+        def __init__(self, table: "VirtualTable", key: Hashable | None) -> None:
+            super().__init__()
+            self.table = table
+            self.key = key
+
+        @property
+        def control(self) -> "VirtualTable":
+            return self.table
+
+    class Selected(Highlighted):
+        """Enter on a row."""
+
+    def __init__(self, columns: Sequence[Column], *, empty: str = "nothing yet",
+                 follow: bool = False, show_cursor: bool = True, name: str | None = None, id: str | None = None,
+                 classes: str | None = None) -> None:
+        super().__init__(name=name, id=id, classes=classes)
+        self.columns = list(columns)
+        # The rows: any objects, made into Row only when drawn (``make``),
+        # so that 10,000 sockets cost a list assignment, not 10,000 Rows.
+        self._items: Sequence[Any] = []
+        self._make: Callable[[Any], Row] | None = None
+        self._keyf: Callable[[Any], Hashable] = _row_key
+        self._made: dict[int, Row] = {}
+        self.empty = empty
+        self.follow = follow  # keep the cursor on the newest (last) row while it is there
+        self.show_cursor = show_cursor
+        self.can_focus = show_cursor
+        self._vt_index: dict[Hashable, int] = {}
+        self._vt_layout: list[tuple[int, int]] = []
+        self._vt_layout_width = -1
+        self._vt_last_key: Hashable | None = None
+
+    # -- data
+
+    @property
+    def row_count(self) -> int:
+        return len(self._items)
+
+    def row(self, index: int) -> Row:
+        made = self._made.get(index)
+        if made is None:
+            item = self._items[index]
+            made = self._made[index] = self._make(item) if self._make else item
+        return made
+
+    def all_rows(self) -> list[Row]:
+        return [self.row(i) for i in range(len(self._items))]
+
+    @property
+    def cursor_key(self) -> Hashable | None:
+        if 0 <= self.cursor < len(self._items):
+            return self._keyf(self._items[self.cursor])
+        return None
+
+    def set_rows(self, items: Sequence[Any], make: Callable[[Any], Row] | None = None,
+                 key: Callable[[Any], Hashable] | None = None) -> None:
+        """Replace every row: ``items`` are Rows, or anything ``make`` turns
+        into a Row when it is drawn (``key`` gives its key without making
+        it). The cursor stays on its key when the key is still there, and on
+        the last row when following."""
+        old_key = self.cursor_key
+        at_end = self.cursor >= len(self._items) - 1
+        self._items = items
+        self._make = make
+        self._keyf = key or _row_key
+        self._made = {}
+        keyf = self._keyf
+        self._vt_index = {keyf(it): i for i, it in enumerate(items)}
+        if self.follow and at_end:
+            target = len(items) - 1
+        elif old_key is not None and old_key in self._vt_index:
+            target = self._vt_index[old_key]
+        else:
+            target = min(self.cursor, len(items) - 1)
+        self.virtual_size = Size(self.size.width, len(items) + 1)
+        self._set_cursor(max(target, 0), scroll=self.follow and at_end)
+        self.refresh()
+
+    def move_to(self, key: Hashable) -> bool:
+        index = self._vt_index.get(key)
+        if index is None:
+            return False
+        self._set_cursor(index)
+        return True
+
+    # -- cursor
+
+    def _set_cursor(self, index: int, scroll: bool = True) -> None:
+        index = max(0, min(index, len(self._items) - 1)) if self._items else 0
+        self.set_reactive(VirtualTable.cursor, index)
+        if scroll or not self._vt_visible(index):
+            self._vt_reveal(index)
+        key = self.cursor_key
+        if key != self._vt_last_key:
+            self._vt_last_key = key
+            self.post_message(self.Highlighted(self, key))
+
+    def _vt_visible(self, index: int) -> bool:
+        top = round(self.scroll_y)
+        return top <= index < top + max(self.size.height - 1, 1)
+
+    def _vt_reveal(self, index: int) -> None:
+        body = max(self.size.height - 1, 1)
+        top = round(self.scroll_y)
+        if index < top:
+            top = index
+        elif index >= top + body:
+            top = index - body + 1
+        self.scroll_to(y=top, animate=False, immediate=True)
+
+    def action_cursor(self, delta: int) -> None:
+        self._set_cursor(self.cursor + delta)
+        self.refresh()
+
+    def action_page(self, direction: int) -> None:
+        self._set_cursor(self.cursor + direction * max(self.size.height - 2, 1))
+        self.refresh()
+
+    def action_first(self) -> None:
+        self._set_cursor(0)
+        self.refresh()
+
+    def action_last(self) -> None:
+        self._set_cursor(len(self._items) - 1)
+        self.refresh()
+
+    def action_select(self) -> None:
+        if self._items:
+            self.post_message(self.Selected(self, self.cursor_key))
+
+    async def _on_click(self, event: events.Click) -> None:
+        offset = event.get_content_offset(self)
+        if offset is None or offset.y < 1:
+            return
+        index = round(self.scroll_y) + offset.y - 1
+        if 0 <= index < len(self._items):
+            self._set_cursor(index, scroll=False)
+            self.refresh()
+            if event.chain == 2:
+                self.post_message(self.Selected(self, self.cursor_key))
+
+    def on_resize(self, event: events.Resize) -> None:
+        self.virtual_size = Size(event.size.width, len(self._items) + 1)
+        self._vt_layout_width = -1
+
+    def on_focus(self) -> None:
+        self.refresh()
+
+    def on_blur(self) -> None:
+        self.refresh()
+
+    # -- rendering
+
+    def _vt_columns(self, width: int) -> list[tuple[int, int]]:
+        if width != self._vt_layout_width:
+            self._vt_layout = layout(self.columns, width)
+            self._vt_layout_width = width
+        return self._vt_layout
+
+    def _vt_line(self, cells: Sequence[str], widths: list[tuple[int, int]]) -> str:
+        return " ".join(fit(cells[i] if i < len(cells) else "", w, self.columns[i].right)
+                        for i, w in widths)
+
+    def render_line(self, y: int) -> Strip:
+        width = self.scrollable_content_region.width
+        widths = self._vt_columns(width)
+        base = self.rich_style
+        if y == 0:
+            labels = [c.label for c in self.columns]
+            text = self._vt_line(labels, widths)
+            style = base + self.get_component_rich_style("vtable--header")
+            return Strip([Segment(fit(text, width), style)], width)
+        index = round(self.scroll_y) + y - 1
+        if index >= len(self._items):
+            if index == 0:
+                style = base + self.get_component_rich_style("vtable--empty")
+                return Strip([Segment(fit(self.empty, width), style)], width)
+            return Strip.blank(width, base)
+        row = self.row(index)
+        style: Style = base
+        if row.style:
+            style = style + self.get_component_rich_style(f"vtable--{row.style}")
+        if index == self.cursor and self.show_cursor:
+            if self.has_focus:
+                style = style + self.get_component_rich_style("vtable--cursor")
+            else:  # only the background: the row keeps its colour
+                blurred = self.get_component_rich_style("vtable--cursor-blurred")
+                style = style + Style(bgcolor=blurred.bgcolor)
+        return Strip([Segment(fit(self._vt_line(row.cells, widths), width), style)], width)
