@@ -94,6 +94,12 @@ def duration(text: str) -> float:
     return value
 
 
+def _listen_address(text: str) -> tuple[str, int]:
+    from .export import parse_listen
+
+    return parse_listen(text)
+
+
 def _add_engine_options(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("probes")
     g.add_argument("--plan", choices=PLANS, default="auto",
@@ -126,7 +132,8 @@ def build_parser() -> argparse.ArgumentParser:
         epilog="examples:\n"
                "  portscope trace                     every failure, host-wide\n"
                "  portscope trace --port 8080 --all   every call touching port 8080\n"
-               "  portscope trace --json | jq .       one JSON object per line\n",
+               "  portscope trace --json | jq .       one JSON object per line\n"
+               "  portscope trace --json -o /var/log/portscope.jsonl   JSON lines to a file\n",
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     f = trace.add_argument_group("filters")
@@ -147,6 +154,9 @@ def build_parser() -> argparse.ArgumentParser:
     o = trace.add_argument_group("output")
     o.add_argument("--json", action="store_true",
                    help="one JSON object per line (keys documented in the README)")
+    o.add_argument("-o", "--output", metavar="FILE",
+                   help="write the events to FILE instead of stdout (appended, one line per "
+                        "event, flushed at once; with --json: JSON lines for Vector or Fluent Bit)")
     o.add_argument("--no-explain", action="store_true",
                    help="do not name the blocking sockets of each EADDRINUSE (by default "
                         "the port's inventory is taken at the moment of the failure)")
@@ -284,6 +294,36 @@ def build_parser() -> argparse.ArgumentParser:
                          help="BTF of the running kernel, for kernels without "
                               "/sys/kernel/btf/vmlinux")
 
+    export = sub.add_parser(
+        "export",
+        help="serve Prometheus metrics: failures by errno/port/comm/netns, TIME_WAIT, "
+             "reuseport groups, ephemeral ports, lost events",
+        description="Serve Prometheus metrics over HTTP (/metrics): failed bind()/listen()/"
+                    "connect() calls by errno, port, comm and network namespace; TIME_WAIT "
+                    "sockets by port; reuseport groups, their members and what each was "
+                    "delivered; ephemeral ports in use against the range; lost events; the "
+                    "probe plan. Port, comm and netns values beyond the top N are folded into "
+                    "\"other\", so a busy host cannot blow up the number of series. Stop with "
+                    "Ctrl-C or SIGTERM.",
+        epilog="examples:\n"
+               "  portscope export                          http://127.0.0.1:9977/metrics\n"
+               "  portscope export --listen 0.0.0.0:9977    for a Prometheus elsewhere\n"
+               "  portscope export --top 20 --interval 30   fewer series, rarer inventories\n",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    export.add_argument("--listen", type=_listen_address, default="127.0.0.1:9977",
+                        metavar="ADDR:PORT",
+                        help="where to serve /metrics (default 127.0.0.1:9977; [::]:PORT for IPv6)")
+    export.add_argument("--top", type=positive_int, default=50, metavar="N",
+                        help="keep the N most frequent ports, comms and netns as their own "
+                             "label values, fold the rest into \"other\" (default 50)")
+    export.add_argument("--interval", type=positive_float, default=15.0, metavar="SECONDS",
+                        help="how often TIME_WAIT, ephemeral ports and reuseport groups are "
+                             "read (default 15; a slow read makes the next one wait longer)")
+    export.add_argument("--no-groups", action="store_true",
+                        help="do not count reuseport deliveries (loads no counting probes)")
+    _add_engine_options(export)
+
     ui = sub.add_parser(
         "ui",
         help="the live terminal UI (what portscope opens with no arguments, on a terminal)",
@@ -331,6 +371,10 @@ def build_parser() -> argparse.ArgumentParser:
                         help="seconds between periodic socket snapshots (default 2)")
     record.add_argument("--no-explain", action="store_true",
                         help="do not record the blocking sockets of each EADDRINUSE")
+    record.add_argument("--jsonl", metavar="FILE",
+                        help="also write every event as a JSON line (trace --json's keys) to "
+                             "FILE, appended and flushed per line, or to stdout with '-' "
+                             "(for Vector or Fluent Bit)")
     _add_engine_options(record)
 
     report = sub.add_parser(
@@ -362,6 +406,32 @@ def build_parser() -> argparse.ArgumentParser:
                              "owner closed it is a restart race (default 5)")
     report.add_argument("--json", action="store_true",
                         help='{"journal": {...}, "findings": [...], "timeline": [...]}')
+
+    replay = sub.add_parser(
+        "replay",
+        help="the terminal UI over a journal: step and seek through what was recorded",
+        description="Open the terminal UI over a journal written by 'portscope record', as of "
+                    "a position in time: the conflicts up to it (with the blockers recorded on "
+                    "the spot) and who held which port and which reuseport groups existed, from "
+                    "the snapshot taken at or before it. The status line shows the time and the "
+                    "event n/N. Keys: space play/pause, left/right one event, [ ] (or "
+                    "shift+left/right) one minute, home/end the start/end, +/- speed, q quits. "
+                    "Needs read access to the file only.",
+        epilog="examples:\n"
+               "  portscope replay /var/lib/portscope/journal.db\n"
+               "  portscope replay journal.db --from 2h --to 1h\n"
+               "  portscope replay journal.db --from 2026-11-21T06:00 --speed 60\n",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    replay.add_argument("file", metavar="FILE", help="the journal")
+    times = ("an ISO time (2026-11-21T06:00, local time unless a zone is given), seconds "
+             "since the epoch, or a time ago: 30s, 10m, 2h, 1d")
+    replay.add_argument("--from", dest="start", metavar="T",
+                        help="start here (default: the first thing recorded): " + times)
+    replay.add_argument("--to", dest="end", metavar="T",
+                        help="end here (default: the last thing recorded): " + times)
+    replay.add_argument("--speed", type=positive_float, default=1.0, metavar="X",
+                        help="play at X times the recording's pace (default 1; + and - change it)")
 
     doctor = sub.add_parser(
         "doctor",

@@ -109,3 +109,31 @@ def _cgroup(pid: int) -> str | None:
     except OSError:
         pass
     return None
+
+
+class CgroupIdentities:
+    """``identity_from_cgroup`` of /proc/PID/cgroup, cached per pid (for
+    ``ttl`` seconds, and at most ``size`` pids): what ``trace --json``,
+    ``record --jsonl`` and ``export`` add to each event as ``unit``,
+    ``container`` and ``pod`` (None each when the path names none, or the
+    process is already gone)."""
+
+    def __init__(self, ttl: float = 5.0, size: int = 4096) -> None:
+        self.ttl = ttl
+        self.size = size
+        self._cache: dict[int, tuple[float, dict[str, str | None]]] = {}
+
+    def get(self, pid: int) -> dict[str, str | None]:
+        import time
+
+        now = time.monotonic()
+        hit = self._cache.get(pid)
+        if hit is not None and now - hit[0] < self.ttl:
+            return hit[1]
+        identity = identity_from_cgroup(_cgroup(pid))
+        if len(self._cache) >= self.size:
+            self._cache = {p: v for p, v in self._cache.items() if now - v[0] < self.ttl}
+            if len(self._cache) >= self.size:
+                self._cache.clear()
+        self._cache[pid] = (now, identity)
+        return identity

@@ -26,10 +26,12 @@ from __future__ import annotations
 
 import argparse
 import errno
+import json
 import queue
 import sys
 import threading
 import time
+from typing import TextIO
 
 from . import journal as jr
 from .engine import Engine, EngineConfig, open_engine
@@ -53,8 +55,13 @@ CHUNK = 1000  # events decoded and written between two looks at the commit clock
 def run(args: argparse.Namespace) -> ExitStatus:
     # Opened first: a bad journal is a usage error, whatever the kernel allows.
     writer = jr.JournalWriter(args.output, max_size=args.max_size, retain=args.retain)
+    jsonl = None
     stop = StopSignal()
     try:
+        if getattr(args, "jsonl", None):
+            from .trace import open_output
+
+            jsonl = open_output(args.jsonl)
         engine = open_engine(EngineConfig(
             plan=None if args.plan == "auto" else Plan(args.plan),
             successes=SUCCESSES,
@@ -62,7 +69,8 @@ def run(args: argparse.Namespace) -> ExitStatus:
             btf_path=args.btf,
         ))
         try:
-            recorder = Recorder(engine, writer, args.snapshot_interval, explain=not args.no_explain)
+            recorder = Recorder(engine, writer, args.snapshot_interval, explain=not args.no_explain,
+                                jsonl=jsonl)
             print(f"portscope: recording to {args.output} with the {engine.plan.value} plan "
                   f"(snapshot every {args.snapshot_interval:g}s{_limits(args)}); "
                   "SIGTERM or Ctrl-C to stop", file=sys.stderr, flush=True)
@@ -71,6 +79,8 @@ def run(args: argparse.Namespace) -> ExitStatus:
             engine.close()
     finally:
         writer.close()
+        if jsonl is not None and jsonl is not sys.stdout:
+            jsonl.close()
     return ExitStatus.OK
 
 
@@ -202,8 +212,9 @@ class Snapshotter:
 
 class Recorder:
     def __init__(self, engine: Engine, writer: jr.JournalWriter, interval: float,
-                 explain: bool = True) -> None:
+                 explain: bool = True, jsonl: "TextIO | None" = None) -> None:
         self.engine = engine
+        self.jsonl = jsonl  # every event also as a JSON line (trace --json's form)
         self.writer = writer
         self.clock = Clock()
         self.identities = Identities()
@@ -271,13 +282,27 @@ class Recorder:
         for raw in raws:
             ev = decode(raw, self.clock)
             owner = self.identities.get(ev.pid, ev.comm)
-            rows.append(jr.event_row(session, ev, owner, self._explain(ev)))
+            blockers = self._explain(ev)
+            rows.append(jr.event_row(session, ev, owner, blockers))
+            if self.jsonl is not None:
+                self._write_jsonl(ev, owner, blockers)
             if ev.call in SUCCESSES and (ev.port or ev.bound_port):
                 trigger = True
         self.writer.add_events(rows)
         self.recorded += len(rows)
         if trigger:
             self.snapshots.trigger()
+
+    def _write_jsonl(self, ev: CallEvent, owner: Owner, blockers: object) -> None:
+        assert self.jsonl is not None
+        doc = ev.to_json()
+        doc.update(unit=owner.unit, container=owner.container, pod=owner.pod)
+        if blockers is not None:
+            doc["blockers"] = blockers
+        try:
+            self.jsonl.write(json.dumps(doc, separators=(",", ":")) + "\n")
+        except OSError as exc:
+            self._warn(f"portscope: cannot write JSON lines: {exc}")
 
     def _explain(self, ev: CallEvent) -> object:
         """The on-the-spot blockers of an EADDRINUSE (JSON form), within a

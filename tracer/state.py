@@ -468,6 +468,15 @@ class StateModel:
             self._bump("conflicts")
             return True
 
+    def set_conflicts(self, conflicts: Sequence[Conflict], total: int) -> None:
+        """Replace the window of conflicts (a replay moving back in time):
+        ``conflicts`` oldest first, ``total`` the number ever seen up to them."""
+        with self._lock:
+            self._conflicts.clear()
+            self._conflicts.extend(conflicts)
+            self._conflicts_total = total
+            self._bump("conflicts")
+
     def set_ports(self, rows: Sequence[SocketRow], taken_at: float | None = None) -> None:
         with self._lock:
             self._ports = tuple(rows)

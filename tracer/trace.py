@@ -13,6 +13,7 @@ from .engine import Counters, Engine, EngineConfig, open_engine
 from .errors import ExitStatus
 from .events import CallEvent, Clock, decode
 from .onthespot import OnTheSpot
+from .owners import CgroupIdentities
 from .plans import Plan
 
 POLL_MS = 100
@@ -65,6 +66,7 @@ class Printer:
         self.out = out
         self.as_json = as_json
         self.explainer = explainer
+        self.identities = CgroupIdentities() if as_json else None
         if not as_json:
             print(header_line(), file=out)
 
@@ -72,6 +74,8 @@ class Printer:
         blockers = self.explainer.blockers(ev) if self.explainer else None
         if self.as_json:
             doc = ev.to_json()
+            if self.identities is not None:
+                doc.update(self.identities.get(ev.pid))
             if blockers is not None:
                 doc["blockers"] = blockers.to_json()
             self.out.write(json.dumps(doc, separators=(",", ":")) + "\n")
@@ -99,13 +103,31 @@ class StopSignal:
 
 
 def run(args: argparse.Namespace) -> ExitStatus:
+    out = open_output(getattr(args, "output", None))
     stop = StopSignal()
-    engine = open_engine(config_from_args(args))
     try:
-        _announce(engine)
-        return _stream(engine, args, sys.stdout, stop)
+        engine = open_engine(config_from_args(args))
+        try:
+            _announce(engine)
+            return _stream(engine, args, out, stop)
+        finally:
+            engine.close()
     finally:
-        engine.close()
+        if out is not sys.stdout:
+            out.close()
+
+
+def open_output(path: str | None) -> TextIO:
+    """stdout, or FILE opened for appending, line-buffered (each event is on
+    disk as soon as it is written, for Vector or Fluent Bit tailing it)."""
+    if not path or path == "-":
+        return sys.stdout
+    from .errors import UsageError
+
+    try:
+        return open(path, "a", buffering=1, encoding="utf-8")
+    except OSError as exc:
+        raise UsageError(f"cannot write to {path}: {exc.strerror or exc}") from exc
 
 
 def _announce(engine: Engine) -> None:

@@ -15,12 +15,12 @@ and ``portscope ui`` run it over the live collector.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Protocol
+from typing import Any, Protocol
 
 from rich.text import Text
 from textual.app import App, ComposeResult
 from textual.binding import Binding
-from textual.widgets import Footer, Static, TabbedContent
+from textual.widgets import Footer, Input, Static, TabbedContent
 
 from tracer.state import Snapshot
 
@@ -41,7 +41,41 @@ class StateSource(Protocol):
     def snapshot(self) -> Snapshot: ...
 
 
-def status_text(snap: Snapshot, paused: bool) -> Text:
+class ReplayControl(Protocol):
+    """A state source the user moves through in time (``portscope replay``:
+    :class:`tracer.replay.JournalReplay`)."""
+
+    def position(self) -> Any: ...  # time, index, total, start, end, playing, speed
+    def step(self, n: int) -> None: ...
+    def seek(self, seconds: float) -> None: ...
+    def home(self) -> None: ...
+    def end_(self) -> None: ...
+    def toggle(self) -> None: ...
+    def faster(self) -> None: ...
+    def slower(self) -> None: ...
+
+
+def replay_status_text(snap: Snapshot, pos: Any) -> Text:
+    """The status line of a replay: where it stands in the recording."""
+    from tracer.replay import speed_text, time_text
+
+    out = Text()
+    out.append("portscope", "bold")
+    out.append(" │ ")
+    out.append("▶ " if pos.playing else "⏸ ", "bold green" if pos.playing else "bold yellow")
+    out.append(time_text(pos.time), "bold")
+    out.append(f" │ event {count(pos.index)}/{count(pos.total)}")
+    out.append(f" │ {speed_text(pos.speed)}")
+    if snap.health.lost:
+        out.append(" │ ")
+        out.append(f"{count(snap.health.lost)} lost", "bold red")
+    out.append(f" │ {count(snap.conflicts_total)} conflicts")
+    return out
+
+
+def status_text(snap: Snapshot, paused: bool, position: Any = None) -> Text:
+    if position is not None:
+        return replay_status_text(snap, position)
     h = snap.health
     out = Text()
     out.append("portscope", "bold")
@@ -71,6 +105,26 @@ class PortscopeApp(App[None]):
         Binding("5", "show('timewait')", "TIME_WAIT", group=_SCREENS),
         Binding("p", "pause", "Pause"),
     ]
+    # Replay only (hidden and passed on otherwise, and while typing in a filter).
+    _SEEK = Binding.Group("±1m", compact=True)
+    _STEP = Binding.Group("Step", compact=True)
+    _SPEED = Binding.Group("Speed", compact=True)
+    _JUMP = Binding.Group("Ends", compact=True)
+    BINDINGS += [
+        Binding("space", "replay_toggle", "Play", key_display="space", priority=True),
+        Binding("left", "replay_step(-1)", "Step", key_display="←", group=_STEP, priority=True),
+        Binding("right", "replay_step(1)", "Step", key_display="→", group=_STEP, priority=True),
+        Binding("shift+left,left_square_bracket", "replay_seek(-60)", "-1m", key_display="[",
+                group=_SEEK, priority=True),
+        Binding("shift+right,right_square_bracket", "replay_seek(60)", "+1m", key_display="]",
+                group=_SEEK, priority=True),
+        Binding("home", "replay_home", "Start", key_display="home", group=_JUMP, priority=True),
+        Binding("end", "replay_end", "End", key_display="/end", group=_JUMP, priority=True),
+        Binding("minus", "replay_speed(-1)", "Slower", key_display="-", group=_SPEED,
+                priority=True),
+        Binding("plus,equals_sign", "replay_speed(1)", "Faster", key_display="+", group=_SPEED,
+                priority=True),
+    ]
 
     def __init__(self, source: StateSource, *, refresh_hz: float = REFRESH_HZ,
                  initial: str = "overview") -> None:
@@ -83,6 +137,9 @@ class PortscopeApp(App[None]):
         self.frames = 0  # snapshots drawn (for tests and the benchmark)
         self.skipped = 0  # versions never drawn because a newer one came first
         self._notified: set[tuple[str, str]] = set()
+        replay = all(hasattr(source, a) for a in ("position", "step", "seek", "toggle"))
+        self.replay: ReplayControl | None = source if replay else None  # type: ignore[assignment]
+        self._position: Any = None
 
     def compose(self) -> ComposeResult:
         yield Static(id="status")
@@ -109,13 +166,18 @@ class PortscopeApp(App[None]):
         if self.paused and not force:
             return
         snap = self.source.snapshot()
+        position = self.replay.position() if self.replay is not None else None
+        moved = position != self._position
+        self._position = position
         if self.snap is not None and snap.version == self.snap.version and not force:
+            if moved:  # a replay's time goes on between changes
+                self.query_one("#status", Static).update(status_text(snap, self.paused, position))
             return
         if self.snap is not None and snap.version > self.snap.version + 1:
             self.skipped += snap.version - self.snap.version - 1
         self.snap = snap
         self.frames += 1
-        self.query_one("#status", Static).update(status_text(snap, self.paused))
+        self.query_one("#status", Static).update(status_text(snap, self.paused, position))
         pane = self.active_pane
         if pane is not None:
             pane.show(snap, force=force)
@@ -158,6 +220,52 @@ class PortscopeApp(App[None]):
         if self.snap is not None:
             conflicts.show(self.snap)
         conflicts.select(event.seq)
+
+    # -- replay
+
+    def check_action(self, action: str, parameters: tuple[object, ...]) -> bool | None:
+        if action.startswith("replay_"):
+            # Disabled, the key goes on to the focused widget (a filter being typed).
+            return self.replay is not None and not isinstance(self.focused, Input)
+        if action == "pause":
+            return self.replay is None  # a replay pauses with space
+        return True
+
+    def _replayed(self) -> None:
+        self.pull()
+        if self.snap is not None:  # the status line, even when nothing else changed
+            self.query_one("#status", Static).update(
+                status_text(self.snap, self.paused, self._position))
+
+    def action_replay_toggle(self) -> None:
+        assert self.replay is not None
+        self.replay.toggle()
+        self._replayed()
+
+    def action_replay_step(self, n: int) -> None:
+        assert self.replay is not None
+        self.replay.step(n)
+        self._replayed()
+
+    def action_replay_seek(self, seconds: float) -> None:
+        assert self.replay is not None
+        self.replay.seek(seconds)
+        self._replayed()
+
+    def action_replay_home(self) -> None:
+        assert self.replay is not None
+        self.replay.home()
+        self._replayed()
+
+    def action_replay_end(self) -> None:
+        assert self.replay is not None
+        self.replay.end_()
+        self._replayed()
+
+    def action_replay_speed(self, direction: int) -> None:
+        assert self.replay is not None
+        (self.replay.faster if direction > 0 else self.replay.slower)()
+        self._replayed()
 
     def action_pause(self) -> None:
         self.paused = not self.paused

@@ -1,0 +1,380 @@
+"""``portscope replay FILE``: the terminal UI over a journal written by
+``portscope record``, as of a position in time that the user moves.
+
+:class:`JournalReplay` is a state source for :func:`tui.app.make_app` (it
+has ``snapshot()``) and a replay control (``step``, ``seek``, ``home``,
+``end``, ``toggle``, ``faster``, ``slower``, ``position``). It reads the
+events between ``--from`` and ``--to`` once, and fills a
+:class:`~tracer.state.StateModel` as of the position:
+
+* conflicts: every failed bind(), listen() and connect() up to the
+  position, with the blockers recorded on the spot;
+* ports and reuseport groups: from the snapshot valid at the position (the
+  last one taken at or before it, which may be older than ``--from``);
+* health: the recording sessions' plan and lost events.
+
+The position is an event index ``n`` (events ``0..n-1`` have happened) and
+a time; stepping moves one event, seeking moves the time and applies every
+event up to it. Playing advances the time at ``speed`` times the
+recording's pace, each time the UI asks for a snapshot: no thread.
+
+Opening needs no privileges beyond reading the file; a file that is not a
+journal is one sentence (exit status 2) before the UI starts.
+"""
+
+from __future__ import annotations
+
+import argparse
+import bisect
+import errno as errno_mod
+import json
+import os
+import time
+from dataclasses import dataclass
+from typing import Any
+
+from .collector import event_from_json, explanation_from_json, sort_rows
+from .errors import ExitStatus, PortscopeError, UsageError
+from .journal import JournalReader, parse_time
+from .state import (
+    MAX_CONFLICTS,
+    Conflict,
+    GroupView,
+    Health,
+    MemberView,
+    Snapshot,
+    SocketRow,
+    StateModel,
+)
+
+SPEEDS = (0.1, 0.25, 0.5, 1.0, 2.0, 5.0, 10.0, 30.0, 60.0, 300.0, 600.0, 3600.0)
+SEEK_S = 60.0
+CALLS = frozenset({"bind", "listen", "connect", "get_port"})
+NOT_FAILURES = frozenset({0, errno_mod.EINPROGRESS})
+
+
+@dataclass(frozen=True)
+class Position:
+    """Where the replay stands, for the status line."""
+
+    time: float
+    index: int  # events applied (the n of "event n/N")
+    total: int  # events in the window
+    start: float
+    end: float
+    playing: bool
+    speed: float
+
+    def text(self) -> str:
+        return time_text(self.time)
+
+
+def time_text(t: float) -> str:
+    return time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(t)) + f".{int(t % 1 * 1000):03d}"
+
+
+def speed_text(speed: float) -> str:
+    return f"{speed:g}x"
+
+
+def _time_arg(text: str | None, name: str) -> float | None:
+    if text is None:
+        return None
+    try:
+        return parse_time(text)
+    except ValueError:
+        raise UsageError(f"invalid time {text!r} for {name}: use an ISO time like "
+                         "2026-11-21T06:00, seconds since the epoch, or a time ago like "
+                         "10m, 2h, 1d") from None
+
+
+def _owner_label(o: dict) -> str:
+    comm = o.get("comm") or os.path.basename(o.get("exe") or "") or "?"
+    where = o.get("container") and f"container {o['container']}" or o.get("unit")
+    return f"{comm}[{o.get('pid', '?')}]" + (f" ({where})" if where else "")
+
+
+def _endpoint(family: str, addr: str, port: int) -> str:
+    return f"[{addr}]:{port}" if family == "ipv6" else f"{addr}:{port}"
+
+
+class JournalReplay:
+    """A journal as a state source the user moves through in time."""
+
+    def __init__(self, path: str, start: float | None = None, end: float | None = None,
+                 speed: float = 1.0, playing: bool = False,
+                 model: StateModel | None = None, clock: Any = time.monotonic) -> None:
+        if start is not None and end is not None and start > end:
+            raise UsageError("--from is after --to: nothing to replay")
+        self.path = path
+        self.model = model or StateModel()
+        self.speed = speed
+        self._clock = clock
+        self.reader = JournalReader(path)  # one sentence (exit 2) for a bad file
+        try:
+            self._load(start, end)
+        except BaseException:
+            self.reader.close()
+            raise
+        self.index = 0
+        self.time = self.start
+        self.playing = False
+        self._anchor: tuple[float, float] = (self.start, 0.0)  # (position, clock) when play began
+        self._applied_index = -1
+        self._applied_snapshot: int | None = -1
+        self._conflicts: dict[int, Conflict] = {}
+        self._rows_cache: dict[int, tuple[tuple[SocketRow, ...], tuple[GroupView, ...]]] = {}
+        self.model.update_health(source="replay", plan=self.plan, lost=self.lost,
+                                 untraced=self.untraced, started=self.start)
+        self._apply()
+        if playing:
+            self.toggle()
+
+    # -- loading
+
+    def _load(self, start: float | None, end: float | None) -> None:
+        r = self.reader
+        where, params = [], []
+        if start is not None:
+            where.append("time >= ?")
+            params.append(start)
+        if end is not None:
+            where.append("time <= ?")
+            params.append(end)
+        cond = (" WHERE " + " AND ".join(where)) if where else ""
+        rows = r.query(f"SELECT id, time, call, errno FROM events{cond} ORDER BY time, id", params)
+        self.times = [row["time"] for row in rows]
+        # Failures: the positions (in the window's events) that are conflicts.
+        self.failures: list[int] = []  # event index of each failure
+        self._failure_ids: list[int] = []
+        for i, row in enumerate(rows):
+            if row["errno"] not in NOT_FAILURES and row["call"] in CALLS:
+                self.failures.append(i)
+                self._failure_ids.append(row["id"])
+        snap_cond = " WHERE time <= ?" if end is not None else ""
+        snaps = r.query(f"SELECT id, session, time, health FROM snapshots{snap_cond} ORDER BY time, id",
+                        [end] if end is not None else [])
+        self.snapshots = [(s["time"], s["id"], s["session"], s["health"]) for s in snaps]
+        self._snap_times = [s[0] for s in self.snapshots]
+        sessions = r.query("SELECT plan, lost, untraced, started FROM sessions ORDER BY id")
+        self.plan = sessions[-1]["plan"] if sessions else None
+        self.lost = sum(s["lost"] for s in sessions)
+        self.untraced = sum(s["untraced"] for s in sessions)
+        in_window = [t for t in self._snap_times if start is None or t >= start]
+        firsts = [t for t in (self.times[:1] + in_window[:1])]
+        lasts = [t for t in (self.times[-1:] + self._snap_times[-1:])]
+        if start is None and not firsts or end is None and not lasts:
+            raise UsageError(f"{self.path} holds no events or snapshots"
+                             + (" in that time window" if start is not None or end is not None
+                                else ": nothing to replay"))
+        self.start = start if start is not None else min(firsts)
+        self.end = end if end is not None else max(lasts)
+        if self.end < self.start:  # --from after everything recorded
+            raise UsageError(f"{self.path} holds nothing recorded after {time_text(self.start)}")
+
+    @property
+    def total(self) -> int:
+        return len(self.times)
+
+    # -- the state source
+
+    def snapshot(self) -> Snapshot:
+        self._catch_up()
+        return self.model.snapshot()
+
+    def position(self) -> Position:
+        return Position(self.time, self.index, self.total, self.start, self.end, self.playing,
+                        self.speed)
+
+    def close(self) -> None:
+        self.reader.close()
+
+    def stop(self) -> None:
+        self.close()
+
+    # -- moving
+
+    def step(self, n: int = 1) -> None:
+        """``n`` events forward (or back, when negative); pauses playing."""
+        self._catch_up()
+        self.playing = False
+        index = max(0, min(self.total, self.index + n))
+        if index == self.index:
+            return
+        self.index = index
+        self.time = self.times[index - 1] if index else self.start
+        self._apply()
+
+    def seek(self, seconds: float) -> None:
+        """Move the time by ``seconds`` (negative: back), applying every event up to it."""
+        self._catch_up()
+        self._set_time(self.time + seconds)
+        self._reanchor()
+
+    def home(self) -> None:
+        self.index, self.time = 0, self.start
+        self._reanchor()
+        self._apply()
+
+    def end_(self) -> None:
+        self.playing = False
+        self._set_time(self.end)
+
+    def toggle(self) -> None:
+        """Play or pause; playing from the end starts over."""
+        self._catch_up()
+        if not self.playing and self.time >= self.end:
+            self.home()
+        self.playing = not self.playing
+        self._reanchor()
+
+    def faster(self) -> None:
+        self._catch_up()
+        self.speed = next((s for s in SPEEDS if s > self.speed), self.speed)
+        self._reanchor()
+
+    def slower(self) -> None:
+        self._catch_up()
+        self.speed = next((s for s in reversed(SPEEDS) if s < self.speed), self.speed)
+        self._reanchor()
+
+    def _catch_up(self) -> None:
+        """While playing: move to where the clock says the replay is."""
+        if not self.playing:
+            return
+        pos, at = self._anchor
+        t = pos + (self._clock() - at) * self.speed
+        if t >= self.end:
+            t = self.end
+            self.playing = False
+        if t != self.time:
+            self._set_time(t)
+
+    def _reanchor(self) -> None:
+        self._anchor = (self.time, self._clock())
+
+    def _set_time(self, t: float) -> None:
+        t = max(self.start, min(self.end, t))
+        self.time = t
+        self.index = bisect.bisect_right(self.times, t)
+        self._apply()
+
+    # -- filling the model
+
+    def _apply(self) -> None:
+        if self.index != self._applied_index:
+            self._applied_index = self.index
+            self._apply_conflicts()
+            self.model.update_health(events=self.index)
+        i = bisect.bisect_right(self._snap_times, self.time) - 1
+        sid = self.snapshots[i][1] if i >= 0 else None
+        if sid != self._applied_snapshot:
+            self._applied_snapshot = sid
+            self._apply_snapshot(i)
+
+    def _apply_conflicts(self) -> None:
+        k = bisect.bisect_left(self.failures, self.index)  # failures before the position
+        low = max(0, k - MAX_CONFLICTS)
+        missing = [j for j in range(low, k) if j not in self._conflicts]
+        if missing:
+            self._load_conflicts(missing)
+        self.model.set_conflicts([self._conflicts[j] for j in range(low, k)], k)
+
+    def _load_conflicts(self, seqs: list[int]) -> None:
+        for chunk in range(0, len(seqs), 500):
+            part = seqs[chunk:chunk + 500]
+            ids = [self._failure_ids[j] for j in part]
+            rows = {r["id"]: r for r in self.reader.query(
+                f"SELECT id, json, blockers FROM events WHERE id IN ({','.join('?' * len(ids))})",
+                ids)}
+            for j, eid in zip(part, ids):
+                row = rows[eid]
+                ev = event_from_json(json.loads(row["json"]))
+                blockers = json.loads(row["blockers"]) if row["blockers"] else None
+                x = explanation_from_json({"blockers": blockers})
+                self._conflicts[j] = Conflict(j, ev, x, False)
+
+    def _apply_snapshot(self, i: int) -> None:
+        if i < 0:
+            self.model.set_ports((), 0.0)
+            self.model.set_groups(())
+            return
+        t, sid, session, health = self.snapshots[i]
+        cached = self._rows_cache.get(sid)
+        if cached is None:
+            cached = self._read_snapshot(sid, session)
+            if len(self._rows_cache) > 16:
+                self._rows_cache.pop(next(iter(self._rows_cache)))
+            self._rows_cache[sid] = cached
+        ports, groups = cached
+        self.model.set_ports(ports, t)
+        self.model.set_groups(groups)
+        try:
+            h = json.loads(health) if health else {}
+        except ValueError:
+            h = {}
+        if isinstance(h, dict):
+            self.model.update_health(**{k: v for k, v in h.items()
+                                        if k in Health.__dataclass_fields__ and isinstance(v, int)})
+
+    def _read_snapshot(self, sid: int, session: int) -> tuple[tuple[SocketRow, ...],
+                                                              tuple[GroupView, ...]]:
+        rows = self.reader.query(
+            "SELECT * FROM snapshot_sockets WHERE first_snapshot <= ? AND (last_snapshot >= ? "
+            "OR (last_snapshot IS NULL AND session = ?))", (sid, sid, session))
+        sockets = []
+        groups: dict[tuple[int, str, str, int], list[Any]] = {}
+        for r in rows:
+            try:
+                owners = json.loads(r["owners"]) or []
+            except ValueError:
+                owners = []
+            family, protocol = r["family"], r["protocol"]
+            local = _endpoint(family, r["addr"], r["port"])
+            wildcard = "::" if family == "ipv6" else "0.0.0.0"
+            options = None if r["options"] is None else [o for o in r["options"].split(",") if o]
+            row = SocketRow.build(
+                netns=r["netns"], protocol=protocol, family=family, state=r["state"],
+                local=local, remote=_endpoint(family, wildcard, 0), port=r["port"], rqueue=0,
+                wqueue=0, timer=None, timer_ms=0, uid=r["uid"], inode=r["inode"],
+                cookie=r["cookie"], options=options, group=r["group_id"] or 0,
+                group_size=r["group_size"] or 0, group_bpf=bool(r["group_bpf"]),
+                owners=[(o.get("pid", 0), _owner_label(o), o.get("user")) for o in owners])
+            sockets.append(row)
+            if r["group_id"]:
+                key = (r["netns"], protocol, family, r["group_id"])
+                groups.setdefault(key, []).append((row, r))
+        views = []
+        for (netns, protocol, family, gid), members in groups.items():
+            first_row, first = members[0]
+            views.append(GroupView(
+                key=f"{netns}/{protocol}/{gid}", netns=netns, proto=first_row.proto,
+                local=first_row.local, port=first_row.port,
+                size=max(r["group_size"] or 0 for _, r in members),
+                bpf=any(r["group_bpf"] for _, r in members),
+                members=tuple(MemberView(row.cookie, row.inode, row.owners, row.state, 0, None,
+                                         None, 0, None) for row, _ in members),
+                rate=None, history=(), events=(), imbalance=None))
+        views.sort(key=lambda g: (g.port, g.proto, g.local, g.key))
+        return tuple(sort_rows(sockets)), tuple(views)
+
+
+def open_replay(path: str, start: str | None = None, end: str | None = None,
+                speed: float = 1.0, playing: bool = False) -> JournalReplay:
+    """From the command line's arguments (times as ``report --since`` takes them)."""
+    return JournalReplay(path, _time_arg(start, "--from"), _time_arg(end, "--to"), speed, playing)
+
+
+def run(args: argparse.Namespace) -> ExitStatus:
+    # The journal is opened (and every bad file reported) before the UI starts.
+    source = open_replay(args.file, args.start, args.end, args.speed, playing=True)
+    try:
+        try:
+            from tui.app import make_app
+        except ImportError as exc:
+            raise PortscopeError(f"the terminal UI needs the textual package ({exc}): "
+                                 "install portscope with scripts/setup") from exc
+        make_app(source).run()
+    finally:
+        source.close()
+    return ExitStatus.OK
