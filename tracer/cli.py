@@ -100,6 +100,20 @@ def _listen_address(text: str) -> tuple[str, int]:
     return parse_listen(text)
 
 
+NETNS_FORMS = "an inode number, an ip-netns name, a path, or pid:PID"
+
+
+def _add_netns_option(p: argparse.ArgumentParser, default: str = "all") -> None:
+    p.add_argument("--netns", metavar="NS",
+                   help=f"one network namespace: {NETNS_FORMS} (default: {default})")
+
+
+def _add_protocol_options(p: argparse.ArgumentParser, what: str) -> None:
+    proto = p.add_mutually_exclusive_group()
+    proto.add_argument("--tcp", action="store_true", help=f"TCP {what} only")
+    proto.add_argument("--udp", action="store_true", help=f"UDP {what} only")
+
+
 def _add_engine_options(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("probes")
     g.add_argument("--plan", choices=PLANS, default="auto",
@@ -180,14 +194,11 @@ def build_parser() -> argparse.ArgumentParser:
     )
     ports.add_argument("ports", nargs="*", type=port_number, metavar="PORT",
                        help="local ports to show (default: all)")
-    proto = ports.add_mutually_exclusive_group()
-    proto.add_argument("--tcp", action="store_true", help="TCP only")
-    proto.add_argument("--udp", action="store_true", help="UDP only")
+    _add_protocol_options(ports, "sockets")
     ports.add_argument("--state", action="append", choices=STATES, type=str.lower,
                        metavar="STATE", help="only this state (repeatable): "
                        + ", ".join(STATES))
-    ports.add_argument("--netns", metavar="NS", help="one network namespace: inode, "
-                       "ip-netns name, path, or pid:PID (default: all)")
+    _add_netns_option(ports)
     ports.add_argument("--json", action="store_true", help="machine-readable output")
 
     why = sub.add_parser(
@@ -219,8 +230,7 @@ def build_parser() -> argparse.ArgumentParser:
                      "yours); matters for SO_REUSEPORT")
     why.add_argument("--listen", action="store_true",
                      help="ask about listen() on a socket already bound to the address")
-    why.add_argument("--netns", metavar="NS", help="network namespace: inode, ip-netns "
-                     "name, path, or pid:PID (default: portscope's own)")
+    _add_netns_option(why, default="portscope's own")
     why.add_argument("--json", action="store_true", help='{"verdict": "free"|"conflict", '
                      '"blockers": [...], "fixes": [...]}')
 
@@ -244,7 +254,7 @@ def build_parser() -> argparse.ArgumentParser:
                           help="only TIME_WAIT sockets on this local port")
     timewait.add_argument("--by", choices=("port", "remote", "process"), default="port",
                           help="how to group (default: port)")
-    timewait.add_argument("--netns", metavar="NS", help="one network namespace (default: all)")
+    _add_netns_option(timewait)
     timewait.add_argument("--watch", action="store_true",
                           help="record closes while running and refresh (Ctrl-C to stop)")
     timewait.add_argument("--interval", type=positive_float, default=1.0, metavar="SECONDS",
@@ -272,11 +282,8 @@ def build_parser() -> argparse.ArgumentParser:
     )
     groups.add_argument("port", nargs="?", type=port_number, metavar="PORT",
                         help="only groups on this local port (filtered in the kernel)")
-    gproto = groups.add_mutually_exclusive_group()
-    gproto.add_argument("--tcp", action="store_true", help="TCP groups only")
-    gproto.add_argument("--udp", action="store_true", help="UDP groups only")
-    groups.add_argument("--netns", metavar="NS", help="one network namespace: inode, "
-                        "ip-netns name, path, or pid:PID (default: all)")
+    _add_protocol_options(groups, "groups")
+    _add_netns_option(groups)
     groups.add_argument("--watch", action="store_true",
                         help="refresh every --interval until Ctrl-C")
     groups.add_argument("--interval", type=positive_float, default=1.0, metavar="SECONDS",
