@@ -8,7 +8,9 @@ kept with what could be read: it is never an exception for the caller.
 
 from __future__ import annotations
 
+import os
 import re
+import time
 from dataclasses import dataclass, field
 
 import psutil
@@ -111,29 +113,64 @@ def _cgroup(pid: int) -> str | None:
     return None
 
 
+class CgroupPaths:
+    """cgroup v2 ids (what BPF's bpf_get_current_cgroup_id() puts in each
+    event: the inode of the cgroup's directory) back to their paths.
+
+    Resolving by id rather than through /proc/PID/cgroup still works after
+    the process exited, which is the common case for a failed bind. The
+    hierarchy is walked once and again on a miss, at most once a second."""
+
+    def __init__(self, root: str | None = None) -> None:
+        self.root = root or _cgroup2_root()
+        self._paths: dict[int, str] = {}
+        self._walked = 0.0
+
+    def path_of(self, cgroup_id: int) -> str | None:
+        if not self.root or not cgroup_id:
+            return None
+        if cgroup_id not in self._paths and time.monotonic() - self._walked >= 1.0:
+            self._walk()
+        return self._paths.get(cgroup_id)
+
+    def _walk(self) -> None:
+        self._walked = time.monotonic()
+        paths: dict[int, str] = {}
+        root = self.root or ""
+        for dirpath, dirnames, _ in os.walk(root):
+            try:
+                paths[os.stat(dirpath).st_ino] = "/" + os.path.relpath(dirpath, root).lstrip(".")
+            except OSError:
+                continue  # a cgroup removed during the walk
+        self._paths = paths
+
+
+def _cgroup2_root() -> str | None:
+    try:
+        with open("/proc/self/mounts") as f:
+            for line in f:
+                _, mnt, fstype = line.split()[:3]
+                if fstype == "cgroup2":
+                    return mnt
+    except OSError:
+        pass
+    return None
+
+
 class CgroupIdentities:
-    """``identity_from_cgroup`` of /proc/PID/cgroup, cached per pid (for
-    ``ttl`` seconds, and at most ``size`` pids): what ``trace --json``,
-    ``record --jsonl`` and ``export`` add to each event as ``unit``,
-    ``container`` and ``pod`` (None each when the path names none, or the
-    process is already gone)."""
+    """unit, container and pod of an event: from its cgroup id when the
+    cgroup still exists, else from /proc/PID/cgroup (None each when the path
+    names none, or both are gone). What ``trace --json``, ``record --jsonl``
+    and ``export`` add to each event."""
 
-    def __init__(self, ttl: float = 5.0, size: int = 4096) -> None:
-        self.ttl = ttl
-        self.size = size
-        self._cache: dict[int, tuple[float, dict[str, str | None]]] = {}
+    def __init__(self) -> None:
+        self._paths = CgroupPaths()
+        self._by_path: dict[str | None, dict[str, str | None]] = {}
 
-    def get(self, pid: int) -> dict[str, str | None]:
-        import time
-
-        now = time.monotonic()
-        hit = self._cache.get(pid)
-        if hit is not None and now - hit[0] < self.ttl:
-            return hit[1]
-        identity = identity_from_cgroup(_cgroup(pid))
-        if len(self._cache) >= self.size:
-            self._cache = {p: v for p, v in self._cache.items() if now - v[0] < self.ttl}
-            if len(self._cache) >= self.size:
-                self._cache.clear()
-        self._cache[pid] = (now, identity)
-        return identity
+    def get(self, pid: int, cgroup_id: int = 0) -> dict[str, str | None]:
+        path = self._paths.path_of(cgroup_id) or _cgroup(pid)
+        if path not in self._by_path:
+            if len(self._by_path) >= 4096:
+                self._by_path.clear()
+            self._by_path[path] = identity_from_cgroup(path)
+        return self._by_path[path]

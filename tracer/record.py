@@ -38,7 +38,7 @@ from .engine import Engine, EngineConfig, open_engine
 from .errors import ExitStatus, PortscopeError
 from .events import CallEvent, Clock, decode
 from .onthespot import OnTheSpot
-from .owners import Owner, OwnerCache
+from .owners import CgroupIdentities, Owner, OwnerCache
 from .plans import Plan
 from .trace import StopSignal
 
@@ -218,6 +218,7 @@ class Recorder:
         self.writer = writer
         self.clock = Clock()
         self.identities = Identities()
+        self.cgroups = CgroupIdentities()
         self.explainer = OnTheSpot() if explain else None
         self.snapshots = Snapshotter(interval)
         self.interval = interval
@@ -296,7 +297,8 @@ class Recorder:
     def _write_jsonl(self, ev: CallEvent, owner: Owner, blockers: object) -> None:
         assert self.jsonl is not None
         doc = ev.to_json()
-        doc.update(unit=owner.unit, container=owner.container, pod=owner.pod)
+        # From the event's cgroup id: still known when the process is gone.
+        doc.update(self.cgroups.get(ev.pid, ev.cgroup_id))
         if blockers is not None:
             doc["blockers"] = blockers
         try:

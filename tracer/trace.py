@@ -75,7 +75,7 @@ class Printer:
         if self.as_json:
             doc = ev.to_json()
             if self.identities is not None:
-                doc.update(self.identities.get(ev.pid))
+                doc.update(self.identities.get(ev.pid, ev.cgroup_id))
             if blockers is not None:
                 doc["blockers"] = blockers.to_json()
             self.out.write(json.dumps(doc, separators=(",", ":")) + "\n")

@@ -256,3 +256,45 @@ def test_trace_json_lines_to_a_file(root: None, tmp_path: Path) -> None:
     assert (ev["port"], ev["result"], ev["comm"]) == (port, "EADDRINUSE", "psexport")
     assert {"unit", "container", "pod"} <= set(ev)
     assert ev["container"] is None and ev["pod"] is None
+
+
+def _cgroup2_root() -> str | None:
+    with open("/proc/self/mounts") as f:
+        for line in f:
+            _, mnt, fstype = line.split()[:3]
+            if fstype == "cgroup2" and os.access(mnt, os.W_OK):
+                return mnt
+    return None
+
+
+def test_events_carry_pod_and_container_from_the_cgroup(root: None, tmp_path: Path) -> None:
+    """A process placed in a cgroup laid out the way kubelet and containerd
+    lay them out: its events name the pod and the container."""
+    base = _cgroup2_root()
+    if base is None:
+        missing("needs a writable cgroup v2 hierarchy")
+    pod = "1b4e28ba-2fa1-11d2-883f-0016d3cca427"
+    container = "4f1e7c2a9b3d" + "0" * 52
+    path = Path(base) / "kubepods.slice" / f"kubepods-pod{pod.replace('-', '_')}.slice" \
+        / f"cri-containerd-{container}.scope"
+    path.mkdir(parents=True)
+    out = tmp_path / "events.jsonl"
+    port = free_port()
+    proc = subprocess.Popen([*PORTSCOPE, "trace", "--json", "--output", str(out), "--comm",
+                             "psexport", "--count", "1", "--duration", "60"],
+                            cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        wait_for(lambda: "tracing with" in (proc.stderr.readline() or ""), 60, "trace", proc)
+        join = f"open({str(path / 'cgroup.procs')!r}, 'w').write(str(__import__('os').getpid()))\n"
+        in_private_netns(join + EADDRINUSE_ONCE.format(port=port))
+        proc.communicate(timeout=60)
+    finally:
+        stop(proc)
+        for p in (path, path.parent, path.parent.parent):
+            try:
+                p.rmdir()
+            except OSError:
+                pass
+    ev = json.loads(out.read_text().splitlines()[0])
+    assert (ev["container"], ev["pod"]) == (container[:12], pod)
+    assert ev["unit"] == f"cri-containerd-{container}.scope"
