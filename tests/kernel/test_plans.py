@@ -9,7 +9,7 @@ import pytest
 
 from tests.needs import need_root
 from tracer.engine import EngineConfig, open_engine, verify_plan
-from tracer.errors import PlanUnavailable
+from tracer.errors import PlanUnavailable, UsageError
 from tracer.plans import PREFERENCE, Plan, kernel_facts
 
 pytestmark = pytest.mark.kernel
@@ -36,13 +36,32 @@ def attaches(plan: Plan) -> bool:
     return True
 
 
-def test_automatic_choice_is_the_first_plan_that_attaches():
+def test_automatic_choice_is_the_first_plan_that_attaches(monkeypatch):
+    monkeypatch.delenv("PORTSCOPE_PLAN", raising=False)  # set by scripts/kernel-matrix
     working = [plan for plan in PREFERENCE if attaches(plan)]
     assert working, "no plan attaches on this kernel"
     with open_engine(EngineConfig()) as engine:
         assert engine.plan == working[0]
         refused = [a.plan for a in engine.attempts if not a.ok]
         assert refused == list(PREFERENCE[: PREFERENCE.index(working[0])])
+
+
+def test_portscope_plan_variable_replaces_the_automatic_choice(monkeypatch):
+    """PORTSCOPE_PLAN forces a plan where none is configured (the tracepoint
+    plan runs on every supported kernel); an explicit plan still wins."""
+    monkeypatch.setenv("PORTSCOPE_PLAN", "tracepoint")
+    with open_engine(EngineConfig()) as engine:
+        assert engine.plan is Plan.TRACEPOINT
+        assert [a.plan for a in engine.attempts] == [Plan.TRACEPOINT]
+    monkeypatch.setenv("PORTSCOPE_PLAN", "fentry")
+    with open_engine(EngineConfig(plan=Plan.TRACEPOINT)) as engine:
+        assert engine.plan is Plan.TRACEPOINT
+
+
+def test_portscope_plan_variable_rejects_unknown_plans(monkeypatch):
+    monkeypatch.setenv("PORTSCOPE_PLAN", "bpftrace")
+    with pytest.raises(UsageError, match="PORTSCOPE_PLAN='bpftrace' is not a probe plan"):
+        open_engine(EngineConfig())
 
 
 def test_kprobe_plan_refusal_matches_kernel_facts():
