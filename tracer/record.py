@@ -38,7 +38,8 @@ from .engine import Engine, EngineConfig, open_engine
 from .errors import ExitStatus, PortscopeError
 from .events import CallEvent, Clock, decode
 from .onthespot import OnTheSpot
-from .owners import CgroupIdentities, Owner, OwnerCache
+from .cgroups import CgroupIdentities
+from .owners import Owner, OwnerCache
 from .plans import Plan
 from .trace import StopSignal
 

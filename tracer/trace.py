@@ -13,7 +13,7 @@ from .engine import Counters, Engine, EngineConfig, open_engine
 from .errors import ExitStatus
 from .events import CallEvent, Clock, decode
 from .onthespot import OnTheSpot
-from .owners import CgroupIdentities
+from .cgroups import CgroupIdentities
 from .plans import Plan
 
 POLL_MS = 100
