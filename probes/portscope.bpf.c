@@ -382,6 +382,34 @@ int ps_exit_connect(struct trace_event_raw_sys_exit *ctx)
 	return on_exit(ctx->ret);
 }
 
+/* An event about a socket itself, outside a traced system call (a refusal
+ * by the port allocator, a listener closing): reserved and filled from the
+ * socket; the requested address is the one the socket holds. NULL (and
+ * counted as lost) when the ring buffer is full. */
+static __always_inline struct ps_event *reserve_sock_event(__u64 id, struct sock *sk, __u8 kind)
+{
+	struct ps_event *e = bpf_ringbuf_reserve(&ps_events, sizeof(*e), 0);
+
+	if (!e) {
+		count(PS_CNT_LOST);
+		return NULL;
+	}
+	__builtin_memset(e, 0, sizeof(*e));
+	fill_task(e, id);
+	e->kind = kind;
+	e->family = BPF_CORE_READ(sk, __sk_common.skc_family);
+	e->protocol = BPF_CORE_READ(sk, sk_protocol);
+	e->netns = BPF_CORE_READ(sk, __sk_common.skc_net.net, ns.inum);
+	e->sock_uid = BPF_CORE_READ(sk, sk_uid.val);
+	e->bound_dev_if = BPF_CORE_READ(sk, __sk_common.skc_bound_dev_if);
+	e->sock_inode = BPF_CORE_READ(sk, sk_socket, file, f_inode, i_ino);
+	e->opts = read_opts(sk);
+	e->req_family = e->family;
+	e->req_port = read_local(sk, e->family, e->req_addr);
+	e->bound_port = read_local(sk, e->family, e->bound_addr);
+	return e;
+}
+
 /* ---- inet_csk_get_port: fentry and kprobe plans --------------------------- */
 
 /* The port allocator's verdict. Inside a traced call it is folded into that
@@ -405,28 +433,14 @@ static __always_inline int on_get_port(struct sock *sk, __u16 snum, int ret)
 	if (ps_config.target_port && snum != ps_config.target_port)
 		return 0;
 
-	e = bpf_ringbuf_reserve(&ps_events, sizeof(*e), 0);
-	if (!e) {
-		count(PS_CNT_LOST);
+	e = reserve_sock_event(id, sk, PS_KIND_GET_PORT);
+	if (!e)
 		return 0;
-	}
-	__builtin_memset(e, 0, sizeof(*e));
-	fill_task(e, id);
 	/* Older kernels return 1 for "in use"; report it as the EADDRINUSE the
 	 * caller turns it into. */
 	e->ret = ret > 0 ? -98 : ret;
-	e->kind = PS_KIND_GET_PORT;
-	e->family = BPF_CORE_READ(sk, __sk_common.skc_family);
-	e->protocol = BPF_CORE_READ(sk, sk_protocol);
-	e->netns = BPF_CORE_READ(sk, __sk_common.skc_net.net, ns.inum);
-	e->sock_uid = BPF_CORE_READ(sk, sk_uid.val);
-	e->bound_dev_if = BPF_CORE_READ(sk, __sk_common.skc_bound_dev_if);
-	e->opts = read_opts(sk);
 	e->quality = PS_Q_GET_PORT_SEEN | (ret ? PS_Q_GET_PORT_FAILED : 0);
-	e->req_family = e->family;
 	e->req_port = snum;
-	read_local(sk, e->family, e->req_addr);
-	e->bound_port = read_local(sk, e->family, e->bound_addr);
 	bpf_ringbuf_submit(e, 0);
 	count(PS_CNT_EMITTED);
 	return 0;
@@ -774,24 +788,9 @@ static __always_inline int on_listen_close(struct sock *sk)
 	port = BPF_CORE_READ(sk, __sk_common.skc_num);
 	if (ps_config.target_port && port != ps_config.target_port)
 		return 0;
-	e = bpf_ringbuf_reserve(&ps_events, sizeof(*e), 0);
-	if (!e) {
-		count(PS_CNT_LOST);
+	e = reserve_sock_event(id, sk, PS_KIND_LISTEN_CLOSE);
+	if (!e)
 		return 0;
-	}
-	__builtin_memset(e, 0, sizeof(*e));
-	fill_task(e, id);
-	e->kind = PS_KIND_LISTEN_CLOSE;
-	e->family = BPF_CORE_READ(sk, __sk_common.skc_family);
-	e->protocol = IPPROTO_TCP;
-	e->netns = BPF_CORE_READ(sk, __sk_common.skc_net.net, ns.inum);
-	e->sock_uid = BPF_CORE_READ(sk, sk_uid.val);
-	e->bound_dev_if = BPF_CORE_READ(sk, __sk_common.skc_bound_dev_if);
-	e->sock_inode = BPF_CORE_READ(sk, sk_socket, file, f_inode, i_ino);
-	e->opts = read_opts(sk);
-	e->req_family = e->family;
-	e->req_port = read_local(sk, e->family, e->req_addr);
-	e->bound_port = read_local(sk, e->family, e->bound_addr);
 	bpf_ringbuf_submit(e, 0);
 	count(PS_CNT_EMITTED);
 	return 0;

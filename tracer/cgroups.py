@@ -48,7 +48,7 @@ class CgroupPaths:
     hierarchy is walked once and again on a miss, at most once a second."""
 
     def __init__(self, root: str | None = None) -> None:
-        self.root = root or _cgroup2_root()
+        self.root = root or cgroup2_root()
         self._paths: dict[int, str] = {}
         self._walked = 0.0
 
@@ -71,7 +71,7 @@ class CgroupPaths:
         self._paths = paths
 
 
-def _cgroup2_root() -> str | None:
+def cgroup2_root() -> str | None:
     try:
         with open("/proc/self/mounts") as f:
             for line in f:

@@ -26,6 +26,7 @@ from typing import Iterator
 import pytest
 
 from tests.needs import missing
+from tracer.cgroups import cgroup2_root
 
 ROOT = Path(__file__).resolve().parents[2]
 PORTSCOPE = [sys.executable, "-m", "tracer.cli"]
@@ -258,20 +259,11 @@ def test_trace_json_lines_to_a_file(root: None, tmp_path: Path) -> None:
     assert ev["container"] is None and ev["pod"] is None
 
 
-def _cgroup2_root() -> str | None:
-    with open("/proc/self/mounts") as f:
-        for line in f:
-            _, mnt, fstype = line.split()[:3]
-            if fstype == "cgroup2" and os.access(mnt, os.W_OK):
-                return mnt
-    return None
-
-
 def test_events_carry_pod_and_container_from_the_cgroup(root: None, tmp_path: Path) -> None:
     """A process placed in a cgroup laid out the way kubelet and containerd
     lay them out: its events name the pod and the container."""
-    base = _cgroup2_root()
-    if base is None:
+    base = cgroup2_root()
+    if base is None or not os.access(base, os.W_OK):
         missing("needs a writable cgroup v2 hierarchy")
     pod = "1b4e28ba-2fa1-11d2-883f-0016d3cca427"
     container = "4f1e7c2a9b3d" + "0" * 52
