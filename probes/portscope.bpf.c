@@ -15,13 +15,10 @@
  * Hot-path rule: successful calls cost a map update and a delete; only calls
  * the user asked to see (by default the failures) reach the ring buffer.
  */
-#include "vmlinux.h"
-#include <bpf/bpf_helpers.h>
-#include <bpf/bpf_core_read.h>
-#include <bpf/bpf_tracing.h>
-#include <bpf/bpf_endian.h>
+#include "compat.h"
 #include "portscope.h"
 
+#ifndef PS_BCC /* vmlinux.h has types only; kernel headers define these */
 #define AF_UNSPEC 0
 #define AF_INET 2
 #define AF_INET6 10
@@ -58,18 +55,10 @@ struct ps_btf_anchor {
 	struct ps_member_count member_count;
 };
 const struct ps_btf_anchor *ps_btf_anchor __attribute__((unused));
+#endif /* !PS_BCC */
 
-struct {
-	__uint(type, BPF_MAP_TYPE_RINGBUF);
-	__uint(max_entries, 4 << 20); /* resized by the collector before load */
-} ps_events SEC(".maps");
-
-struct {
-	__uint(type, BPF_MAP_TYPE_PERCPU_ARRAY);
-	__uint(max_entries, PS_CNT_MAX);
-	__type(key, __u32);
-	__type(value, __u64);
-} ps_counters SEC(".maps");
+PS_RINGBUF(ps_events);
+PS_PERCPU_ARRAY(ps_counters, __u64, PS_CNT_MAX);
 
 /* What sys_enter_* saw, waiting for sys_exit_* of the same thread. */
 struct inflight {
@@ -89,24 +78,22 @@ struct inflight {
 	__u8 pre_addr[PS_ADDR_LEN];
 };
 
-struct {
-	__uint(type, BPF_MAP_TYPE_HASH);
-	__uint(max_entries, 16384);
-	__type(key, __u64);     /* pid_tgid */
-	__type(value, struct inflight);
-} ps_inflight SEC(".maps");
+/* pid_tgid -> the call in flight */
+PS_HASH(ps_inflight, __u64, struct inflight, 16384);
 
 /* Before 6.6 (commit 4bd0623f04ee, "inet: move inet->freebind to
  * inet->inet_flags", and its siblings) these options were bitfields. */
+#ifndef PS_BCC /* bcc reads the real struct inet_sock of its headers */
 struct inet_sock___pre66 {
 	__u8 freebind : 1;
 	__u8 transparent : 1;
 	__u8 bind_address_no_port : 1;
 } __attribute__((preserve_access_index));
+#endif
 
 static __always_inline void count(__u32 idx)
 {
-	__u64 *v = bpf_map_lookup_elem(&ps_counters, &idx);
+	__u64 *v = PS_LOOKUP(ps_counters, &idx);
 
 	if (v)
 		*v += 1;
@@ -134,16 +121,40 @@ static __always_inline struct sock *fd_to_sock(int fd, __u64 *inode)
 	return sock ? BPF_CORE_READ(sock, sk) : NULL;
 }
 
+#ifdef PS_BCC
+/* bcc has no CO-RE bitfield reads: a struct with bitfields is copied here
+ * whole, and the compiler extracts the bits from the copy (PS_BITFIELDS_OF). */
+struct ps_scratch_area {
+	union {
+		struct sock_common common;
+		struct inet_sock inet;
+	};
+};
+PS_PERCPU_ARRAY(ps_scratch, struct ps_scratch_area, 1);
+
+static __always_inline void *ps_copy(const void *src, __u32 size)
+{
+	__u32 zero = 0;
+	void *copy = PS_LOOKUP(ps_scratch, &zero);
+
+	if (copy && bpf_probe_read_kernel(copy, size, src))
+		return NULL;
+	return copy;
+}
+#endif
+
 /* The options kept in sock_common: valid for TIME_WAIT and request sockets too. */
 static __always_inline __u8 read_common_opts(struct sock_common *skc)
 {
 	__u8 opts = 0;
 
-	if (BPF_CORE_READ_BITFIELD_PROBED(skc, skc_reuse))
+	if (!PS_BITFIELDS_OF(skc))
+		return 0;
+	if (PS_BITFIELD(skc, skc_reuse))
 		opts |= PS_OPT_REUSEADDR;
-	if (BPF_CORE_READ_BITFIELD_PROBED(skc, skc_reuseport))
+	if (PS_BITFIELD(skc, skc_reuseport))
 		opts |= PS_OPT_REUSEPORT;
-	if (BPF_CORE_READ_BITFIELD_PROBED(skc, skc_ipv6only))
+	if (PS_BITFIELD(skc, skc_ipv6only))
 		opts |= PS_OPT_V6ONLY;
 	return opts;
 }
@@ -153,7 +164,8 @@ static __always_inline __u8 read_opts(struct sock *sk)
 {
 	__u8 opts = read_common_opts(&sk->__sk_common);
 
-	if (bpf_core_field_exists(struct inet_sock, inet_flags)) {
+#if PS_MAY_HAVE_INET_FLAGS
+	if (PS_FIELD_EXISTS(struct inet_sock, inet_flags)) {
 		/* Bit numbers of the INET_FLAGS_* enum (include/net/inet_sock.h);
 		 * the enum is anonymous, so CO-RE cannot relocate them. */
 		unsigned long flags = BPF_CORE_READ((struct inet_sock *)sk, inet_flags);
@@ -164,16 +176,23 @@ static __always_inline __u8 read_opts(struct sock *sk)
 			opts |= PS_OPT_TRANSPARENT;
 		if (flags & (1UL << 18))
 			opts |= PS_OPT_BIND_ADDRESS_NO_PORT;
-	} else {
+		return opts;
+	}
+#endif
+#if PS_MAY_HAVE_INET_BITFIELDS
+	{
 		struct inet_sock___pre66 *old = (void *)sk;
 
-		if (BPF_CORE_READ_BITFIELD_PROBED(old, freebind))
+		if (!PS_BITFIELDS_OF(old))
+			return opts;
+		if (PS_BITFIELD(old, freebind))
 			opts |= PS_OPT_FREEBIND;
-		if (BPF_CORE_READ_BITFIELD_PROBED(old, transparent))
+		if (PS_BITFIELD(old, transparent))
 			opts |= PS_OPT_TRANSPARENT;
-		if (BPF_CORE_READ_BITFIELD_PROBED(old, bind_address_no_port))
+		if (PS_BITFIELD(old, bind_address_no_port))
 			opts |= PS_OPT_BIND_ADDRESS_NO_PORT;
 	}
+#endif
 	return opts;
 }
 
@@ -223,7 +242,7 @@ static __always_inline int on_enter(__u8 kind, int fd, __u64 uaddr)
 	struct inflight in = {};
 	struct sock *sk;
 
-	if (ps_config.target_tgid && (id >> 32) != ps_config.target_tgid)
+	if (PS_CFG(target_tgid) && (id >> 32) != PS_CFG(target_tgid))
 		return 0;
 	sk = fd_to_sock(fd, &in.sock_inode);
 	if (!sk)
@@ -243,14 +262,14 @@ static __always_inline int on_enter(__u8 kind, int fd, __u64 uaddr)
 	if (kind == PS_KIND_LISTEN)
 		in.pre_port = read_local(sk, in.family, in.pre_addr);
 
-	if (bpf_map_update_elem(&ps_inflight, &id, &in, BPF_ANY))
+	if (PS_UPDATE(ps_inflight, &id, &in))
 		count(PS_CNT_INFLIGHT_FULL);
 	return 0;
 }
 
 static __always_inline bool success_wanted(__u8 kind)
 {
-	return ps_config.success_kinds & (1 << kind);
+	return PS_CFG(success_kinds) & (1 << kind);
 }
 
 static __always_inline bool wanted(const struct inflight *in, long ret)
@@ -268,7 +287,7 @@ static __always_inline void fill_task(struct ps_event *e, __u64 id)
 	e->tid = (__u32)id;
 	e->uid = (__u32)bpf_get_current_uid_gid();
 	e->cgroup_id = bpf_get_current_cgroup_id();
-	e->plan = ps_config.plan;
+	e->plan = PS_CFG(plan);
 	bpf_get_current_comm(e->comm, sizeof(e->comm));
 }
 
@@ -278,7 +297,7 @@ static __always_inline void fill_task(struct ps_event *e, __u64 id)
 static __always_inline bool port_selected(const struct inflight *in)
 {
 	struct sock *sk = (struct sock *)in->sk;
-	__u16 target = ps_config.target_port;
+	__u16 target = PS_CFG(target_port);
 	__u16 head[2] = {};
 
 	if (!target)
@@ -295,7 +314,7 @@ static __always_inline bool port_selected(const struct inflight *in)
 static __always_inline int on_exit(long ret)
 {
 	__u64 id = bpf_get_current_pid_tgid();
-	struct inflight *in = bpf_map_lookup_elem(&ps_inflight, &id);
+	struct inflight *in = PS_LOOKUP(ps_inflight, &id);
 	struct sock *sk;
 	struct ps_event *e;
 
@@ -304,7 +323,7 @@ static __always_inline int on_exit(long ret)
 	if (!wanted(in, ret) || !port_selected(in))
 		goto out;
 
-	e = bpf_ringbuf_reserve(&ps_events, sizeof(*e), 0);
+	e = PS_RESERVE(ps_events, sizeof(*e));
 	if (!e) {
 		count(PS_CNT_LOST);
 		goto out;
@@ -337,10 +356,10 @@ static __always_inline int on_exit(long ret)
 	}
 	sk = (struct sock *)in->sk;
 	e->bound_port = read_local(sk, in->family, e->bound_addr);
-	bpf_ringbuf_submit(e, 0);
+	PS_SUBMIT(ps_events, e);
 	count(PS_CNT_EMITTED);
 out:
-	bpf_map_delete_elem(&ps_inflight, &id);
+	PS_DELETE(ps_inflight, &id);
 	return 0;
 }
 
@@ -388,7 +407,7 @@ int ps_exit_connect(struct trace_event_raw_sys_exit *ctx)
  * counted as lost) when the ring buffer is full. */
 static __always_inline struct ps_event *reserve_sock_event(__u64 id, struct sock *sk, __u8 kind)
 {
-	struct ps_event *e = bpf_ringbuf_reserve(&ps_events, sizeof(*e), 0);
+	struct ps_event *e = PS_RESERVE(ps_events, sizeof(*e));
 
 	if (!e) {
 		count(PS_CNT_LOST);
@@ -417,7 +436,7 @@ static __always_inline struct ps_event *reserve_sock_event(__u64 id, struct sock
 static __always_inline int on_get_port(struct sock *sk, __u16 snum, int ret)
 {
 	__u64 id = bpf_get_current_pid_tgid();
-	struct inflight *in = bpf_map_lookup_elem(&ps_inflight, &id);
+	struct inflight *in = PS_LOOKUP(ps_inflight, &id);
 	struct ps_event *e;
 
 	if (in) {
@@ -428,9 +447,9 @@ static __always_inline int on_get_port(struct sock *sk, __u16 snum, int ret)
 	}
 	if (!ret && !success_wanted(PS_KIND_GET_PORT))
 		return 0;
-	if (ps_config.target_tgid && (id >> 32) != ps_config.target_tgid)
+	if (PS_CFG(target_tgid) && (id >> 32) != PS_CFG(target_tgid))
 		return 0;
-	if (ps_config.target_port && snum != ps_config.target_port)
+	if (PS_CFG(target_port) && snum != PS_CFG(target_port))
 		return 0;
 
 	e = reserve_sock_event(id, sk, PS_KIND_GET_PORT);
@@ -441,16 +460,18 @@ static __always_inline int on_get_port(struct sock *sk, __u16 snum, int ret)
 	e->ret = ret > 0 ? -98 : ret;
 	e->quality = PS_Q_GET_PORT_SEEN | (ret ? PS_Q_GET_PORT_FAILED : 0);
 	e->req_port = snum;
-	bpf_ringbuf_submit(e, 0);
+	PS_SUBMIT(ps_events, e);
 	count(PS_CNT_EMITTED);
 	return 0;
 }
 
+#ifndef PS_BCC /* fentry/fexit and tp_btf need BTF at load time: libbpf only */
 SEC("fexit/inet_csk_get_port")
 int BPF_PROG(ps_fexit_get_port, struct sock *sk, unsigned short snum, int ret)
 {
 	return on_get_port(sk, snum, ret);
 }
+#endif
 
 /* kretprobes do not see the arguments: the entry probe keeps them. */
 struct get_port_args {
@@ -458,33 +479,32 @@ struct get_port_args {
 	__u16 snum;
 };
 
-struct {
-	__uint(type, BPF_MAP_TYPE_HASH);
-	__uint(max_entries, 16384);
-	__type(key, __u64);
-	__type(value, struct get_port_args);
-} ps_get_port_args SEC(".maps");
+PS_HASH(ps_get_port_args, __u64, struct get_port_args, 16384);
 
 SEC("kprobe/inet_csk_get_port")
-int BPF_KPROBE(ps_kprobe_get_port, struct sock *sk, unsigned short snum)
+int ps_kprobe_get_port(struct pt_regs *ctx)
 {
 	__u64 id = bpf_get_current_pid_tgid();
-	struct get_port_args args = { .sk = (__u64)sk, .snum = snum };
+	struct get_port_args args = {
+		.sk = (__u64)PT_REGS_PARM1(ctx),
+		.snum = (__u16)PT_REGS_PARM2(ctx),
+	};
 
-	bpf_map_update_elem(&ps_get_port_args, &id, &args, BPF_ANY);
+	PS_UPDATE(ps_get_port_args, &id, &args);
 	return 0;
 }
 
 SEC("kretprobe/inet_csk_get_port")
-int BPF_KRETPROBE(ps_kretprobe_get_port, int ret)
+int ps_kretprobe_get_port(struct pt_regs *ctx)
 {
+	int ret = (int)PT_REGS_RC(ctx);
 	__u64 id = bpf_get_current_pid_tgid();
-	struct get_port_args *args = bpf_map_lookup_elem(&ps_get_port_args, &id);
+	struct get_port_args *args = PS_LOOKUP(ps_get_port_args, &id);
 
 	if (!args)
 		return 0;
 	on_get_port((struct sock *)args->sk, args->snum, ret);
-	bpf_map_delete_elem(&ps_get_port_args, &id);
+	PS_DELETE(ps_get_port_args, &id);
 	return 0;
 }
 
@@ -493,39 +513,33 @@ int BPF_KRETPROBE(ps_kretprobe_get_port, int ret)
 /* Deliveries to each member of a reuseport group, per CPU, keyed by socket
  * cookie. Nothing here goes through the ring buffer: the collector reads the
  * map in batches (tracer/groups.py) and deletes the keys of departed members. */
-struct {
-	__uint(type, BPF_MAP_TYPE_PERCPU_HASH);
-	/* Not preallocated: a member costs memory (8 bytes per CPU) from its
-	 * first delivery on; a preallocated map would cost it all up front. */
-	__uint(map_flags, BPF_F_NO_PREALLOC);
-	__uint(max_entries, 65536);
-	__type(key, __u64);
-	__type(value, struct ps_member_count);
-} ps_group_counts SEC(".maps");
+/* Not preallocated: a member costs memory (8 bytes per CPU) from its first
+ * delivery on; a preallocated map would cost it all up front. */
+PS_PERCPU_HASH_LAZY(ps_group_counts, __u64, struct ps_member_count, 65536);
 
-#define TCP_LISTEN 10
 #define MAX_ERRNO 4095
 
 static __always_inline void count_delivery(__u64 cookie)
 {
 	struct ps_member_count *c, first = { .delivered = 1 };
 
-	c = bpf_map_lookup_elem(&ps_group_counts, &cookie);
+	c = PS_LOOKUP(ps_group_counts, &cookie);
 	if (c) {
 		c->delivered++;
 		return;
 	}
 	/* The member's first delivery on this CPU. Another CPU may insert the
 	 * key at the same moment (EEXIST): then this CPU's slot is there. */
-	if (!bpf_map_update_elem(&ps_group_counts, &cookie, &first, BPF_NOEXIST))
+	if (!PS_INSERT(ps_group_counts, &cookie, &first))
 		return;
-	c = bpf_map_lookup_elem(&ps_group_counts, &cookie);
+	c = PS_LOOKUP(ps_group_counts, &cookie);
 	if (c)
 		c->delivered++;
 	else
 		count(PS_CNT_GROUP_FULL);
 }
 
+#ifndef PS_BCC /* tp_btf and fexit: libbpf only */
 /* tracepoint plan (kernel 6.6+): sk_data_ready fires on a listener once per
  * connection put in its accept queue, and on a UDP socket once per datagram
  * queued to it. It fires for every readable socket on the host, so the
@@ -546,11 +560,12 @@ int BPF_PROG(ps_group_data_ready, const struct sock *sk)
 	} else if (protocol != IPPROTO_UDP) {
 		return 0;
 	}
-	if (ps_config.target_port && sk->__sk_common.skc_num != ps_config.target_port)
+	if (PS_CFG(target_port) && sk->__sk_common.skc_num != PS_CFG(target_port))
 		return 0;
 	count_delivery(bpf_get_socket_cookie((void *)sk));
 	return 0;
 }
+#endif /* !PS_BCC */
 
 /* fentry and kprobe plans: the kernel's choice among the group's members,
  * at the exit of reuseport_select_sock. Every packet that reaches a listener
@@ -586,10 +601,11 @@ static __always_inline bool chosen_ok(struct sock *chosen)
 
 	if (!p || p >= (__u64)-MAX_ERRNO)
 		return false;
-	return !ps_config.target_port ||
-	       BPF_CORE_READ(chosen, __sk_common.skc_num) == ps_config.target_port;
+	return !PS_CFG(target_port) ||
+	       BPF_CORE_READ(chosen, __sk_common.skc_num) == PS_CFG(target_port);
 }
 
+#ifndef PS_BCC
 SEC("fexit/reuseport_select_sock")
 int BPF_PROG(ps_fexit_reuseport_select, struct sock *sk, __u32 hash, struct sk_buff *skb,
 	     int hdr_len, struct sock *ret)
@@ -598,35 +614,32 @@ int BPF_PROG(ps_fexit_reuseport_select, struct sock *sk, __u32 hash, struct sk_b
 		count_delivery(bpf_get_socket_cookie(ret));
 	return 0;
 }
+#endif /* !PS_BCC */
 
 /* kprobe plan: a kretprobe sees only the result, so the entry probe keeps
  * the packet, in a per-CPU slot: lookups run in softirq (or with bottom
  * halves off) and never nest on one CPU. A kprobe cannot assign a cookie
  * (the collector's sock_diag dumps do), so a member's deliveries before its
  * first inventory are counted apart. */
-struct {
-	__uint(type, BPF_MAP_TYPE_PERCPU_ARRAY);
-	__uint(max_entries, 1);
-	__type(key, __u32);
-	__type(value, __u64);
-} ps_select_skb SEC(".maps");
+PS_PERCPU_ARRAY(ps_select_skb, __u64, 1);
 
 SEC("kprobe/reuseport_select_sock")
-int BPF_KPROBE(ps_kprobe_reuseport_select, struct sock *sk, __u32 hash, struct sk_buff *skb)
+int ps_kprobe_reuseport_select(struct pt_regs *ctx)
 {
 	__u32 zero = 0;
-	__u64 *slot = bpf_map_lookup_elem(&ps_select_skb, &zero);
+	__u64 *slot = PS_LOOKUP(ps_select_skb, &zero);
 
-	if (slot)
-		*slot = (__u64)skb;
+	if (slot) /* reuseport_select_sock(sk, hash, skb, hdr_len) */
+		*slot = (__u64)PT_REGS_PARM3(ctx);
 	return 0;
 }
 
 SEC("kretprobe/reuseport_select_sock")
-int BPF_KRETPROBE(ps_kretprobe_reuseport_select, struct sock *ret)
+int ps_kretprobe_reuseport_select(struct pt_regs *ctx)
 {
+	struct sock *ret = (struct sock *)PT_REGS_RC(ctx);
 	__u32 zero = 0;
-	__u64 *slot = bpf_map_lookup_elem(&ps_select_skb, &zero);
+	__u64 *slot = PS_LOOKUP(ps_select_skb, &zero);
 	struct sk_buff *skb;
 	__u64 cookie;
 
@@ -647,19 +660,16 @@ int BPF_KRETPROBE(ps_kretprobe_reuseport_select, struct sock *ret)
 
 /* ---- socket iterators: every plan ----------------------------------------- */
 
+#ifndef PS_BCC /* iterators need BTF at load time: libbpf only */
+
 /* The local port the socket iterators report (0: every port). A map, not
  * read-only data: the collector changes it between runs of the iterator. */
-struct {
-	__uint(type, BPF_MAP_TYPE_ARRAY);
-	__uint(max_entries, 1);
-	__type(key, __u32);
-	__type(value, __u16);
-} ps_iter_port SEC(".maps");
+PS_ARRAY(ps_iter_port, __u16, 1);
 
 static __always_inline bool iter_port_wanted(struct sock_common *skc)
 {
 	__u32 zero = 0;
-	__u16 *port = bpf_map_lookup_elem(&ps_iter_port, &zero);
+	__u16 *port = PS_LOOKUP(ps_iter_port, &zero);
 
 	return !port || !*port || BPF_CORE_READ(skc, skc_num) == *port;
 }
@@ -697,7 +707,7 @@ static __always_inline bool fill_sockinfo(struct ps_sockinfo *info, struct sock_
 		info->group_size = BPF_CORE_READ(reuse, num_socks);
 		if (BPF_CORE_READ(reuse, prog))
 			info->group_flags |= PS_GROUP_BPF_PROG;
-		if (BPF_CORE_READ_BITFIELD_PROBED(reuse, has_conns))
+		if (PS_BITFIELD(reuse, has_conns))
 			info->group_flags |= PS_GROUP_HAS_CONNS;
 	}
 	return true;
@@ -764,14 +774,15 @@ int ps_iter_task_file(struct bpf_iter__task_file *ctx)
 	return 0;
 }
 
+#endif /* !PS_BCC */
+
 /* ---- who closed first: every plan ------------------------------------------ */
 
-struct {
-	__uint(type, BPF_MAP_TYPE_LRU_HASH);
-	__uint(max_entries, 131072); /* resized by the collector before load */
-	__type(key, struct ps_conn_key);
-	__type(value, struct ps_closer);
-} ps_closers SEC(".maps");
+/* Resized by the collector before load (bcc: -DPS_CLOSER_ENTRIES). */
+#ifndef PS_CLOSER_ENTRIES
+#define PS_CLOSER_ENTRIES 131072
+#endif
+PS_LRU_HASH(ps_closers, struct ps_conn_key, struct ps_closer, PS_CLOSER_ENTRIES);
 
 /* A listener closes: a rare event, sent when the collector asks for it (the
  * journal: who gave a port up, just before someone else took it). */
@@ -783,15 +794,15 @@ static __always_inline int on_listen_close(struct sock *sk)
 
 	if (!success_wanted(PS_KIND_LISTEN_CLOSE))
 		return 0;
-	if (ps_config.target_tgid && (id >> 32) != ps_config.target_tgid)
+	if (PS_CFG(target_tgid) && (id >> 32) != PS_CFG(target_tgid))
 		return 0;
 	port = BPF_CORE_READ(sk, __sk_common.skc_num);
-	if (ps_config.target_port && port != ps_config.target_port)
+	if (PS_CFG(target_port) && port != PS_CFG(target_port))
 		return 0;
 	e = reserve_sock_event(id, sk, PS_KIND_LISTEN_CLOSE);
 	if (!e)
 		return 0;
-	bpf_ringbuf_submit(e, 0);
+	PS_SUBMIT(ps_events, e);
 	count(PS_CNT_EMITTED);
 	return 0;
 }
@@ -832,6 +843,6 @@ int ps_state_change(struct trace_event_raw_inet_sock_set_state *ctx)
 	who.uid = (__u32)bpf_get_current_uid_gid();
 	who.from_state = ctx->oldstate;
 	bpf_get_current_comm(who.comm, sizeof(who.comm));
-	bpf_map_update_elem(&ps_closers, &key, &who, BPF_ANY);
+	PS_UPDATE(ps_closers, &key, &who);
 	return 0;
 }

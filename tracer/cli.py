@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import os
 import sys
 import traceback
 from typing import Callable, Sequence
@@ -114,8 +115,19 @@ def _add_protocol_options(p: argparse.ArgumentParser, what: str) -> None:
     proto.add_argument("--udp", action="store_true", help=f"UDP {what} only")
 
 
+ENGINE_HELP = ("how the probes are built: libbpf loads the CO-RE object shipped with portscope "
+               "(default; needs the kernel's BTF), bcc compiles the same probes here against "
+               "the running kernel's headers (for kernels without BTF; needs python3-bpfcc and "
+               "linux-headers; no fentry plan)")
+
+
+def _add_engine_choice(g: argparse._ArgumentGroup) -> None:
+    g.add_argument("--engine", choices=("libbpf", "bcc"), help=ENGINE_HELP)
+
+
 def _add_engine_options(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("probes")
+    _add_engine_choice(g)
     g.add_argument("--plan", choices=PLANS, default="auto",
                    help="probe plan: fentry, kprobe or tracepoint (default: the best one "
                         "this kernel allows; see 'portscope doctor')")
@@ -293,6 +305,7 @@ def build_parser() -> argparse.ArgumentParser:
     groups.add_argument("--json", action="store_true",
                         help="one JSON object per refresh (keys documented in the README)")
     gprobes = groups.add_argument_group("probes")
+    _add_engine_choice(gprobes)
     gprobes.add_argument("--plan", choices=PLANS, default="auto",
                          help="probe plan (default: the best one this kernel allows): "
                               "tracepoint counts at sk_data_ready (kernel 6.6+), fentry and "
@@ -448,6 +461,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     doctor.add_argument("--json", action="store_true", help="machine-readable report")
     doctor.add_argument("--btf", metavar="FILE", help="BTF file to use instead of the kernel's")
+    doctor.add_argument("--engine", choices=("libbpf", "bcc"), default="libbpf",
+                        help="bcc: also compile, load and attach each plan with bcc (seconds "
+                             "each); by default only whether bcc could run is reported")
     return parser
 
 
@@ -467,6 +483,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             return ExitStatus.USAGE
         # On a terminal, no command opens the live UI.
         args = parser.parse_args(["ui", *(["--debug"] if args.debug else [])])
+    if getattr(args, "engine", None) and args.command != "doctor":
+        # Every probe the command loads (events, groups) uses that engine.
+        os.environ["PORTSCOPE_ENGINE"] = args.engine
     try:
         if args.command == "ui":
             return int(run_ui(args))

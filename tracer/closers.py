@@ -50,7 +50,7 @@ def pin_path(pid: int | None = None) -> str:
     return f"{PIN_DIR}/closers-{pid or os.getpid()}"
 
 
-def publish(closers: libbpf.Map) -> str | None:
+def publish(closers: "libbpf.Map | libbpf.FdMap") -> str | None:
     """Pin our map for other portscope processes; None if bpffs is not to be
     had (attribution then works only inside this process)."""
     if not _bpffs_ready():
@@ -64,7 +64,7 @@ def publish(closers: libbpf.Map) -> str | None:
     return path
 
 
-def withdraw(closers: libbpf.Map, path: str | None) -> None:
+def withdraw(closers: "libbpf.Map | libbpf.FdMap", path: str | None) -> None:
     if path:
         try:
             closers.unpin(path)

@@ -33,7 +33,8 @@ def check_plan(config: EngineConfig, facts: KernelFacts, plan: Plan) -> PlanRepo
     if reason:
         return PlanReport(plan.value, verifier, reason)
     try:
-        engine = open_engine(EngineConfig(plan=plan, btf_path=config.btf_path), facts)
+        engine = open_engine(EngineConfig(plan=plan, btf_path=config.btf_path, engine="libbpf"),
+                             facts)
     except PlanUnavailable as exc:
         return PlanReport(plan.value, verifier, str(exc).split(": ", 1)[-1])
     except PortscopeError as exc:
@@ -42,8 +43,31 @@ def check_plan(config: EngineConfig, facts: KernelFacts, plan: Plan) -> PlanRepo
     return PlanReport(plan.value, verifier, "ok")
 
 
+@dataclass
+class BccReport:
+    version: str | None
+    problem: str | None  # None: bcc and the headers are there
+    plans: list[PlanReport]  # with --engine bcc: each plan compiled, loaded, attached
+
+
+def check_bcc(facts: KernelFacts, try_plans: bool) -> BccReport:
+    from .bcc_engine import PLANS, availability
+
+    version, problem = availability(facts.release)
+    plans = []
+    if problem is None and try_plans:
+        for plan in PLANS:
+            try:
+                open_engine(EngineConfig(plan=plan, engine="bcc"), facts).close()
+                plans.append(PlanReport(plan.value, "passed", "ok"))
+            except PortscopeError as exc:
+                verifier = "passed" if isinstance(exc, PlanUnavailable) else str(exc)
+                plans.append(PlanReport(plan.value, verifier, str(exc).split(": ", 1)[-1]))
+    return BccReport(version, problem, plans)
+
+
 def run(args: argparse.Namespace) -> ExitStatus:
-    config = EngineConfig(btf_path=args.btf)
+    config = EngineConfig(btf_path=args.btf, engine="libbpf")
     facts = kernel_facts(args.btf, mount_tracefs=True)
     report: dict[str, object] = {"kernel": asdict(facts), "libbpf": libbpf.version()}
     blocker = None
@@ -56,13 +80,18 @@ def run(args: argparse.Namespace) -> ExitStatus:
     report["plans"] = [asdict(p) for p in plans]
     report["chosen"] = chosen.plan if chosen else None
     report["problem"] = str(blocker) if blocker else None
+    bcc = check_bcc(facts, args.engine == "bcc")
+    report["bcc"] = asdict(bcc)
 
     if args.json:
         print(json.dumps(report, indent=2))
     else:
         _print_human(facts, plans, chosen, blocker)
+        _print_bcc(bcc, args.engine == "bcc")
     if blocker:
         return blocker.status
+    if args.engine == "bcc":
+        return ExitStatus.OK if any(p.attach == "ok" for p in bcc.plans) else ExitStatus.UNSUPPORTED
     return ExitStatus.OK if chosen else ExitStatus.UNSUPPORTED
 
 
@@ -100,3 +129,13 @@ def _print_human(facts: KernelFacts, plans: list[PlanReport], chosen: PlanReport
               f"{', '.join(p.value for p in PREFERENCE)} that attaches here.")
     else:
         print("\nno plan attaches on this kernel.")
+
+
+def _print_bcc(bcc: BccReport, tried: bool) -> None:
+    if bcc.problem:
+        print(f"\nbcc engine: not available: {bcc.problem}")
+        return
+    print(f"\nbcc engine: available (bcc {bcc.version or 'unknown version'}, kernel headers "
+          "installed)" + ("" if tried else "; 'portscope doctor --engine bcc' tries its plans"))
+    for p in bcc.plans:
+        print(f"  {p.plan:11} {'ok' if p.attach == 'ok' else p.attach}")

@@ -4,6 +4,10 @@ hand out raw events and counters.
 Lifecycle, each phase with its own error: open the object, configure its
 read-only data, choose the plan's programs, load (the verifier runs here),
 attach, then poll. ``close()`` detaches everything and is safe to call twice.
+
+Two loaders fill the same :class:`Engine`: libbpf with the CO-RE object
+(the default), and bcc, which compiles the same source against the running
+kernel's headers (``EngineConfig.engine = "bcc"``, tracer/bcc_engine.py).
 """
 
 from __future__ import annotations
@@ -16,7 +20,7 @@ import struct
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Protocol
 
 from . import closers, libbpf
 from .errors import (
@@ -43,6 +47,19 @@ def object_path() -> Path:
 
 
 PLAN_VARIABLE = "PORTSCOPE_PLAN"
+
+
+ENGINE_VARIABLE = "PORTSCOPE_ENGINE"
+ENGINES = ("libbpf", "bcc")
+
+
+def default_engine() -> str:
+    """libbpf, unless $PORTSCOPE_ENGINE (or the command line's --engine,
+    which sets it for every probe the command loads) says bcc."""
+    value = os.environ.get(ENGINE_VARIABLE, "").strip() or "libbpf"
+    if value not in ENGINES:
+        raise UsageError(f"{ENGINE_VARIABLE}={value!r} is not an engine: use libbpf or bcc")
+    return value
 
 
 def forced_plan() -> Plan | None:
@@ -77,6 +94,9 @@ class EngineConfig:
     # events) or GROUP_PROGRAMS (reuseport group counters); the plan itself is
     # still chosen here, by open_engine, the same way for both.
     programs: dict[Plan, tuple[str, ...]] = field(default_factory=lambda: PLAN_PROGRAMS)
+    # "libbpf" (the CO-RE object) or "bcc" (the same source compiled here,
+    # against this kernel's headers); None: $PORTSCOPE_ENGINE, else libbpf.
+    engine: str | None = None
 
 
 @dataclass
@@ -95,22 +115,50 @@ class PlanAttempt:
     reason: str
 
 
+class Loaded(Protocol):
+    """Programs loaded and attached by one loader (libbpf or bcc)."""
+
+    def map(self, name: str) -> libbpf.Map | libbpf.FdMap: ...
+
+    def program_fds(self) -> list[tuple[str, int]]: ...
+
+    def close(self) -> None: ...
+
+
+class LibbpfLoaded:
+    def __init__(self, obj: libbpf.BpfObject, links: list[libbpf.Link]) -> None:
+        self._obj = obj
+        self._links = links
+
+    def map(self, name: str) -> libbpf.Map:
+        return self._obj.map(name)
+
+    def program_fds(self) -> list[tuple[str, int]]:
+        return [(p.name, p.fd) for p in self._obj.programs() if p.autoload]
+
+    def close(self) -> None:
+        for link in self._links:
+            link.destroy()
+        self._links = []
+        self._obj.close()
+
+
 class Engine:
     """One loaded and attached plan. Create with :func:`open_engine`."""
 
-    def __init__(self, obj: libbpf.BpfObject, plan: Plan, links: list[libbpf.Link],
-                 attempts: list[PlanAttempt], facts: KernelFacts) -> None:
-        self._obj: libbpf.BpfObject | None = obj
+    def __init__(self, loaded: Loaded, plan: Plan, attempts: list[PlanAttempt],
+                 facts: KernelFacts, engine: str = "libbpf") -> None:
+        self._loaded: Loaded | None = loaded
         self.plan = plan
+        self.engine = engine
         self.attempts = attempts
         self.facts = facts
-        self._links = links
-        self._counters = obj.map("ps_counters")
+        self._counters = loaded.map("ps_counters")
         self._ncpus = libbpf.possible_cpus()
         self._ring: libbpf.RingBuffer | None = None
         self._pending: list[bytes] = []
-        self._ring = libbpf.RingBuffer(obj.map("ps_events"), self._pending.append)
-        self._closers = obj.map("ps_closers")
+        self._ring = libbpf.RingBuffer(loaded.map("ps_events"), self._pending.append)
+        self._closers = loaded.map("ps_closers")
         self._closers_pin = closers.publish(self._closers)
 
     def poll(self, timeout_ms: int = 100) -> list[bytes]:
@@ -143,15 +191,15 @@ class Engine:
         raw = self._counters.lookup(struct.pack("I", idx), 8 * self._ncpus) or b""
         return sum(struct.unpack(f"{len(raw) // 8}Q", raw))
 
-    def map(self, name: str) -> libbpf.Map:
-        assert self._obj is not None, "engine is closed"
-        return self._obj.map(name)
+    def map(self, name: str) -> libbpf.Map | libbpf.FdMap:
+        assert self._loaded is not None, "engine is closed"
+        return self._loaded.map(name)
 
     def recursion_misses(self) -> int:
         """Runs the kernel skipped because the same program was already
         running on that CPU (a tracepoint hit from an interrupt)."""
-        assert self._obj is not None, "engine is closed"
-        return sum(p.recursion_misses() for p in self._obj.programs() if p.autoload)
+        assert self._loaded is not None, "engine is closed"
+        return sum(libbpf.recursion_misses(fd, name) for name, fd in self._loaded.program_fds())
 
     def closers(self) -> dict[closers.ConnKey, closers.Closer]:
         """The closes this engine recorded (also readable by other processes
@@ -159,17 +207,14 @@ class Engine:
         return closers.read_fd(self._closers.fd, Clock())
 
     def close(self) -> None:
-        if self._obj:
+        if self._loaded:
             closers.withdraw(self._closers, self._closers_pin)
-        for link in self._links:
-            link.destroy()
-        self._links = []
         if self._ring:
             self._ring.free()
             self._ring = None
-        if self._obj:
-            self._obj.close()
-            self._obj = None
+        if self._loaded:
+            self._loaded.close()
+            self._loaded = None
 
     def __enter__(self) -> "Engine":
         return self
@@ -181,6 +226,10 @@ class Engine:
 def open_engine(config: EngineConfig, facts: KernelFacts | None = None) -> Engine:
     """Load and attach the requested plan, or the best plan the kernel allows."""
     facts = facts or kernel_facts(config.btf_path, mount_tracefs=True)
+    if (config.engine or default_engine()) == "bcc":
+        from .bcc_engine import open_bcc_engine
+
+        return open_bcc_engine(config, facts)
     preflight(facts, config)
     requested = config.plan or forced_plan()
     candidates = [requested] if requested else list(PREFERENCE)
@@ -194,7 +243,7 @@ def open_engine(config: EngineConfig, facts: KernelFacts | None = None) -> Engin
                 reason = str(exc)
             else:
                 attempts.append(PlanAttempt(plan, True, "loaded and attached"))
-                return Engine(obj, plan, links, attempts, facts)
+                return Engine(LibbpfLoaded(obj, links), plan, attempts, facts)
         attempts.append(PlanAttempt(plan, False, reason))
         if requested:
             raise PlanUnavailable(f"the {plan.value} plan cannot run on this kernel: {reason}")
@@ -202,15 +251,16 @@ def open_engine(config: EngineConfig, facts: KernelFacts | None = None) -> Engin
     raise Unsupported(f"no probe plan can run on this kernel ({tried})")
 
 
-def preflight(facts: KernelFacts, config: EngineConfig) -> None:
-    """The failures that need no probe loaded to be explained."""
+def preflight(facts: KernelFacts, config: EngineConfig, need_btf: bool = True) -> None:
+    """The failures that need no probe loaded to be explained (the bcc
+    engine, which compiles against headers, needs no BTF)."""
     if not facts.privileged:
         raise PermissionDenied(
             "portscope needs root (or CAP_BPF and CAP_PERFMON) to load its probes: run it with sudo"
         )
     if config.btf_path and not os.path.exists(config.btf_path):
         raise NoBTF(f"the BTF file {config.btf_path} does not exist")
-    if not facts.btf:
+    if need_btf and not facts.btf:
         raise NoBTF(
             "this kernel exposes no BTF (/sys/kernel/btf/vmlinux, CONFIG_DEBUG_INFO_BTF=y): "
             "pass --btf FILE with a BTF file for this kernel (for example from btfhub)"

@@ -100,6 +100,7 @@ _SIGNATURES: dict[str, tuple[object, list[object]]] = {
     "bpf_map__pin": (c_int, [c_void_p, c_char_p]),
     "bpf_map__unpin": (c_int, [c_void_p, c_char_p]),
     "bpf_obj_get": (c_int, [c_char_p]),
+    "bpf_obj_pin": (c_int, [c_int, c_char_p]),
     "bpf_map_lookup_elem": (c_int, [c_int, c_void_p, c_void_p]),
     "bpf_map_update_elem": (c_int, [c_int, c_void_p, c_void_p, c_uint64]),
     "bpf_map_delete_elem": (c_int, [c_int, c_void_p]),
@@ -278,17 +279,12 @@ class Program:
         ptr = lib().bpf_program__attach(self.ptr)
         return Link(_check_ptr(ptr, f"attach {self.name} ({self.section})"), self.name)
 
+    @property
+    def fd(self) -> int:
+        return _check_ret(lib().bpf_program__fd(self.ptr), f"fd of program {self.name}")
+
     def recursion_misses(self) -> int:
-        """Times the kernel skipped this (loaded) program because it was
-        already running on the same CPU (bpf_prog_info.recursion_misses)."""
-        fd = _check_ret(lib().bpf_program__fd(self.ptr), f"fd of program {self.name}")
-        info = ctypes.create_string_buffer(_PROG_INFO_SIZE)
-        size = c_uint32(_PROG_INFO_SIZE)
-        _check_ret(lib().bpf_obj_get_info_by_fd(fd, info, ctypes.byref(size)),
-                   f"info of program {self.name}")
-        if size.value < _PROG_INFO_RECURSION_MISSES + 8:
-            return 0  # a kernel older than 5.12 does not report it
-        return c_uint64.from_buffer(info, _PROG_INFO_RECURSION_MISSES).value
+        return recursion_misses(self.fd, self.name)
 
     def attach_iter(self) -> Link:
         opts = _IterAttachOpts(sz=ctypes.sizeof(_IterAttachOpts))
@@ -308,7 +304,74 @@ def run_iterator(link: Link) -> bytes:
     return b"".join(chunks)
 
 
-class Map:
+def recursion_misses(prog_fd: int, name: str) -> int:
+    """Times the kernel skipped a loaded program because it was already
+    running on the same CPU (bpf_prog_info.recursion_misses)."""
+    info = ctypes.create_string_buffer(_PROG_INFO_SIZE)
+    size = c_uint32(_PROG_INFO_SIZE)
+    _check_ret(lib().bpf_obj_get_info_by_fd(prog_fd, info, ctypes.byref(size)),
+               f"info of program {name}")
+    if size.value < _PROG_INFO_RECURSION_MISSES + 8:
+        return 0  # a kernel older than 5.12 does not report it
+    return c_uint64.from_buffer(info, _PROG_INFO_RECURSION_MISSES).value
+
+
+class MapOps:
+    """Element operations on a map's fd, whoever created the map (libbpf,
+    or bcc for the bcc engine). Subclasses give name, fd and key_size."""
+
+    name: str
+    fd: int
+    key_size: int
+
+    def lookup(self, key: bytes, value_size: int) -> bytes | None:
+        """One element (``value_size`` is per-CPU size x CPUs for per-CPU maps)."""
+        out = ctypes.create_string_buffer(value_size)
+        ret = lib().bpf_map_lookup_elem(self.fd, key, out)
+        if ret < 0:
+            err = -ret
+            if err == 2:  # ENOENT
+                return None
+            raise OSError(err, f"lookup in map {self.name}: {os.strerror(err)}")
+        return out.raw
+
+    def update(self, key: bytes, value: bytes) -> None:
+        _check_ret(lib().bpf_map_update_elem(self.fd, key, value, 0), f"update map {self.name}")
+
+    def delete(self, key: bytes) -> bool:
+        """Remove one element; False when it was not there."""
+        ret = lib().bpf_map_delete_elem(self.fd, key)
+        if ret == -2:  # ENOENT
+            return False
+        _check_ret(ret, f"delete from map {self.name}")
+        return True
+
+    def lookup_batch(self, value_size: int, chunk: int = 4096) -> Iterator[tuple[bytes, bytes]]:
+        """Every (key, value) of a hash map, ``chunk`` elements per syscall."""
+        return lookup_batch(self.fd, self.key_size, value_size, self.name, chunk)
+
+
+class FdMap(MapOps):
+    """A map known only by its fd (created by bcc)."""
+
+    def __init__(self, fd: int, name: str, key_size: int, value_size: int,
+                 max_entries: int) -> None:
+        self.fd = fd
+        self.name = name
+        self.key_size = key_size
+        self.value_size = value_size
+        self.max_entries = max_entries
+
+    def pin(self, path: str) -> None:
+        _check_ret(lib().bpf_obj_pin(self.fd, path.encode()), f"pin map {self.name} at {path}")
+
+    def unpin(self, path: str) -> None:
+        os.unlink(path)
+
+
+class Map(MapOps):
+    """A map of a libbpf object (its fd exists once the object is loaded)."""
+
     def __init__(self, ptr: int, name: str) -> None:
         self.ptr = ptr
         self.name = name
@@ -338,38 +401,12 @@ class Map:
         ptr = lib().bpf_map__initial_value(self.ptr, ctypes.byref(size))
         return _check_ptr(ptr, f"initial value of map {self.name}"), size.value
 
-    def lookup(self, key: bytes, value_size: int) -> bytes | None:
-        """One element (``value_size`` is per-CPU size x CPUs for per-CPU maps)."""
-        out = ctypes.create_string_buffer(value_size)
-        ret = lib().bpf_map_lookup_elem(self.fd, key, out)
-        if ret < 0:
-            err = -ret
-            if err == 2:  # ENOENT
-                return None
-            raise OSError(err, f"lookup in map {self.name}: {os.strerror(err)}")
-        return out.raw
-
     def pin(self, path: str) -> None:
         """Keep the map reachable at ``path`` in bpffs (for other processes)."""
         _check_ret(lib().bpf_map__pin(self.ptr, path.encode()), f"pin map {self.name} at {path}")
 
     def unpin(self, path: str) -> None:
         _check_ret(lib().bpf_map__unpin(self.ptr, path.encode()), f"unpin map {self.name}")
-
-    def update(self, key: bytes, value: bytes) -> None:
-        _check_ret(lib().bpf_map_update_elem(self.fd, key, value, 0), f"update map {self.name}")
-
-    def delete(self, key: bytes) -> bool:
-        """Remove one element; False when it was not there."""
-        ret = lib().bpf_map_delete_elem(self.fd, key)
-        if ret == -2:  # ENOENT
-            return False
-        _check_ret(ret, f"delete from map {self.name}")
-        return True
-
-    def lookup_batch(self, value_size: int, chunk: int = 4096) -> Iterator[tuple[bytes, bytes]]:
-        """Every (key, value) of a hash map, ``chunk`` elements per syscall."""
-        return lookup_batch(self.fd, self.key_size, value_size, self.name, chunk)
 
 
 def open_pinned(path: str) -> int:
@@ -450,7 +487,7 @@ class BpfObject:
 class RingBuffer:
     """Polls one BPF ring buffer; each record is handed to ``on_record`` as bytes."""
 
-    def __init__(self, ring: Map, on_record: Callable[[bytes], None]) -> None:
+    def __init__(self, ring: MapOps, on_record: Callable[[bytes], None]) -> None:
         def sample(_ctx: int, data: int, size: int) -> int:
             on_record(ctypes.string_at(data, size))
             return 0

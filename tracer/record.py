@@ -72,7 +72,8 @@ def run(args: argparse.Namespace) -> ExitStatus:
         try:
             recorder = Recorder(engine, writer, args.snapshot_interval, explain=not args.no_explain,
                                 jsonl=jsonl)
-            print(f"portscope: recording to {args.output} with the {engine.plan.value} plan "
+            print(f"portscope: recording to {args.output} with the {engine.plan.value} plan"
+                  f"{' (bcc)' if engine.engine == 'bcc' else ''} "
                   f"(snapshot every {args.snapshot_interval:g}s{_limits(args)}); "
                   "SIGTERM or Ctrl-C to stop", file=sys.stderr, flush=True)
             recorder.run(stop)

@@ -133,7 +133,8 @@ def open_output(path: str | None) -> TextIO:
 def _announce(engine: Engine) -> None:
     skipped = "; ".join(f"{a.plan.value}: {a.reason}" for a in engine.attempts if not a.ok)
     note = f" ({skipped})" if skipped else ""
-    print(f"portscope: tracing with the {engine.plan.value} plan{note}; Ctrl-C to stop",
+    built = " (compiled here by bcc)" if engine.engine == "bcc" else ""
+    print(f"portscope: tracing with the {engine.plan.value} plan{built}{note}; Ctrl-C to stop",
           file=sys.stderr, flush=True)
 
 
