@@ -32,6 +32,7 @@ from .engine import (
     PlanAttempt,
     _ring_size,
     _success_mask,
+    forced_plan,
     preflight,
     summarize_verifier_log,
 )
@@ -53,19 +54,15 @@ PLANS = (Plan.KPROBE, Plan.TRACEPOINT)  # in order of preference
 
 def open_bcc_engine(config: EngineConfig, facts: KernelFacts) -> Engine:
     """Compile, load and attach the requested plan, or the best one bcc can run."""
-    preflight(facts, config, need_btf=False)
-    bcc = _import_bcc()
-    _check_headers(facts.release)
-    sections = _sections(config.object_path)
-    requested = config.plan
-    if requested is None:
-        from .engine import forced_plan
-
-        requested = forced_plan()
+    requested = config.plan or forced_plan()
     if requested is Plan.FENTRY:
         raise PlanUnavailable(
             "the bcc engine has no fentry plan (fentry needs the kernel's BTF, and bcc is for "
             "kernels without it): use --plan kprobe or tracepoint, or the libbpf engine")
+    preflight(facts, config, need_btf=False)
+    bcc = _import_bcc()
+    _check_headers(facts.release)
+    sections = _sections(config.object_path)
     candidates = [requested] if requested else list(PLANS)
     attempts: list[PlanAttempt] = []
     for plan in candidates:
@@ -111,6 +108,7 @@ def _import_bcc() -> Any:
             f"the bcc engine needs bcc's Python module, which {sys.executable} cannot import "
             f"({exc}): install python3-bpfcc (Debian, Ubuntu) and run portscope with that "
             "system Python, or use the default engine (--engine libbpf)") from None
+    libbpf.reclaim_log()  # loading libbcc may have replaced libbpf's printer
     return bcc
 
 
@@ -205,7 +203,7 @@ def _load_plan(bcc: Any, config: EngineConfig, plan: Plan, sections: dict[str, s
     text = bcc_source(SOURCE.read_text())
     with _stderr_captured() as log:
         try:
-            bpf = bcc.BPF(text=text, cflags=cflags(config, plan))
+            bpf = bcc.BPF(text=text.encode(), cflags=cflags(config, plan))
         except Exception:
             raise ProbeError(
                 f"bcc could not compile {SOURCE.name} against the headers of {release}: "
@@ -273,7 +271,8 @@ def _first_error(log: str) -> str:
 @contextmanager
 def _stderr_captured() -> Iterator[Any]:
     """bcc, clang and the verifier write to file descriptor 2: keep that
-    for the error (shown with --debug), not on the user's terminal."""
+    for the error (shown with --debug), not on the user's terminal. bcc also
+    takes over libbpf's log printer (one libbpf per process): give it back."""
     sys.stderr.flush()
     saved = os.dup(2)
     with tempfile.TemporaryFile() as tmp:
@@ -289,6 +288,7 @@ def _stderr_captured() -> Iterator[Any]:
         finally:
             os.dup2(saved, 2)
             os.close(saved)
+            libbpf.reclaim_log()
 
 
 class BccLoaded:

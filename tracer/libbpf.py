@@ -203,6 +203,12 @@ def _install_log_capture(handle: ctypes.CDLL) -> None:
     handle.libbpf_set_print(_print_cb)
 
 
+def reclaim_log() -> None:
+    """Route libbpf's log to take_log() again. libbpf is shared by the whole
+    process, and bcc (the bcc engine) installs its own printer in it."""
+    _install_log_capture(lib())
+
+
 def take_log() -> str:
     """Everything libbpf logged since the last call, then forget it."""
     with _log_lock:
