@@ -300,7 +300,7 @@ class BccLoaded:
 
     def map(self, name: str) -> libbpf.FdMap:
         if name not in self._maps:
-            table = self._bpf.get_table(name)
+            table = self._bpf.get_table(name.encode())
             self._maps[name] = libbpf.FdMap(
                 table.map_fd, name, ctypes.sizeof(table.Key), ctypes.sizeof(table.Leaf),
                 int(table.max_entries))
