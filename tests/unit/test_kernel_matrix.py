@@ -1,0 +1,71 @@
+"""The kernel matrix's decisions (scripts/kernel-matrix): which plans a
+kernel should allow, what counts as a failing cell. The matrix itself is
+the test of the kernels; these pin down its rules on recorded inputs."""
+
+from __future__ import annotations
+
+import importlib.machinery
+import importlib.util
+from pathlib import Path
+from types import ModuleType
+
+import pytest
+
+SCRIPT = Path(__file__).resolve().parents[2] / "scripts" / "kernel-matrix"
+
+
+@pytest.fixture(scope="module")
+def km() -> ModuleType:
+    loader = importlib.machinery.SourceFileLoader("kernel_matrix", str(SCRIPT))
+    spec = importlib.util.spec_from_loader("kernel_matrix", loader)
+    assert spec is not None
+    module = importlib.util.module_from_spec(spec)
+    loader.exec_module(module)
+    return module
+
+
+def test_expected_plans_follow_the_config(km: ModuleType) -> None:
+    full = {"CONFIG_KPROBES": "y", "CONFIG_DEBUG_INFO_BTF": "y",
+            "CONFIG_DYNAMIC_FTRACE_WITH_DIRECT_CALLS": "y"}
+    assert km.expected_plans(full) == {"fentry": None, "kprobe": None, "tracepoint": None}
+    bare = {"CONFIG_DEBUG_INFO_BTF": "y"}
+    got = km.expected_plans(bare)
+    assert got["kprobe"] == "CONFIG_KPROBES off"
+    assert "CONFIG_DYNAMIC_FTRACE_WITH_DIRECT_CALLS" in got["fentry"]
+    assert got["tracepoint"] is None
+    unknown = km.expected_plans(None)
+    assert unknown["fentry"] and unknown["kprobe"] and unknown["tracepoint"] is None
+
+
+def test_policy_refusal_is_not_a_verifier_rejection(km: ModuleType) -> None:
+    assert km.refused_by_policy("the kernel refused the fentry program x (EPERM): BPF "
+                                "trampolines are not allowed here")
+    assert not km.refused_by_policy("verifier rejected ps_exit_bind: invalid mem access")
+    assert not km.refused_by_policy("ps_fexit_get_port needs the kernel hook x")
+
+
+def test_keyword_expressions_are_combined(km: ModuleType) -> None:
+    assert km.with_keyword(["-x"], "not a") == ["-x", "-k", "not a"]
+    assert km.with_keyword(["-k", "b", "-q"], "not a") == ["-q", "-k", "(b) and not a"]
+    assert km.with_keyword(["-kc"], "not a") == ["-k", "(c) and not a"]
+
+
+def test_junit_counts(km: ModuleType, tmp_path: Path) -> None:
+    report = tmp_path / "j.xml"
+    report.write_text('<testsuites><testsuite tests="10" failures="2" errors="1" skipped="3"/>'
+                      '<testsuite tests="5" failures="0" errors="0" skipped="0"/></testsuites>')
+    assert km.junit_counts(report) == {"passed": 9, "failed": 2, "errors": 1, "skipped": 3}
+    report.write_text("<testsuites")
+    assert km.junit_counts(report) is None
+
+
+@pytest.mark.parametrize("packaged, ok", [(True, False), (False, True)])
+def test_bcc_cell_without_headers(km: ModuleType, monkeypatch: pytest.MonkeyPatch,
+                                  packaged: bool, ok: bool, tmp_path: Path) -> None:
+    """A Debian kernel without its headers fails the bcc cell (setup-vm
+    installs them); another kernel simply has none."""
+    monkeypatch.setattr(km, "debian_packaged", lambda release: packaged)
+    report = {"bcc": {"problem": "none are installed for 9.9"}}
+    cell = km.run_bcc("9.9", report, [], tmp_path, [])
+    assert cell.plan == "bcc" and cell.ok is ok
+    assert ("none are installed" in cell.result) is packaged
