@@ -111,18 +111,30 @@ def test_verifier_rejection_is_summarised(tmp_path):
     assert "BEGIN PROG LOAD LOG" in debug.stderr or "processed" in debug.stderr
 
 
-def test_plan_that_cannot_run_here_is_named(tmp_path):
+def test_plan_that_cannot_run_here_is_named():
+    """Every plan this kernel refuses is named as such when asked for."""
     doctor = portscope("doctor", "--json")
     assert doctor.returncode == 0, doctor.stderr
     import json
 
     report = json.loads(doctor.stdout)
-    refused = [p for p in report["plans"] if p["attach"] != "ok"]
-    if not refused:
-        pytest.skip("every plan attaches on this kernel: nothing to refuse")  # not on 6.18 here
-    plan = refused[0]["plan"]
-    result = portscope("trace", "--plan", plan, "--duration", "1")
-    assert_one_sentence(result, ExitStatus.UNSUPPORTED, f"the {plan} plan cannot run on this kernel")
+    for refused in [p["plan"] for p in report["plans"] if p["attach"] != "ok"]:
+        result = portscope("trace", "--plan", refused, "--duration", "1")
+        assert_one_sentence(result, ExitStatus.UNSUPPORTED,
+                            f"the {refused} plan cannot run on this kernel")
+
+
+def test_kprobes_hidden_is_named():
+    """Where perf kprobes are missing (here: the kprobe PMU hidden in a
+    private mount namespace, so that it holds on every kernel), asking for
+    the kprobe plan is one sentence."""
+    unshare = need_tool("unshare")
+    script = ("if [ -d /sys/bus/event_source/devices/kprobe ]; then "
+              "mount -t tmpfs none /sys/bus/event_source/devices/kprobe || exit 9; fi; "
+              f"exec {sys.executable} -m tracer.cli trace --plan kprobe --duration 1")
+    result = subprocess.run([unshare, "-m", "--propagation", "private", "sh", "-c", script],
+                            cwd=REPO, capture_output=True, text=True, timeout=60)
+    assert_one_sentence(result, ExitStatus.UNSUPPORTED, "kprobes are not available")
 
 
 def test_tracefs_not_mounted_is_mounted_for_the_user():
