@@ -126,7 +126,9 @@ def as_rule_sock(s: Socket) -> Sock:
         v6only=bool(f and "v6only" in f.options),
         bound_dev_if=d.bound_dev_if,
         uid=f.sock_uid if f else d.uid,
-        key=d.cookie,
+        # The cookie names a socket uniquely; one sock_diag never dumped (a
+        # bound-only socket on an older kernel) may have none: its inode then.
+        key=d.cookie or ("inode", d.inode),
     )
 
 

@@ -10,7 +10,11 @@ Three sources, joined:
   reuseport group, matched by cookie (sock_diag assigns the cookie, so the
   dump runs first);
 * ``sockflags`` iter/task_file: which process holds which socket inode, and
-  the flags of sockets iter/tcp does not walk (bound-only TCP).
+  the flags of sockets iter/tcp does not walk (bound-only TCP). Kernels
+  before TCP_BOUND_INACTIVE (6.1 among them) leave bound-only TCP sockets
+  out of sock_diag altogether: those the walk finds held in the namespace
+  are added from it (:func:`bound_only_records`), so that the explainer sees
+  every socket that holds a port on every kernel.
 
 What could not be read (a namespace that vanished, a process that exited,
 a socket with no flags) is counted in the result, never raised.
@@ -25,7 +29,7 @@ from typing import Iterable
 from .errors import UsageError
 from .netns import NetnsRef, dump_in, list_netns, open_netns
 from .owners import Owner, OwnerCache
-from .sockdiag import SockRecord, dump
+from .sockdiag import SockRecord, dump, state_mask
 from .sockflags import Holder, SocketIterators, SockFlags
 
 
@@ -169,6 +173,7 @@ def _take_one(ref: NetnsRef, port: int | None, protocols: tuple[str, ...],
         flags = {f.cookie: f for f in its.sockets(fd, port) if f.cookie}
     finally:
         os.close(fd)
+    records = records + bound_only_records(ref.inode, records, holders, states)
     for rec in records:
         held = holders.get(rec.inode, []) if rec.inode else []
         flag = flags.get(rec.cookie) or (held[0].sock if held else None)
@@ -176,3 +181,27 @@ def _take_one(ref: NetnsRef, port: int | None, protocols: tuple[str, ...],
             inv.flags_unknown += 1
         pids = sorted({h.pid: h.comm for h in held}.items())
         inv.sockets.append(Socket(rec, flag, tuple(owners.get(pid, comm) for pid, comm in pids)))
+
+
+def bound_only_records(netns: int, records: list[SockRecord],
+                       holders: dict[int, list[Holder]],
+                       states: tuple[str, ...] | None) -> list[SockRecord]:
+    """Bound-only TCP sockets of ``netns`` that processes hold but that
+    sock_diag did not report (kernels without TCP_BOUND_INACTIVE), built from
+    what iter/task_file read in the socket itself."""
+    if states is not None and not state_mask(states) & state_mask(("CLOSE",)):
+        return []
+    reported = {rec.inode for rec in records}
+    out = []
+    for inode, held in holders.items():
+        f = held[0].sock
+        if (inode in reported or f.netns != netns or f.protocol != "tcp"
+                or f.state != "CLOSE" or not f.port):
+            continue
+        unspecified = "::" if f.family == "ipv6" else "0.0.0.0"
+        out.append(SockRecord(
+            netns=f.netns, protocol="tcp", family=f.family, state="CLOSE",
+            local_addr=f.addr, local_port=f.port, remote_addr=unspecified, remote_port=0,
+            rqueue=0, wqueue=0, timer=None, timer_ms=0, uid=f.sock_uid, inode=inode,
+            cookie=f.cookie, bound_dev_if=f.bound_dev_if))
+    return out

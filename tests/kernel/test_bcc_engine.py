@@ -56,7 +56,8 @@ def test_no_kernel_headers() -> None:
     if Path("/sys/kernel/kheaders.tar.xz").exists():
         missing("this kernel carries its headers (CONFIG_IKHEADERS): cannot hide them")
     script = ("mount -t tmpfs none /lib/modules && "
-              f"exec {sys.executable} -m tracer.cli trace --engine bcc --duration 1")
+              f"exec {sys.executable} -m tracer.cli trace --engine bcc --plan tracepoint "
+              "--duration 1")
     result = subprocess.run([unshare, "-m", "--propagation", "private", "sh", "-c", script],
                             cwd=REPO, capture_output=True, text=True, timeout=60)
     assert_one_sentence(result, ExitStatus.UNSUPPORTED, "none are installed for")
@@ -66,7 +67,8 @@ def test_no_kernel_headers() -> None:
 def test_no_bcc_module() -> None:
     """A Python that cannot import bcc (the module blocked in sys.modules)."""
     code = ("import sys; sys.modules['bcc'] = None; from tracer.cli import main; "
-            "sys.exit(main(['trace', '--engine', 'bcc', '--duration', '1']))")
+            "sys.exit(main(['trace', '--engine', 'bcc', '--plan', 'tracepoint', "
+            "'--duration', '1']))")
     result = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True,
                             text=True, timeout=60)
     assert_one_sentence(result, ExitStatus.UNSUPPORTED, "install python3-bpfcc")

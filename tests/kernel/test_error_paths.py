@@ -140,9 +140,13 @@ def test_kprobes_hidden_is_named():
 def test_tracefs_not_mounted_is_mounted_for_the_user():
     """In a private mount namespace without tracefs, portscope mounts it and works."""
     need_tool("unshare")
+    # debugfs re-mounts tracefs under /sys/kernel/debug/tracing on access
+    # (an automount), so it goes too.
     script = (
         "umount /sys/kernel/tracing 2>/dev/null; umount /sys/kernel/debug/tracing 2>/dev/null; "
+        "umount /sys/kernel/debug 2>/dev/null; "
         "test ! -d /sys/kernel/tracing/events || exit 9; "
+        "test ! -d /sys/kernel/debug/tracing/events || exit 9; "
         f"exec {sys.executable} -m tracer.cli doctor"
     )
     result = subprocess.run(["unshare", "-m", "--propagation", "private", "sh", "-c", script],
