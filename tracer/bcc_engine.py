@@ -29,9 +29,9 @@ from . import libbpf
 from .engine import (
     Engine,
     EngineConfig,
-    PlanAttempt,
     _ring_size,
     _success_mask,
+    first_plan_that_runs,
     forced_plan,
     preflight,
     summarize_verifier_log,
@@ -63,23 +63,10 @@ def open_bcc_engine(config: EngineConfig, facts: KernelFacts) -> Engine:
     bcc = _import_bcc()
     _check_headers(facts.release)
     sections = _sections(config.object_path)
-    candidates = [requested] if requested else list(PLANS)
-    attempts: list[PlanAttempt] = []
-    for plan in candidates:
-        reason = facts.static_reason_against(plan)
-        if reason is None:
-            try:
-                loaded = _load_plan(bcc, config, plan, sections, facts.release)
-            except PlanUnavailable as exc:
-                reason = str(exc)
-            else:
-                attempts.append(PlanAttempt(plan, True, "compiled by bcc, loaded and attached"))
-                return Engine(loaded, plan, attempts, facts, engine="bcc")
-        attempts.append(PlanAttempt(plan, False, reason))
-        if requested:
-            raise PlanUnavailable(f"the {plan.value} plan cannot run with bcc here: {reason}")
-    tried = "; ".join(f"{a.plan.value}: {a.reason}" for a in attempts)
-    raise Unsupported(f"no probe plan can run with the bcc engine on this kernel ({tried})")
+    return first_plan_that_runs(
+        [requested] if requested else list(PLANS), requested, facts,
+        lambda plan: _load_plan(bcc, config, plan, sections, facts.release), "bcc",
+        "with the bcc engine on this kernel")
 
 
 # ---- what must be there -----------------------------------------------------

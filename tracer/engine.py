@@ -232,23 +232,34 @@ def open_engine(config: EngineConfig, facts: KernelFacts | None = None) -> Engin
         return open_bcc_engine(config, facts)
     preflight(facts, config)
     requested = config.plan or forced_plan()
-    candidates = [requested] if requested else list(PREFERENCE)
+
+    def load(plan: Plan) -> Loaded:
+        return LibbpfLoaded(*_load_plan(config, plan))
+
+    return first_plan_that_runs([requested] if requested else list(PREFERENCE), requested,
+                                facts, load, "libbpf", "on this kernel")
+
+
+def first_plan_that_runs(candidates: list[Plan], requested: Plan | None, facts: KernelFacts,
+                         load: Callable[[Plan], Loaded], engine: str, where: str) -> Engine:
+    """The first of ``candidates`` that ``load`` loads and attaches; a plan
+    that cannot run is an error only when it was asked for by name."""
     attempts: list[PlanAttempt] = []
     for plan in candidates:
         reason = facts.static_reason_against(plan)
         if reason is None:
             try:
-                obj, links = _load_plan(config, plan)
+                loaded = load(plan)
             except PlanUnavailable as exc:
                 reason = str(exc)
             else:
-                attempts.append(PlanAttempt(plan, True, "loaded and attached"))
-                return Engine(LibbpfLoaded(obj, links), plan, attempts, facts)
+                attempts.append(PlanAttempt(plan, True, f"loaded and attached ({engine})"))
+                return Engine(loaded, plan, attempts, facts, engine=engine)
         attempts.append(PlanAttempt(plan, False, reason))
         if requested:
-            raise PlanUnavailable(f"the {plan.value} plan cannot run on this kernel: {reason}")
+            raise PlanUnavailable(f"the {plan.value} plan cannot run {where}: {reason}")
     tried = "; ".join(f"{a.plan.value}: {a.reason}" for a in attempts)
-    raise Unsupported(f"no probe plan can run on this kernel ({tried})")
+    raise Unsupported(f"no probe plan can run {where} ({tried})")
 
 
 def preflight(facts: KernelFacts, config: EngineConfig, need_btf: bool = True) -> None:
