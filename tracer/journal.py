@@ -61,6 +61,11 @@ CHECKPOINT_S = 1.0  # the WAL is copied into the file this often (by its own thr
 WAL_LIMIT = 4 << 20  # the -wal file is truncated back to this after a checkpoint
 SIZE_SLACK = 0.85  # size rotation frees down to this share of max_size
 VACUUM_PAGES = 256  # pages given back to the file system per step (1 MiB at 4 KiB pages)
+# Beyond this multiple of max_size (a storm outran the time-boxed rotation,
+# or the recorder was starved of CPU), the limit wins over the time box:
+# rotation and vacuum run until the file is back under the limit (the ring
+# buffer holds the events that arrive meanwhile).
+HARD_LIMIT = 1.5
 
 
 # ---- errors: one sentence each ---------------------------------------------
@@ -615,15 +620,21 @@ class JournalWriter:
             # Over the limit: free down to SIZE_SLACK of it, oldest first, a
             # slice at a time (at least one, however long the rest took).
             deadline = max(deadline, time.monotonic() + budget_s / 2)
+            hard = self.file_bytes() > self.max_size * HARD_LIMIT
             while self.used_bytes() > self.max_size * SIZE_SLACK:
                 cut = self._oldest_share(0.05)
                 if cut is None:
                     break
                 n, _ = self._drop_before(cut)
                 dropped += n
-                if time.monotonic() >= deadline:
+                if time.monotonic() >= deadline and not hard:
                     break
         self._vacuum_step()
+        while self.max_size and self.file_bytes() > self.max_size * HARD_LIMIT:
+            before = self.file_bytes()
+            self._vacuum_step()
+            if self.file_bytes() >= before:
+                break  # nothing left to give back
         return dropped
 
     def _oldest_share(self, share: float) -> float | None:
