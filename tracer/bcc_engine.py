@@ -242,7 +242,7 @@ def _load_error(name: str, message: str, log: str, plan: Plan) -> Exception:
         return PermissionDenied(
             f"the kernel refused to load probe {name} (EPERM): run as root, and check "
             "kernel.unprivileged_bpf_disabled, lockdown and any BPF LSM policy")
-    if plan is Plan.KPROBE and name not in ("ps_state_change",) and "kprobe" in name:
+    if plan is Plan.KPROBE and "kprobe" in name:  # the plan's own programs
         return PlanUnavailable(f"loading {name} failed: {message}")
     return ProbeError(f"loading probe {name} with bcc failed: {message}", log)
 

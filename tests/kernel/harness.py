@@ -24,6 +24,7 @@ import ctypes
 import errno as errno_mod
 import gc
 import os
+import random
 import secrets
 import select
 import signal
@@ -66,6 +67,11 @@ TCP_STATES = {
 
 DEFAULT_TIMEOUT = 10.0  # seconds an actor may take for one step
 KEEPER_MAX_LIFE = 300.0  # a keeper never outlives this, even if nobody kills it
+
+
+def pick_port() -> int:
+    """A port below the default ephemeral range, so no autobind can take it."""
+    return random.randint(20000, 29999)
 
 
 class HarnessError(RuntimeError):

@@ -19,7 +19,6 @@ from __future__ import annotations
 import errno
 import json
 import os
-import random
 import subprocess
 import sys
 import time
@@ -27,7 +26,7 @@ from pathlib import Path
 
 import pytest
 
-from harness import Actor, Netns, expect_outcome
+from harness import Actor, Netns, expect_outcome, pick_port
 from test_error_paths import assert_one_sentence, portscope
 from tests.needs import missing, need_root, need_tool
 from tracer.errors import ExitStatus
@@ -35,10 +34,6 @@ from tracer.errors import ExitStatus
 REPO = Path(__file__).resolve().parents[2]
 pytestmark = pytest.mark.kernel
 
-
-def pick_port() -> int:
-    """Below the default ephemeral range, so no autobind can take it."""
-    return random.randint(20000, 29999)
 
 
 @pytest.fixture(autouse=True)

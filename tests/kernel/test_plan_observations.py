@@ -13,11 +13,10 @@ automatic choice decides, which is the tracepoint plan on the CI machine.
 from __future__ import annotations
 
 import errno
-import random
 
 import pytest
 
-from harness import Actor, EventCollector, Netns, expect_outcome
+from harness import Actor, EventCollector, Netns, expect_outcome, pick_port
 from tracer.plans import Plan
 
 pytestmark = pytest.mark.kernel
@@ -26,10 +25,6 @@ OK = 0
 ALLOCATOR_PLANS = (Plan.FENTRY, Plan.KPROBE)
 LOOPBACK = {"ipv4": "127.0.0.1", "ipv6": "::1"}
 
-
-def pick_port() -> int:
-    """A port below the default ephemeral range, so no autobind can take it."""
-    return random.randint(20000, 29999)
 
 
 def allocator_verdict(tracer: EventCollector, verdict: str) -> str | None:

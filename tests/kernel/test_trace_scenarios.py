@@ -13,11 +13,11 @@ the design brief. Two things are checked per call:
 from __future__ import annotations
 
 import errno
-import random
 
 import pytest
 
-from harness import Actor, EventCollector, Netns, Truth, candidates, expect_outcome, match
+from harness import (Actor, EventCollector, Netns, Truth, candidates, expect_outcome, match,
+                     pick_port)
 
 pytestmark = pytest.mark.kernel
 
@@ -26,10 +26,6 @@ LOOPBACK = {"ipv4": "127.0.0.1", "ipv6": "::1"}
 ANY = {"ipv4": "0.0.0.0", "ipv6": "::"}
 NON_LOCAL = {"ipv4": "192.0.2.1", "ipv6": "2001:db8::1"}  # documentation ranges
 
-
-def pick_port() -> int:
-    """A port below the default ephemeral range, so no autobind can take it."""
-    return random.randint(20000, 29999)
 
 
 # ---- plain conflicts ---------------------------------------------------------
