@@ -20,7 +20,7 @@ from typing import Any, Protocol
 from rich.text import Text
 from textual.app import App, ComposeResult
 from textual.binding import Binding
-from textual.widgets import Footer, Input, Static, TabbedContent
+from textual.widgets import Footer, Input, Static, TabbedContent, TabPane
 
 from tracer.state import Snapshot
 
@@ -91,6 +91,18 @@ def status_text(snap: Snapshot, paused: bool, position: Any = None) -> Text:
     return out
 
 
+class Screens(TabbedContent):
+    """The five screens as tabs. The screen decides the focus, never the
+    reverse: Textual's TabbedContent shows the pane that receives the focus,
+    and the focus given to a screen arrives as a message after the next key
+    has been read, so two keys pressed within a frame ('2' then '4') would
+    end on the screen that was left, not on the last one pressed."""
+
+    def on_tab_pane_focused(self, event: TabPane.Focused) -> None:
+        event.prevent_default()  # TabbedContent's own handler would switch screens
+        event.stop()
+
+
 class PortscopeApp(App[None]):
     CSS_PATH = Path(__file__).with_name("portscope.tcss")
     TITLE = "portscope"
@@ -143,7 +155,7 @@ class PortscopeApp(App[None]):
 
     def compose(self) -> ComposeResult:
         yield Static(id="status")
-        with TabbedContent(initial=self.initial, id="tabs"):
+        with Screens(initial=self.initial, id="tabs"):
             yield OverviewPane()
             yield ConflictsPane()
             yield PortsPane()

@@ -70,6 +70,23 @@ async def test_every_screen_has_its_key(model):
 
 
 @aio
+async def test_quick_keys_end_on_the_last_screen_pressed(model):
+    """Keys pressed faster than a screen settles: the focus given to the
+    screen being left must not switch back to it (it once did: '2' then '4'
+    within a frame ended on Conflicts)."""
+    app = make_app(model)
+    async with app.run_test(size=SIZE) as pilot:
+        # The pilot waits for the app between keys; a terminal does not. Both
+        # key presses are handled before either screen has been drawn.
+        for keys, screen in (("24", "groups"), ("32", "conflicts"), ("513", "ports")):
+            for key in keys:
+                app.simulate_key(key)
+            await pilot.pause(0.3)
+            assert active(app) == screen, keys
+            assert app.focused is app.active_pane.main_widget()
+
+
+@aio
 async def test_overview_counts_and_latest_conflicts(model):
     app = make_app(model)
     async with app.run_test(size=SIZE):
