@@ -213,6 +213,19 @@ def expect_outcome(truth: Truth, expected_errno: int, why: str = "") -> None:
         )
 
 
+def second_listen_refused(actor: "Actor", port: int) -> list[Truth]:
+    """Two SO_REUSEADDR sockets bound to one port, then both listen(): the
+    binds and the first listen() succeed, the second listen() fails (the
+    kernel re-checks the port against the listener). The four calls, in order."""
+    s1, s2 = actor.socket("tcp", reuseaddr=True), actor.socket("tcp", reuseaddr=True)
+    truths = [actor.bind(s1, "127.0.0.1", port), actor.bind(s2, "127.0.0.1", port),
+              actor.listen(s1), actor.listen(s2)]
+    for truth in truths[:3]:
+        expect_outcome(truth, 0)
+    expect_outcome(truths[3], errno_mod.EADDRINUSE, "listen() re-checks the port against the listener")
+    return truths
+
+
 # ---- collecting events -------------------------------------------------------
 
 

@@ -237,19 +237,26 @@ def test_folding_keeps_counters_monotonic_and_sums_exact() -> None:
         assert second.get(key, second[(OTHER,)]) >= value
 
 
-def test_trace_json_lines_to_a_file(root: None, tmp_path: Path) -> None:
-    out = tmp_path / "events.jsonl"
-    out.write_text('{"earlier": true}\n')
-    port = free_port()
+def trace_one_failure_to(out: Path, script: str) -> str:
+    """`portscope trace --json --output OUT` for one event of the comm
+    ``psexport``, with ``script`` run in a private netns once tracing; its stdout."""
     proc = subprocess.Popen([*PORTSCOPE, "trace", "--json", "--output", str(out), "--comm",
                              "psexport", "--count", "1", "--duration", "60"],
                             cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
         wait_for(lambda: "tracing with" in (proc.stderr.readline() or ""), 60, "trace", proc)
-        in_private_netns(EADDRINUSE_ONCE.format(port=port))
+        in_private_netns(script)
         stdout, _ = proc.communicate(timeout=60)
     finally:
         stop(proc)
+    return stdout
+
+
+def test_trace_json_lines_to_a_file(root: None, tmp_path: Path) -> None:
+    out = tmp_path / "events.jsonl"
+    out.write_text('{"earlier": true}\n')
+    port = free_port()
+    stdout = trace_one_failure_to(out, EADDRINUSE_ONCE.format(port=port))
     assert stdout == ""  # everything went to the file
     lines = out.read_text().splitlines()
     assert json.loads(lines[0]) == {"earlier": True}  # appended, not truncated
@@ -272,16 +279,10 @@ def test_events_carry_pod_and_container_from_the_cgroup(root: None, tmp_path: Pa
     path.mkdir(parents=True)
     out = tmp_path / "events.jsonl"
     port = free_port()
-    proc = subprocess.Popen([*PORTSCOPE, "trace", "--json", "--output", str(out), "--comm",
-                             "psexport", "--count", "1", "--duration", "60"],
-                            cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    join = f"open({str(path / 'cgroup.procs')!r}, 'w').write(str(__import__('os').getpid()))\n"
     try:
-        wait_for(lambda: "tracing with" in (proc.stderr.readline() or ""), 60, "trace", proc)
-        join = f"open({str(path / 'cgroup.procs')!r}, 'w').write(str(__import__('os').getpid()))\n"
-        in_private_netns(join + EADDRINUSE_ONCE.format(port=port))
-        proc.communicate(timeout=60)
+        trace_one_failure_to(out, join + EADDRINUSE_ONCE.format(port=port))
     finally:
-        stop(proc)
         for p in (path, path.parent, path.parent.parent):
             try:
                 p.rmdir()

@@ -16,7 +16,8 @@ import errno
 
 import pytest
 
-from harness import Actor, EventCollector, Netns, expect_outcome, pick_port
+from harness import (Actor, EventCollector, Netns, expect_outcome, pick_port,
+                     second_listen_refused)
 from tracer.plans import Plan
 
 pytestmark = pytest.mark.kernel
@@ -72,11 +73,7 @@ def test_listen_time_conflict_is_refused_by_the_allocator(tracer: EventCollector
     the allocator again (inet_csk_listen_start), which refuses it."""
     a = Actor(netns)
     port = pick_port()
-    s1, s2 = a.socket("tcp", reuseaddr=True), a.socket("tcp", reuseaddr=True)
-    truths = [a.bind(s1, "127.0.0.1", port), a.bind(s2, "127.0.0.1", port), a.listen(s1), a.listen(s2)]
-    for truth in truths[:3]:
-        expect_outcome(truth, OK)
-    expect_outcome(truths[3], errno.EADDRINUSE, "listen() re-checks the port against the listener")
+    truths = second_listen_refused(a, port)
     events = tracer.verify(*truths)
     assert [e.get_port for e in events] == [
         allocator_verdict(tracer, v) for v in ("ok", "ok", "ok", "refused")

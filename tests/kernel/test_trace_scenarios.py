@@ -17,7 +17,7 @@ import errno
 import pytest
 
 from harness import (Actor, EventCollector, Netns, Truth, candidates, expect_outcome, match,
-                     pick_port)
+                     pick_port, second_listen_refused)
 
 pytestmark = pytest.mark.kernel
 
@@ -55,11 +55,7 @@ def test_both_reuseaddr_bind(tracer: EventCollector, netns: Netns) -> None:
 def test_second_listen_of_two_reuseaddr_sockets_fails(tracer: EventCollector, netns: Netns) -> None:
     a = Actor(netns)
     port = pick_port()
-    s1, s2 = a.socket("tcp", reuseaddr=True), a.socket("tcp", reuseaddr=True)
-    truths = [a.bind(s1, "127.0.0.1", port), a.bind(s2, "127.0.0.1", port), a.listen(s1), a.listen(s2)]
-    for truth in truths[:3]:
-        expect_outcome(truth, OK)
-    expect_outcome(truths[3], errno.EADDRINUSE, "listen() re-checks the port against the listener")
+    truths = second_listen_refused(a, port)
     events = tracer.verify(*truths)
     assert events[3].port == port and events[3].bound_port == port
 
