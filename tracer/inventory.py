@@ -141,10 +141,17 @@ def take(port: int | None = None, protocols: Iterable[str] = ("tcp", "udp"),
     owned_here = iterators is None
     its = iterators or SocketIterators()
     try:
+        dumps = [(ref, _dump_one(ref, port, protocols, states, its)) for ref in refs]
+        # Who holds each socket is read after the dumps: a socket bound
+        # between an earlier walk and its dump would be shown with no owner.
         holders = _holders_by_inode(its.holders(port))
         owners = OwnerCache()
-        for ref in refs:
-            _take_one(ref, port, protocols, states, its, holders, owners, inv)
+        for ref, dumped in dumps:
+            if dumped is None:
+                inv.namespaces_gone += 1
+                continue
+            records, flags = dumped
+            _join(ref, records, flags, states, holders, owners, inv)
         inv.unreadable_processes += owners.unreadable
         return inv
     finally:
@@ -160,19 +167,27 @@ def _holders_by_inode(holders: list[Holder]) -> dict[int, list[Holder]]:
     return by_inode
 
 
-def _take_one(ref: NetnsRef, port: int | None, protocols: tuple[str, ...],
+def _dump_one(ref: NetnsRef, port: int | None, protocols: tuple[str, ...],
               states: tuple[str, ...] | None, its: SocketIterators,
-              holders: dict[int, list[Holder]], owners: OwnerCache, inv: Inventory) -> None:
+              ) -> tuple[list[SockRecord], dict[int, SockFlags]] | None:
+    """One namespace's sockets (sock_diag) and their flags by cookie (the
+    iterators); None when the namespace is gone."""
     fd = open_netns(ref)
     if fd is None:
-        inv.namespaces_gone += 1
-        return
+        return None
     try:
         records = dump(fd, protocols, ("ipv4", "ipv6"), states, port)
         # After the dump: sock_diag gives every socket its cookie.
         flags = {f.cookie: f for f in its.sockets(fd, port) if f.cookie}
     finally:
         os.close(fd)
+    return records, flags
+
+
+def _join(ref: NetnsRef, records: list[SockRecord], flags: dict[int, SockFlags],
+          states: tuple[str, ...] | None, holders: dict[int, list[Holder]],
+          owners: OwnerCache, inv: Inventory) -> None:
+    """One namespace's sockets, with their flags and owners, into ``inv``."""
     records = records + bound_only_records(ref.inode, records, holders, states)
     for rec in records:
         held = holders.get(rec.inode, []) if rec.inode else []

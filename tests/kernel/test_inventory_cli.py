@@ -109,3 +109,42 @@ def test_vanished_process_is_counted_not_raised() -> None:
     assert not owner.readable and owner.comm == "true"
     assert cache.unreadable == 1
     assert cache.get(os.getpid(), "x").readable
+
+
+def test_a_socket_bound_while_the_inventory_is_taken_keeps_its_owner(netns: Netns) -> None:
+    """The inventory reads sockets (sock_diag) and who holds them (the
+    iter/task_file walk) one after the other. A socket bound between the
+    two must not appear without its owner (it once did, when the walk came
+    first: the journal then reported a UDP port shared by no known process).
+    Here a real process binds right after the first of the two reads; every
+    socket the inventory then shows on the port names that process."""
+    from tracer import inventory
+
+    actor = Actor(netns)
+    port = random.randint(20000, 29999)
+    fds = [actor.socket("udp", reuseaddr=True) for _ in range(2)]
+    assert actor.bind(fds[0], "0.0.0.0", port).errno == 0
+    bound_late = []
+
+    def bind_after(read):  # type: ignore[no-untyped-def]
+        def wrapped(*args, **kwargs):  # type: ignore[no-untyped-def]
+            out = read(*args, **kwargs)
+            if not bound_late:
+                bound_late.append(actor.bind(fds[1], "0.0.0.0", port))
+            return out
+        return wrapped
+
+    its = inventory.SocketIterators()
+    original_dump = inventory.dump
+    its.holders = bind_after(its.holders)  # type: ignore[method-assign]
+    inventory.dump = bind_after(original_dump)  # type: ignore[assignment]
+    try:
+        taken = inventory.take(port=port, protocols=("udp",), netns=str(netns.inode),
+                               iterators=its)
+    finally:
+        inventory.dump = original_dump  # type: ignore[assignment]
+        its.close()
+    assert bound_late and bound_late[0].errno == 0  # SO_REUSEADDR on both: shared
+    assert taken.sockets, "the first socket was bound before the inventory began"
+    for sock in taken.sockets:
+        assert [o.pid for o in sock.owners] == [actor.pid], sock
