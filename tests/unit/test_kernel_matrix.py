@@ -69,3 +69,12 @@ def test_bcc_cell_without_headers(km: ModuleType, monkeypatch: pytest.MonkeyPatc
     cell = km.run_bcc("9.9", report, [], tmp_path, [])
     assert cell.plan == "bcc" and cell.ok is ok
     assert ("none are installed" in cell.result) is packaged
+
+
+def test_tests_line_counts_a_failing_cell_without_tests(km: ModuleType) -> None:
+    cells = [km.Cell("6.18", "tracepoint", "298 passed", True, passed=298),
+             km.Cell("6.1", "fentry", "295 passed, 1 failed", False, passed=295, failed=1),
+             km.Cell("6.1", "-", "no result: timed out", False)]
+    assert km.tests_line(cells) == "kernel-matrix: 593 passed, 2 failed"
+    cells[0].skipped = 3
+    assert km.tests_line(cells[:1]) == "kernel-matrix: 298 passed, 0 failed, 3 skipped"
