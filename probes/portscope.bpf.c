@@ -10,7 +10,17 @@
  *   kprobe      the same, plus kprobe/kretprobe on inet_csk_get_port, which
  *               marks the calls where the port allocator itself said no, and
  *               catches refusals outside any system call (io_uring, kernel).
- *   fentry      the same as kprobe, with fexit instead (cheaper, has args).
+ *   fentry      fentry/fexit on __sys_{bind,listen,connect} instead of the
+ *               syscall tracepoints, and fexit on inet_csk_get_port.
+ *
+ * Why fentry leaves the syscall tracepoints: attaching any of them marks
+ * every task of the host for the slow system-call path (the tracepoints hang
+ * off the syscall entry and exit work, for all syscalls), so every syscall
+ * of every process pays, not only bind/listen/connect. A trampoline on the
+ * three kernel functions costs only their callers. The kprobe plan keeps the
+ * tracepoints: a kretprobe has a fixed pool of return instances (about two
+ * per CPU), and blocking connect() calls that wait on the network would
+ * exhaust it and lose their results.
  *
  * Hot-path rule: successful calls cost a map update and a delete; only calls
  * the user asked to see (by default the failures) reach the ring buffer.
@@ -363,7 +373,7 @@ out:
 	return 0;
 }
 
-/* ---- system call tracepoints: every plan ---------------------------------- */
+/* ---- system call tracepoints: tracepoint and kprobe plans ---------------- */
 
 SEC("tracepoint/syscalls/sys_enter_bind")
 int ps_enter_bind(struct trace_event_raw_sys_enter *ctx)
@@ -400,6 +410,48 @@ int ps_exit_connect(struct trace_event_raw_sys_exit *ctx)
 {
 	return on_exit(ctx->ret);
 }
+
+/* ---- the same three calls from BPF trampolines: fentry plan --------------- */
+
+#ifndef PS_BCC /* fentry/fexit need BTF at load time: libbpf only */
+/* __sys_bind, __sys_listen and __sys_connect are what the system calls (and
+ * socketcall, and their 32-bit entries) run, with the same arguments. */
+SEC("fentry/__sys_bind")
+int BPF_PROG(ps_fentry_bind, int fd, struct sockaddr *uaddr, int addrlen)
+{
+	return on_enter(PS_KIND_BIND, fd, (__u64)uaddr);
+}
+
+SEC("fexit/__sys_bind")
+int BPF_PROG(ps_fexit_bind, int fd, struct sockaddr *uaddr, int addrlen, int ret)
+{
+	return on_exit(ret);
+}
+
+SEC("fentry/__sys_listen")
+int BPF_PROG(ps_fentry_listen, int fd, int backlog)
+{
+	return on_enter(PS_KIND_LISTEN, fd, 0);
+}
+
+SEC("fexit/__sys_listen")
+int BPF_PROG(ps_fexit_listen, int fd, int backlog, int ret)
+{
+	return on_exit(ret);
+}
+
+SEC("fentry/__sys_connect")
+int BPF_PROG(ps_fentry_connect, int fd, struct sockaddr *uaddr, int addrlen)
+{
+	return on_enter(PS_KIND_CONNECT, fd, (__u64)uaddr);
+}
+
+SEC("fexit/__sys_connect")
+int BPF_PROG(ps_fexit_connect, int fd, struct sockaddr *uaddr, int addrlen, int ret)
+{
+	return on_exit(ret);
+}
+#endif /* !PS_BCC */
 
 /* An event about a socket itself, outside a traced system call (a refusal
  * by the port allocator, a listener closing): reserved and filled from the

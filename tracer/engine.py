@@ -201,6 +201,12 @@ class Engine:
         assert self._loaded is not None, "engine is closed"
         return sum(libbpf.recursion_misses(fd, name) for name, fd in self._loaded.program_fds())
 
+    def program_types(self) -> dict[str, int]:
+        """Each attached program, with the type the kernel loaded it as
+        (BPF_PROG_TYPE_*: which hooks this plan really uses)."""
+        assert self._loaded is not None, "engine is closed"
+        return {name: libbpf.program_type(fd, name) for name, fd in self._loaded.program_fds()}
+
     def closers(self) -> dict[closers.ConnKey, closers.Closer]:
         """The closes this engine recorded (also readable by other processes
         through the pinned map: closers.read_pinned)."""

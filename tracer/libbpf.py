@@ -310,16 +310,29 @@ def run_iterator(link: Link) -> bytes:
     return b"".join(chunks)
 
 
-def recursion_misses(prog_fd: int, name: str) -> int:
-    """Times the kernel skipped a loaded program because it was already
-    running on the same CPU (bpf_prog_info.recursion_misses)."""
+def _prog_info(prog_fd: int, name: str) -> tuple[ctypes.Array, int]:
+    """The kernel's struct bpf_prog_info of a loaded program, and how many
+    of its bytes this kernel filled."""
     info = ctypes.create_string_buffer(_PROG_INFO_SIZE)
     size = c_uint32(_PROG_INFO_SIZE)
     _check_ret(lib().bpf_obj_get_info_by_fd(prog_fd, info, ctypes.byref(size)),
                f"info of program {name}")
-    if size.value < _PROG_INFO_RECURSION_MISSES + 8:
+    return info, size.value
+
+
+def recursion_misses(prog_fd: int, name: str) -> int:
+    """Times the kernel skipped a loaded program because it was already
+    running on the same CPU (bpf_prog_info.recursion_misses)."""
+    info, size = _prog_info(prog_fd, name)
+    if size < _PROG_INFO_RECURSION_MISSES + 8:
         return 0  # a kernel older than 5.12 does not report it
     return c_uint64.from_buffer(info, _PROG_INFO_RECURSION_MISSES).value
+
+
+def program_type(prog_fd: int, name: str) -> int:
+    """The program type the kernel loaded (bpf_prog_info.type: BPF_PROG_TYPE_*)."""
+    info, _ = _prog_info(prog_fd, name)
+    return c_uint32.from_buffer(info, 0).value
 
 
 class MapOps:

@@ -27,25 +27,39 @@ class Plan(str, enum.Enum):
         return PsPlan[self.name]
 
 
-SYSCALL_PROGRAMS = (
+# bind(), listen() and connect(), at the system call tracepoints. Attaching
+# any syscall tracepoint puts every task of the host on the slow system-call
+# path (all syscalls pay), so the fentry plan uses trampolines on the kernel
+# functions instead; kprobes keep the tracepoints (a kretprobe's pool of
+# return instances would run dry under blocking connect() calls).
+SYSCALL_TRACEPOINTS = (
     "ps_enter_bind",
     "ps_exit_bind",
     "ps_enter_listen",
     "ps_exit_listen",
     "ps_enter_connect",
     "ps_exit_connect",
-    # Not a system call, but in every plan: who closes TCP connections first
-    # (sock:inet_sock_set_state), for the TIME_WAIT holders.
-    "ps_state_change",
 )
+SYSCALL_TRAMPOLINES = (
+    "ps_fentry_bind",
+    "ps_fexit_bind",
+    "ps_fentry_listen",
+    "ps_fexit_listen",
+    "ps_fentry_connect",
+    "ps_fexit_connect",
+)
+# Not a system call, but in every plan: who closes TCP connections first
+# (sock:inet_sock_set_state), for the TIME_WAIT holders.
+STATE_PROGRAMS = ("ps_state_change",)
 
 # Socket iterators work the same under every plan.
 ITERATOR_PROGRAMS = ("ps_iter_tcp", "ps_iter_udp", "ps_iter_task_file")
 
 PLAN_PROGRAMS: dict[Plan, tuple[str, ...]] = {
-    Plan.FENTRY: SYSCALL_PROGRAMS + ("ps_fexit_get_port",),
-    Plan.KPROBE: SYSCALL_PROGRAMS + ("ps_kprobe_get_port", "ps_kretprobe_get_port"),
-    Plan.TRACEPOINT: SYSCALL_PROGRAMS,
+    Plan.FENTRY: SYSCALL_TRAMPOLINES + STATE_PROGRAMS + ("ps_fexit_get_port",),
+    Plan.KPROBE: SYSCALL_TRACEPOINTS + STATE_PROGRAMS
+    + ("ps_kprobe_get_port", "ps_kretprobe_get_port"),
+    Plan.TRACEPOINT: SYSCALL_TRACEPOINTS + STATE_PROGRAMS,
 }
 
 # Reuseport group counters (portscope groups): per-member deliveries in the

@@ -34,6 +34,29 @@ def allocator_verdict(tracer: EventCollector, verdict: str) -> str | None:
     return verdict if tracer.engine.plan in ALLOCATOR_PLANS else None
 
 
+# BPF_PROG_TYPE_* (include/uapi/linux/bpf.h)
+PROG_TYPE_KPROBE, PROG_TYPE_TRACEPOINT, PROG_TYPE_TRACING = 2, 5, 26
+CALLS = ("bind", "listen", "connect")
+
+
+def test_fentry_plan_attaches_no_syscall_tracepoint(tracer: EventCollector) -> None:
+    """A syscall tracepoint puts every task on the slow system-call path, so
+    the fentry plan takes bind/listen/connect from trampolines on the kernel
+    functions; the other plans from the tracepoints. The kernel says which
+    program types it loaded (the events themselves are proven, under every
+    plan, by the rest of the suite)."""
+    types = tracer.engine.program_types()
+    tracepoints = {name for name, t in types.items() if t == PROG_TYPE_TRACEPOINT}
+    if tracer.engine.plan is Plan.FENTRY:
+        assert tracepoints == {"ps_state_change"}, types  # sock:inet_sock_set_state
+        for call in CALLS:
+            assert types[f"ps_fentry_{call}"] == types[f"ps_fexit_{call}"] == PROG_TYPE_TRACING
+    else:
+        assert {f"ps_{end}_{call}" for end in ("enter", "exit") for call in CALLS} <= tracepoints
+    if tracer.engine.plan is Plan.KPROBE:
+        assert types["ps_kretprobe_get_port"] == PROG_TYPE_KPROBE
+
+
 def test_events_name_the_running_plan(tracer: EventCollector, netns: Netns) -> None:
     a = Actor(netns)
     truth = a.bind(a.socket("tcp"), "127.0.0.1", pick_port())
