@@ -78,3 +78,21 @@ def test_tests_line_counts_a_failing_cell_without_tests(km: ModuleType) -> None:
     assert km.tests_line(cells) == "kernel-matrix: 593 passed, 2 failed"
     cells[0].skipped = 3
     assert km.tests_line(cells[:1]) == "kernel-matrix: 298 passed, 0 failed, 3 skipped"
+
+
+def test_a_silent_guest_is_a_stall_named_by_its_cell(km: ModuleType, capsys) -> None:
+    """run_vm's watchdog, on a stand-in for vm-run that prints a cell's
+    header and then nothing: killed after the stall time, with the cell."""
+    import time
+
+    script = "echo '=== kernel-matrix: 6.1.0-57-amd64, kprobe: -m pytest'; echo ....; sleep 60"
+    start = time.monotonic()
+    code, cell = km.run_vm(["sh", "-c", script], {"PATH": "/usr/bin:/bin"}, stall=1.0)
+    assert (code, cell) == (-1, "kprobe")
+    assert time.monotonic() - start < 30
+    assert "...." in capsys.readouterr().out  # the guest's output is passed on
+
+
+def test_a_guest_that_finishes_is_not_a_stall(km: ModuleType) -> None:
+    code, cell = km.run_vm(["sh", "-c", "echo done; exit 3"], {"PATH": "/usr/bin:/bin"}, stall=5.0)
+    assert (code, cell) == (3, None)
