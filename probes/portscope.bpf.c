@@ -837,23 +837,27 @@ int ps_iter_task_file(struct bpf_iter__task_file *ctx)
 PS_LRU_HASH(ps_closers, struct ps_conn_key, struct ps_closer, PS_CLOSER_ENTRIES);
 
 /* A listener closes: a rare event, sent when the collector asks for it (the
- * journal: who gave a port up, just before someone else took it). */
-static __always_inline int on_listen_close(struct sock *sk)
+ * journal: who gave a port up, just before someone else took it). The port
+ * is the tracepoint's sport: by the time the state is stored, a port the
+ * kernel chose (bind to port 0, or listen() without bind) has already been
+ * given back and skc_num reads 0 (tcp_set_state -> inet_put_port, then
+ * inet_sk_state_store fires the tracepoint); inet_sport keeps it. */
+static __always_inline int on_listen_close(struct sock *sk, __u16 sport)
 {
 	__u64 id = bpf_get_current_pid_tgid();
 	struct ps_event *e;
-	__u16 port;
 
 	if (!success_wanted(PS_KIND_LISTEN_CLOSE))
 		return 0;
 	if (PS_CFG(target_tgid) && (id >> 32) != PS_CFG(target_tgid))
 		return 0;
-	port = BPF_CORE_READ(sk, __sk_common.skc_num);
-	if (PS_CFG(target_port) && port != PS_CFG(target_port))
+	if (PS_CFG(target_port) && sport != PS_CFG(target_port))
 		return 0;
 	e = reserve_sock_event(id, sk, PS_KIND_LISTEN_CLOSE);
 	if (!e)
 		return 0;
+	e->req_port = sport;
+	e->bound_port = sport;
 	PS_SUBMIT(ps_events, e);
 	count(PS_CNT_EMITTED);
 	return 0;
@@ -872,7 +876,7 @@ int ps_state_change(struct trace_event_raw_inet_sock_set_state *ctx)
 	if (ctx->protocol != IPPROTO_TCP)
 		return 0;
 	if (ctx->oldstate == TCP_LISTEN && ctx->newstate == TCP_CLOSE)
-		return on_listen_close((struct sock *)ctx->skaddr);
+		return on_listen_close((struct sock *)ctx->skaddr, ctx->sport);
 	if (ctx->newstate != TCP_FIN_WAIT1)
 		return 0;
 	key.netns = BPF_CORE_READ((struct sock *)ctx->skaddr, __sk_common.skc_net.net, ns.inum);

@@ -30,7 +30,7 @@ def identity_from_cgroup(path: str | None) -> dict[str, str | None]:
 
 def cgroup_of(pid: int) -> str | None:
     try:
-        with open(f"/proc/{pid}/cgroup") as f:
+        with open(f"/proc/{pid}/cgroup", errors="surrogateescape") as f:
             for line in f:
                 if line.startswith("0::"):
                     return line[3:].strip()
@@ -73,7 +73,7 @@ class CgroupPaths:
 
 def cgroup2_root() -> str | None:
     try:
-        with open("/proc/self/mounts") as f:
+        with open("/proc/self/mounts", errors="surrogateescape") as f:
             for line in f:
                 _, mnt, fstype = line.split()[:3]
                 if fstype == "cgroup2":

@@ -12,9 +12,17 @@ import importlib
 import os
 import sys
 import traceback
-from typing import Callable, Sequence
+from typing import Callable, NoReturn, Sequence
 
+from .arguments import (
+    bounded_int, comm_name, duration, errno_code, interval, journal_size, netns_inode,
+    netns_spec, pid_number, point_in_time, port_number, port_or_zero, positive_int, race_window, ring_size,
+    run_time, speed, text_value,
+)
+from .arguments import address as ip_address
 from .errors import ExitStatus, PortscopeError
+from . import runtime
+from .text import printable
 
 PLANS = ("auto", "fentry", "kprobe", "tracepoint")
 STATES = ("listen", "established", "time_wait", "close", "syn_sent", "syn_recv", "fin_wait1",
@@ -28,73 +36,6 @@ exit status:
 """
 
 
-def port_number(text: str) -> int:
-    try:
-        port = int(text, 10)
-    except ValueError:
-        port = -1
-    if not 1 <= port <= 65535:
-        raise argparse.ArgumentTypeError(f"invalid port {text!r}: a port is a number from 1 to 65535")
-    return port
-
-
-def errno_code(text: str) -> int:
-    """'EADDRINUSE' or 98."""
-    import errno
-
-    code = getattr(errno, text.upper(), None) if not text.isdigit() else int(text)
-    if not isinstance(code, int) or code not in errno.errorcode:
-        raise argparse.ArgumentTypeError(f"unknown errno {text!r}: use a name like EADDRINUSE")
-    return code
-
-
-def positive_int(text: str) -> int:
-    try:
-        value = int(text, 10)
-    except ValueError:
-        value = 0
-    if value <= 0:
-        raise argparse.ArgumentTypeError(f"invalid value {text!r}: expected a positive integer")
-    return value
-
-
-def positive_float(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        value = 0.0
-    if not value > 0:
-        raise argparse.ArgumentTypeError(f"invalid duration {text!r}: expected seconds > 0")
-    return value
-
-
-def byte_size(text: str) -> int:
-    """'8M', '512K', '1G' or a plain number of bytes."""
-    units = {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30}
-    body, unit = (text[:-1], units[text[-1].upper()]) if text[-1:].upper() in units else (text, 1)
-    try:
-        value = int(body) * unit
-    except ValueError:
-        value = 0
-    if value <= 0:
-        raise argparse.ArgumentTypeError(f"invalid size {text!r}: use bytes or a K/M/G suffix, e.g. 8M")
-    return value
-
-
-def duration(text: str) -> float:
-    """'90', '90s', '10m', '2h', '7d', '1w' -> seconds."""
-    units = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800}
-    unit = units.get(text[-1:].lower())
-    try:
-        value = float(text[:-1] if unit else text) * (unit or 1)
-    except ValueError:
-        value = 0.0
-    if not 0 < value < float("inf"):
-        raise argparse.ArgumentTypeError(f"invalid duration {text!r}: use seconds or a s/m/h/d/w "
-                                         "suffix, e.g. 7d")
-    return value
-
-
 def _listen_address(text: str) -> tuple[str, int]:
     from .export import parse_listen
 
@@ -105,7 +46,7 @@ NETNS_FORMS = "an inode number, an ip-netns name, a path, or pid:PID"
 
 
 def _add_netns_option(p: argparse.ArgumentParser, default: str = "all") -> None:
-    p.add_argument("--netns", metavar="NS",
+    p.add_argument("--netns", metavar="NS", type=netns_spec,
                    help=f"one network namespace: {NETNS_FORMS} (default: {default})")
 
 
@@ -133,12 +74,29 @@ def _add_engine_options(p: argparse.ArgumentParser) -> None:
                         "this kernel allows; see 'portscope doctor')")
     g.add_argument("--btf", metavar="FILE",
                    help="BTF of the running kernel, for kernels without /sys/kernel/btf/vmlinux")
-    g.add_argument("--ring-size", type=byte_size, default=8 << 20, metavar="SIZE",
-                   help="ring buffer size (default 8M); raise it if events are reported lost")
+    g.add_argument("--ring-size", type=ring_size, default=8 << 20, metavar="SIZE",
+                   help="ring buffer size, 4K to 1G (default 8M); raise it if events are reported lost")
+
+
+class BadArguments(Exception):
+    """What argparse would print before exiting; main() makes it one sentence."""
+
+    def __init__(self, message: str, prog: str) -> None:
+        super().__init__(message)
+        self.prog = prog
+
+
+class Parser(argparse.ArgumentParser):
+    """argparse, whose errors become one sentence like every other error
+    (``portscope: argument --port: invalid port 'x': ... (see 'portscope
+    trace --help')``, exit status 2), escaped: it quotes what was typed."""
+
+    def error(self, message: str) -> NoReturn:
+        raise BadArguments(message, self.prog)
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = Parser(
         prog="portscope",
         description="Who holds a port, and why did bind() fail? Kernel-level tracing of "
                     "port ownership (run as root).",
@@ -164,8 +122,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     f = trace.add_argument_group("filters")
     f.add_argument("--port", type=port_number, help="only calls asking for or holding this port")
-    f.add_argument("--pid", type=positive_int, help="only this process (thread group id)")
-    f.add_argument("--comm", help="only tasks with this command name (as in /proc/PID/comm)")
+    f.add_argument("--pid", type=pid_number, help="only this process (thread group id)")
+    f.add_argument("--comm", type=comm_name,
+                   help="only tasks with this command name (as in /proc/PID/comm, 1 to 15 bytes)")
     f.add_argument("--errno", type=errno_code, action="append", metavar="NAME",
                    help="only calls that failed with this error (repeatable), "
                         "e.g. --errno EADDRINUSE --errno EADDRNOTAVAIL")
@@ -187,7 +146,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="do not name the blocking sockets of each EADDRINUSE (by default "
                         "the port's inventory is taken at the moment of the failure)")
     o.add_argument("--count", type=positive_int, metavar="N", help="stop after N events")
-    o.add_argument("--duration", type=positive_float, metavar="SECONDS",
+    o.add_argument("--duration", type=run_time, metavar="SECONDS",
                    help="stop after this many seconds")
     _add_engine_options(trace)
 
@@ -228,17 +187,17 @@ def build_parser() -> argparse.ArgumentParser:
                "  portscope why 0                         is any ephemeral port left?\n",
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    why.add_argument("port", type=lambda t: 0 if t == "0" else port_number(t), metavar="PORT",
+    why.add_argument("port", type=port_or_zero, metavar="PORT",
                      help="the port to bind (0: any ephemeral port)")
-    why.add_argument("--addr", help="the address to bind (default: the wildcard 0.0.0.0, "
+    why.add_argument("--addr", type=ip_address, help="the address to bind (default: the wildcard 0.0.0.0, "
                      "or :: with --ipv6)")
     why.add_argument("--ipv6", action="store_true", help="an IPv6 socket (implied by an IPv6 --addr)")
     why.add_argument("--udp", action="store_true", help="a UDP socket (default TCP)")
     why.add_argument("--reuseaddr", action="store_true", help="with SO_REUSEADDR")
     why.add_argument("--reuseport", action="store_true", help="with SO_REUSEPORT")
     why.add_argument("--v6only", action="store_true", help="with IPV6_V6ONLY")
-    why.add_argument("--device", metavar="DEV", help="with SO_BINDTODEVICE (name or index)")
-    why.add_argument("--user", metavar="USER", help="as this user (name or uid; default: "
+    why.add_argument("--device", metavar="DEV", type=text_value("device"), help="with SO_BINDTODEVICE (name or index)")
+    why.add_argument("--user", metavar="USER", type=text_value("user"), help="as this user (name or uid; default: "
                      "yours); matters for SO_REUSEPORT")
     why.add_argument("--listen", action="store_true",
                      help="ask about listen() on a socket already bound to the address")
@@ -269,7 +228,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_netns_option(timewait)
     timewait.add_argument("--watch", action="store_true",
                           help="record closes while running and refresh (Ctrl-C to stop)")
-    timewait.add_argument("--interval", type=positive_float, default=1.0, metavar="SECONDS",
+    timewait.add_argument("--interval", type=interval, default=1.0, metavar="SECONDS",
                           help="refresh interval with --watch (default 1)")
     timewait.add_argument("--json", action="store_true", help="machine-readable output")
 
@@ -298,7 +257,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_netns_option(groups)
     groups.add_argument("--watch", action="store_true",
                         help="refresh every --interval until Ctrl-C")
-    groups.add_argument("--interval", type=positive_float, default=1.0, metavar="SECONDS",
+    groups.add_argument("--interval", type=interval, default=1.0, metavar="SECONDS",
                         help="sampling time, and refresh interval with --watch (default 1)")
     groups.add_argument("--count", type=positive_int, metavar="N",
                         help="with --watch: stop after N refreshes (the first is shown at start)")
@@ -334,10 +293,10 @@ def build_parser() -> argparse.ArgumentParser:
     export.add_argument("--listen", type=_listen_address, default="127.0.0.1:9977",
                         metavar="ADDR:PORT",
                         help="where to serve /metrics (default 127.0.0.1:9977; [::]:PORT for IPv6)")
-    export.add_argument("--top", type=positive_int, default=50, metavar="N",
+    export.add_argument("--top", type=bounded_int(1, 1000, "top"), default=50, metavar="N",
                         help="keep the N most frequent ports, comms and netns as their own "
                              "label values, fold the rest into \"other\" (default 50)")
-    export.add_argument("--interval", type=positive_float, default=15.0, metavar="SECONDS",
+    export.add_argument("--interval", type=interval, default=15.0, metavar="SECONDS",
                         help="how often TIME_WAIT, ephemeral ports and reuseport groups are "
                              "read (default 15; a slow read makes the next one wait longer)")
     export.add_argument("--no-groups", action="store_true",
@@ -359,7 +318,7 @@ def build_parser() -> argparse.ArgumentParser:
     ui.add_argument("--replay", metavar="FILE",
                     help="show a recording (JSON lines of portscope trace --json) instead of "
                          "the live host")
-    ui.add_argument("--speed", type=positive_float, default=1.0, metavar="X",
+    ui.add_argument("--speed", type=speed, default=1.0, metavar="X",
                     help="replay speed (default 1: the recording's own pace)")
     _add_engine_options(ui)
 
@@ -383,11 +342,11 @@ def build_parser() -> argparse.ArgumentParser:
     record.add_argument("-o", "--output", metavar="FILE", default="/var/lib/portscope/journal.db",
                         help="the journal (default /var/lib/portscope/journal.db); created, "
                              "or appended to if it exists")
-    record.add_argument("--max-size", type=byte_size, default=256 << 20, metavar="SIZE",
+    record.add_argument("--max-size", type=journal_size, default=256 << 20, metavar="SIZE",
                         help="drop the oldest data beyond this size (default 256M)")
     record.add_argument("--retain", type=duration, default=7 * 86400.0, metavar="DURATION",
                         help="drop data older than this, e.g. 12h, 7d (default 7d)")
-    record.add_argument("--snapshot-interval", type=positive_float, default=2.0, metavar="SECONDS",
+    record.add_argument("--snapshot-interval", type=interval, default=2.0, metavar="SECONDS",
                         help="seconds between periodic socket snapshots (default 2)")
     record.add_argument("--no-explain", action="store_true",
                         help="do not record the blocking sockets of each EADDRINUSE")
@@ -415,13 +374,13 @@ def build_parser() -> argparse.ArgumentParser:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     report.add_argument("file", metavar="FILE", help="the journal")
-    report.add_argument("--since", metavar="T", help="only what happened from T on: an ISO time "
+    report.add_argument("--since", metavar="T", type=point_in_time, help="only what happened from T on: an ISO time "
                         "(2026-11-21T06:00, local time unless a zone is given), seconds since the "
                         "epoch, or a time ago: 30s, 10m, 2h, 1d")
     report.add_argument("--port", type=port_number, help="only this port")
-    report.add_argument("--netns", type=positive_int, metavar="INODE",
+    report.add_argument("--netns", type=netns_inode, metavar="INODE",
                         help="only this network namespace (its inode, as in the events)")
-    report.add_argument("--race-window", type=positive_float, default=5.0, metavar="SECONDS",
+    report.add_argument("--race-window", type=race_window, default=5.0, metavar="SECONDS",
                         help="a port taken by another executable within this long after its "
                              "owner closed it is a restart race (default 5)")
     report.add_argument("--json", action="store_true",
@@ -446,11 +405,11 @@ def build_parser() -> argparse.ArgumentParser:
     replay.add_argument("file", metavar="FILE", help="the journal")
     times = ("an ISO time (2026-11-21T06:00, local time unless a zone is given), seconds "
              "since the epoch, or a time ago: 30s, 10m, 2h, 1d")
-    replay.add_argument("--from", dest="start", metavar="T",
+    replay.add_argument("--from", dest="start", metavar="T", type=point_in_time,
                         help="start here (default: the first thing recorded): " + times)
-    replay.add_argument("--to", dest="end", metavar="T",
+    replay.add_argument("--to", dest="end", metavar="T", type=point_in_time,
                         help="end here (default: the last thing recorded): " + times)
-    replay.add_argument("--speed", type=positive_float, default=1.0, metavar="X",
+    replay.add_argument("--speed", type=speed, default=1.0, metavar="X",
                         help="play at X times the recording's pace (default 1; + and - change it)")
 
     doctor = sub.add_parser(
@@ -475,8 +434,13 @@ def _command(name: str) -> Callable[[argparse.Namespace], ExitStatus]:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    runtime.install_default()  # SIGTERM and SIGHUP stop a command as Ctrl-C does
     parser = build_parser()
-    args = parser.parse_args(argv)
+    try:
+        args = parser.parse_args(argv)
+    except BadArguments as exc:
+        _error(f"{exc} (see '{exc.prog} --help')")
+        return int(ExitStatus.USAGE)
     if not args.command:
         if not (sys.stdin.isatty() and sys.stdout.isatty()):
             parser.print_help()
@@ -487,23 +451,51 @@ def main(argv: Sequence[str] | None = None) -> int:
         # Every probe the command loads (events, groups) uses that engine.
         os.environ["PORTSCOPE_ENGINE"] = args.engine
     try:
-        if args.command == "ui":
-            return int(run_ui(args))
-        return int(_command(args.command)(args))
+        status = int(run_ui(args) if args.command == "ui" else _command(args.command)(args))
+        sys.stdout.flush()  # a full disk shows here, not in the interpreter's exit
+        return status
     except PortscopeError as exc:
         if args.debug:
             traceback.print_exc()
             log = getattr(exc, "log", "")
             if log:
                 print(log, file=sys.stderr)
-        print(f"portscope: {exc}", file=sys.stderr)
+        _error(str(exc))
         return int(exc.status)
     except KeyboardInterrupt:
         return int(ExitStatus.INTERRUPTED)
     except BrokenPipeError:
         # The reader went away (`| head`): not an error worth a sentence.
-        sys.stderr.close()
+        _discard_stdout()
         return int(ExitStatus.OK)
+    except OSError as exc:  # writing stdout or stderr failed (a full disk)
+        _discard_stdout()
+        _error(f"cannot write the output: {exc.strerror or exc}")
+        return int(ExitStatus.ERROR)
+    except Exception as exc:  # noqa: BLE001 - a bug: still one sentence, never a traceback
+        if args.debug:
+            traceback.print_exc()
+        _error(f"internal error ({type(exc).__name__}: {exc}); run with --debug for the "
+               "traceback, and please report it")
+        return int(ExitStatus.ERROR)
+
+
+def _error(sentence: str) -> None:
+    try:
+        print(f"portscope: {printable(sentence)}", file=sys.stderr, flush=True)
+    except OSError:
+        pass  # stderr itself is gone: the exit status still tells
+
+
+def _discard_stdout() -> None:
+    """Point stdout at /dev/null, so that the interpreter's own flush at exit
+    does not fail a second time (and print a traceback-like warning)."""
+    try:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        os.close(devnull)
+    except (OSError, ValueError):
+        pass
 
 
 def run_ui(args: argparse.Namespace) -> ExitStatus:
@@ -537,7 +529,10 @@ def run_ui(args: argparse.Namespace) -> ExitStatus:
             ring_bytes=args.ring_size, btf_path=args.btf))
         source.start()
     try:
-        make_app(model).run()
+        # SIGTERM, SIGHUP (the ssh session closed) and SIGINT end the UI as
+        # q does: the terminal is given back and the probes are detached.
+        stop = runtime.StopSignal()
+        make_app(model, should_stop=lambda: stop.requested).run()
     finally:
         source.stop()
     return ExitStatus.OK

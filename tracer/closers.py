@@ -21,6 +21,7 @@ from dataclasses import dataclass
 from . import libbpf
 from .events import Clock
 from .layout import PsCloser, PsConnKey
+from .text import system_text
 
 BPFFS = "/sys/fs/bpf"
 # Where collectors pin their maps; another directory keeps two portscope
@@ -92,22 +93,46 @@ def _prune_dead() -> None:
 
 
 def read_pinned(clock: Clock | None = None) -> tuple[dict[ConnKey, Closer], int]:
-    """Every close recorded by every running collector, and how many
-    collectors that is (0: nobody was watching, attribution unknown)."""
+    """Every close recorded by every collector whose map is pinned, and how
+    many of those collectors are running (0: nobody is watching now).
+
+    A collector that was killed (SIGKILL, a crash) leaves its pin behind: its
+    records up to its end are still true and are used, but it is not counted
+    as recording. Running means: the process named in the pin still holds
+    that very map (its id in /proc/PID/fdinfo), so a reused pid does not
+    count either."""
     clock = clock or Clock()
     found: dict[ConnKey, Closer] = {}
-    sources = 0
+    running = 0
     for path in sorted(glob.glob(f"{PIN_DIR}/closers-*")):
         try:
             fd = libbpf.open_pinned(path)
         except OSError:
             continue
-        sources += 1
         try:
+            pid = path.rsplit("-", 1)[-1]
+            running += pid.isdigit() and _holds_map(int(pid), libbpf.map_id(fd, "ps_closers"))
             found.update(read_fd(fd, clock))
         finally:
             os.close(fd)
-    return found, sources
+    return found, running
+
+
+def _holds_map(pid: int, map_id: int) -> bool:
+    """Whether process ``pid`` has the BPF map ``map_id`` open."""
+    wanted = f"map_id:\t{map_id}\n"
+    try:
+        fds = os.listdir(f"/proc/{pid}/fdinfo")
+    except OSError:
+        return False
+    for fd in fds:
+        try:
+            with open(f"/proc/{pid}/fdinfo/{fd}") as f:
+                if wanted in f.read():
+                    return True
+        except OSError:
+            continue
+    return False
 
 
 def read_fd(fd: int, clock: Clock) -> dict[ConnKey, Closer]:
@@ -115,7 +140,7 @@ def read_fd(fd: int, clock: Clock) -> dict[ConnKey, Closer]:
     out: dict[ConnKey, Closer] = {}
     for kraw, vraw in libbpf.lookup_batch(fd, ksz, vsz, "ps_closers"):
         k, v = PsConnKey.from_buffer_copy(kraw), PsCloser.from_buffer_copy(vraw)
-        out[conn_key(k)] = Closer(v.pid, v.uid, v.comm.decode(errors="replace"), v.cgroup_id,
+        out[conn_key(k)] = Closer(v.pid, v.uid, system_text(v.comm), v.cgroup_id,
                                   clock.wall(v.ts_ns), TCP_STATES.get(v.from_state,
                                                                       str(v.from_state)))
     return out

@@ -11,9 +11,10 @@ import json
 from dataclasses import asdict, dataclass
 
 from . import libbpf
-from .engine import EngineConfig, open_engine, preflight, verify_plan
+from .engine import EngineConfig, default_engine, forced_plan, open_engine, preflight, verify_plan
 from .errors import ExitStatus, PlanUnavailable, PortscopeError
 from .plans import PREFERENCE, KernelFacts, Plan, kernel_facts
+from .text import printable
 
 
 @dataclass
@@ -67,6 +68,10 @@ def check_bcc(facts: KernelFacts, try_plans: bool) -> BccReport:
 
 
 def run(args: argparse.Namespace) -> ExitStatus:
+    # A bad $PORTSCOPE_PLAN or $PORTSCOPE_ENGINE would break every other
+    # command: say so here too (exit status 2), before any report.
+    forced_plan()
+    default_engine()
     config = EngineConfig(btf_path=args.btf, engine="libbpf")
     facts = kernel_facts(args.btf, mount_tracefs=True)
     report: dict[str, object] = {"kernel": asdict(facts), "libbpf": libbpf.version()}
@@ -95,6 +100,12 @@ def run(args: argparse.Namespace) -> ExitStatus:
     return ExitStatus.OK if chosen else ExitStatus.UNSUPPORTED
 
 
+def _out(line: str = "") -> None:
+    """One line of the report, escaped (kernel and library messages are quoted)."""
+    for part in line.split("\n"):
+        print(printable(part))
+
+
 def _yes(flag: object) -> str:
     return "yes" if flag else "no"
 
@@ -112,30 +123,30 @@ def _print_human(facts: KernelFacts, plans: list[PlanReport], chosen: PlanReport
         ("lockdown", facts.lockdown or "unknown (securityfs not mounted)"),
     ]
     for name, value in rows:
-        print(f"{name:20} {value}")
+        _out(f"{name:20} {value}")
     for note in facts.notes:
-        print(f"{'note':20} {note}")
+        _out(f"{'note':20} {note}")
     if blocker:
-        print(f"\nportscope cannot trace here: {blocker}")
+        _out(f"\nportscope cannot trace here: {blocker}")
         return
-    print(f"\n{'plan':11} {'loads':6} {'attaches':9} why not")
+    _out(f"\n{'plan':11} {'loads':6} {'attaches':9} why not")
     for p in plans:
         loads = p.verifier == "passed"
         attaches = p.attach == "ok"
         why = "" if attaches else (p.attach if loads else p.verifier)
-        print(f"{p.plan:11} {_yes(loads):6} {_yes(attaches) if loads else '-':9} {why}".rstrip())
+        _out(f"{p.plan:11} {_yes(loads):6} {_yes(attaches) if loads else '-':9} {why}".rstrip())
     if chosen:
-        print(f"\nportscope will use the {chosen.plan} plan: the first of "
+        _out(f"\nportscope will use the {chosen.plan} plan: the first of "
               f"{', '.join(p.value for p in PREFERENCE)} that attaches here.")
     else:
-        print("\nno plan attaches on this kernel.")
+        _out("\nno plan attaches on this kernel.")
 
 
 def _print_bcc(bcc: BccReport, tried: bool) -> None:
     if bcc.problem:
-        print(f"\nbcc engine: not available: {bcc.problem}")
+        _out(f"\nbcc engine: not available: {bcc.problem}")
         return
-    print(f"\nbcc engine: available (bcc {bcc.version or 'unknown version'}, kernel headers "
+    _out(f"\nbcc engine: available (bcc {bcc.version or 'unknown version'}, kernel headers "
           "installed)" + ("" if tried else "; 'portscope doctor --engine bcc' tries its plans"))
     for p in bcc.plans:
-        print(f"  {p.plan:11} {'ok' if p.attach == 'ok' else p.attach}")
+        _out(f"  {p.plan:11} {'ok' if p.attach == 'ok' else p.attach}")

@@ -16,8 +16,8 @@ import ctypes
 import errno
 import os
 import re
+import stat
 import struct
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Protocol
@@ -275,8 +275,8 @@ def preflight(facts: KernelFacts, config: EngineConfig, need_btf: bool = True) -
         raise PermissionDenied(
             "portscope needs root (or CAP_BPF and CAP_PERFMON) to load its probes: run it with sudo"
         )
-    if config.btf_path and not os.path.exists(config.btf_path):
-        raise NoBTF(f"the BTF file {config.btf_path} does not exist")
+    if config.btf_path:
+        _btf_is_a_file(config.btf_path)
     if need_btf and not facts.btf:
         raise NoBTF(
             "this kernel exposes no BTF (/sys/kernel/btf/vmlinux, CONFIG_DEBUG_INFO_BTF=y): "
@@ -350,7 +350,21 @@ def _open(config: EngineConfig) -> libbpf.BpfObject:
         ) from _Log(log)
 
 
+def _btf_is_a_file(path: str) -> None:
+    """A --btf path must be a regular file: libbpf would block for ever on a
+    FIFO and read a device without end."""
+    try:
+        mode = os.stat(path).st_mode
+    except FileNotFoundError:
+        raise NoBTF(f"the BTF file {path} does not exist") from None
+    except OSError as exc:
+        raise NoBTF(f"the BTF file {path} cannot be read: {exc.strerror}") from None
+    if not stat.S_ISREG(mode):
+        raise NoBTF(f"the BTF file {path} is not a regular file")
+
+
 def _check_btf_file(path: str) -> None:
+    _btf_is_a_file(path)
     try:
         libbpf.Btf.parse(path).close()
     except OSError as exc:
@@ -385,9 +399,14 @@ def _success_mask(config: EngineConfig) -> int:
     return mask
 
 
+RING_MAX = 1 << 30  # what --ring-size accepts (tracer/arguments.py)
+
+
 def _ring_size(requested: int) -> int:
     """Ring buffers must be a power of two pages; round up."""
     size = max(requested, os.sysconf("SC_PAGE_SIZE"))
+    if size > RING_MAX:
+        raise UsageError(f"a ring buffer of {requested} bytes is too large: at most 1G")
     return 1 << (size - 1).bit_length()
 
 
@@ -434,10 +453,12 @@ _FAILED_PROG = re.compile(r"prog '([^']+)': (?:BPF program load failed|failed to
 def _load_error(exc: OSError, log: str, plan: Plan) -> Exception:
     """Turn a failed bpf_object__load into the one error that explains it."""
     prog_match = _FAILED_PROG.search(log)
-    prog = prog_match.group(1) if prog_match else "?"
+    prog = prog_match.group(1) if prog_match else None
+    what = f"probe {prog}" if prog else "portscope's BPF programs"
     verifier = _VERIFIER_LOG.search(log)
     if verifier and verifier.group(1).strip():
-        return VerifierRejected(prog, summarize_verifier_log(verifier.group(1)), verifier.group(1))
+        return VerifierRejected(prog or "(unnamed)", summarize_verifier_log(verifier.group(1)),
+                                verifier.group(1))
     if "failed to find valid kernel BTF" in log or "vmlinux BTF" in log and exc.errno == errno.ESRCH:
         return NoBTF("libbpf found no usable kernel BTF for CO-RE relocations")
     missing_hook = _MISSING_HOOK.search(log)
@@ -447,7 +468,7 @@ def _load_error(exc: OSError, log: str, plan: Plan) -> Exception:
         return PlanUnavailable(
             f"{prog} needs the kernel hook {missing_hook.group(1)}, which this kernel lacks"
         )
-    if exc.errno == errno.EPERM and plan is Plan.FENTRY:
+    if exc.errno == errno.EPERM and plan is Plan.FENTRY and prog:
         return PlanUnavailable(
             f"the kernel refused the fentry program {prog} (EPERM): BPF trampolines are not allowed here"
         )
@@ -455,10 +476,10 @@ def _load_error(exc: OSError, log: str, plan: Plan) -> Exception:
         return PlanUnavailable(f"loading {prog} failed: {libbpf.strerror(exc.errno)}")
     if exc.errno == errno.EPERM:
         return PermissionDenied(
-            f"the kernel refused to load probe {prog} (EPERM): run as root, and check "
+            f"the kernel refused to load {what} (EPERM): run as root, and check "
             "kernel.unprivileged_bpf_disabled, lockdown and any BPF LSM policy"
         )
-    return ProbeError(f"loading probe {prog} failed: {libbpf.strerror(exc.errno)}", log)
+    return ProbeError(f"loading {what} failed: {libbpf.strerror(exc.errno)}", log)
 
 
 def _plan_only(plan: Plan) -> set[str]:

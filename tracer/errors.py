@@ -75,3 +75,7 @@ class VerifierRejected(ProbeError):
         )
         self.program = program
         self.summary = summary
+
+
+class OutputFailed(PortscopeError):
+    """Writing the output failed (a full disk, a read-only file system)."""

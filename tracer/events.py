@@ -13,6 +13,7 @@ import time
 from dataclasses import dataclass
 
 from .layout import PsEvent, PsKind, PsOpt, PsPlan, PsQuality
+from .text import system_text
 
 FAMILIES = {socket.AF_INET: "ipv4", socket.AF_INET6: "ipv6", socket.AF_UNSPEC: "unspec"}
 PROTOCOLS = {
@@ -172,7 +173,7 @@ def decode(raw: bytes, clock: Clock) -> CallEvent:
         tid=ev.tid,
         uid=ev.uid,
         sock_uid=ev.sock_uid,
-        comm=ev.comm.decode(errors="replace"),
+        comm=system_text(ev.comm),
         cgroup_id=ev.cgroup_id,
         netns=ev.netns,
         family=FAMILIES.get(ev.family, str(ev.family)),

@@ -30,7 +30,8 @@ from .engine import Counters, EngineConfig, open_engine
 from .errors import ExitStatus, PortscopeError, UsageError
 from .events import Clock, decode
 from .plans import Plan
-from .trace import COALESCE_S, POLL_MS, StopSignal, _announce, _report_losses
+from .runtime import StopSignal, announce, report_losses
+from .trace import COALESCE_S, POLL_MS
 
 OTHER = "other"
 DEFAULT_LISTEN = "127.0.0.1:9977"
@@ -383,7 +384,7 @@ def run(args: argparse.Namespace) -> ExitStatus:
             raise UsageError(f"cannot listen on {host}:{port}: {exc.strerror or exc}") from exc
         server = started[0] if isinstance(started, tuple) else None
         refresher = Refresher(metrics, args.interval, not args.no_groups, plan, args.btf)
-        _announce(engine)
+        announce(engine)
         if refresher.warning:
             print(f"portscope: {refresher.warning}", file=sys.stderr, flush=True)
         shown = f"[{host}]" if ":" in host else host
@@ -418,7 +419,7 @@ def _collect(engine, metrics: Metrics, stop: StopSignal) -> None:  # type: ignor
             time.sleep(COALESCE_S)
         if time.monotonic() >= next_check:
             metrics.counters = engine.counters()
-            reported = _report_losses(metrics.counters, reported)
+            reported = report_losses(metrics.counters, reported)
             metrics.failures.settle()
             next_check = time.monotonic() + RERANK_S
     count(engine.drain())

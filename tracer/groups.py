@@ -32,7 +32,7 @@ import struct
 import sys
 import time
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Iterable, TextIO
+from typing import Iterable, TextIO
 
 from . import libbpf
 from .engine import Engine, EngineConfig, open_engine
@@ -41,10 +41,10 @@ from .inventory import Inventory, Socket, take
 from .layout import PsCounter, PsMemberCount
 from .owners import Owner
 from .plans import GROUP_PROGRAMS, Plan
+from .runtime import StopSignal
 from .sockflags import SocketIterators
+from .text import clock_text, printable
 
-if TYPE_CHECKING:
-    from .trace import StopSignal
 
 # A p-value under this says "not noise" (1%: one false alarm in 100 reads
 # of a perfectly even group).
@@ -546,8 +546,6 @@ CLEAR = "\x1b[H\x1b[2J"
 
 
 def run(args: argparse.Namespace) -> ExitStatus:
-    from .trace import StopSignal
-
     stop = StopSignal()
     protocols = ("tcp",) if args.tcp else ("udp",) if args.udp else ("tcp", "udp")
     plan = None if args.plan == "auto" else Plan(args.plan)
@@ -621,7 +619,7 @@ MEMBER_COLUMNS = (("OWNERS", 26), ("INODE", 9), ("DELIVERED", 10), ("RATE/s", 9)
 
 def render(snap: Snapshot) -> str:
     """The human form of one snapshot."""
-    stamp = time.strftime("%H:%M:%S", time.localtime(snap.time))
+    stamp = clock_text(snap.time, date=False, digits=0)
     lines = [f"{stamp}  {len(snap.groups)} reuseport group(s), {snap.plan} plan"
              + (f", last {snap.interval:.1f} s" if snap.interval else "")]
     if not snap.groups:
@@ -644,7 +642,7 @@ def group_lines(g: Group) -> list[str]:
             f"{steer}{dev}  ({unit})")
     rows = [tuple(name for name, _ in MEMBER_COLUMNS)]
     for m in g.members:
-        owners = " ".join(o.label() for o in m.owners) or "-"
+        owners = owner_labels(m.owners)
         queue = f"{m.queue}/{m.backlog}" if m.backlog is not None else f"{m.queue}B"
         rows.append((owners, str(m.inode), str(m.delivered), _rate(m.rate),
                      "-" if m.share is None else f"{m.share * 100:.1f}%", queue))
@@ -666,14 +664,19 @@ def _columns(values: tuple[str, ...]) -> str:
     return "  ".join(cells).rstrip()
 
 
+def owner_labels(owners: Iterable[Owner]) -> str:
+    """``nginx[812] nginx[813]``, escaped for a terminal (names are anybody's)."""
+    return printable(" ".join(o.label() for o in owners)) or "-"
+
+
 def _rate(rate: float | None) -> str:
     return "-" if rate is None else f"{rate:.1f}"
 
 
 def event_line(e: MemberEvent) -> str:
-    stamp = time.strftime("%H:%M:%S", time.localtime(e.time)) + f".{int(e.time % 1 * 1000):03d}"
+    stamp = clock_text(e.time, date=False)
     proto = e.protocol + ("6" if e.family == "ipv6" else "4")
-    owners = " ".join(o.label() for o in e.owners) or "-"
+    owners = owner_labels(e.owners)
     tail = f"  after {e.delivered} delivered" if e.kind == "leave" else ""
     return (f"{stamp} {e.kind:<5} {proto} {e.local}  netns {e.netns}  group {e.group:08x}  "
             f"{owners}  inode {e.inode}{tail}")

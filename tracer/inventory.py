@@ -88,37 +88,60 @@ class Inventory:
 
 def select_namespaces(spec: str | None) -> tuple[list[NetnsRef], int]:
     """Namespaces matching ``spec`` (None: all): an inode number, an
-    ``ip netns`` name, a path to a namespace file, or ``pid:PID``."""
+    ``ip netns`` name, a path to a namespace file, or ``pid:PID``. Anything
+    else (an empty name, a path to a file that is not a network namespace,
+    such as /etc/passwd or /proc/self/ns/mnt) is one UsageError."""
     scan = list_netns()
     if spec is None:
         return scan.namespaces, scan.unreadable
-    inode = _spec_inode(spec)
-    chosen = [ref for ref in scan.namespaces if ref.inode == inode]
-    if not chosen and inode is not None:
+    forms = "give an inode number, an ip-netns name, a path to a namespace file, or pid:PID"
+    if not spec.strip():
+        raise UsageError(f"invalid --netns '': {forms}")
+    if spec.isdigit():
+        chosen = [ref for ref in scan.namespaces if ref.inode == int(spec)]
+    else:
         path = _spec_path(spec)
-        chosen = [NetnsRef(inode, path, ())] if path else []
+        inode, problem = network_namespace_inode(path)
+        if inode is None:
+            raise UsageError(f"no network namespace matches {spec!r} ({path} {problem}): {forms}")
+        chosen = [ref for ref in scan.namespaces if ref.inode == inode] or [NetnsRef(inode, path, ())]
     if not chosen:
-        raise UsageError(f"no network namespace matches {spec!r}: give an inode number, an "
-                         "ip-netns name, a path to a namespace file, or pid:PID")
+        raise UsageError(f"no network namespace matches {spec!r}: {forms}")
     return chosen, scan.unreadable
 
 
-def _spec_path(spec: str) -> str | None:
+def _spec_path(spec: str) -> str:
     if spec.startswith("pid:"):
         return f"/proc/{spec[4:]}/ns/net"
-    if spec.isdigit():
-        return None
     return spec if "/" in spec else f"/run/netns/{spec}"
 
 
-def _spec_inode(spec: str) -> int | None:
-    if spec.isdigit():
-        return int(spec)
-    path = _spec_path(spec)
+NS_GET_NSTYPE = 0xB703  # ioctl on a namespace file: which kind it is
+CLONE_NEWNET = 0x40000000
+
+
+def network_namespace_inode(path: str) -> tuple[int | None, str]:
+    """The inode of the network namespace at ``path``, or None and why not:
+    the path must live on nsfs (checked before opening, so that a FIFO never
+    blocks us) and be of the network kind (ioctl NS_GET_NSTYPE)."""
+    import fcntl
+
     try:
-        return os.stat(path).st_ino if path else None
+        st = os.stat(path)
+        if st.st_dev != os.stat("/proc/self/ns/net").st_dev:
+            return None, "is not a network namespace"
+        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC | os.O_NONBLOCK)
+    except FileNotFoundError:
+        return None, "does not exist"
+    except OSError as exc:
+        return None, f"cannot be read ({exc.strerror})"
+    try:
+        kind = fcntl.ioctl(fd, NS_GET_NSTYPE)
     except OSError:
-        return None
+        kind = 0
+    finally:
+        os.close(fd)
+    return (st.st_ino, "") if kind == CLONE_NEWNET else (None, "is not a network namespace")
 
 
 def take(port: int | None = None, protocols: Iterable[str] = ("tcp", "udp"),

@@ -41,7 +41,9 @@ from __future__ import annotations
 
 import fcntl
 import json
+import math
 import os
+import re
 import socket
 import sqlite3
 import stat
@@ -51,6 +53,7 @@ from dataclasses import dataclass
 from typing import Any, Iterable, Sequence
 
 from .errors import ExitStatus, PermissionDenied, PortscopeError, UsageError
+from .text import system_text
 
 SCHEMA_VERSION = 1
 APPLICATION_ID = 0x50534A31  # "PSJ1"
@@ -219,6 +222,27 @@ CREATE INDEX snapshot_sockets_port ON snapshot_sockets(netns, port);
 """
 
 
+def _schema_columns(schema: str) -> dict[str, dict[str, tuple[str, bool]]]:
+    """table -> column -> (declared type, nullable), read from SCHEMA itself,
+    so that the reader's checks can never drift from what the writer creates."""
+    tables: dict[str, dict[str, tuple[str, bool]]] = {}
+    for name, body in re.findall(r"CREATE TABLE (\w+) \((.*?)\n\)", schema, re.S):
+        columns = {}
+        for line in body.splitlines():
+            words = line.split("--")[0].replace(",", " ").split()
+            if len(words) >= 2 and words[1] in ("INTEGER", "REAL", "TEXT"):
+                columns[words[0]] = (words[1], "NOT NULL" not in " ".join(words[2:])
+                                     and "PRIMARY" not in words[2:])
+        tables[name] = columns
+    return tables
+
+
+COLUMNS = _schema_columns(SCHEMA)
+# Columns that hold JSON, and the shape each must have.
+JSON_COLUMNS = {("events", "json"): dict, ("events", "blockers"): (list, dict),
+                ("snapshot_sockets", "owners"): list, ("snapshots", "health"): dict}
+
+
 # ---- what the recorder hands to the writer ------------------------------------
 
 
@@ -261,6 +285,20 @@ _dumps = json.JSONEncoder(separators=(",", ":")).encode
 OWNER_KEYS = ("pid", "comm", "exe", "cmdline", "uid", "user", "cgroup", "unit", "container")
 
 
+def sql_text(value: str | None) -> str | bytes | None:
+    """A text value as SQLite can store it exactly. Text read from the host
+    keeps bytes that are not UTF-8 as surrogates (tracer.text.system_text),
+    which SQLite's UTF-8 TEXT cannot hold: such a value is stored as a BLOB
+    of its exact bytes, and the reader turns it back into the same text."""
+    if value is None:
+        return None
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError:
+        return value.encode("utf-8", "surrogateescape")
+    return value
+
+
 def snapshot_socket(sock: Any) -> SnapshotSocket:
     """From an inventory.Socket."""
     d, f = sock.diag, sock.flags
@@ -285,11 +323,11 @@ def event_row(session: int, ev: Any, owner: Any, blockers: object) -> tuple[Any,
     readable = owner is not None and owner.readable
     return (
         session, ev.time, ev.call, doc["result"], ev.errno, ev.pid, ev.tid, ev.uid, ev.sock_uid,
-        ev.comm, ev.cgroup_id, ev.netns, ev.family, ev.protocol, ev.addr_family, ev.addr, ev.port,
+        sql_text(ev.comm), ev.cgroup_id, ev.netns, ev.family, ev.protocol, ev.addr_family, ev.addr, ev.port,
         ev.bound_addr, ev.bound_port, ",".join(doc["options"]), ev.options.bound_dev_if, ev.inode,
         ev.plan, int(ev.addr_unreadable), ev.get_port,
-        owner.exe if readable else None, owner.cgroup if readable else None,
-        owner.cmdline if readable else None, owner.uid if readable else None,
+        sql_text(owner.exe) if readable else None, sql_text(owner.cgroup) if readable else None,
+        sql_text(owner.cmdline) if readable else None, owner.uid if readable else None,
         None if blockers is None else _dumps(blockers),
         _dumps(doc),
     )
@@ -339,13 +377,13 @@ def check_file(path: str) -> bool:
     return False
 
 
-def _describe(path: str, exc: sqlite3.Error) -> JournalError:
+def _describe(path: str, exc: Exception) -> JournalError:
     text = str(exc)
     if "not a database" in text:
         return NotAJournal(f"{path} is not a portscope journal (not an SQLite database)")
     if "malformed" in text or "corrupt" in text:
         return JournalDamaged(f"{path} is damaged ({text}); move it aside and start a new journal")
-    return JournalError(f"cannot open the journal {path}: {text}")
+    return JournalError(f"cannot read the journal {path}: {text}")
 
 
 def _check_schema(conn: sqlite3.Connection, path: str, allow_empty: bool) -> int:
@@ -373,6 +411,23 @@ def _integrity(conn: sqlite3.Connection, path: str) -> None:
     if rows != [("ok",)]:
         detail = rows[0][0] if rows else "no answer"
         raise JournalDamaged(f"{path} is damaged ({detail}); move it aside and start a new journal")
+
+
+def check_target(path: str) -> None:
+    """Raise what JournalWriter would refuse about an existing file (not a
+    journal, damaged, too new), without creating or changing anything: the
+    recorder checks this before it loads probes, and creates the journal
+    only once they run."""
+    if not os.path.lexists(path) or check_file(path):
+        return  # missing or empty: the writer will create it
+    conn = _open_read_only(path, [])
+    try:
+        if _check_schema(conn, path, allow_empty=True):
+            _check_tables(conn, path)
+    except sqlite3.Error as exc:
+        raise _describe(path, exc) from None
+    finally:
+        conn.close()
 
 
 # ---- the writer ---------------------------------------------------------------
@@ -418,6 +473,7 @@ class JournalWriter:
             if version == 0:
                 self._initialize()
             else:
+                _check_tables(conn, path)
                 _integrity(conn, path)
             conn.execute("PRAGMA journal_mode = WAL")
             conn.execute("PRAGMA synchronous = NORMAL")
@@ -773,19 +829,27 @@ def _version() -> str:
 
 
 class JournalReader:
-    """``report``'s side: read-only, safe while a recorder writes."""
+    """``report``'s and ``replay``'s side: read-only, safe while a recorder
+    writes, and it never writes anything itself (no ``-wal`` or ``-shm``
+    file is created beside the journal; a journal on a read-only file system,
+    or in a directory the reader cannot write, reads the same).
+
+    :meth:`rows` hands out rows whose every value has the type the schema
+    declares and whose JSON columns hold the shape the writer writes; a row
+    that does not (a damaged or forged journal) is left out and counted in
+    ``damaged``, per table, for the caller to say so."""
 
     def __init__(self, path: str, check: bool = True) -> None:
         self.path = path
+        self.notes: list[str] = []
+        self.damaged: dict[str, int] = {}
         if check_file(path):
             raise NotAJournal(f"{path} is empty, not a portscope journal")
+        self.conn = _open_read_only(path, self.notes)
         try:
-            uri = "file:" + _quote(os.path.abspath(path)) + "?mode=ro"
-            self.conn = sqlite3.connect(uri, uri=True, timeout=10)
-        except sqlite3.Error as exc:
-            raise _describe(path, exc) from None
-        try:
+            self.conn.text_factory = system_text  # a forged TEXT that is not UTF-8
             self.version = _check_schema(self.conn, path, allow_empty=False)
+            _check_tables(self.conn, path)
             if check:
                 _integrity(self.conn, path)
         except sqlite3.Error as exc:
@@ -799,11 +863,43 @@ class JournalReader:
     def query(self, sql: str, params: Iterable[Any] = ()) -> list[sqlite3.Row]:
         try:
             return self.conn.execute(sql, tuple(params)).fetchall()
-        except sqlite3.DatabaseError as exc:
+        except (sqlite3.DatabaseError, OverflowError) as exc:
             raise _describe(self.path, exc) from None
 
+    def rows(self, table: str, where: str = "", params: Iterable[Any] = (),
+             order: str = "id", columns: Sequence[str] | None = None) -> list[dict[str, Any]]:
+        """Rows of ``table`` (``where`` and ``order`` are SQL of the caller,
+        ``params`` its values), each a dict with the declared types and the
+        JSON columns decoded; damaged rows are counted, not returned."""
+        wanted = list(columns or COLUMNS[table])
+        sql = (f"SELECT {', '.join(wanted)} FROM {table}" + (f" WHERE {where}" if where else "")
+               + (f" ORDER BY {order}" if order else ""))
+        out = []
+        for raw in self.query(sql, params):
+            row = typed_row(table, wanted, tuple(raw))
+            if row is None:
+                self.damaged[table] = self.damaged.get(table, 0) + 1
+            else:
+                out.append(row)
+        return out
+
+    def scalar(self, sql: str, params: Iterable[Any] = (), kind: type = float) -> Any:
+        """One value of an aggregate (count, min, max), None when it is not
+        a finite number of ``kind`` (an empty table, a damaged value)."""
+        rows = self.query(sql, params)
+        value = rows[0][0] if rows else None
+        return value if _is_kind(value, kind) else None
+
+    def damage_note(self) -> str | None:
+        """One sentence on the rows left out, or None."""
+        if not self.damaged:
+            return None
+        parts = ", ".join(f"{n} in {table}" for table, n in sorted(self.damaged.items()))
+        return (f"{sum(self.damaged.values())} damaged row(s) of the journal could not be read "
+                f"and were left out ({parts})")
+
     def meta(self) -> dict[str, str]:
-        return {r["key"]: r["value"] for r in self.query("SELECT key, value FROM meta")}
+        return {r["key"]: r["value"] for r in self.rows("meta", order="key")}
 
     def close(self) -> None:
         self.conn.close()
@@ -815,47 +911,88 @@ class JournalReader:
         self.close()
 
 
+def _open_read_only(path: str, notes: list[str]) -> sqlite3.Connection:
+    """A connection that reads and never writes. A WAL-mode journal read with
+    mode=ro still makes SQLite create ``-wal`` and ``-shm`` files (and fail
+    where it cannot). Without a ``-wal`` file beside it (no recorder writing,
+    or one that closed cleanly) everything is in the file itself, which is
+    opened immutable: no lock, no side file. With one, a recorder is writing
+    (or was killed): the WAL must be read, through its existing ``-shm``."""
+    where = "file:" + _quote(os.path.abspath(path))
+    has_wal = os.path.exists(path + "-wal")
+    try:
+        if not has_wal:
+            return sqlite3.connect(where + "?immutable=1", uri=True)
+        conn = sqlite3.connect(where + "?mode=ro", uri=True, timeout=10)
+        try:
+            conn.execute("SELECT count(*) FROM sqlite_master").fetchone()
+            return conn
+        except sqlite3.OperationalError:
+            conn.close()
+        notes.append("the journal's write-ahead log could not be read (no write access "
+                     "beside it): what was recorded since its last checkpoint (about the "
+                     "last second) is not shown")
+        return sqlite3.connect(where + "?immutable=1", uri=True)
+    except sqlite3.Error as exc:
+        raise _describe(path, exc) from None
+
+
+def _check_tables(conn: sqlite3.Connection, path: str) -> None:
+    """Every table and column of the schema is there (a damaged or edited
+    journal may lack some): one sentence naming the first that is not."""
+    for table, columns in COLUMNS.items():
+        present = {r[1] for r in conn.execute(f"PRAGMA table_info({table})").fetchall()}
+        if not present:
+            raise JournalDamaged(f"{path} is damaged: it has no {table} table; move it aside "
+                                 "and start a new journal")
+        missing = [c for c in columns if c not in present]
+        if missing:
+            raise JournalDamaged(f"{path} is damaged: its {table} table lacks the column(s) "
+                                 f"{', '.join(missing)}; move it aside and start a new journal")
+
+
+_PY_TYPES = {"INTEGER": int, "REAL": float, "TEXT": str}
+
+
+def _is_kind(value: Any, kind: type) -> bool:
+    if kind is float:
+        return isinstance(value, (int, float)) and not isinstance(value, bool) \
+            and math.isfinite(value) and abs(value) < 1e15
+    if kind is int:
+        return isinstance(value, int) and not isinstance(value, bool) and -(1 << 63) <= value < 1 << 64
+    return isinstance(value, kind)
+
+
+def typed_row(table: str, columns: Sequence[str], values: Sequence[Any]) -> dict[str, Any] | None:
+    """``values`` as the schema declares them, or None when one is not: the
+    wrong type, NULL where the schema forbids it, a time that is not a
+    finite number of seconds, JSON that does not parse or has another shape.
+    Text stored as a BLOB (bytes that were not UTF-8, see sql_text) comes
+    back as the text it was."""
+    declared = COLUMNS[table]
+    row: dict[str, Any] = {}
+    for name, value in zip(columns, values):
+        kind, nullable = declared[name]
+        if isinstance(value, bytes) and kind == "TEXT":
+            value = system_text(value)
+        if value is None:
+            if not nullable:
+                return None
+        elif not _is_kind(value, _PY_TYPES[kind]):
+            return None
+        shape = JSON_COLUMNS.get((table, name))
+        if shape is not None and value is not None:
+            try:
+                value = json.loads(value)
+            except (ValueError, RecursionError):
+                return None
+            if not isinstance(value, shape):
+                return None
+        row[name] = float(value) if kind == "REAL" and value is not None else value
+    return row
+
+
 def _quote(path: str) -> str:
     from urllib.parse import quote
 
     return quote(path)
-
-
-# ---- durations and times ---------------------------------------------------------
-
-_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 7 * 86400}
-
-
-def parse_duration(text: str) -> float:
-    """'90', '90s', '10m', '2h', '7d', '1w' -> seconds; ValueError otherwise."""
-    t = text.strip().lower()
-    unit = _UNITS.get(t[-1:], None)
-    body = t[:-1] if unit else t
-    value = float(body) * (unit or 1)  # ValueError on garbage
-    if not value > 0 or value != value or value == float("inf"):
-        raise ValueError(text)
-    return value
-
-
-def parse_time(text: str, now: float | None = None) -> float:
-    """An ISO 8601 time ('2026-11-21T06:00', '2026-11-21 06:00:05+00:00';
-    without a zone: local time), seconds since the epoch, or a time relative
-    to now ('10m', '2h', '1d': that long ago). ValueError otherwise."""
-    from datetime import datetime
-
-    now = time.time() if now is None else now
-    t = text.strip()
-    if _is_number(t) and float(t) > 1e8:  # seconds since the epoch
-        return float(t)
-    if _is_number(t) or (t[-1:].lower() in _UNITS and _is_number(t[:-1])):
-        return now - parse_duration(t)
-    stamp = datetime.fromisoformat(t[:-1] + "+00:00" if t.endswith(("Z", "z")) else t)
-    return stamp.timestamp()
-
-
-def _is_number(text: str) -> bool:
-    try:
-        float(text)
-    except ValueError:
-        return False
-    return True

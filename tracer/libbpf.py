@@ -64,6 +64,7 @@ class _BatchOpts(ctypes.Structure):
 # recursion_misses counter sits (added in 5.12).
 _PROG_INFO_SIZE = 232
 _PROG_INFO_RECURSION_MISSES = 208
+_MAP_INFO_SIZE = 96  # struct bpf_map_info: type, id, ... (the kernel fills what it has)
 
 
 class _IterAttachOpts(ctypes.Structure):
@@ -327,6 +328,15 @@ def recursion_misses(prog_fd: int, name: str) -> int:
     if size < _PROG_INFO_RECURSION_MISSES + 8:
         return 0  # a kernel older than 5.12 does not report it
     return c_uint64.from_buffer(info, _PROG_INFO_RECURSION_MISSES).value
+
+
+def map_id(map_fd: int, name: str) -> int:
+    """The kernel's id of the map open on ``map_fd`` (bpf_map_info.id), the
+    number /proc/PID/fdinfo shows as ``map_id`` for whoever holds it."""
+    info = ctypes.create_string_buffer(_MAP_INFO_SIZE)
+    size = c_uint32(_MAP_INFO_SIZE)
+    _check_ret(lib().bpf_obj_get_info_by_fd(map_fd, info, ctypes.byref(size)), f"info of map {name}")
+    return c_uint32.from_buffer(info, 4).value
 
 
 def program_type(prog_fd: int, name: str) -> int:

@@ -15,6 +15,7 @@ from dataclasses import dataclass
 
 from .errors import PortscopeError, UsageError
 from .events import CallEvent
+from .text import printable
 
 TTL_S = 1.0
 
@@ -30,7 +31,9 @@ class BlockerSummary:
     why: str = ""  # the rule as a sentence
 
     def text(self) -> str:
-        who = f"{self.comm}[{','.join(map(str, self.pids))}]" if self.pids else "no visible process"
+        """One line for a terminal (the process name escaped)."""
+        who = (f"{printable(self.comm)}[{','.join(map(str, self.pids))}]" if self.pids
+               else "no visible process")
         return f"{who} {self.state} {self.local} ({self.rule})"
 
     def to_json(self) -> dict[str, object]:
@@ -49,7 +52,7 @@ class Finding:
 
     def text(self) -> str:
         if self.error:
-            return f"unknown ({self.error})"
+            return f"unknown ({printable(self.error)})"
         return "; ".join(b.text() for b in self.blockers) or "nothing left by the time we looked"
 
     def to_json(self) -> object:

@@ -7,6 +7,7 @@ import json
 
 from .errors import ExitStatus
 from .inventory import Inventory, Socket, take
+from .text import printable
 
 HEADER = ("NETNS", "PROTO", "STATE", "LOCAL", "REMOTE", "QUEUE", "TIMER", "UID", "INODE",
           "FLAGS", "OWNERS")
@@ -50,7 +51,8 @@ def row(s: Socket) -> tuple[str, ...]:
 
 
 def _print_table(sockets: list[Socket]) -> None:
-    rows = [HEADER] + [row(s) for s in sockets]
+    # Every cell escaped: owners' names and units are anybody's to choose.
+    rows = [HEADER] + [tuple(printable(v) for v in row(s)) for s in sockets]
     widths = [max(len(r[i]) for r in rows) for i in range(len(HEADER) - 1)]
     for r in rows:
         print("  ".join(v.ljust(w) for v, w in zip(r, widths)) + "  " + r[-1])

@@ -28,20 +28,18 @@ import argparse
 import errno
 import json
 import queue
-import sys
 import threading
 import time
-from typing import TextIO
 
 from . import journal as jr
 from .engine import Engine, EngineConfig, open_engine
-from .errors import ExitStatus, PortscopeError
+from .errors import ExitStatus, OutputFailed, PortscopeError
 from .events import CallEvent, Clock, decode
 from .onthespot import OnTheSpot
 from .cgroups import CgroupIdentities
 from .owners import Owner, OwnerCache
 from .plans import Plan
-from .trace import StopSignal
+from .runtime import Output, StopSignal, say
 
 POLL_MS = 100
 TRIGGER_DELAY_S = 0.2  # let a bind become a listen before looking
@@ -54,35 +52,42 @@ CHUNK = 1000  # events decoded and written between two looks at the commit clock
 
 
 def run(args: argparse.Namespace) -> ExitStatus:
-    # Opened first: a bad journal is a usage error, whatever the kernel allows.
-    writer = jr.JournalWriter(args.output, max_size=args.max_size, retain=args.retain)
-    jsonl = None
+    # A bad journal is a usage error whatever the kernel allows, so it is
+    # checked first; but nothing is created before the probes load, so that
+    # a run without privileges leaves no empty journal behind.
+    jr.check_target(args.output)
     stop = StopSignal()
+    engine = open_engine(EngineConfig(
+        plan=None if args.plan == "auto" else Plan(args.plan),
+        successes=SUCCESSES,
+        ring_bytes=args.ring_size,
+        btf_path=args.btf,
+    ))
+    jsonl = None
     try:
-        if getattr(args, "jsonl", None):
-            from .trace import open_output
-
-            jsonl = open_output(args.jsonl)
-        engine = open_engine(EngineConfig(
-            plan=None if args.plan == "auto" else Plan(args.plan),
-            successes=SUCCESSES,
-            ring_bytes=args.ring_size,
-            btf_path=args.btf,
-        ))
+        writer = jr.JournalWriter(args.output, max_size=args.max_size, retain=args.retain)
         try:
+            jsonl = Output(args.jsonl) if getattr(args, "jsonl", None) else None
             recorder = Recorder(engine, writer, args.snapshot_interval, explain=not args.no_explain,
                                 jsonl=jsonl)
-            print(f"portscope: recording to {args.output} with the {engine.plan.value} plan"
-                  f"{' (bcc)' if engine.engine == 'bcc' else ''} "
-                  f"(snapshot every {args.snapshot_interval:g}s{_limits(args)}); "
-                  "SIGTERM or Ctrl-C to stop", file=sys.stderr, flush=True)
+            say(f"recording to {args.output} with the {engine.plan.value} plan"
+                f"{' (bcc)' if engine.engine == 'bcc' else ''} "
+                f"(snapshot every {args.snapshot_interval:g}s{_limits(args)}); "
+                "SIGTERM or Ctrl-C to stop")
             recorder.run(stop)
         finally:
-            engine.close()
+            writer.close()
+    except BaseException:
+        if jsonl is not None:
+            jsonl.close_quietly()
+        raise
     finally:
-        writer.close()
-        if jsonl is not None and jsonl is not sys.stdout:
-            jsonl.close()
+        engine.close()
+    if jsonl is not None:
+        if recorder.jsonl_failed:
+            jsonl.close_quietly()
+            return ExitStatus.ERROR  # said once already, when the first line failed
+        jsonl.close()
     return ExitStatus.OK
 
 
@@ -214,9 +219,10 @@ class Snapshotter:
 
 class Recorder:
     def __init__(self, engine: Engine, writer: jr.JournalWriter, interval: float,
-                 explain: bool = True, jsonl: "TextIO | None" = None) -> None:
+                 explain: bool = True, jsonl: Output | None = None) -> None:
         self.engine = engine
         self.jsonl = jsonl  # every event also as a JSON line (trace --json's form)
+        self.jsonl_failed = False
         self.writer = writer
         self.clock = Clock()
         self.identities = Identities()
@@ -268,8 +274,8 @@ class Recorder:
             if not failing:
                 raise
         counters = self.engine.counters()
-        print(f"portscope: {self.recorded} events recorded, {counters.lost} lost, "
-              f"{counters.inflight_full} calls untraced", file=sys.stderr)
+        say(f"{self.recorded} events recorded, {counters.lost} lost, "
+            f"{counters.inflight_full} calls untraced")
 
     def _record(self, raws: list[bytes]) -> None:
         """Decode, enrich and write; a long batch (a storm) is committed as it
@@ -303,10 +309,15 @@ class Recorder:
         doc.update(self.cgroups.get(ev.pid, ev.cgroup_id))
         if blockers is not None:
             doc["blockers"] = blockers
+        if self.jsonl_failed:
+            return
         try:
             self.jsonl.write(json.dumps(doc, separators=(",", ":")) + "\n")
-        except OSError as exc:
-            self._warn(f"portscope: cannot write JSON lines: {exc}")
+        except OutputFailed as exc:
+            # The journal is the main record: keep it going, say this once,
+            # and end with exit status 1.
+            self.jsonl_failed = True
+            self._warn(f"{exc}; the JSON lines stop here, the journal goes on")
 
     def _explain(self, ev: CallEvent) -> object:
         """The on-the-spot blockers of an EADDRINUSE (JSON form), within a
@@ -330,7 +341,7 @@ class Recorder:
             except queue.Empty:
                 return
             if isinstance(item, BaseException):
-                self._warn(f"portscope: snapshot failed: {item}")
+                self._warn(f"snapshot failed: {item}")
             else:
                 self.writer.add_snapshot(item)
 
@@ -341,8 +352,7 @@ class Recorder:
     def _commit(self) -> None:
         c = self.engine.counters()
         if c.lost > self._lost:
-            print(f"portscope: {c.lost - self._lost} events lost: the ring buffer was full "
-                  "(raise --ring-size)", file=sys.stderr, flush=True)
+            say(f"{c.lost - self._lost} events lost: the ring buffer was full (raise --ring-size)")
             self._lost = c.lost
         self.writer.heartbeat(c.emitted, c.lost, c.inflight_full, self.unexplained)
         self.writer.commit()
@@ -351,4 +361,4 @@ class Recorder:
     def _warn(self, text: str) -> None:
         if text not in self._warned:
             self._warned.add(text)
-            print(text, file=sys.stderr, flush=True)
+            say(text)

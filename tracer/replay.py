@@ -35,7 +35,10 @@ from typing import Any
 
 from .collector import event_from_json, explanation_from_json, sort_rows
 from .errors import ExitStatus, PortscopeError, UsageError
-from .journal import JournalReader, parse_time
+from .arguments import Invalid, point_in_time
+from .journal import JournalReader
+from .runtime import StopSignal
+from .text import clock_text
 from .state import (
     MAX_CONFLICTS,
     Conflict,
@@ -70,22 +73,11 @@ class Position:
 
 
 def time_text(t: float) -> str:
-    return time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(t)) + f".{int(t % 1 * 1000):03d}"
+    return clock_text(t)
 
 
 def speed_text(speed: float) -> str:
     return f"{speed:g}x"
-
-
-def _time_arg(text: str | None, name: str) -> float | None:
-    if text is None:
-        return None
-    try:
-        return parse_time(text)
-    except ValueError:
-        raise UsageError(f"invalid time {text!r} for {name}: use an ISO time like "
-                         "2026-11-21T06:00, seconds since the epoch, or a time ago like "
-                         "10m, 2h, 1d") from None
 
 
 def _owner_label(o: dict) -> str:
@@ -359,10 +351,20 @@ class JournalReplay:
         return tuple(sort_rows(sockets)), tuple(views)
 
 
-def open_replay(path: str, start: str | None = None, end: str | None = None,
+def open_replay(path: str, start: str | float | None = None, end: str | float | None = None,
                 speed: float = 1.0, playing: bool = False) -> JournalReplay:
-    """From the command line's arguments (times as ``report --since`` takes them)."""
-    return JournalReplay(path, _time_arg(start, "--from"), _time_arg(end, "--to"), speed, playing)
+    """From the command line's arguments: times as ``report --since`` takes
+    them (text, or seconds already parsed by tracer.arguments.point_in_time)."""
+    return JournalReplay(path, _time(start, "--from"), _time(end, "--to"), speed, playing)
+
+
+def _time(value: str | float | None, name: str) -> float | None:
+    if value is None or isinstance(value, float):
+        return value
+    try:
+        return point_in_time(value)
+    except Invalid as exc:
+        raise UsageError(f"{name}: {exc}") from None
 
 
 def run(args: argparse.Namespace) -> ExitStatus:
@@ -374,7 +376,8 @@ def run(args: argparse.Namespace) -> ExitStatus:
         except ImportError as exc:
             raise PortscopeError(f"the terminal UI needs the textual package ({exc}): "
                                  "install portscope with scripts/setup") from exc
-        make_app(source).run()
+        stop = StopSignal()  # SIGTERM or SIGHUP end it as q does
+        make_app(source, should_stop=lambda: stop.requested).run()
     finally:
         source.close()
     return ExitStatus.OK

@@ -37,6 +37,7 @@ from __future__ import annotations
 import argparse
 import bisect
 import errno
+import ipaddress
 import json
 import sys
 import time
@@ -45,7 +46,8 @@ from typing import Any, Iterable
 
 from .bindrules import LISTEN, Rule, Sock, overlap, tcp_rule, udp_rule
 from .errors import ExitStatus, UsageError
-from .journal import JournalReader, parse_time
+from .journal import JournalReader
+from .text import clock_text, printable
 
 MAX_PORTS_SHOWN = 200  # human output: timeline sections before "... and N more"
 CONTEXT_S = 300.0  # read this far before --since: the rules need what came before
@@ -166,7 +168,12 @@ def endpoint(family: str, addr: str, port: int) -> str:
 
 
 class History:
-    """Events and snapshots loaded from the journal, indexed for the rules."""
+    """Events and snapshots loaded from the journal, indexed for the rules.
+
+    Rows come through :meth:`JournalReader.rows` (types checked); what the
+    rules further rely on (addresses that parse, owners with a pid) is
+    checked here, and a row that fails is left out and counted like the
+    reader's own damaged rows."""
 
     def __init__(self, reader: JournalReader, start: float | None, port: int | None,
                  netns: int | None) -> None:
@@ -175,28 +182,28 @@ class History:
         # look back), snapshots from the last one before that.
         first_snap = 0
         if start is not None:
-            row = reader.query("SELECT max(id) FROM snapshots WHERE time < ?", (start - CONTEXT_S,))
-            first_snap = row[0][0] or 0
-        self.snaps = [Snap(r["id"], r["session"], r["time"], r["time"] + r["duration"])
-                      for r in reader.query("SELECT id, session, time, duration FROM snapshots "
-                                            "WHERE id >= ? ORDER BY id", (first_snap,))]
+            first_snap = reader.scalar("SELECT max(id) FROM snapshots WHERE time < ?",
+                                       (start - CONTEXT_S,), int) or 0
+        self.snaps = [Snap(r["id"], r["session"], r["time"], r["time"] + max(r["duration"], 0.0))
+                      for r in reader.rows("snapshots", "id >= ?", (first_snap,),
+                                           columns=("id", "session", "time", "duration"))]
         self.snap_by_id = {s.id: s for s in self.snaps}
         self._snap_ids = [s.id for s in self.snaps]
         self._snap_ends = [s.end for s in self.snaps]
         self._snap_starts = [s.time for s in self.snaps]
-        session_last = {r[0]: r[1] for r in reader.query(
-            "SELECT session, max(id) FROM snapshots GROUP BY session")}
+        session_last: dict[int, int] = {}
+        for s in self.snaps:
+            session_last[s.session] = max(session_last.get(s.session, 0), s.id)
         self.rows: list[Row] = []
-        for r in reader.query(
-                "SELECT * FROM snapshot_sockets WHERE (last_snapshot IS NULL OR last_snapshot >= ?)"
-                + where, (first_snap, *params)):
+        for r in reader.rows("snapshot_sockets", "(last_snapshot IS NULL OR last_snapshot >= ?)"
+                             + where, (first_snap, *params)):
             last = r["last_snapshot"] if r["last_snapshot"] is not None else session_last.get(
                 r["session"], r["first_snapshot"])
-            self.rows.append(Row(
-                r["id"], r["session"], r["first_snapshot"], last, r["netns"], r["protocol"],
-                r["family"], r["state"], r["addr"], r["port"], r["bound_dev_if"], r["uid"],
-                r["inode"], None if r["options"] is None else frozenset(filter(None, r["options"].split(","))),
-                r["group_id"], r["group_size"], bool(r["group_bpf"]), json.loads(r["owners"])))
+            row = _row(r, last)
+            if row is None:
+                reader.damaged["snapshot_sockets"] = reader.damaged.get("snapshot_sockets", 0) + 1
+                continue
+            self.rows.append(row)
         self.rows.sort(key=lambda r: (r.first, r.id))
         self.by_port: dict[tuple[int, str, int], list[Row]] = {}
         self.by_inode: dict[tuple[int, int], list[Row]] = {}
@@ -207,18 +214,16 @@ class History:
 
         ev_where, ev_params = _event_filters(port, netns)
         self.events: list[Ev] = []
-        for r in reader.query(
-                "SELECT * FROM events WHERE time >= ?"
+        for r in reader.rows(
+                "events", "time >= ?"
                 # Successful binds to port 0 (ephemeral) hold no port anyone asked for.
-                " AND NOT (call = 'bind' AND errno = 0 AND port = 0)" + ev_where
-                + " ORDER BY time, id", ((start - CONTEXT_S) if start is not None else 0, *ev_params)):
-            self.events.append(Ev(
-                r["id"], r["session"], r["time"], r["call"], r["result"], r["errno"], r["pid"],
-                r["uid"], r["sock_uid"], r["comm"], r["netns"], r["family"], r["protocol"],
-                r["addr"], r["port"], r["bound_addr"], r["bound_port"],
-                frozenset(filter(None, r["options"].split(","))), r["bound_dev_if"], r["inode"],
-                r["exe"], r["cgroup"], r["owner_uid"],
-                json.loads(r["blockers"]) if r["blockers"] else None))
+                " AND NOT (call = 'bind' AND errno = 0 AND port = 0)" + ev_where,
+                ((start - CONTEXT_S) if start is not None else 0, *ev_params), order="time, id"):
+            ev = _event(r)
+            if ev is None:
+                reader.damaged["events"] = reader.damaged.get("events", 0) + 1
+                continue
+            self.events.append(ev)
         self.events_by_inode: dict[tuple[int, int], list[Ev]] = {}
         self._pid_seen: dict[int, list[tuple[float, str, str | None, int | None]]] = {}
         for ev in self.events:
@@ -290,6 +295,83 @@ class History:
             return ev.exe, ev.cgroup
         exe, cgroup, _ = self.identity(ev.pid, ev.time)
         return exe, cgroup
+
+
+OWNER_TEXT = ("comm", "exe", "cmdline", "user", "cgroup", "unit", "container", "pod")
+
+
+def _address(family: str, addr: str) -> bool:
+    """An address the rules can compare: of its family, as the kernel writes it."""
+    try:
+        ip = ipaddress.ip_address(addr)
+    except ValueError:
+        return False
+    return family == ("ipv6" if ip.version == 6 else "ipv4")
+
+
+def _port(value: int) -> bool:
+    return 0 <= value <= 0xFFFF
+
+
+def _owner_list(owners: list[Any]) -> list[dict[str, Any]] | None:
+    """Owners as recorded (a list of {pid, comm, exe, ...}), or None when
+    an entry is not one."""
+    out = []
+    for o in owners:
+        if not isinstance(o, dict) or type(o.get("pid")) is not int:
+            return None
+        if any(o.get(k) is not None and not isinstance(o.get(k), str) for k in OWNER_TEXT):
+            return None
+        if o.get("uid") is not None and type(o.get("uid")) is not int:
+            return None
+        out.append(o)
+    return out
+
+
+def _blockers(value: Any) -> Any:
+    """An event's on-the-spot blockers: a list of {pids, comm, state, local,
+    rule}, or {"error": sentence}; ValueError when it is neither."""
+    if value is None:
+        return None
+    if isinstance(value, dict):
+        if not isinstance(value.get("error"), str):
+            raise ValueError("blockers")
+        return value
+    for b in value:
+        if not isinstance(b, dict) or not isinstance(b.get("pids", []), list) \
+                or not all(type(p) is int for p in b.get("pids", [])):
+            raise ValueError("blockers")
+    return value
+
+
+def _row(r: dict[str, Any], last: int) -> Row | None:
+    """A snapshot_sockets row for the rules, or None when it is damaged."""
+    owners = _owner_list(r["owners"])
+    if owners is None or not _address(r["family"], r["addr"]) or not _port(r["port"]):
+        return None
+    return Row(
+        r["id"], r["session"], r["first_snapshot"], last, r["netns"], r["protocol"],
+        r["family"], r["state"], r["addr"], r["port"], r["bound_dev_if"], r["uid"], r["inode"],
+        None if r["options"] is None else frozenset(filter(None, r["options"].split(","))),
+        r["group_id"], r["group_size"], bool(r["group_bpf"]), owners)
+
+
+def _event(r: dict[str, Any]) -> Ev | None:
+    """An events row for the rules, or None when it is damaged."""
+    if not (_address(r["family"], r["bound_addr"]) and _port(r["port"]) and _port(r["bound_port"])):
+        return None
+    if r["addr_family"] in ("ipv4", "ipv6") and not _address(r["addr_family"], r["addr"]):
+        return None
+    try:
+        blockers = _blockers(r["blockers"])
+    except ValueError:
+        return None
+    return Ev(
+        r["id"], r["session"], r["time"], r["call"], r["result"], r["errno"], r["pid"],
+        r["uid"], r["sock_uid"], r["comm"], r["netns"], r["family"], r["protocol"],
+        r["addr"], r["port"], r["bound_addr"], r["bound_port"],
+        frozenset(filter(None, r["options"].split(","))), r["bound_dev_if"], r["inode"],
+        r["exe"], r["cgroup"], r["owner_uid"], blockers)
 
 
 def _filters(port: int | None, netns: int | None) -> tuple[str, list[int]]:
@@ -855,13 +937,7 @@ def _collapse(entries: list[dict[str, Any]]) -> list[dict[str, Any]]:
 
 
 def run(args: argparse.Namespace) -> ExitStatus:
-    since = None
-    if args.since:
-        try:
-            since = parse_time(args.since)
-        except ValueError:
-            raise UsageError(f"invalid time {args.since!r}: use an ISO time like 2026-11-21T06:00, "
-                             "seconds since the epoch, or a time ago like 10m, 2h, 1d") from None
+    since = args.since  # seconds since the epoch (tracer.arguments.point_in_time)
     with JournalReader(args.file) as reader:
         h = History(reader, since, args.port, args.netns)
         findings = [f for f in find_all(h, args.race_window) if since is None or f.time >= since]
@@ -878,8 +954,8 @@ def run(args: argparse.Namespace) -> ExitStatus:
 
 def journal_summary(reader: JournalReader, path: str, since: float | None) -> dict[str, Any]:
     sessions = []
-    notes = []
-    rows = reader.query("SELECT * FROM sessions ORDER BY id")
+    notes = list(reader.notes)
+    rows = reader.rows("sessions")
     for i, s in enumerate(rows):
         sessions.append({"id": s["id"], "started": s["started"], "ended": s["ended"],
                          "last_seen": s["last_seen"], "pid": s["pid"], "host": s["host"],
@@ -895,42 +971,50 @@ def journal_summary(reader: JournalReader, path: str, since: float | None) -> di
             notes.append(f"session {s['id']}: {s['lost']} events were lost (ring buffer full)")
         if s["untraced"]:
             notes.append(f"session {s['id']}: {s['untraced']} calls were not traced (too many in flight)")
-    counts = reader.query("SELECT (SELECT count(*) FROM events), (SELECT min(time) FROM events), "
-                          "(SELECT max(time) FROM events), (SELECT count(*) FROM snapshots), "
-                          "(SELECT min(time) FROM snapshots), (SELECT max(time) FROM snapshots)")[0]
-    times = [t for t in (counts[1], counts[2], counts[4], counts[5]) if t is not None]
-    return {"path": path, "schema": reader.version, "sessions": sessions, "events": counts[0],
-            "snapshots": counts[3], "first": min(times) if times else None,
+    times = [t for t in (reader.scalar(f"SELECT {f}(time) FROM {table}")
+                         for f in ("min", "max") for table in ("events", "snapshots"))
+             if t is not None]
+    damage = reader.damage_note()
+    if damage:
+        notes.append(damage)
+    return {"path": path, "schema": reader.version, "sessions": sessions,
+            "events": reader.scalar("SELECT count(*) FROM events", kind=int) or 0,
+            "snapshots": reader.scalar("SELECT count(*) FROM snapshots", kind=int) or 0,
+            "first": min(times) if times else None,
             "last": max(times) if times else None, "since": since, "notes": notes}
 
 
 def _stamp(t: float | None) -> str:
-    if t is None:
-        return "-"
-    return time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(t)) + f".{int(t % 1 * 1000):03d}"
+    return "-" if t is None else clock_text(t)
+
+
+def _out(line: str = "") -> None:
+    """One line of the human report, escaped: names, paths and command
+    lines in a journal are whatever the recorded processes made them."""
+    print(printable(line))
 
 
 def print_report(summary: dict[str, Any], findings: list[Finding], entries: list[dict[str, Any]]) -> None:
     n = len(summary["sessions"])
-    print(f"journal {summary['path']}: schema {summary['schema']}, {n} recording session"
+    _out(f"journal {summary['path']}: schema {summary['schema']}, {n} recording session"
           f"{'s' if n != 1 else ''}, {summary['events']} events and {summary['snapshots']} snapshots"
           f" from {_stamp(summary['first'])} to {_stamp(summary['last'])}")
     if summary["since"] is not None:
-        print(f"showing what happened since {_stamp(summary['since'])}")
+        _out(f"showing what happened since {_stamp(summary['since'])}")
     for note in summary["notes"]:
-        print(f"note: {note}")
-    print()
-    print(f"{len(findings)} finding{'s' if len(findings) != 1 else ''}" + (":" if findings else ""))
+        _out(f"note: {note}")
+    _out()
+    _out(f"{len(findings)} finding{'s' if len(findings) != 1 else ''}" + (":" if findings else ""))
     for i, f in enumerate(findings, 1):
-        print(f"  [{i}] {_stamp(f.time)}  {f.kind}  {f.protocol} port {f.port}  netns {f.netns}")
-        print(f"      {f.summary}")
+        _out(f"  [{i}] {_stamp(f.time)}  {f.kind}  {f.protocol} port {f.port}  netns {f.netns}")
+        _out(f"      {f.summary}")
         for note in f.notes:
-            print(f"      note: {note}")
-        print("      evidence:")
+            _out(f"      note: {note}")
+        _out("      evidence:")
         for e in f.evidence:
-            print("        " + _evidence_line(e))
-    print()
-    print("timeline:" if entries else "timeline: nothing recorded")
+            _out("        " + _evidence_line(e))
+    _out()
+    _out("timeline:" if entries else "timeline: nothing recorded")
     current = None
     ports = 0
     for i, e in enumerate(entries):
@@ -940,11 +1024,11 @@ def print_report(summary: dict[str, Any], findings: list[Finding], entries: list
             ports += 1
             if ports > MAX_PORTS_SHOWN:
                 rest = len({(x["netns"], x["protocol"], x["port"]) for x in entries[i:]})
-                print(f"  ... and {rest} more ports: narrow it with --port, --netns or --since, "
+                _out(f"  ... and {rest} more ports: narrow it with --port, --netns or --since, "
                       "or read everything with --json")
                 break
-            print(f"  {e['protocol']} port {e['port']}  netns {e['netns']}")
-        print("    " + _timeline_line(e))
+            _out(f"  {e['protocol']} port {e['port']}  netns {e['netns']}")
+        _out("    " + _timeline_line(e))
 
 
 def _evidence_line(e: dict[str, Any]) -> str:

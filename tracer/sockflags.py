@@ -23,6 +23,7 @@ from .events import FAMILIES, OPTION_NAMES, PROTOCOLS
 from .layout import PsFileinfo, PsGroupFlag, PsSockinfo
 from .nsenter import in_netns
 from .plans import ITERATOR_PROGRAMS, Plan
+from .text import system_text
 
 RECORD = ctypes.sizeof(PsSockinfo)
 FILE_RECORD = ctypes.sizeof(PsFileinfo)
@@ -74,7 +75,7 @@ def decode_holders(raw: bytes) -> list[Holder]:
     out = []
     for off in _offsets(raw, FILE_RECORD):
         r = PsFileinfo.from_buffer_copy(raw, off)
-        out.append(Holder(r.pid, r.fd, r.comm.decode(errors="replace"), _one(r.sock)))
+        out.append(Holder(r.pid, r.fd, system_text(r.comm), _one(r.sock)))
     return out
 
 

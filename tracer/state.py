@@ -23,6 +23,7 @@ from collections import deque
 from dataclasses import dataclass, replace
 from typing import Iterable, Sequence
 
+from . import text
 from .events import CallEvent
 
 MAX_CONFLICTS = 1000
@@ -32,7 +33,7 @@ RATE_HISTORY = 60  # rate samples kept per group, for the sparkline
 
 def clock_text(t: float) -> str:
     """12:34:56.789 in local time."""
-    return time.strftime("%H:%M:%S", time.localtime(t)) + f".{int(t % 1 * 1000):03d}"
+    return text.clock_text(t, date=False)
 
 
 # ---- conflicts ----------------------------------------------------------------

@@ -16,6 +16,7 @@ from typing import Iterable
 from .closers import Closer, ConnKey, read_pinned
 from .inventory import Inventory, Socket, select_namespaces, take
 from .netns import PortRange, port_range
+from .text import printable
 
 HISTOGRAM_EDGES_S = (10, 20, 30, 40, 50, 60)
 PRESSURE_WARN = 0.8  # warn from 80 % of the range in use towards one destination
@@ -203,29 +204,31 @@ def run(args: "argparse.Namespace") -> "ExitStatus":  # noqa: F821
 
 
 def render(r: TimewaitReport, by: str) -> str:
+    """Lines for a terminal; a group's key (a closer's name) is escaped."""
     lines = [f"{r.total} TIME_WAIT socket(s); closer known for {r.attributed}"
              f" ({r.collectors} portscope collector(s) recording)"]
     if r.groups:
-        lines.append(f"\n{'BY ' + by.upper():32} {'COUNT':>7}  TIME LEFT (s)")
+        lines += ["", f"{'BY ' + by.upper():32} {'COUNT':>7}  TIME LEFT (s)"]
         for g in r.groups[:40]:
-            lines.append(f"{g.key:32} {g.count:7}  {g.min_left_ms / 1000:.0f}-{g.max_left_ms / 1000:.0f}")
+            lines.append(f"{printable(g.key):32} {g.count:7}  "
+                         f"{g.min_left_ms / 1000:.0f}-{g.max_left_ms / 1000:.0f}")
         if len(r.groups) > 40:
             lines.append(f"... and {len(r.groups) - 40} more (use --json)")
     if r.total:
         peak = max(c for _, c in r.histogram) or 1
-        lines.append("\ntime left")
+        lines += ["", "time left"]
         lower = 0
         for edge, count in r.histogram:
             lines.append(f"  {lower:>2}-{edge:<3}s {'#' * round(30 * count / peak):30} {count}")
             lower = int(edge)
     hot = [p for p in r.pressure if p.level != "ok"] or r.pressure[:5]
     if hot:
-        lines.append("\nephemeral ports in use, per source and destination")
+        lines += ["", "ephemeral ports in use, per source and destination"]
         for p in hot[:20]:
             mark = {"full": "FULL: connect() fails with EADDRNOTAVAIL",
                     "warning": "WARNING: nearly exhausted"}.get(p.level, "")
             lines.append(f"  {p.source:>15} -> {p.destination:24} {p.in_use:6}/{p.capacity:<6} "
                          f"{p.share:6.1%}  {mark}".rstrip())
     for note in r.notes:
-        lines.append(f"\nnote: {note}")
+        lines += ["", f"note: {note}"]
     return "\n".join(lines)

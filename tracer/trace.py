@@ -4,10 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
-import signal
-import sys
 import time
-from typing import TextIO
 
 from .engine import Counters, Engine, EngineConfig, open_engine
 from .errors import ExitStatus
@@ -15,6 +12,8 @@ from .events import CallEvent, Clock, decode
 from .onthespot import OnTheSpot
 from .cgroups import CgroupIdentities
 from .plans import Plan
+from .runtime import Output, StopSignal, announce, report_losses, say
+from .text import clock_text, printable
 
 POLL_MS = 100
 COALESCE_S = 0.005
@@ -38,7 +37,7 @@ def config_from_args(args: argparse.Namespace) -> EngineConfig:
 
 
 def human_line(ev: CallEvent) -> str:
-    stamp = time.strftime("%H:%M:%S", time.localtime(ev.time)) + f".{int(ev.time % 1 * 1e6):06d}"
+    stamp = clock_text(ev.time, date=False, digits=6)
     options = list(ev.options.names())
     if ev.options.bound_dev_if:
         options.append(f"dev={ev.options.bound_dev_if}")
@@ -47,7 +46,7 @@ def human_line(ev: CallEvent) -> str:
     proto = ev.protocol + ("6" if ev.family == "ipv6" else "4")
     bound = ev.bound if ev.bound_port or ev.call == "connect" else "-"
     values = (
-        stamp, ev.call, ev.errno_name or "ok", str(ev.pid), ev.comm, str(ev.uid), proto,
+        stamp, ev.call, ev.errno_name or "ok", str(ev.pid), printable(ev.comm), str(ev.uid), proto,
         ev.requested, bound, ",".join(options) + f" netns={ev.netns} ino={ev.inode}",
     )
     return _columns(values)
@@ -62,13 +61,13 @@ def _columns(values: tuple[str, ...]) -> str:
 
 
 class Printer:
-    def __init__(self, out: TextIO, as_json: bool, explainer: OnTheSpot | None) -> None:
+    def __init__(self, out: Output, as_json: bool, explainer: OnTheSpot | None) -> None:
         self.out = out
         self.as_json = as_json
         self.explainer = explainer
         self.identities = CgroupIdentities() if as_json else None
         if not as_json:
-            print(header_line(), file=out)
+            out.write(header_line() + "\n")
 
     def emit(self, ev: CallEvent) -> None:
         blockers = self.explainer.blockers(ev) if self.explainer else None
@@ -86,59 +85,29 @@ class Printer:
             self.out.write(line + "\n")
 
 
-class StopSignal:
-    """SIGINT and SIGTERM ask the loop to stop at a safe point, so that no
-    event already read from the kernel is dropped half-way through a batch.
-    A second signal while stopping gives up at once."""
-
-    def __init__(self) -> None:
-        self.requested = False
-        for sig in (signal.SIGINT, signal.SIGTERM):
-            signal.signal(sig, self._handle)
-
-    def _handle(self, _signum: int, _frame: object) -> None:
-        if self.requested:
-            raise KeyboardInterrupt
-        self.requested = True
-
-
 def run(args: argparse.Namespace) -> ExitStatus:
-    out = open_output(getattr(args, "output", None))
-    stop = StopSignal()
+    out = Output(getattr(args, "output", None))
     try:
+        stop = StopSignal()
         engine = open_engine(config_from_args(args))
         try:
-            _announce(engine)
-            return _stream(engine, args, out, stop)
+            announce(engine)
+            status = _stream(engine, args, out, stop)
         finally:
             engine.close()
-    finally:
-        if out is not sys.stdout:
-            out.close()
+    except BaseException:
+        out.close_quietly()
+        raise
+    out.close()
+    return status
 
 
-def open_output(path: str | None) -> TextIO:
-    """stdout, or FILE opened for appending, line-buffered (each event is on
-    disk as soon as it is written, for Vector or Fluent Bit tailing it)."""
-    if not path or path == "-":
-        return sys.stdout
-    from .errors import UsageError
-
-    try:
-        return open(path, "a", buffering=1, encoding="utf-8")
-    except OSError as exc:
-        raise UsageError(f"cannot write to {path}: {exc.strerror or exc}") from exc
+def open_output(path: str | None) -> Output:
+    """stdout, or FILE opened for appending (see runtime.Output)."""
+    return Output(path)
 
 
-def _announce(engine: Engine) -> None:
-    skipped = "; ".join(f"{a.plan.value}: {a.reason}" for a in engine.attempts if not a.ok)
-    note = f" ({skipped})" if skipped else ""
-    built = " (compiled here by bcc)" if engine.engine == "bcc" else ""
-    print(f"portscope: tracing with the {engine.plan.value} plan{built}{note}; Ctrl-C to stop",
-          file=sys.stderr, flush=True)
-
-
-def _stream(engine: Engine, args: argparse.Namespace, out: TextIO, stop: StopSignal) -> ExitStatus:
+def _stream(engine: Engine, args: argparse.Namespace, out: Output, stop: StopSignal) -> ExitStatus:
     clock = Clock()
     explainer = None if args.no_explain else OnTheSpot()
     printer = Printer(out, args.json, explainer)
@@ -171,7 +140,7 @@ def _stream(engine: Engine, args: argparse.Namespace, out: TextIO, stop: StopSig
                 # caught up, so one wakeup then serves many records.
                 time.sleep(COALESCE_S)
             if time.monotonic() >= next_check:
-                reported = _report_losses(engine.counters(), reported)
+                reported = report_losses(engine.counters(), reported)
                 next_check = time.monotonic() + COUNTER_CHECK_S
         # What is already in the ring buffer happened: show it before leaving.
         show(engine.drain())
@@ -180,9 +149,8 @@ def _stream(engine: Engine, args: argparse.Namespace, out: TextIO, stop: StopSig
         if explainer:
             explainer.close()
         final = engine.counters()
-        _report_losses(final, reported)
-        print(f"portscope: {shown} events shown, {final.lost} lost, "
-              f"{final.inflight_full} calls untraced", file=sys.stderr)
+        report_losses(final, reported)
+        say(f"{shown} events shown, {final.lost} lost, {final.inflight_full} calls untraced")
     return ExitStatus.OK
 
 
@@ -191,14 +159,3 @@ def _selected(ev: CallEvent, args: argparse.Namespace) -> bool:
     if args.comm and ev.comm != args.comm:
         return False
     return not args.errno or ev.errno in args.errno
-
-
-def _report_losses(now: Counters, before: Counters) -> Counters:
-    """Say so, once per increase, when the kernel side dropped anything."""
-    if now.lost > before.lost:
-        print(f"portscope: {now.lost - before.lost} events lost: the ring buffer was full "
-              "(raise --ring-size)", file=sys.stderr, flush=True)
-    if now.inflight_full > before.inflight_full:
-        print(f"portscope: {now.inflight_full - before.inflight_full} calls not traced: "
-              "too many concurrent calls in flight", file=sys.stderr, flush=True)
-    return now

@@ -9,6 +9,7 @@ import socket
 
 from .errors import ExitStatus, UsageError
 from .explain import Explanation, Request, explain
+from .text import printable
 
 
 def request_from_args(args: argparse.Namespace) -> Request:
@@ -80,6 +81,8 @@ def _grouped(blockers: list[dict]) -> list[list[dict]]:
 
 
 def render(e: Explanation) -> str:
+    """The answer as lines for a terminal: every line escaped (an owner's
+    name, a path in a fix), blank lines between the parts."""
     req = e.to_json()["request"]
     opts = ", ".join(req["options"]) or "no options"
     call = "listen() on" if e.request.listen else "bind() to"
@@ -99,12 +102,11 @@ def render(e: Explanation) -> str:
         if b["state"] not in ("LISTEN", "CLOSE"):
             remotes = [g["remote"] for g in group]
             peers = " <-> " + ", ".join(remotes[:3]) + (f" and {count - 3} more" if count > 3 else "")
-        lines.append(f"\n  blocked by {many}{b['state']} {b['local']}{peers}  uid {b['uid']}  "
-                     f"options [{', '.join(b['options']) or '-'}]  held by {owners}")
-        lines.append(f"    rule: {b['why']}")
+        lines += ["", f"  blocked by {many}{b['state']} {b['local']}{peers}  uid {b['uid']}  "
+                      f"options [{', '.join(b['options']) or '-'}]  held by {owners}",
+                  f"    rule: {b['why']}"]
     if e.fixes:
-        lines.append("\n  what would work:")
-        lines += [f"    - {f}" for f in e.fixes]
+        lines += ["", "  what would work:"] + [f"    - {f}" for f in e.fixes]
     for n in e.notes:
-        lines.append(f"\n  note: {n}")
-    return "\n".join(lines)
+        lines += ["", f"  note: {n}"]
+    return "\n".join(printable(line) for line in lines)

@@ -15,7 +15,7 @@ and ``portscope ui`` run it over the live collector.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any, Callable, Protocol
 
 from rich.text import Text
 from textual.app import App, ComposeResult
@@ -23,6 +23,7 @@ from textual.binding import Binding
 from textual.widgets import Footer, Input, Static, TabbedContent, TabPane
 
 from tracer.state import Snapshot
+from tracer.text import printable
 
 from .base import Pane
 from .conflicts import ConflictsPane
@@ -79,7 +80,7 @@ def status_text(snap: Snapshot, paused: bool, position: Any = None) -> Text:
     h = snap.health
     out = Text()
     out.append("portscope", "bold")
-    out.append(f" │ {h.source} · {h.plan or '?'}")
+    out.append(f" │ {printable(h.source)} · {printable(h.plan or '?')}")
     out.append(f" │ {rate(h.events_per_s)}")
     out.append(" │ ")
     out.append(f"{count(h.lost)} lost", "bold red" if h.lost else "")
@@ -139,9 +140,12 @@ class PortscopeApp(App[None]):
     ]
 
     def __init__(self, source: StateSource, *, refresh_hz: float = REFRESH_HZ,
-                 initial: str = "overview") -> None:
+                 initial: str = "overview", should_stop: Callable[[], bool] | None = None) -> None:
         super().__init__()
         self.source = source
+        # Asked at every tick: a stop signal (SIGTERM, SIGHUP) ends the app
+        # the way q does, so that the terminal is given back as it was.
+        self.should_stop = should_stop
         self.refresh_hz = refresh_hz
         self.initial = initial
         self.paused = False
@@ -175,6 +179,9 @@ class PortscopeApp(App[None]):
 
     def pull(self, force: bool = False) -> None:
         """Draw the newest snapshot if it is new (or ``force``)."""
+        if self.should_stop is not None and self.should_stop():
+            self.exit()
+            return
         if self.paused and not force:
             return
         snap = self.source.snapshot()
@@ -199,7 +206,8 @@ class PortscopeApp(App[None]):
         for kind, sentence in snap.health.errors:
             if (kind, sentence) not in self._notified:
                 self._notified.add((kind, sentence))
-                self.notify(sentence, title=kind, severity="error", timeout=10)
+                self.notify(printable(sentence), title=printable(kind), severity="error",
+                            timeout=10, markup=False)
 
     @property
     def active_pane(self) -> Pane | None:

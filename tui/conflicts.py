@@ -10,6 +10,7 @@ from textual.containers import VerticalScroll
 from textual.widgets import Static
 
 from tracer.state import Conflict, Snapshot, clock_text
+from tracer.text import printable
 
 from .base import Pane
 from .table import Column, Row, VirtualTable
@@ -40,13 +41,14 @@ def _seq(c: Conflict) -> int:
 def detail(c: Conflict) -> Text:
     """The explanation of one conflict, as the detail pane shows it."""
     ev = c.event
+    s = printable  # every value may come from a journal: escaped, never markup
     out = Text()
-    out.append(f"{ev.call}() ", "bold")
-    out.append(c.result, "bold red" if c.result == "EADDRINUSE" else "bold yellow")
-    out.append(f"  {c.proto} {ev.requested}  {clock_text(ev.time)}\n")
-    options = ",".join(ev.options.names()) or "none"
+    out.append(f"{s(ev.call)}() ", "bold")
+    out.append(s(c.result), "bold red" if c.result == "EADDRINUSE" else "bold yellow")
+    out.append(f"  {s(c.proto)} {s(ev.requested)}  {clock_text(ev.time)}\n")
+    options = s(",".join(ev.options.names())) or "none"
     dev = f" dev={ev.options.bound_dev_if}" if ev.options.bound_dev_if else ""
-    out.append(f"by {c.who} uid {ev.uid} (socket uid {ev.sock_uid}) · options {options}{dev}"
+    out.append(f"by {s(c.who)} uid {ev.uid} (socket uid {ev.sock_uid}) · options {options}{dev}"
                f" · netns {ev.netns} · inode {ev.inode}\n", "dim")
     x = c.explanation
     if x is None:
@@ -58,26 +60,26 @@ def detail(c: Conflict) -> Text:
         return out
     if x.error:
         out.append("\nno explanation: ", "bold")
-        out.append(x.error + "\n")
+        out.append(s(x.error) + "\n")
         return out
     out.append("\nBlocked by\n", "bold")
     if not x.blockers:
         out.append("  nothing left by the time we looked (the blocker closed meanwhile)\n")
     for b in x.blockers:
-        out.append(f"  {b.who} ", "bold")
-        out.append(f"{b.state} {b.local}  ")
-        out.append(b.rule + (f", {b.overlap}" if b.overlap else ""), "magenta")
+        out.append(f"  {s(b.who)} ", "bold")
+        out.append(f"{s(b.state)} {s(b.local)}  ")
+        out.append(s(b.rule) + (f", {s(b.overlap)}" if b.overlap else ""), "magenta")
         out.append("\n")
         if b.why:
-            out.append(f"    {b.why}\n", "dim")
+            out.append(f"    {s(b.why)}\n", "dim")
     if x.fixes:
         out.append("\nFixes\n", "bold")
         for fix in x.fixes:
-            out.append(f"  • {fix}\n", "green")
+            out.append(f"  • {s(fix)}\n", "green")
     if x.notes:
         out.append("\nNotes\n", "bold")
         for note in x.notes:
-            out.append(f"  • {note}\n")
+            out.append(f"  • {s(note)}\n")
     return out
 
 

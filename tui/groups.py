@@ -10,6 +10,7 @@ from textual.containers import VerticalScroll
 from textual.widgets import Static
 
 from tracer.state import GroupView, Snapshot, clock_text
+from tracer.text import printable
 
 from .base import Pane
 from .render import bar, count, rate, share, sparkline
@@ -39,8 +40,9 @@ def group_row(g: GroupView) -> Row:
 
 def detail(g: GroupView, width: int) -> Text:
     width = max(width, 40)
+    s = printable  # a journal's groups are whatever it holds: escaped
     out = Text()
-    out.append(f"{g.local} {g.proto}", "bold")
+    out.append(f"{s(g.local)} {s(g.proto)}", "bold")
     out.append(f" · netns {g.netns} · {len(g.members)} members"
                + (f" (kernel counts {g.size})" if g.size != len(g.members) else "")
                + f" · {count(g.delivered)} delivered · {rate(g.rate)}"
@@ -57,15 +59,16 @@ def detail(g: GroupView, width: int) -> Text:
                    "yellow" if g.imbalance.verdict == "uneven" else "")
     # A bar per member: its share of the deliveries since membership last
     # changed (what the imbalance is measured on), else of all it received.
-    name_w = min(max((len(m.owner) for m in g.members), default=6), 24)
+    owners = [s(m.owner) for m in g.members]
+    name_w = min(max((len(o) for o in owners), default=6), 24)
     figures_w = 34
     bar_w = max(width - name_w - figures_w - 2, 6)
     values = [m.share if m.share is not None else float(m.delivered) for m in g.members]
     peak = max(values, default=0)
     out.append(f"{'MEMBER'.ljust(name_w)} {'SHARE'.ljust(bar_w)}"
                f" {'DELIVERED':>9} {'%':>4} {'RATE':>8} {'QUEUE':>9}\n", "bold")
-    for m, v in zip(g.members, values):
-        owner = m.owner if len(m.owner) <= name_w else m.owner[: name_w - 1] + "…"
+    for m, v, name in zip(g.members, values, owners):
+        owner = name if len(name) <= name_w else name[: name_w - 1] + "…"
         queue = f"{m.queue}/{m.backlog}" if m.backlog is not None else str(m.queue)
         out.append(owner.ljust(name_w) + " ")
         out.append(bar(v, peak, bar_w), "green")
@@ -75,8 +78,8 @@ def detail(g: GroupView, width: int) -> Text:
         for e in reversed(g.events[-8:]):
             mark, style = ("+", "green") if e.kind == "join" else ("-", "red")
             out.append(f"  {clock_text(e.time)[:8]} ")
-            out.append(f"{mark} {e.kind:5} ", style)
-            out.append(e.member + (f" ({count(e.delivered)} delivered)" if e.kind == "leave"
+            out.append(f"{mark} {s(e.kind):5} ", style)
+            out.append(s(e.member) + (f" ({count(e.delivered)} delivered)" if e.kind == "leave"
                                    else "") + "\n")
     return out
 

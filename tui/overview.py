@@ -4,8 +4,6 @@ conflicts."""
 
 from __future__ import annotations
 
-import time
-
 from rich.table import Table
 from rich.text import Text
 from textual.app import ComposeResult
@@ -13,6 +11,7 @@ from textual.message import Message
 from textual.widgets import Static
 
 from tracer.state import Snapshot
+from tracer.text import clock_text, printable
 
 from .base import Pane
 from .conflicts import conflict_row
@@ -47,13 +46,13 @@ def summary(snap: Snapshot) -> Table:
     grid.add_column(style="bold", no_wrap=True, min_width=7)
     grid.add_column(overflow="ellipsis", no_wrap=True, ratio=1)
 
-    plan = Text(f"{h.plan or '?'} plan", "bold")
-    plan.append(f" · {h.source}")
+    plan = Text(f"{printable(h.plan or '?')} plan", "bold")
+    plan.append(f" · {printable(h.source)}")
     if h.started:
-        plan.append(" · since " + time.strftime("%H:%M:%S", time.localtime(h.started)))
+        plan.append(" · since " + clock_text(h.started, date=False, digits=0))
     grid.add_row("Probes", plan)
     for note in h.plan_notes:
-        grid.add_row("", Text("not used: " + note, "dim"))
+        grid.add_row("", Text("not used: " + printable(note), "dim"))
     events = Text(f"{rate(h.events_per_s)} · {count(h.events)} read · ")
     events.append_text(_gaps((h.lost, "lost"), (h.untraced, "untraced")))
     grid.add_row("Events", events)
@@ -70,7 +69,7 @@ def summary(snap: Snapshot) -> Table:
         grid.add_row("Refresh", Text(" · ".join(f"{k} {v:.0f} ms" for k, v in h.refresh_ms),
                                      "dim"))
     for kind, sentence in h.errors:
-        grid.add_row(Text("Error", "bold red"), Text(sentence, "red"))
+        grid.add_row(Text("Error", "bold red"), Text(printable(sentence), "red"))
     return grid
 
 

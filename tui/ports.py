@@ -4,13 +4,13 @@ a filter narrows it as you type."""
 
 from __future__ import annotations
 
-import time
-
+from rich.text import Text
 from textual.app import ComposeResult
 from textual.binding import Binding
 from textual.widgets import Input, Static
 
 from tracer.state import SocketRow, Snapshot, matches
+from tracer.text import clock_text
 
 from .base import Pane
 from .render import count
@@ -95,8 +95,8 @@ class PortsPane(Pane):
             parts.append(f"{count(len(shown))} shown" + (" · listeners only" if lo else ""))
         snap = self.snapshot
         if snap and snap.ports_taken_at:
-            parts.append("read " + time.strftime("%H:%M:%S", time.localtime(snap.ports_taken_at)))
-        self.query_one("#port-summary", Static).update(" · ".join(parts))
+            parts.append("read " + clock_text(snap.ports_taken_at, date=False, digits=0))
+        self.query_one("#port-summary", Static).update(Text(" · ".join(parts)))
 
     def on_input_changed(self, event: Input.Changed) -> None:
         event.stop()

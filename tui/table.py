@@ -13,6 +13,7 @@ from __future__ import annotations
 
 from typing import Any, Callable, Hashable, NamedTuple, Sequence
 
+from rich.cells import cell_len, set_cell_size
 from rich.segment import Segment
 from rich.style import Style
 from textual import events
@@ -22,6 +23,8 @@ from textual.message import Message
 from textual.reactive import reactive
 from textual.scroll_view import ScrollView
 from textual.strip import Strip
+
+from tracer.text import printable
 
 
 class Column(NamedTuple):
@@ -39,12 +42,19 @@ class Row(NamedTuple):
 
 
 def fit(text: str, width: int, right: bool = False) -> str:
-    """``text`` cut (with an ellipsis) or padded to exactly ``width`` cells."""
+    """``text`` cut (with an ellipsis) or padded to exactly ``width`` cells
+    (terminal cells: a wide character takes two)."""
     if width <= 0:
         return ""
-    if len(text) > width:
-        return text[: width - 1] + "…"
-    return text.rjust(width) if right else text.ljust(width)
+    if text.isascii():  # the common case, one cell per character
+        if len(text) > width:
+            return text[: width - 1] + "…"
+        return text.rjust(width) if right else text.ljust(width)
+    size = cell_len(text)
+    if size > width:
+        return set_cell_size(text, width - 1) + "…"
+    pad = " " * (width - size)
+    return pad + text if right else text + pad
 
 
 def layout(columns: Sequence[Column], total: int) -> list[tuple[int, int]]:
@@ -272,8 +282,10 @@ class VirtualTable(ScrollView, can_focus=True):
         return self._vt_layout
 
     def _vt_line(self, cells: Sequence[str], widths: list[tuple[int, int]]) -> str:
-        return " ".join(fit(cells[i] if i < len(cells) else "", w, self.columns[i].right)
-                        for i, w in widths)
+        # Every cell escaped here, for every table: names, paths and journal
+        # contents are anybody's, and a raw ESC would reach the terminal.
+        return " ".join(fit(printable(cells[i]) if i < len(cells) else "", w,
+                            self.columns[i].right) for i, w in widths)
 
     def render_line(self, y: int) -> Strip:
         width = self.scrollable_content_region.width

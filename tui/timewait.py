@@ -9,6 +9,7 @@ from textual.app import ComposeResult
 from textual.widgets import Static
 
 from tracer.state import PressureRow, Snapshot, TimewaitRow
+from tracer.text import printable
 
 from .base import Pane
 from .render import bar, count, seconds_left
@@ -74,7 +75,7 @@ def summary(snap: Snapshot, width: int) -> Text:
             out.append(f" {n}")
         out.append("\n")
     for note in tw.notes:
-        out.append(note + "\n", "dim")
+        out.append(printable(note) + "\n", "dim")
     return out
 
 

@@ -2,37 +2,48 @@
 
 import pytest
 
-from tracer import cli
+from tracer import arguments, cli
 from tracer.errors import ExitStatus
 
 
 def run(capsys, *argv):
-    with pytest.raises(SystemExit) as exc:
-        cli.main(list(argv))
+    """main() as the console script runs it: its status, stdout and stderr
+    (--help still exits through argparse, with status 0)."""
+    try:
+        code = cli.main(list(argv))
+    except SystemExit as exc:
+        code = exc.code
     out = capsys.readouterr()
-    return exc.value.code, out.out, out.err
+    return code, out.out, out.err
 
 
-@pytest.mark.parametrize("port", ["0", "65536", "-1", "http", "80x"])
+def one_sentence(err):
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("portscope: ") and "Traceback" not in err, err
+    return lines[0]
+
+
+@pytest.mark.parametrize("port", ["0", "65536", "-1", "http", "80x", "٨٠", " 80", "8_0"])
 def test_bad_port_is_one_sentence_and_usage_status(capsys, port):
     code, _, err = run(capsys, "trace", "--port", port)
     assert code == ExitStatus.USAGE
-    assert f"invalid port '{port}'" in err and "Traceback" not in err
+    assert f"invalid port {port!r}" in one_sentence(err)
+    assert "(see 'portscope trace --help')" in err
 
 
 def test_unknown_errno_name(capsys):
     code, _, err = run(capsys, "trace", "--errno", "EWHATEVER")
-    assert code == ExitStatus.USAGE and "unknown errno 'EWHATEVER'" in err
+    assert code == ExitStatus.USAGE and "unknown errno 'EWHATEVER'" in one_sentence(err)
 
 
 @pytest.mark.parametrize("size,expected", [("8M", 8 << 20), ("512k", 512 << 10), ("4096", 4096)])
 def test_byte_sizes(size, expected):
-    assert cli.byte_size(size) == expected
+    assert arguments.byte_size(size) == expected
 
 
 def test_errno_names_and_numbers():
-    assert cli.errno_code("EADDRINUSE") == 98 == cli.errno_code("98")
-    assert cli.errno_code("eaddrnotavail") == 99
+    assert arguments.errno_code("EADDRINUSE") == 98 == arguments.errno_code("98")
+    assert arguments.errno_code("eaddrnotavail") == 99
 
 
 def test_help_teaches(capsys):

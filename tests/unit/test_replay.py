@@ -305,6 +305,6 @@ def test_missing_and_bad_times(tmp_path: Path, journal: Path,
     code, line = run_cli(capsys, str(tmp_path / "nope.db"))
     assert code == ExitStatus.USAGE and "there is no journal" in line
     code, line = run_cli(capsys, str(journal), "--from", "soon")
-    assert code == ExitStatus.USAGE and "invalid time 'soon' for --from" in line
+    assert code == ExitStatus.USAGE and "argument --from: invalid time 'soon'" in line
     code, line = run_cli(capsys, str(journal), "--from", str(T0 + 1000))
     assert code == ExitStatus.USAGE and "holds nothing recorded after" in line

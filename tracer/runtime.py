@@ -1,0 +1,147 @@
+"""What the long-running commands share at run time: how they stop, how they
+announce the probe plan, and how they report what the kernel side lost.
+
+Stopping. SIGINT (Ctrl-C), SIGTERM (systemd, kubelet) and SIGHUP (the ssh
+session went away) all mean the same: stop at a safe point, detach every
+probe, remove the pinned map, close the journal's session, then exit. The
+streaming commands (trace, record, export, groups --watch, timewait --watch,
+the UI) poll :attr:`StopSignal.requested`; every other command is stopped by
+:func:`install_default` (KeyboardInterrupt, so that its ``finally`` blocks
+run). A second signal while stopping gives up at once.
+"""
+
+from __future__ import annotations
+
+import signal
+import sys
+from typing import Callable, Protocol
+
+from .text import printable
+
+STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
+
+
+def _interrupt(signum: int, _frame: object) -> None:
+    raise KeyboardInterrupt(signal.Signals(signum).name)
+
+
+def install_default() -> None:
+    """Every stop signal interrupts the command like Ctrl-C does (exit status
+    130, cleanup in ``finally``), instead of killing it on the spot."""
+    for sig in STOP_SIGNALS:
+        signal.signal(sig, _interrupt)
+
+
+class StopSignal:
+    """The stop signals ask the loop to stop at a safe point, so that no
+    event already read from the kernel is dropped half-way through a batch.
+    ``on_stop`` (optional) is called from the handler, for a loop that
+    waits elsewhere (the UI's). A second signal while stopping gives up."""
+
+    def __init__(self, on_stop: Callable[[], None] | None = None) -> None:
+        self.requested = False
+        self.signal: int | None = None
+        self.on_stop = on_stop
+        for sig in STOP_SIGNALS:
+            signal.signal(sig, self._handle)
+
+    def _handle(self, signum: int, _frame: object) -> None:
+        if self.requested:
+            raise KeyboardInterrupt(signal.Signals(signum).name)
+        self.requested = True
+        self.signal = signum
+        if self.on_stop is not None:
+            self.on_stop()
+
+
+def say(sentence: str) -> None:
+    """A status or warning line on stderr (escaped: it may quote a name)."""
+    print(f"portscope: {printable(sentence)}", file=sys.stderr, flush=True)
+
+
+class _Attempt(Protocol):
+    plan: object
+    ok: bool
+    reason: str
+
+
+class _Traced(Protocol):
+    attempts: list
+    plan: object
+    engine: str
+
+
+def announce(engine: _Traced, verb: str = "tracing", tail: str = "Ctrl-C to stop") -> None:
+    """Which plan runs, and why the better ones do not."""
+    skipped = "; ".join(f"{a.plan.value}: {a.reason}" for a in engine.attempts  # type: ignore[attr-defined]
+                        if not a.ok)
+    note = f" ({skipped})" if skipped else ""
+    built = " (compiled here by bcc)" if engine.engine == "bcc" else ""
+    say(f"{verb} with the {engine.plan.value} plan{built}{note}; {tail}")  # type: ignore[attr-defined]
+
+
+class _Counters(Protocol):
+    lost: int
+    inflight_full: int
+
+
+def report_losses(now: _Counters, before: _Counters) -> _Counters:
+    """Say so, once per increase, when the kernel side dropped anything."""
+    if now.lost > before.lost:
+        say(f"{now.lost - before.lost} events lost: the ring buffer was full (raise --ring-size)")
+    if now.inflight_full > before.inflight_full:
+        say(f"{now.inflight_full - before.inflight_full} calls not traced: too many "
+            "concurrent calls in flight")
+    return now
+
+
+class Output:
+    """Where a command's lines go: stdout, or a file opened for appending and
+    line-buffered (each line is on disk as soon as it is written, for Vector
+    or Fluent Bit tailing it). A write that fails (a full disk, a file system
+    gone read-only) becomes one sentence (exit status 1), at the write or at
+    the close, never a traceback; a reader that went away (``| head``) is
+    the end of the output, not an error (cli.main)."""
+
+    def __init__(self, path: str | None) -> None:
+        self.path = path if path and path != "-" else None
+        self.name = self.path or "standard output"
+        if self.path is None:
+            self.stream = sys.stdout
+            return
+        from .errors import UsageError
+
+        try:
+            self.stream = open(self.path, "a", buffering=1, encoding="utf-8")
+        except OSError as exc:
+            raise UsageError(f"cannot write to {self.path}: {exc.strerror or exc}") from exc
+
+    def write(self, text: str) -> None:
+        self._guard(self.stream.write, text)
+
+    def flush(self) -> None:
+        self._guard(self.stream.flush)
+
+    def isatty(self) -> bool:
+        return self.stream.isatty()
+
+    def close(self) -> None:
+        """Flush and close (stdout stays open); raises the one sentence."""
+        self._guard(self.stream.flush if self.path is None else self.stream.close)
+
+    def _guard(self, fn: Callable[..., object], *args: object) -> None:
+        from .errors import OutputFailed
+
+        try:
+            fn(*args)
+        except BrokenPipeError:
+            raise
+        except OSError as exc:
+            raise OutputFailed(f"cannot write to {self.name}: {exc.strerror or exc}") from exc
+
+    def close_quietly(self) -> None:
+        """Close when a first error is already on its way (it is the one to tell)."""
+        try:
+            self.close()
+        except Exception:  # noqa: BLE001 - the first error is the one reported
+            pass
