@@ -281,9 +281,12 @@ def build_parser() -> argparse.ArgumentParser:
                     "connect() calls by errno, port, comm and network namespace; TIME_WAIT "
                     "sockets by port; reuseport groups, their members and what each was "
                     "delivered; ephemeral ports in use against the range; lost events; the "
-                    "probe plan. Port, comm and netns values beyond the top N are folded into "
-                    "\"other\", so a busy host cannot blow up the number of series. Stop with "
-                    "Ctrl-C or SIGTERM.",
+                    "probe plan. The number of series is bounded whatever a busy or hostile "
+                    "host does (any local user chooses the names and ports that fail): port, "
+                    "comm and netns values beyond the top N (--top) are folded into "
+                    "\"other\", and no metric has more than --max-series series (beyond it, "
+                    "the rest is one series whose labels are all \"other\"); the series "
+                    "always sum to the exact totals. Stop with Ctrl-C or SIGTERM.",
         epilog="examples:\n"
                "  portscope export                          http://127.0.0.1:9977/metrics\n"
                "  portscope export --listen 0.0.0.0:9977    for a Prometheus elsewhere\n"
@@ -296,6 +299,9 @@ def build_parser() -> argparse.ArgumentParser:
     export.add_argument("--top", type=bounded_int(1, 1000, "top"), default=50, metavar="N",
                         help="keep the N most frequent ports, comms and netns as their own "
                              "label values, fold the rest into \"other\" (default 50)")
+    export.add_argument("--max-series", type=bounded_int(2, 100000, "series bound"), default=500,
+                        metavar="S", help="at most S series per metric, whatever the combination "
+                                          "of label values (default 500)")
     export.add_argument("--interval", type=interval, default=15.0, metavar="SECONDS",
                         help="how often TIME_WAIT, ephemeral ports and reuseport groups are "
                              "read (default 15; a slow read makes the next one wait longer)")
@@ -502,7 +508,6 @@ def run_ui(args: argparse.Namespace) -> ExitStatus:
     """The terminal UI over the live collector (or a recording). The
     collector starts first, so that "not root" or "no BTF" is one sentence
     on the terminal, not a screen; the UI knows nothing of the kernel."""
-    from .errors import UsageError
     from .state import StateModel
 
     try:
@@ -514,10 +519,8 @@ def run_ui(args: argparse.Namespace) -> ExitStatus:
     if args.replay:
         from .collector import Replay
 
-        try:
-            source = Replay(model, args.replay)
-        except (OSError, ValueError) as exc:
-            raise UsageError(f"cannot replay {args.replay}: {exc}") from exc
+        source = Replay(model, args.replay)  # a bad file is one sentence, before the screen
+        source.check()
         source.play(args.speed)
     else:
         from .collector import LiveCollector

@@ -37,8 +37,8 @@ from pathlib import Path
 from typing import Callable, Iterable
 
 from .engine import Engine, EngineConfig, open_engine
-from .errors import PortscopeError
-from .events import CallEvent, Clock, Options, decode
+from .errors import PortscopeError, UsageError
+from .events import CallEvent, Clock, decode, event_from_json
 from .state import (
     MAX_GROUP_EVENTS,
     RATE_HISTORY,
@@ -88,28 +88,25 @@ def explanation_from_finding(finding: object) -> Explanation:
 
 def explanation_from_json(doc: dict) -> Explanation | None:
     """The ``blockers`` (and, from a recording, ``fixes`` and ``notes``) of one
-    event line; None when the line has none."""
+    event line; None when the line has none; ValueError when they are not
+    what portscope writes (a damaged or forged recording or journal)."""
     blockers = doc.get("blockers")
     if blockers is None:
         return None
     if isinstance(blockers, dict):
         return Explanation(error=str(blockers.get("error", "unknown")))
+    if not isinstance(blockers, list):
+        raise ValueError("'blockers' is neither a list nor an error")
     return Explanation(tuple(BlockerView.from_json(b) for b in blockers),
-                       tuple(doc.get("fixes") or ()), tuple(doc.get("notes") or ()))
+                       _texts(doc.get("fixes")), _texts(doc.get("notes")))
 
 
-def event_from_json(doc: dict) -> CallEvent:
-    """The inverse of :meth:`CallEvent.to_json` (one line of ``trace --json``)."""
-    return CallEvent(
-        time=float(doc["time"]), call=doc["call"], pid=doc["pid"], tid=doc["tid"],
-        uid=doc["uid"], sock_uid=doc["sock_uid"], comm=doc["comm"],
-        cgroup_id=doc["cgroup_id"], netns=doc["netns"], family=doc["family"],
-        protocol=doc["protocol"], addr_family=doc["addr_family"], addr=doc["addr"],
-        port=doc["port"], bound_addr=doc["bound_addr"], bound_port=doc["bound_port"],
-        options=Options(frozenset(doc.get("options") or ()), doc.get("bound_dev_if", 0)),
-        inode=doc["inode"], errno=doc["errno"], plan=doc["plan"],
-        addr_unreadable=bool(doc.get("addr_unreadable")), get_port=doc.get("get_port"),
-    )
+def _texts(value: object) -> tuple[str, ...]:
+    if value is None:
+        return ()
+    if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+        raise ValueError("'fixes' and 'notes' must be lists of sentences")
+    return tuple(value)
 
 
 def socket_row(s: object) -> SocketRow:
@@ -501,8 +498,7 @@ class Replay:
     def __init__(self, model: StateModel, path: str | Path) -> None:
         self.model = model
         self.path = Path(path)
-        self.lines = [json.loads(line) for line in self.path.read_text().splitlines()
-                      if line.strip()]
+        self.lines = _read_recording(self.path)
         self._groups = GroupViews()
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
@@ -539,6 +535,20 @@ class Replay:
             self.apply(doc)
         return self.model
 
+    def check(self) -> None:
+        """Apply every line to a scratch model, so that a damaged or forged
+        recording is one sentence (UsageError) before any screen opens,
+        never an exception in the replay thread under the UI."""
+        scratch = Replay.__new__(Replay)
+        scratch.model, scratch.path, scratch.lines = StateModel(), self.path, self.lines
+        scratch._groups = GroupViews()
+        for number, doc in enumerate(self.lines, 1):
+            try:
+                scratch.apply(doc)
+            except (KeyError, TypeError, ValueError, AttributeError, IndexError) as exc:
+                raise UsageError(f"cannot replay {self.path}: line {number} is not a portscope "
+                                 f"recording line ({type(exc).__name__}: {exc})") from None
+
     def play(self, speed: float = 1.0, loop: bool = False) -> None:
         def run() -> None:
             while not self._stop.is_set():
@@ -560,6 +570,28 @@ class Replay:
         self._stop.set()
         if self._thread:
             self._thread.join(2)
+
+
+def _read_recording(path: Path) -> list[dict]:
+    """The JSON objects of a recording, one per line; one sentence when the
+    file cannot be read or a line is not a JSON object."""
+    try:
+        text = path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as exc:
+        reason = exc.strerror if isinstance(exc, OSError) else "not UTF-8 text"
+        raise UsageError(f"cannot replay {path}: {reason}") from None
+    docs = []
+    for number, line in enumerate(text.splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            doc = json.loads(line)
+        except (ValueError, RecursionError):
+            doc = None
+        if not isinstance(doc, dict):
+            raise UsageError(f"cannot replay {path}: line {number} is not a JSON object")
+        docs.append(doc)
+    return docs
 
 
 def load_recording(path: str | Path, model: StateModel | None = None) -> StateModel:

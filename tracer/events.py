@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import errno as errno_mod
 import functools
+import math
 import socket
 import time
 from dataclasses import dataclass
@@ -133,6 +134,45 @@ class CallEvent:
             "addr_unreadable": self.addr_unreadable,
             "get_port": self.get_port,
         }
+
+
+_JSON_FIELDS: dict[str, type | tuple[type, ...]] = {
+    "time": (int, float), "call": str, "pid": int, "tid": int, "uid": int, "sock_uid": int,
+    "comm": str, "cgroup_id": int, "netns": int, "family": str, "protocol": str,
+    "addr_family": str, "addr": str, "port": int, "bound_addr": str, "bound_port": int,
+    "inode": int, "errno": int, "plan": str,
+}
+
+
+def event_from_json(doc: object) -> CallEvent:
+    """The inverse of :meth:`CallEvent.to_json` (one line of ``trace --json``,
+    a journal's ``json`` column). ValueError, naming the first bad key, when
+    ``doc`` is not such an object: a recording or a journal is input like
+    any other, and may be damaged or forged."""
+    if not isinstance(doc, dict):
+        raise ValueError("not a JSON object")
+    for key, kind in _JSON_FIELDS.items():
+        value = doc.get(key)
+        if not isinstance(value, kind) or isinstance(value, bool):
+            raise ValueError(f"{key!r} is missing or not a {getattr(kind, '__name__', 'number')}")
+    options = doc.get("options") or []
+    if not isinstance(options, list) or not all(isinstance(o, str) for o in options):
+        raise ValueError("'options' is not a list of names")
+    dev = doc.get("bound_dev_if", 0)
+    get_port = doc.get("get_port")
+    if type(dev) is not int or not (get_port is None or isinstance(get_port, str)):
+        raise ValueError("'bound_dev_if' or 'get_port' has the wrong type")
+    if not math.isfinite(doc["time"]):
+        raise ValueError("'time' is not a finite number")
+    return CallEvent(
+        time=float(doc["time"]), call=doc["call"], pid=doc["pid"], tid=doc["tid"],
+        uid=doc["uid"], sock_uid=doc["sock_uid"], comm=doc["comm"],
+        cgroup_id=doc["cgroup_id"], netns=doc["netns"], family=doc["family"],
+        protocol=doc["protocol"], addr_family=doc["addr_family"], addr=doc["addr"],
+        port=doc["port"], bound_addr=doc["bound_addr"], bound_port=doc["bound_port"],
+        options=Options(frozenset(options), dev), inode=doc["inode"], errno=doc["errno"],
+        plan=doc["plan"], addr_unreadable=bool(doc.get("addr_unreadable")), get_port=get_port,
+    )
 
 
 class Clock:

@@ -6,21 +6,27 @@ reuseport groups every ``--interval`` seconds, and never more often than
 ten times as long as the previous refresh took (a huge host gets fewer
 refreshes, not a busy exporter). Scrapes only read what was counted.
 
-Label bound: ``port``, ``comm`` and ``netns`` values beyond the top N (by
-count, ``--top``, default 50) are folded into ``"other"``, so a host with
-thousands of failing ports exposes at most N+1 values of each. The ranking
-is redone at every scrape (and every second): a value entering the top N
-gets its own series starting at 0 from then on (its earlier count stays in
-``other``); a value leaving it has its count added to ``other`` and its
-series dropped. Every counter stays monotonic and the values of a label
-always sum to the exact total.
+Two bounds, so that no host, busy or hostile, can blow up the number of
+series (any local user chooses the comm names and ports that fail):
+
+* per label: ``port``, ``comm`` and ``netns`` values beyond the top N (by
+  count, ``--top``, default 50) are folded into ``"other"``;
+* per metric: at most ``--max-series`` series (default 500) whatever the
+  combination of label values: beyond the top S-1 label sets, the rest are
+  one series whose every label is ``"other"`` (60 comm names failing on 60
+  ports each would otherwise be 51 x 51 series).
+
+The rankings are redone at every scrape (and every second): a value entering
+the top gets its own series starting at 0 from then on (its earlier count
+stays in ``other``); one leaving it has its count added to ``other`` and its
+series dropped. Every counter stays monotonic and the series always sum to
+the exact total.
 """
 
 from __future__ import annotations
 
 import argparse
 import ipaddress
-import sys
 import threading
 import time
 from collections import Counter
@@ -30,12 +36,13 @@ from .engine import Counters, EngineConfig, open_engine
 from .errors import ExitStatus, PortscopeError, UsageError
 from .events import Clock, decode
 from .plans import Plan
-from .runtime import StopSignal, announce, report_losses
+from .runtime import StopSignal, announce, report_losses, say
 from .trace import COALESCE_S, POLL_MS
 
 OTHER = "other"
 DEFAULT_LISTEN = "127.0.0.1:9977"
 DEFAULT_TOP = 50
+DEFAULT_MAX_SERIES = 500
 MAX_PENDING = 100_000  # distinct un-ranked label sets before an early re-rank
 MAX_SEEN = 100_000  # distinct values ranked per label (beyond: the rarest are forgotten)
 RERANK_S = 1.0
@@ -91,14 +98,19 @@ class Fold:
 
 
 class FoldedCounter:
-    """Counts of label tuples, with some positions folded by :class:`Fold`.
+    """Counts of label tuples, folded twice: some positions by :class:`Fold`
+    (their top values), then the tuples themselves (the top
+    ``max_series - 1``; the rest add up in one all-``"other"`` series).
     ``add`` is cheap (the loop calls it per event); ``samples`` re-ranks and
-    returns the bounded series. Thread-safe (scrapes come from the HTTP
-    server's threads)."""
+    returns at most ``max_series`` series. Thread-safe (scrapes come from
+    the HTTP server's threads)."""
 
-    def __init__(self, names: tuple[str, ...], folded: dict[str, int]) -> None:
+    def __init__(self, names: tuple[str, ...], folded: dict[str, int],
+                 max_series: int = DEFAULT_MAX_SERIES) -> None:
         self.names = names
         self.folds = {names.index(n): Fold(top) for n, top in folded.items()}
+        self.series = Fold(max(max_series - 1, 1))
+        self.everything_else = (OTHER,) * len(names)
         self.values: dict[tuple[str, ...], int] = {}
         self._pending: Counter[tuple[str, ...]] = Counter()
         self._lock = threading.Lock()
@@ -131,13 +143,24 @@ class FoldedCounter:
             if evicted:
                 # Their counts go to "other": no counter ever goes down.
                 for labels in [k for k in self.values if k[pos] in evicted]:
-                    n = self.values.pop(labels)
-                    moved = labels[:pos] + (OTHER,) + labels[pos + 1:]
-                    self.values[moved] = self.values.get(moved, 0) + n
+                    self._move(labels, labels[:pos] + (OTHER,) + labels[pos + 1:])
+        pending: Counter[tuple[str, ...]] = Counter()
         for labels, n in self._pending.items():
-            key = self._fold(labels)
+            pending[self._fold(labels)] += n
+        for key, n in pending.items():
+            self.series.count(key, n)  # type: ignore[arg-type]
+        self.series.rank()
+        kept = self.series.kept
+        for key in [k for k in self.values if k not in kept and k != self.everything_else]:
+            self._move(key, self.everything_else)
+        for key, n in pending.items():
+            key = key if key in kept else self.everything_else
             self.values[key] = self.values.get(key, 0) + n
         self._pending.clear()
+
+    def _move(self, key: tuple[str, ...], into: tuple[str, ...]) -> None:
+        n = self.values.pop(key)
+        self.values[into] = self.values.get(into, 0) + n
 
     def _fold(self, labels: tuple[str, ...]) -> tuple[str, ...]:
         if not self.folds:
@@ -146,6 +169,29 @@ class FoldedCounter:
         for pos, fold in self.folds.items():
             out[pos] = fold.label(out[pos])
         return tuple(out)
+
+
+def cap_series(samples: Iterable[tuple[tuple[str, ...], float]],
+               max_series: int) -> list[tuple[tuple[str, ...], float]]:
+    """For gauges (nothing to keep monotonic): the ``max_series - 1`` largest
+    series, and the rest summed in one series whose labels are all "other"."""
+    ordered = sorted(samples, key=lambda kv: (-kv[1], kv[0]))
+    if len(ordered) <= max_series:
+        return ordered
+    keep, rest = ordered[:max_series - 1], ordered[max_series - 1:]
+    return keep + [((OTHER,) * len(rest[0][0]), sum(v for _, v in rest))]
+
+
+def label_value(text: str) -> str:
+    """A label value Prometheus can carry: UTF-8. Text read from the host
+    keeps bytes that are not UTF-8 (tracer.text.system_text); those are shown
+    as ``\\xNN`` here, the rest is exact (the exposition escapes quotes,
+    backslashes and newlines itself)."""
+    try:
+        text.encode("utf-8")
+        return text
+    except UnicodeEncodeError:
+        return text.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
 
 
 def top_with_other(counts: Iterable[tuple[str, float]], top: int) -> list[tuple[str, float]]:
@@ -168,9 +214,11 @@ class Metrics:
 
     FAILURE_LABELS = ("call", "errno", "port", "comm", "netns")
 
-    def __init__(self, top: int) -> None:
+    def __init__(self, top: int, max_series: int = DEFAULT_MAX_SERIES) -> None:
         self.top = top
-        self.failures = FoldedCounter(self.FAILURE_LABELS, {"port": top, "comm": top, "netns": top})
+        self.max_series = max_series
+        self.failures = FoldedCounter(self.FAILURE_LABELS, {"port": top, "comm": top, "netns": top},
+                                      max_series)
         self.counters = Counters()
         self.plan = ""
         self.attempts: list[tuple[str, bool, str]] = []
@@ -197,7 +245,9 @@ class Metrics:
         fam = CounterMetricFamily(
             "portscope_failures", "Failed bind(), listen() and connect() calls (and port-allocator "
             f"refusals), by errno, port, comm and netns; values beyond the top {self.top} of "
-            "port, comm and netns are folded into \"other\"", labels=self.FAILURE_LABELS)
+            "port, comm and netns are folded into \"other\", and beyond "
+            f"{self.max_series} series the rest is one series labelled \"other\"",
+            labels=self.FAILURE_LABELS)
         for labels, n in self.failures.samples():
             fam.add_metric(list(labels), n)
         yield fam
@@ -236,7 +286,7 @@ class Metrics:
             tw = GaugeMetricFamily("portscope_time_wait_sockets",
                                    f"TIME_WAIT sockets by local port (top {self.top}, the rest "
                                    "as \"other\")", labels=["port"])
-            for port, n in timewait:
+            for (port,), n in cap_series((((p,), n) for p, n in timewait), self.max_series):
                 tw.add_metric([port], n)
             yield tw
             f = GaugeMetricFamily("portscope_time_wait_sockets_all", "TIME_WAIT sockets in all")
@@ -249,7 +299,7 @@ class Metrics:
         cap = GaugeMetricFamily("portscope_ephemeral_ports_capacity",
                                 "Usable ports of ip_local_port_range towards that destination",
                                 labels=names)
-        for ns, src, dst, in_use, capacity in pressure:
+        for ns, src, dst, in_use, capacity in pressure[:self.max_series]:
             used.add_metric([ns, src, dst], in_use)
             cap.add_metric([ns, src, dst], capacity)
         yield used
@@ -263,11 +313,16 @@ class Metrics:
             "portscope_reuseport_delivered", "Connections (TCP) or datagrams (UDP) delivered to "
             "each member since the exporter started or the member joined",
             labels=[*glabels, "inode", "comm"])
+        sizes, members = [], []
         for g in groups:
-            key = [str(g["netns"]), str(g["protocol"]), str(g["local"]), str(g["id"])]
-            size.add_metric(key, float(g["size"]))  # type: ignore[arg-type]
+            key = (str(g["netns"]), str(g["protocol"]), str(g["local"]), str(g["id"]))
+            sizes.append((key, float(g["size"])))  # type: ignore[arg-type]
             for m in g["members"]:  # type: ignore[attr-defined]
-                delivered.add_metric([*key, str(m["inode"]), m["comm"]], m["delivered"])
+                members.append(((*key, str(m["inode"]), m["comm"]), float(m["delivered"])))
+        for key, n in cap_series(sizes, self.max_series):
+            size.add_metric(list(key), n)
+        for key, n in cap_series(members, self.max_series):
+            delivered.add_metric(list(key), n)
         yield size
         yield delivered
 
@@ -347,8 +402,9 @@ class Refresher:
                     "netns": g.netns, "protocol": g.protocol, "local": g.local,
                     "id": f"{g.id:08x}", "size": g.size,
                     "members": [{"inode": m.inode, "delivered": m.delivered,
-                                 "comm": ",".join(sorted({o.comm for o in m.owners})) or "?"}
-                                for m in g.members[:top]],
+                                 "comm": label_value(",".join(sorted({o.comm for o in m.owners}))
+                                                     or "?")}
+                                for m in g.members],
                 })
             self.metrics.set_refresh("groups", time.monotonic() - started, groups=groups)
         except Exception:  # noqa: BLE001
@@ -366,7 +422,7 @@ def run(args: argparse.Namespace) -> ExitStatus:
         raise PortscopeError(f"portscope export needs the prometheus-client package ({exc}): "
                              "install portscope with scripts/setup") from exc
     host, port = args.listen
-    metrics = Metrics(args.top)
+    metrics = Metrics(args.top, args.max_series)
     registry = CollectorRegistry(auto_describe=False)
     registry.register(metrics)  # type: ignore[arg-type]
     stop = StopSignal()
@@ -386,9 +442,9 @@ def run(args: argparse.Namespace) -> ExitStatus:
         refresher = Refresher(metrics, args.interval, not args.no_groups, plan, args.btf)
         announce(engine)
         if refresher.warning:
-            print(f"portscope: {refresher.warning}", file=sys.stderr, flush=True)
+            say(refresher.warning)
         shown = f"[{host}]" if ":" in host else host
-        print(f"portscope: metrics on http://{shown}:{port}/metrics", file=sys.stderr, flush=True)
+        say(f"metrics on http://{shown}:{port}/metrics")
         refresher.start()
         _collect(engine, metrics, stop)
     finally:
@@ -410,7 +466,7 @@ def _collect(engine, metrics: Metrics, stop: StopSignal) -> None:  # type: ignor
             ev = decode(raw, clock)
             if ev.errno:
                 metrics.failures.add((ev.call, ev.errno_name or str(ev.errno), str(ev.port),
-                                      ev.comm, str(ev.netns)))
+                                      label_value(ev.comm), str(ev.netns)))
 
     while not stop.requested:
         raws = engine.poll(POLL_MS)

@@ -124,7 +124,7 @@ SOCKET_COLUMNS = (
     "cookie", "options", "group_id", "group_size", "group_bpf", "owners",
 )
 
-SCHEMA = f"""
+SCHEMA = """
 CREATE TABLE meta (
     key TEXT PRIMARY KEY,
     value TEXT NOT NULL

@@ -27,13 +27,13 @@ from __future__ import annotations
 import argparse
 import bisect
 import errno as errno_mod
-import json
 import os
 import time
 from dataclasses import dataclass
 from typing import Any
 
-from .collector import event_from_json, explanation_from_json, sort_rows
+from .collector import explanation_from_json, sort_rows
+from .events import CallEvent, Options, event_from_json
 from .errors import ExitStatus, PortscopeError, UsageError
 from .arguments import Invalid, point_in_time
 from .journal import JournalReader
@@ -42,14 +42,16 @@ from .text import clock_text
 from .state import (
     MAX_CONFLICTS,
     Conflict,
+    Explanation,
     GroupView,
-    Health,
     MemberView,
     Snapshot,
     SocketRow,
     StateModel,
 )
 
+# The health counts a snapshot carries (of its inventory), shown as they are.
+INVENTORY_HEALTH = ("namespaces", "namespaces_gone", "unreadable_processes", "flags_unknown")
 SPEEDS = (0.1, 0.25, 0.5, 1.0, 2.0, 5.0, 10.0, 30.0, 60.0, 300.0, 600.0, 3600.0)
 SEEK_S = 60.0
 CALLS = frozenset({"bind", "listen", "connect", "get_port"})
@@ -81,8 +83,8 @@ def speed_text(speed: float) -> str:
 
 
 def _owner_label(o: dict) -> str:
-    comm = o.get("comm") or os.path.basename(o.get("exe") or "") or "?"
-    where = o.get("container") and f"container {o['container']}" or o.get("unit")
+    comm = _text(o.get("comm")) or os.path.basename(_text(o.get("exe")) or "") or "?"
+    where = _text(o.get("container")) and f"container {o['container']}" or _text(o.get("unit"))
     return f"{comm}[{o.get('pid', '?')}]" + (f" ({where})" if where else "")
 
 
@@ -115,6 +117,7 @@ class JournalReplay:
         self._applied_index = -1
         self._applied_snapshot: int | None = -1
         self._conflicts: dict[int, Conflict] = {}
+        self._damaged_conflicts = 0
         self._rows_cache: dict[int, tuple[tuple[SocketRow, ...], tuple[GroupView, ...]]] = {}
         self.model.update_health(source="replay", plan=self.plan, lost=self.lost,
                                  untraced=self.untraced, started=self.start)
@@ -133,8 +136,8 @@ class JournalReplay:
         if end is not None:
             where.append("time <= ?")
             params.append(end)
-        cond = (" WHERE " + " AND ".join(where)) if where else ""
-        rows = r.query(f"SELECT id, time, call, errno FROM events{cond} ORDER BY time, id", params)
+        rows = r.rows("events", " AND ".join(where), params, order="time, id",
+                      columns=("id", "time", "call", "errno"))
         self.times = [row["time"] for row in rows]
         # Failures: the positions (in the window's events) that are conflicts.
         self.failures: list[int] = []  # event index of each failure
@@ -143,12 +146,12 @@ class JournalReplay:
             if row["errno"] not in NOT_FAILURES and row["call"] in CALLS:
                 self.failures.append(i)
                 self._failure_ids.append(row["id"])
-        snap_cond = " WHERE time <= ?" if end is not None else ""
-        snaps = r.query(f"SELECT id, session, time, health FROM snapshots{snap_cond} ORDER BY time, id",
-                        [end] if end is not None else [])
+        snaps = r.rows("snapshots", "time <= ?" if end is not None else "",
+                       [end] if end is not None else [], order="time, id",
+                       columns=("id", "session", "time", "health"))
         self.snapshots = [(s["time"], s["id"], s["session"], s["health"]) for s in snaps]
         self._snap_times = [s[0] for s in self.snapshots]
-        sessions = r.query("SELECT plan, lost, untraced, started FROM sessions ORDER BY id")
+        sessions = r.rows("sessions", columns=("plan", "lost", "untraced", "started"))
         self.plan = sessions[-1]["plan"] if sessions else None
         self.lost = sum(s["lost"] for s in sessions)
         self.untraced = sum(s["untraced"] for s in sessions)
@@ -276,15 +279,26 @@ class JournalReplay:
         for chunk in range(0, len(seqs), 500):
             part = seqs[chunk:chunk + 500]
             ids = [self._failure_ids[j] for j in part]
-            rows = {r["id"]: r for r in self.reader.query(
-                f"SELECT id, json, blockers FROM events WHERE id IN ({','.join('?' * len(ids))})",
-                ids)}
+            rows = {r["id"]: r for r in self.reader.rows(
+                "events", f"id IN ({','.join('?' * len(ids))})", ids,
+                columns=("id", "json", "blockers"))}
             for j, eid in zip(part, ids):
-                row = rows[eid]
-                ev = event_from_json(json.loads(row["json"]))
-                blockers = json.loads(row["blockers"]) if row["blockers"] else None
-                x = explanation_from_json({"blockers": blockers})
-                self._conflicts[j] = Conflict(j, ev, x, False)
+                self._conflicts[j] = self._conflict(j, rows.get(eid))
+
+    def _conflict(self, seq: int, row: dict[str, Any] | None) -> Conflict:
+        """One failure as the Conflicts screen shows it; a damaged row keeps
+        its place (the count stays true) with what could not be read said."""
+        try:
+            if row is None:
+                raise ValueError("the row could not be read")
+            ev = event_from_json(row["json"])
+            return Conflict(seq, ev, explanation_from_json({"blockers": row["blockers"]}), False)
+        except ValueError as exc:
+            self._damaged_conflicts += 1
+            self.model.set_error("journal", f"{self._damaged_conflicts} damaged event(s) in "
+                                            f"{self.path} could not be shown ({exc})")
+            return Conflict(seq, _damaged_event(self.times[self.failures[seq]]),
+                            Explanation(error=f"damaged in the journal: {exc}"), False)
 
     def _apply_snapshot(self, i: int) -> None:
         if i < 0:
@@ -301,26 +315,21 @@ class JournalReplay:
         ports, groups = cached
         self.model.set_ports(ports, t)
         self.model.set_groups(groups)
-        try:
-            h = json.loads(health) if health else {}
-        except ValueError:
-            h = {}
-        if isinstance(h, dict):
-            self.model.update_health(**{k: v for k, v in h.items()
-                                        if k in Health.__dataclass_fields__ and isinstance(v, int)})
+        h = health if isinstance(health, dict) else {}
+        self.model.update_health(**{k: v for k, v in h.items()
+                                    if k in INVENTORY_HEALTH and type(v) is int})
 
     def _read_snapshot(self, sid: int, session: int) -> tuple[tuple[SocketRow, ...],
                                                               tuple[GroupView, ...]]:
-        rows = self.reader.query(
-            "SELECT * FROM snapshot_sockets WHERE first_snapshot <= ? AND (last_snapshot >= ? "
+        rows = self.reader.rows(
+            "snapshot_sockets", "first_snapshot <= ? AND (last_snapshot >= ? "
             "OR (last_snapshot IS NULL AND session = ?))", (sid, sid, session))
+        if self.reader.damaged.get("snapshot_sockets"):
+            self.model.set_error("journal", self.reader.damage_note())
         sockets = []
         groups: dict[tuple[int, str, str, int], list[Any]] = {}
         for r in rows:
-            try:
-                owners = json.loads(r["owners"]) or []
-            except ValueError:
-                owners = []
+            owners = [o for o in r["owners"] if isinstance(o, dict)]
             family, protocol = r["family"], r["protocol"]
             local = _endpoint(family, r["addr"], r["port"])
             wildcard = "::" if family == "ipv6" else "0.0.0.0"
@@ -331,7 +340,8 @@ class JournalReplay:
                 wqueue=0, timer=None, timer_ms=0, uid=r["uid"], inode=r["inode"],
                 cookie=r["cookie"], options=options, group=r["group_id"] or 0,
                 group_size=r["group_size"] or 0, group_bpf=bool(r["group_bpf"]),
-                owners=[(o.get("pid", 0), _owner_label(o), o.get("user")) for o in owners])
+                owners=[(_int(o.get("pid")), _owner_label(o), _text(o.get("user")))
+                        for o in owners])
             sockets.append(row)
             if r["group_id"]:
                 key = (r["netns"], protocol, family, r["group_id"])
@@ -349,6 +359,22 @@ class JournalReplay:
                 rate=None, history=(), events=(), imbalance=None))
         views.sort(key=lambda g: (g.port, g.proto, g.local, g.key))
         return tuple(sort_rows(sockets)), tuple(views)
+
+
+def _int(value: object) -> int:
+    return value if type(value) is int else 0
+
+
+def _text(value: object) -> str | None:
+    return value if isinstance(value, str) else None
+
+
+def _damaged_event(t: float) -> CallEvent:
+    """A stand-in for a failure whose row is damaged: its time, no facts."""
+    return CallEvent(time=t, call="?", pid=0, tid=0, uid=0, sock_uid=0, comm="?", cgroup_id=0,
+                     netns=0, family="?", protocol="?", addr_family="?", addr="?", port=0,
+                     bound_addr="?", bound_port=0, options=Options(frozenset(), 0), inode=0,
+                     errno=0, plan="?", addr_unreadable=True, get_port=None)
 
 
 def open_replay(path: str, start: str | float | None = None, end: str | float | None = None,

@@ -40,12 +40,11 @@ import errno
 import ipaddress
 import json
 import sys
-import time
 from dataclasses import dataclass, field
 from typing import Any, Iterable
 
 from .bindrules import LISTEN, Rule, Sock, overlap, tcp_rule, udp_rule
-from .errors import ExitStatus, UsageError
+from .errors import ExitStatus
 from .journal import JournalReader
 from .text import clock_text, printable
 

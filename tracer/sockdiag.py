@@ -234,33 +234,60 @@ def _diag_socket() -> socket.socket:
 
 
 def _receive(sock: socket.socket, netns: int, kind: int, protocol: int) -> list[SockRecord]:
-    """Read one dump to its end, decoding each inet_diag_msg.
-
-    The inner loop is the cost of a 100k-socket dump, so it binds what it
-    calls to locals, decodes with a single unpack per socket, and formats
-    each distinct address once.
-    """
-    proto_name = "tcp" if protocol == socket.IPPROTO_TCP else "udp"
-    unpack_header = _NLMSGHDR.unpack_from
-    header_size = _NLMSGHDR.size
-    unpack_msg = _DIAG_MSG.unpack_from
-    ntohs = socket.ntohs
-    state_by_code, timer_by_code, family_names = _STATE_BY_CODE, _TIMER_BY_CODE, _FAMILY_NAMES
-    addresses: dict[int, dict[bytes, str]] = {socket.AF_INET: {}, socket.AF_INET6: {}}
-    builder, frozen = _SockRecordBuilder, SockRecord
-    records: list[SockRecord] = []
-    append = records.append
+    """Read one dump to its end, decoding each inet_diag_msg."""
+    parser = DumpParser(netns, kind, protocol)
     buf = bytearray(RECV_BUFFER)
     while True:
         size = sock.recv_into(buf, RECV_BUFFER, socket.MSG_TRUNC)
         if size > RECV_BUFFER:
             raise OSError(errno.EMSGSIZE, f"sock_diag message of {size} bytes does not fit the buffer")
+        if parser.feed(buf, size):
+            return parser.records
+
+
+class DumpParser:
+    """Decodes the messages of one sock_diag dump, one recv() buffer at a
+    time. A message that does not parse (cut short, a family or length that
+    cannot be) is OSError(EPROTO), never a decoding exception.
+
+    ``feed`` is the cost of a 100k-socket dump, so it binds what it calls to
+    locals, decodes with a single unpack per socket, and formats each
+    distinct address once."""
+
+    def __init__(self, netns: int, kind: int, protocol: int) -> None:
+        self.netns, self.kind = netns, kind
+        self.proto_name = "tcp" if protocol == socket.IPPROTO_TCP else "udp"
+        self.records: list[SockRecord] = []
+        self._addresses: dict[int, dict[bytes, str]] = {socket.AF_INET: {}, socket.AF_INET6: {}}
+
+    def feed(self, buf: bytearray | bytes, size: int) -> bool:
+        """Decode ``buf[:size]``; True when the dump ended in it."""
+        try:
+            return self._feed(buf, size)
+        except (struct.error, KeyError, ValueError) as exc:
+            raise OSError(errno.EPROTO, f"malformed sock_diag message ({exc})") from None
+
+    def _feed(self, buf: bytearray | bytes, size: int) -> bool:
+        unpack_header = _NLMSGHDR.unpack_from
+        header_size = _NLMSGHDR.size
+        msg_size = header_size + _DIAG_MSG.size
+        unpack_msg = _DIAG_MSG.unpack_from
+        ntohs = socket.ntohs
+        state_by_code, timer_by_code, family_names = _STATE_BY_CODE, _TIMER_BY_CODE, _FAMILY_NAMES
+        addresses = self._addresses
+        builder, frozen = _SockRecordBuilder, SockRecord
+        netns, kind, proto_name = self.netns, self.kind, self.proto_name
+        append = self.records.append
         offset = 0
         while offset < size:
             length, msg_kind, _flags, _seq, _pid = unpack_header(buf, offset)
+            if length < header_size or offset + length > size:
+                raise ValueError(f"message length {length} at offset {offset} of {size}")
             if msg_kind != kind:
                 _check_end(msg_kind, buf, offset, proto_name)
-                return records
+                return True
+            if length < msg_size:
+                raise ValueError(f"inet_diag_msg of {length} bytes")
             (family, state, timer, _retrans, sport, dport, src, dst, ifindex,
              cookie_lo, cookie_hi, expires, rqueue, wqueue, uid, inode) = unpack_msg(buf, offset + header_size)
             known = addresses[family]
@@ -272,6 +299,7 @@ def _receive(sock: socket.socket, netns: int, kind: int, protocol: int) -> list[
             record.__class__ = frozen
             append(record)
             offset += (length + 3) & ~3
+        return False
 
 
 def _learn(known: dict[bytes, str], family: int, raw: bytes) -> str:

@@ -63,9 +63,17 @@ class BlockerView:
                 "local": self.local, "rule": self.rule, "overlap": self.overlap, "why": self.why}
 
     @classmethod
-    def from_json(cls, d: dict) -> "BlockerView":
-        return cls(tuple(d.get("pids") or ()), d.get("comm"), d.get("state", "?"),
-                   d.get("local", "?"), d.get("rule", "?"), d.get("overlap", ""), d.get("why", ""))
+    def from_json(cls, d: object) -> "BlockerView":
+        """ValueError when ``d`` is not a blocker as portscope writes it."""
+        if not isinstance(d, dict):
+            raise ValueError("a blocker is not a JSON object")
+        pids = d.get("pids") or []
+        texts = [d.get(k) for k in ("comm", "state", "local", "rule", "overlap", "why")]
+        if not isinstance(pids, list) or not all(type(p) is int for p in pids) \
+                or not all(t is None or isinstance(t, str) for t in texts):
+            raise ValueError("a blocker's pids or names have the wrong type")
+        return cls(tuple(pids), d.get("comm"), d.get("state") or "?", d.get("local") or "?",
+                   d.get("rule") or "?", d.get("overlap") or "", d.get("why") or "")
 
 
 @dataclass(frozen=True, slots=True)
