@@ -435,7 +435,11 @@ def build_parser() -> argparse.ArgumentParser:
 def _command(name: str) -> Callable[[argparse.Namespace], ExitStatus]:
     # Only the chosen command's module is imported: `trace` starts fast and
     # needs nothing beyond libbpf, `--help` loads nothing at all.
-    module = importlib.import_module(f".{name}", __package__)
+    try:
+        module = importlib.import_module(f".{name}", __package__)
+    except ModuleNotFoundError as exc:  # psutil, prometheus_client: an incomplete install
+        raise PortscopeError(f"portscope {name} needs the Python package {exc.name}, which is not "
+                             "installed: install portscope with scripts/setup") from exc
     return module.run
 
 
@@ -535,10 +539,12 @@ def run_ui(args: argparse.Namespace) -> ExitStatus:
         # SIGTERM, SIGHUP (the ssh session closed) and SIGINT end the UI as
         # q does: the terminal is given back and the probes are detached.
         stop = runtime.StopSignal()
-        make_app(model, should_stop=lambda: stop.requested).run()
+        app = make_app(model, should_stop=lambda: stop.requested)
+        app.run()
     finally:
         source.stop()
-    return ExitStatus.OK
+    # Textual has shown what went wrong, if anything did: the status says so.
+    return ExitStatus.ERROR if app.return_code else ExitStatus.OK
 
 
 if __name__ == "__main__":

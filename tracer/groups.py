@@ -37,7 +37,7 @@ from typing import Iterable, TextIO
 from . import libbpf
 from .engine import Engine, EngineConfig, open_engine
 from .errors import ExitStatus
-from .inventory import Inventory, Socket, take
+from .inventory import Inventory, Socket, select_namespaces, take
 from .layout import PsCounter, PsMemberCount
 from .owners import Owner
 from .plans import GROUP_PROGRAMS, Plan
@@ -547,6 +547,7 @@ CLEAR = "\x1b[H\x1b[2J"
 
 def run(args: argparse.Namespace) -> ExitStatus:
     stop = StopSignal()
+    select_namespaces(args.netns)  # a bad --netns is one sentence before any probe loads
     protocols = ("tcp",) if args.tcp else ("udp",) if args.udp else ("tcp", "udp")
     plan = None if args.plan == "auto" else Plan(args.plan)
     watcher = GroupWatcher(port=args.port, netns=args.netns, protocols=protocols, plan=plan,

@@ -378,6 +378,9 @@ def check_file(path: str) -> bool:
 
 
 def _describe(path: str, exc: Exception) -> JournalError:
+    if isinstance(exc, UnicodeDecodeError):  # SQLite's own schema or message is not text
+        return JournalDamaged(f"{path} is damaged (its schema holds bytes that are not text); "
+                              "move it aside and start a new journal")
     text = str(exc)
     if "not a database" in text:
         return NotAJournal(f"{path} is not a portscope journal (not an SQLite database)")
@@ -424,7 +427,7 @@ def check_target(path: str) -> None:
     try:
         if _check_schema(conn, path, allow_empty=True):
             _check_tables(conn, path)
-    except sqlite3.Error as exc:
+    except (sqlite3.Error, UnicodeDecodeError) as exc:
         raise _describe(path, exc) from None
     finally:
         conn.close()
@@ -483,7 +486,7 @@ class JournalWriter:
             # a thread of their own, so that they never hold events back.
             conn.execute("PRAGMA wal_autocheckpoint = 0")
             self._checkpointer = _Checkpointer(path)
-        except sqlite3.Error as exc:
+        except (sqlite3.Error, UnicodeDecodeError) as exc:
             self.close()
             raise _describe(path, exc) from None
         except BaseException:
@@ -852,7 +855,7 @@ class JournalReader:
             _check_tables(self.conn, path)
             if check:
                 _integrity(self.conn, path)
-        except sqlite3.Error as exc:
+        except (sqlite3.Error, UnicodeDecodeError) as exc:
             self.conn.close()
             raise _describe(path, exc) from None
         except BaseException:
@@ -863,7 +866,7 @@ class JournalReader:
     def query(self, sql: str, params: Iterable[Any] = ()) -> list[sqlite3.Row]:
         try:
             return self.conn.execute(sql, tuple(params)).fetchall()
-        except (sqlite3.DatabaseError, OverflowError) as exc:
+        except (sqlite3.DatabaseError, OverflowError, UnicodeDecodeError) as exc:
             raise _describe(self.path, exc) from None
 
     def rows(self, table: str, where: str = "", params: Iterable[Any] = (),
@@ -927,13 +930,13 @@ def _open_read_only(path: str, notes: list[str]) -> sqlite3.Connection:
         try:
             conn.execute("SELECT count(*) FROM sqlite_master").fetchone()
             return conn
-        except sqlite3.OperationalError:
+        except (sqlite3.OperationalError, UnicodeDecodeError):
             conn.close()
         notes.append("the journal's write-ahead log could not be read (no write access "
                      "beside it): what was recorded since its last checkpoint (about the "
                      "last second) is not shown")
         return sqlite3.connect(where + "?immutable=1", uri=True)
-    except sqlite3.Error as exc:
+    except (sqlite3.Error, UnicodeDecodeError) as exc:
         raise _describe(path, exc) from None
 
 

@@ -403,7 +403,8 @@ def run(args: argparse.Namespace) -> ExitStatus:
             raise PortscopeError(f"the terminal UI needs the textual package ({exc}): "
                                  "install portscope with scripts/setup") from exc
         stop = StopSignal()  # SIGTERM or SIGHUP end it as q does
-        make_app(source, should_stop=lambda: stop.requested).run()
+        app = make_app(source, should_stop=lambda: stop.requested)
+        app.run()
     finally:
         source.close()
-    return ExitStatus.OK
+    return ExitStatus.ERROR if app.return_code else ExitStatus.OK

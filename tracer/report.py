@@ -345,6 +345,8 @@ def _blockers(value: Any) -> Any:
 
 def _row(r: dict[str, Any], last: int) -> Row | None:
     """A snapshot_sockets row for the rules, or None when it is damaged."""
+    if r["protocol"] not in ("tcp", "udp"):
+        return None
     owners = _owner_list(r["owners"])
     if owners is None or not _address(r["family"], r["addr"]) or not _port(r["port"]):
         return None
@@ -355,8 +357,13 @@ def _row(r: dict[str, Any], last: int) -> Row | None:
         r["group_id"], r["group_size"], bool(r["group_bpf"]), owners)
 
 
+EVENT_CALLS = frozenset({"bind", "listen", "connect", "get_port", "listen_close"})
+
+
 def _event(r: dict[str, Any]) -> Ev | None:
     """An events row for the rules, or None when it is damaged."""
+    if r["call"] not in EVENT_CALLS or r["protocol"] not in ("tcp", "udp"):
+        return None
     if not (_address(r["family"], r["bound_addr"]) and _port(r["port"]) and _port(r["bound_port"])):
         return None
     if r["addr_family"] in ("ipv4", "ipv6") and not _address(r["addr_family"], r["addr"]):
@@ -1070,4 +1077,4 @@ def _timeline_line(e: dict[str, Any]) -> str:
         return line
     if e["call"]:
         return f"{head} {e['local']} {who} uid {e['uid']} {opts}"
-    return f"{head} {e['local']} {who} uid {e['uid']} {opts}: {e['detail']}"
+    return f"{head} {e['local']} {who} uid {e['uid']} {opts}: {e.get('detail', '')}"

@@ -230,5 +230,5 @@ def render(r: TimewaitReport, by: str) -> str:
             lines.append(f"  {p.source:>15} -> {p.destination:24} {p.in_use:6}/{p.capacity:<6} "
                          f"{p.share:6.1%}  {mark}".rstrip())
     for note in r.notes:
-        lines += ["", f"note: {note}"]
+        lines += ["", f"note: {printable(note)}"]
     return "\n".join(lines)

@@ -16,7 +16,6 @@ import signal
 import socket
 import subprocess
 import sys
-import tempfile
 import time
 import urllib.parse
 import urllib.request
@@ -161,23 +160,31 @@ def test_prometheus_scrapes_eaddrinuse(exporter, tmp_path: Path) -> None:  # typ
         stop(server)
 
 
-# 10,000 connect() calls to 10,000 distinct ports where nothing listens:
-# each fails with ECONNREFUSED, each on its own port.
-REFUSED_STORM = """
-import ctypes, socket, subprocess
-ctypes.CDLL(None).prctl(15, b"psfold", 0, 0, 0)
-subprocess.run(["ip", "link", "set", "lo", "up"], check=True)
-for port in range(20000, 30000):
-    s = socket.socket()
-    try:
-        s.connect(("127.0.0.1", port))
-    except ConnectionRefusedError:
-        pass
-    else:
-        raise SystemExit(f"port {port} accepted")
-    finally:
-        s.close()
+def refused_storm(names: list[str], ports: range) -> str:
+    """A script that, for each command name in turn (PR_SET_NAME), connect()s
+    to every port of ``ports`` on loopback, where nothing listens: each call
+    fails with ECONNREFUSED."""
+    return f"""
+import ctypes, socket
+libc = ctypes.CDLL(None)
+for name in {names!r}:
+    libc.prctl(15, name.encode(), 0, 0, 0)
+    for port in range({ports.start}, {ports.stop}):
+        s = socket.socket()
+        try:
+            s.connect(("127.0.0.1", port))
+        except ConnectionRefusedError:
+            pass
+        else:
+            raise SystemExit(f"port {{port}} accepted")
+        finally:
+            s.close()
 """
+
+
+# 10,000 connect() calls to 10,000 distinct ports: each on its own port.
+REFUSED_STORM = ("import subprocess\nsubprocess.run(['ip', 'link', 'set', 'lo', 'up'], check=True)\n"
+                 + refused_storm(["psfold"], range(20000, 30000)))
 
 
 def _failures(text: str, comm: str) -> dict[str, float]:
@@ -218,6 +225,42 @@ def test_port_labels_are_bounded(exporter) -> None:  # type: ignore[no-untyped-d
     values = {s.labels["port"] for f in text_string_to_metric_families(text)
               if f.name == "portscope_failures" for s in f.samples}
     assert len(values) <= TOP + 1
+
+
+# An unprivileged user (nobody) in a private netns: 60 comm names, each
+# failing to connect to the same 60 ports (3,600 distinct label sets).
+CROSS_PRODUCT = refused_storm([f"psx{n:02d}" for n in range(60)], range(21000, 21060))
+
+
+def test_series_are_bounded_whatever_the_label_combination(exporter) -> None:  # type: ignore[no-untyped-def]
+    """Per-label folding alone left 51 x 51 series for this; the per-metric
+    bound leaves at most --max-series, summing exactly."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    max_series = 100
+    url = exporter("--no-groups", "--top", str(TOP), "--max-series", str(max_series))
+    setpriv = shutil.which("setpriv")
+    if not setpriv:
+        missing("needs setpriv (util-linux) to run the storm as an unprivileged user")
+    subprocess.run(["unshare", "-n", "sh", "-c", "ip link set lo up && exec \"$0\" \"$@\"",
+                    setpriv, "--reuid=65534", "--regid=65534", "--clear-groups",
+                    sys.executable, "-c", CROSS_PRODUCT], check=True, timeout=120)
+
+    def failures() -> list:  # type: ignore[type-arg]
+        return [s for f in text_string_to_metric_families(http_get(url))
+                if f.name == "portscope_failures" for s in f.samples
+                if s.name == "portscope_failures_total"]
+
+    def mine(samples: list) -> float:  # type: ignore[type-arg]
+        return sum(s.value for s in samples
+                   if s.labels["comm"].startswith("psx") or s.labels["comm"] == "other")
+
+    samples = wait_for(lambda: (lambda s: s if mine(s) >= 3600 else None)(failures()), 60,
+                       "3,600 failures in the exposition")
+    assert len(samples) <= max_series, f"{len(samples)} series"
+    assert mine(samples) == 3600  # exact: nothing lost in the folding
+    assert any(all(v == "other" for k, v in s.labels.items() if k in ("port", "comm", "netns"))
+               for s in samples)
 
 
 def test_folding_keeps_counters_monotonic_and_sums_exact() -> None:

@@ -5,68 +5,16 @@ group. What the screen shows is read back with capture-pane."""
 from __future__ import annotations
 
 import os
-import subprocess
 import sys
 import time
 from pathlib import Path
-from typing import Callable
 
 import pytest
 
 from harness import Actor, Netns
-from tests.needs import need_tool
+from terminal import DEADLINE_S, START_S, Terminal
 
 ROOT = Path(__file__).resolve().parents[2]
-
-
-def _emulated() -> bool:
-    """Booted by scripts/vm-run (virtme-ng, software emulation: ~50x slower)."""
-    try:
-        return "virtme" in Path("/proc/cmdline").read_text()
-    except OSError:
-        return False
-
-
-SLOWDOWN = 50.0 if _emulated() else 1.0
-DEADLINE_S = 2.0 * SLOWDOWN  # from the kernel event to the screen: the promise
-START_S = 60.0 * SLOWDOWN  # the app itself: probes loaded, first inventory read
-
-
-class Terminal:
-    """A tmux session running one command at 80x24."""
-
-    def __init__(self, command: str, width: int = 80, height: int = 24) -> None:
-        self.tmux = need_tool("tmux")
-        self.name = f"portscope-e2e-{os.getpid()}-{time.monotonic_ns()}"
-        subprocess.run([self.tmux, "new-session", "-d", "-s", self.name, "-x", str(width),
-                        "-y", str(height), command], check=True, cwd=ROOT)
-
-    def screen(self) -> str:
-        out = subprocess.run([self.tmux, "capture-pane", "-p", "-t", self.name],
-                             capture_output=True, text=True)
-        return out.stdout
-
-    def keys(self, *keys: str) -> None:
-        subprocess.run([self.tmux, "send-keys", "-t", self.name, *keys], check=True)
-
-    def wait_for(self, ready: Callable[[str], bool], timeout: float) -> tuple[float, str]:
-        """Seconds until ``ready(screen)``; fails with the last screen."""
-        start = time.monotonic()
-        while True:
-            screen = self.screen()
-            if ready(screen):
-                return time.monotonic() - start, screen
-            if time.monotonic() - start > timeout:
-                pytest.fail(f"not on screen within {timeout} s; the screen was:\n{screen}")
-            time.sleep(0.05)
-
-    def close(self) -> None:
-        subprocess.run([self.tmux, "send-keys", "-t", self.name, "q"], capture_output=True)
-        deadline = time.monotonic() + 10
-        while time.monotonic() < deadline and subprocess.run(
-                [self.tmux, "has-session", "-t", self.name], capture_output=True).returncode == 0:
-            time.sleep(0.1)
-        subprocess.run([self.tmux, "kill-session", "-t", self.name], capture_output=True)
 
 
 @pytest.fixture

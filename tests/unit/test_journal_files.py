@@ -292,3 +292,23 @@ def test_times() -> None:
     for bad in ("last tuesday", "inf", "1e20", "-inf", "nan", "99999-01-01", "3650000d"):
         with pytest.raises(arguments.Invalid):
             at(bad, now)
+
+
+# ---- text that is not UTF-8 is kept exactly -----------------------------------------------
+
+
+def test_names_that_are_not_utf8_are_kept_exactly(tmp_path: Path) -> None:
+    from tracer.owners import Owner
+    from tracer.text import system_text
+
+    comm, exe = system_text(b"ev\x1b\xff"), system_text(b"/tmp/\xfe\n/bin")
+    w = jr.JournalWriter(str(tmp_path / "j.db"))
+    w.start_session("tracepoint", 2.0)
+    owner = Owner(pid=1, comm=comm, exe=exe, cmdline=exe, cgroup=exe, uid=0)
+    w.add_events([jr.event_row(w.session, dataclasses.replace(EVENT, comm=comm), owner, None)])
+    w.close()
+    with jr.JournalReader(str(tmp_path / "j.db")) as r:
+        (row,) = r.rows("events")
+    assert (row["comm"], row["exe"], row["cmdline"], row["cgroup"]) == (comm, exe, exe, exe)
+    assert row["exe"].encode("utf-8", "surrogateescape") == b"/tmp/\xfe\n/bin"
+    assert row["json"]["comm"] == comm  # the JSON column escapes it its own way
