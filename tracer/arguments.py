@@ -189,6 +189,15 @@ def comm_name(text: str) -> str:
     return text
 
 
+def port_range_value(text: str) -> tuple[int, int]:
+    """'40000-40100': a range of ports, low to high."""
+    low, sep, high = text.partition("-")
+    lo, hi = _integer(low), _integer(high)
+    if not sep or lo is None or hi is None or not 1 <= lo <= hi <= 65535:
+        raise Invalid(f"invalid port range {text!r}: give LOW-HIGH, ports from 1 to 65535")
+    return lo, hi
+
+
 def netns_spec(text: str) -> str:
     """A namespace as the user names it; checked against the host later
     (tracer.inventory.select_namespaces), refused here only when empty."""

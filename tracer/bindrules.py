@@ -202,15 +202,24 @@ def _devices_overlap(a: Sock, b: Sock) -> bool:
 # ---- the option and uid rules ----------------------------------------------
 
 
-def tcp_rule(new: Sock, old: Sock) -> Rule | None:
-    """inet_bind_conflict() with relax=true, reuseport_ok=true (an explicit
-    port): the Rule that makes ``old`` block ``new``, or None."""
-    if new.reuseaddr and old.reuseaddr and old.state != LISTEN:
-        return None  # relaxed: SO_REUSEADDR on both, the old one not listening
-    reuseport_ok = new.reuseport and old.reuseport and (
-        old.state == TIME_WAIT or new.uid == old.uid)
-    if reuseport_ok:
+def tcp_rule(new: Sock, old: Sock, relax: bool = True, reuseport_ok: bool = True) -> Rule | None:
+    """inet_bind_conflict(): the Rule that makes ``old`` block ``new``, or None.
+
+    An explicit port is checked with relax and reuseport_ok (the defaults).
+    A port the kernel picks (port 0) first with neither (every overlapping
+    socket blocks), then, with net.ipv4.ip_autobind_reuse, with relax only:
+    SO_REUSEADDR on both shares the port again, unless both also have
+    SO_REUSEPORT with one owner (an automatic bind never makes a group)."""
+    both_reuse = new.reuseaddr and old.reuseaddr and old.state != LISTEN
+    group_like = new.reuseport and old.reuseport and (old.state == TIME_WAIT or new.uid == old.uid)
+    if both_reuse:
+        if relax and (reuseport_ok or not group_like):
+            return None  # relaxed: SO_REUSEADDR on both, the old one not listening
+        return Rule.EPHEMERAL
+    if reuseport_ok and group_like:
         return None
+    if not reuseport_ok:
+        return Rule.EPHEMERAL
     if old.state == TIME_WAIT:
         return Rule.TIME_WAIT
     if new.reuseport and old.reuseport:
@@ -265,29 +274,38 @@ def fast_path_candidates(new: Sock, existing: Iterable[Sock]) -> list[Sock]:
 def _tcp_ephemeral_rule(new: Sock, old: Sock) -> Rule | None:
     """inet_csk_find_open_port() checks with relax=false and
     reuseport_ok=false: every overlapping socket blocks."""
-    return Rule.EPHEMERAL
+    return tcp_rule(new, old, relax=False, reuseport_ok=False)
 
 
-def blockers(new: Sock, existing: Iterable[Sock], ephemeral: bool = False) -> list[Blocker]:
+def _tcp_autobind_reuse_rule(new: Sock, old: Sock) -> Rule | None:
+    """The second pass of inet_csk_find_open_port() when the first found no
+    port and net.ipv4.ip_autobind_reuse is set: relax=true, reuseport_ok=false."""
+    return tcp_rule(new, old, relax=True, reuseport_ok=False)
+
+
+def blockers(new: Sock, existing: Iterable[Sock], ephemeral: bool | str = False) -> list[Blocker]:
     """Every existing socket that makes the kernel refuse ``new``.
 
     ``existing`` are the sockets of the same namespace, protocol and port;
     the socket itself (for a listen() question) must not be among them.
-    ``ephemeral``: the port is one the kernel considers for a port-0 bind.
+    ``ephemeral``: the port is one the kernel considers for a port-0 bind
+    (``"autobind_reuse"``: in the second pass that net.ipv4.ip_autobind_reuse
+    allows).
     Request sockets (SYN_RECV) do not sit in the bind table and never block.
     """
     return list(_blockers(new, existing, ephemeral))
 
 
-def refused(new: Sock, existing: Iterable[Sock], ephemeral: bool = False) -> bool:
+def refused(new: Sock, existing: Iterable[Sock], ephemeral: bool | str = False) -> bool:
     """Whether any socket blocks ``new``: stops at the first one (a port may
     hold 100,000 TIME_WAIT sockets)."""
     return next(_blockers(new, existing, ephemeral), None) is not None
 
 
-def _blockers(new: Sock, existing: Iterable[Sock], ephemeral: bool) -> Iterator[Blocker]:
+def _blockers(new: Sock, existing: Iterable[Sock], ephemeral: bool | str) -> Iterator[Blocker]:
     if new.protocol == "tcp":
-        rule_of = _tcp_ephemeral_rule if ephemeral else tcp_rule
+        rule_of = (_tcp_autobind_reuse_rule if ephemeral == "autobind_reuse"
+                   else _tcp_ephemeral_rule if ephemeral else tcp_rule)
     else:
         rule_of = udp_rule  # UDP picks a free port by the same rule (udp_lib_lport_inuse)
     for old in existing:

@@ -16,7 +16,7 @@ from typing import Callable, NoReturn, Sequence
 
 from .arguments import (
     bounded_int, comm_name, duration, errno_code, interval, journal_size, netns_inode,
-    netns_spec, pid_number, point_in_time, port_number, port_or_zero, positive_int, race_window, ring_size,
+    netns_spec, pid_number, point_in_time, port_range_value, port_number, port_or_zero, positive_int, race_window, ring_size,
     run_time, speed, text_value,
 )
 from .arguments import address as ip_address
@@ -175,16 +175,20 @@ def build_parser() -> argparse.ArgumentParser:
     why = sub.add_parser(
         "why",
         help="would a bind to PORT succeed now? if not, who blocks it, under which rule",
-        description="Check a bind() (or, with --listen, a listen()) against the sockets that "
-                    "exist now, with the kernel's own rules: which sockets block it, owned by "
-                    "whom, why, and which changes would make it work. Exit status 5 when it "
-                    "would fail.",
+        description="Check a bind() (or, with --listen, a listen()) against the namespace and "
+                    "the sockets that exist now, with the kernel's own rules and in its order: "
+                    "whether the address is the namespace's (EADDRNOTAVAIL), whether the port "
+                    "needs CAP_NET_BIND_SERVICE (EACCES), which sockets take the port "
+                    "(EADDRINUSE), owned by whom, why, and which changes would make it work. "
+                    "Exit status 5 when it would fail.",
         epilog="examples:\n"
                "  portscope why 80                        could a server bind 0.0.0.0:80?\n"
                "  portscope why 8080 --reuseaddr          ... with SO_REUSEADDR\n"
                "  portscope why 443 --addr :: --v6only    an IPv6-only listener\n"
                "  portscope why 9000 --reuseport --user app   join a reuseport group as app\n"
-               "  portscope why 0                         is any ephemeral port left?\n",
+               "  portscope why 0                         is any ephemeral port left?\n"
+               "  portscope why 80 --user www-data        a privileged port, without the capability\n"
+               "  portscope why 8443 --addr 10.0.0.9      an address this host may not have (yet)\n",
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     why.add_argument("port", type=port_or_zero, metavar="PORT",
@@ -201,6 +205,20 @@ def build_parser() -> argparse.ArgumentParser:
                      "yours); matters for SO_REUSEPORT")
     why.add_argument("--listen", action="store_true",
                      help="ask about listen() on a socket already bound to the address")
+    why.add_argument("--freebind", action="store_true",
+                     help="with IP_FREEBIND: an address the namespace does not have is allowed")
+    why.add_argument("--transparent", action="store_true",
+                     help="with IP_TRANSPARENT (needs CAP_NET_ADMIN): any address is allowed")
+    why.add_argument("--bind-address-no-port", action="store_true",
+                     help="with IP_BIND_ADDRESS_NO_PORT: a bind to port 0 takes no port (it is "
+                          "chosen at connect())")
+    why.add_argument("--port-range", type=port_range_value, metavar="LO-HI",
+                     help="with IP_LOCAL_PORT_RANGE (kernel 6.3+): port 0 picks in LO-HI "
+                          "(within the namespace's range)")
+    why.add_argument("--cap-net-bind-service", action=argparse.BooleanOptionalAction,
+                     default=None, help="whether the process has CAP_NET_BIND_SERVICE (default: "
+                     "root has it, other users do not); matters below "
+                     "net.ipv4.ip_unprivileged_port_start")
     _add_netns_option(why, default="portscope's own")
     why.add_argument("--json", action="store_true", help='{"verdict": "free"|"conflict", '
                      '"blockers": [...], "fixes": [...]}')

@@ -39,6 +39,7 @@ from typing import Callable, Iterable
 from .engine import Engine, EngineConfig, open_engine
 from .errors import PortscopeError, UsageError
 from .events import CallEvent, Clock, decode, event_from_json
+from .onthespot import EventExplanation, explainable
 from .state import (
     MAX_GROUP_EVENTS,
     RATE_HISTORY,
@@ -75,30 +76,53 @@ NOT_FAILURES = frozenset({0, errno_mod.EINPROGRESS})
 # ---- conversions: collector objects and JSON to state-model views -------------
 
 
-def explanation_from_finding(finding: object) -> Explanation:
-    """From an :class:`~tracer.onthespot.Finding`."""
-    f = finding
+def explanation_from_finding(found: EventExplanation) -> Explanation:
+    """From the on-the-spot explainer's answer (tracer.onthespot)."""
+    reasons = found.reasons
     return Explanation(
-        blockers=tuple(BlockerView(b.pids, b.comm, b.state, b.local, b.rule,
-                                   getattr(b, "overlap", ""), getattr(b, "why", ""))
-                       for b in f.blockers),  # type: ignore[attr-defined]
-        fixes=tuple(getattr(f, "fixes", ())), notes=tuple(getattr(f, "notes", ())),
-        error=f.error)  # type: ignore[attr-defined]
+        blockers=tuple(BlockerView(b.pids, b.comm, b.state, b.local, b.rule, b.overlap, b.why)
+                       for b in found.blockers),
+        fixes=found.fix_texts, notes=found.note_texts, error=found.error,
+        reasons=tuple(str(r["text"]) for r in reasons),
+        rule=str(reasons[0]["rule"]) if reasons else "",
+        data=None if found.error else found.to_json())
 
 
 def explanation_from_json(doc: dict) -> Explanation | None:
-    """The ``blockers`` (and, from a recording, ``fixes`` and ``notes``) of one
-    event line; None when the line has none; ValueError when they are not
-    what portscope writes (a damaged or forged recording or journal)."""
+    """The ``blockers`` and ``explanation`` (or, from an old recording,
+    ``fixes`` and ``notes``) of one event line; None when the line has none;
+    ValueError when they are not what portscope writes (a damaged or forged
+    recording or journal)."""
     blockers = doc.get("blockers")
-    if blockers is None:
+    data = doc.get("explanation")
+    if blockers is None and data is None:
         return None
     if isinstance(blockers, dict):
         return Explanation(error=str(blockers.get("error", "unknown")))
-    if not isinstance(blockers, list):
+    if blockers is not None and not isinstance(blockers, list):
         raise ValueError("'blockers' is neither a list nor an error")
-    return Explanation(tuple(BlockerView.from_json(b) for b in blockers),
-                       _texts(doc.get("fixes")), _texts(doc.get("notes")))
+    views = tuple(BlockerView.from_json(b) for b in blockers or ())
+    if data is None:
+        return Explanation(views, _texts(doc.get("fixes")), _texts(doc.get("notes")))
+    if not isinstance(data, dict):
+        raise ValueError("'explanation' is not an object")
+    if "error" in data:
+        return Explanation(error=str(data["error"]))
+    reasons, fixes, notes = (_records(data.get(k)) for k in ("reasons", "fixes", "notes"))
+    return Explanation(views, tuple(str(f["text"]) for f in fixes),
+                       tuple(str(n["text"]) for n in notes),
+                       reasons=tuple(str(r["text"]) for r in reasons),
+                       rule=str(reasons[0].get("rule", "")) if reasons else "", data=data)
+
+
+def _records(value: object) -> list[dict]:
+    """A list of explainer records ({..., "text": sentence}) from JSON."""
+    if value is None:
+        return []
+    if not isinstance(value, list) or not all(isinstance(v, dict) and isinstance(v.get("text"), str)
+                                              for v in value):
+        raise ValueError("an explanation's reasons, fixes and notes must be lists of records")
+    return value
 
 
 def _texts(value: object) -> tuple[str, ...]:
@@ -363,16 +387,14 @@ class LiveCollector:
             ev = decode(raw, clock)
             if ev.errno in NOT_FAILURES or ev.call not in CALLS:
                 continue
-            explainable = (ev.errno == errno_mod.EADDRINUSE and ev.call in ("bind", "listen")
-                           and bool(ev.port))
-            items.append((ev, None, explainable))
+            items.append((ev, None, explainable(ev)))
         if not items:
             return
         seqs = self.model.add_conflicts(items)
         skipped = []
         with self._wake:
-            for seq, (ev, _, explainable) in zip(seqs, items):
-                if not explainable:
+            for seq, (ev, _, wanted) in zip(seqs, items):
+                if not wanted:
                     continue
                 if len(self._queue) >= EXPLAIN_QUEUE:
                     skipped.append(self._queue.popleft()[0])
@@ -399,7 +421,7 @@ class LiveCollector:
                     if self._stop.is_set():
                         return
                     seq, ev = self._queue.popleft()
-                finding = spot.blockers(ev)
+                finding = spot.explain(ev)
                 self.model.explain(seq, None if finding is None
                                    else explanation_from_finding(finding))
                 if spot.failures:

@@ -1,27 +1,42 @@
 """The conflict explainer: would a bind() (or listen()) with these options
-succeed now, which sockets block it, under which rule, and what would fix it.
+succeed now, and if not, why (an errno and the kernel rule that gives it),
+which sockets block it, and what would fix it.
 
-The verdict comes from tracer.bindrules over the live inventory. Fixes are
-not guessed: each candidate change (an option, another user, a specific
-address, waiting out TIME_WAIT, stopping a holder) is proposed only if the
-same rules say the bind would then succeed.
+The answer follows the kernel's own order. First what it checks before it
+looks at the port (tracer.bindcheck: the address must be the namespace's,
+a port below ip_unprivileged_port_start needs CAP_NET_BIND_SERVICE, ...),
+then the port itself (tracer.bindrules over the live inventory: EADDRINUSE;
+for port 0, whether any port of the range is left). Every refusal the
+kernel would meet is a :class:`Reason`; the first one is the errno it
+returns.
+
+Fixes are data (:class:`Fix`: kind, target, parameters, and a sentence
+beside them) and are not guessed: each candidate change (an option, another
+user, a specific address, a capability, a sysctl, waiting out TIME_WAIT,
+stopping a holder) is proposed only if the same rules say it removes the
+reason it is listed for. Notes (:class:`Note`) say what the rules cannot
+decide or what was not seen. Tests check the data, never the sentences.
 """
 
 from __future__ import annotations
 
 import ipaddress
 import os
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 
-from . import bindrules
+from . import bindcheck, bindrules
+from .bindcheck import NamespaceFacts, Question, Refusal
 from .bindrules import Blocker, Rule, Sock
 from .errors import UsageError
+from .events import format_addr
 from .inventory import Inventory, Socket, select_namespaces, take
-from .netns import port_range
+from .netns import PortRange, open_netns
 
 WILDCARDS = {"ipv4": "0.0.0.0", "ipv6": "::"}
 # Stand-ins for "some specific address the blockers do not use" (TEST-NET).
 SPECIFIC_PROBES = {"ipv4": "192.0.2.1", "ipv6": "2001:db8::1"}
+# States in which no process can hold a socket: the kernel finishes the close.
+ORPHAN_STATES = ("FIN_WAIT1", "FIN_WAIT2", "CLOSING", "LAST_ACK")
 
 
 @dataclass(frozen=True)
@@ -39,12 +54,32 @@ class Request:
     uid: int = 0
     listen: bool = False  # the question is listen() on a socket already bound there
     self_inode: int = 0  # for listen(): the socket itself, which never blocks itself
+    freebind: bool = False  # IP_FREEBIND (IPV6_FREEBIND)
+    transparent: bool = False  # IP_TRANSPARENT (needs CAP_NET_ADMIN to set)
+    bind_address_no_port: bool = False  # IP_BIND_ADDRESS_NO_PORT
+    port_range: tuple[int, int] | None = None  # IP_LOCAL_PORT_RANGE (kernel 6.3+)
+    cap_net_bind_service: bool | None = None  # None: what the uid has (root: yes)
 
     def sock(self) -> Sock:
         family = self.family or _family_of(self.addr)
         addr = self.addr or WILDCARDS[family]
         return Sock(self.protocol, family, addr, self.port, "LISTEN" if self.listen else "CLOSE",
                     self.reuseaddr, self.reuseport, self.v6only, self.bound_dev_if, self.uid)
+
+    @property
+    def has_cap_net_bind_service(self) -> bool:
+        return self.cap_net_bind_service if self.cap_net_bind_service is not None else self.uid == 0
+
+    def question(self) -> Question:
+        s = self.sock()
+        return Question(s.family, s.protocol, s.addr, s.port, s.bound_dev_if, s.v6only,
+                        self.freebind, self.transparent, self.has_cap_net_bind_service)
+
+    def options(self) -> list[str]:
+        return [n for n, on in (("reuseaddr", self.reuseaddr), ("reuseport", self.reuseport),
+                                ("v6only", self.v6only), ("freebind", self.freebind),
+                                ("transparent", self.transparent),
+                                ("bind_address_no_port", self.bind_address_no_port)) if on]
 
 
 def _family_of(addr: str | None) -> str:
@@ -53,46 +88,102 @@ def _family_of(addr: str | None) -> str:
     return "ipv6" if isinstance(ipaddress.ip_address(addr), ipaddress.IPv6Address) else "ipv4"
 
 
+# ---- the answer, as data ---------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Reason:
+    """Why the kernel refuses: the errno it returns and the rule that gives it."""
+
+    errno: str  # EADDRINUSE, EACCES, EADDRNOTAVAIL, EINVAL, ENODEV
+    rule: str  # conflict, ports_exhausted, privileged_port, address_not_local, ...
+    facts: dict[str, object] = field(default_factory=dict)
+
+    @property
+    def text(self) -> str:
+        return REASON_TEXT[self.rule](self.facts)
+
+    def to_json(self) -> dict[str, object]:
+        return {"errno": self.errno, "rule": self.rule, "facts": self.facts, "text": self.text}
+
+
+@dataclass(frozen=True)
+class Fix:
+    """A change that the rules confirm removes one reason (``params["for"]``)."""
+
+    kind: str  # see FIX_TEXT
+    target: str  # new_socket | process | namespace | holder | peer | kernel
+    params: dict[str, object] = field(default_factory=dict)
+
+    @property
+    def text(self) -> str:
+        return FIX_TEXT[self.kind](self.params)
+
+    def to_json(self) -> dict[str, object]:
+        return {"kind": self.kind, "target": self.target, "params": self.params, "text": self.text}
+
+
+@dataclass(frozen=True)
+class Note:
+    """What the rules cannot decide, or what could not be seen."""
+
+    kind: str  # see NOTE_TEXT
+    params: dict[str, object] = field(default_factory=dict)
+
+    @property
+    def text(self) -> str:
+        return NOTE_TEXT[self.kind](self.params)
+
+    def to_json(self) -> dict[str, object]:
+        return {"kind": self.kind, "params": self.params, "text": self.text}
+
+
 @dataclass
 class Explanation:
     request: Request
     new: Sock
+    reasons: list[Reason]
     blockers: list[tuple[Blocker, Socket]]
-    fixes: list[str]
-    notes: list[str]
+    fixes: list[Fix]
+    notes: list[Note]
     inventory: Inventory
     ephemeral: dict[str, object] | None = None  # port 0: the range and what is free
+    facts: NamespaceFacts | None = None
 
     @property
     def verdict(self) -> str:
-        return "conflict" if self.blockers or (self.ephemeral and not self.ephemeral["free"]) \
-            else "free"
+        """free; conflict (EADDRINUSE); refused (another errno)."""
+        if not self.reasons:
+            return "free"
+        return "conflict" if self.reasons[0].errno == "EADDRINUSE" else "refused"
+
+    @property
+    def errno(self) -> str | None:
+        return self.reasons[0].errno if self.reasons else None
 
     def to_json(self) -> dict[str, object]:
         return {
             "verdict": self.verdict,
+            "errno": self.errno,
+            "reasons": [r.to_json() for r in self.reasons],
             "request": {
                 "protocol": self.new.protocol, "family": self.new.family,
-                "local": _endpoint(self.new.family, self.new.addr, self.new.port),
-                "options": [n for n, on in (("reuseaddr", self.new.reuseaddr),
-                                            ("reuseport", self.new.reuseport),
-                                            ("v6only", self.new.v6only)) if on],
+                "local": format_addr(self.new.family, self.new.addr, self.new.port),
+                "options": self.request.options(),
                 "bound_dev_if": self.new.bound_dev_if, "uid": self.new.uid,
+                "cap_net_bind_service": self.request.has_cap_net_bind_service,
+                "port_range": list(self.request.port_range) if self.request.port_range else None,
                 "call": "listen" if self.request.listen else "bind",
             },
-            "blockers": [_blocker_json(b, s) for b, s in self.blockers],
-            "fixes": self.fixes,
-            "notes": self.notes,
+            "blockers": [blocker_json(b, s) for b, s in self.blockers],
+            "fixes": [f.to_json() for f in self.fixes],
+            "notes": [n.to_json() for n in self.notes],
             "ephemeral": self.ephemeral,
             "health": self.inventory.health(),
         }
 
 
-def _endpoint(family: str, addr: str, port: int) -> str:
-    return f"[{addr}]:{port}" if family == "ipv6" else f"{addr}:{port}"
-
-
-def _blocker_json(b: Blocker, s: Socket) -> dict[str, object]:
+def blocker_json(b: Blocker, s: Socket) -> dict[str, object]:
     d = s.diag
     return {
         "pids": [o.pid for o in s.owners],
@@ -100,17 +191,36 @@ def _blocker_json(b: Blocker, s: Socket) -> dict[str, object]:
         "owners": [o.to_json() for o in s.owners],
         "uid": b.sock.uid,
         "state": d.state,
-        "local": _endpoint(d.family, d.local_addr, d.local_port),
-        "remote": _endpoint(d.family, d.remote_addr, d.remote_port),
+        "local": format_addr(d.family, d.local_addr, d.local_port),
+        "remote": format_addr(d.family, d.remote_addr, d.remote_port),
         "options": sorted(s.options),
         "bound_dev_if": d.bound_dev_if,
         "inode": d.inode,
         "cookie": d.cookie,
         "netns": d.netns,
+        "timer_ms": d.timer_ms,
+        "held": holding(s),
         "rule": b.rule.value,
         "overlap": b.overlap.value,
         "why": b.sentence(),
     }
+
+
+def holding(s: Socket) -> str:
+    """Who can hold this socket: processes (``owners``), one portscope cannot
+    see (``hidden``: it has a file, no readable process holds it), nobody
+    because the kernel finishes its close (``time_wait``, ``orphan``), or its
+    listener until accept() (``unaccepted``)."""
+    d = s.diag
+    if s.owners:
+        return "owners"
+    if d.state == "TIME_WAIT" or (d.state == "FIN_WAIT2" and d.timer == "timewait"):
+        return "time_wait"
+    if d.inode:
+        return "hidden"
+    if d.state in ORPHAN_STATES:
+        return "orphan"
+    return "unaccepted"
 
 
 # ---- from inventory sockets to rule sockets ---------------------------------
@@ -118,9 +228,12 @@ def _blocker_json(b: Blocker, s: Socket) -> dict[str, object]:
 
 def as_rule_sock(s: Socket) -> Sock:
     d, f = s.diag, s.flags
+    # A FIN_WAIT2 socket on the timewait timer is a TIME_WAIT minisocket
+    # inside the kernel (sk_state TCP_TIME_WAIT), and the rules treat it so.
+    state = "TIME_WAIT" if holding(s) == "time_wait" else d.state
     return Sock(
         protocol=d.protocol, family=d.family, addr=d.local_addr, port=d.local_port,
-        state=d.state,
+        state=state,
         reuseaddr=bool(f and "reuseaddr" in f.options),
         reuseport=bool(f and "reuseport" in f.options),
         v6only=bool(f and "v6only" in f.options),
@@ -132,24 +245,69 @@ def as_rule_sock(s: Socket) -> Sock:
     )
 
 
-def explain(request: Request, netns: str | None = None,
-            inventory: Inventory | None = None) -> Explanation:
-    """Explain ``request`` against the sockets of one namespace (default: ours)."""
+# ---- the explainer ---------------------------------------------------------------------
+
+
+def explain(request: Request, netns: str | None = None, inventory: Inventory | None = None,
+            facts: NamespaceFacts | None = None) -> Explanation:
+    """Explain ``request`` in one namespace (default: ours)."""
+    if request.listen and request.protocol == "udp":
+        raise UsageError("UDP sockets do not listen(): ask about the bind (without --listen)")
     netns = netns or str(os.stat("/proc/thread-self/ns/net").st_ino)
-    port = request.port or None
-    inv = inventory or take(port=port, protocols=(request.protocol,), netns=netns)
+    facts = facts or namespace_facts(netns)
+    if request.port_range and not facts.socket_port_range:
+        raise UsageError("this kernel has no IP_LOCAL_PORT_RANGE (it came with Linux 6.3): a "
+                         "socket here picks its port from the namespace's range")
     new = request.sock()
+    reasons: list[Reason] = []
+    fixes: list[Fix] = []
+    # Every check the kernel would refuse at, in its order: each one's cause
+    # lifted in turn, to find what the next one says (a fix for the first
+    # reason meets the second).
+    asked = request
+    while (refusal := bindcheck.admission(asked.question(), facts)) is not None:
+        reasons.append(Reason(refusal.errno, refusal.rule, refusal.facts))
+        fixes += admission_fixes(asked, facts, refusal)
+        lifted = _lift(asked, refusal)
+        if lifted is None or len(reasons) > 4:
+            return Explanation(request, new, reasons, [], fixes, [], Inventory([]), facts=facts)
+        asked = lifted
+    inv = inventory or take(port=request.port or None, protocols=(request.protocol,),
+                            netns=netns)
     if request.port == 0:
-        return _explain_ephemeral(request, new, inv, netns)
+        port_stage = _explain_ephemeral(request, new, inv, facts)
+    else:
+        port_stage = _explain_port(request, new, inv)
+    e = port_stage
+    e.reasons = reasons + e.reasons
+    e.fixes = fixes + e.fixes
+    e.facts = facts
+    e.notes += _inventory_notes(inv, e.blockers)
+    return e
+
+
+def namespace_facts(netns: str) -> NamespaceFacts:
+    refs, _ = select_namespaces(netns)
+    fd = open_netns(refs[0]) if refs else None
+    if fd is None:
+        raise UsageError(f"the network namespace {netns!r} is gone")
+    try:
+        return bindcheck.read_facts(fd)
+    finally:
+        os.close(fd)
+
+
+def _explain_port(request: Request, new: Sock, inv: Inventory) -> Explanation:
     pairs = _rule_pairs(inv, new, request.self_inode)
     found = bindrules.blockers(new, [r for r, _ in pairs])
     by_key = {r.key: s for r, s in pairs}
     blockers = [(b, by_key[b.sock.key]) for b in found]
+    reasons = [Reason("EADDRINUSE", "conflict", {"blockers": len(blockers)})] if blockers else []
     fixes, notes = _fixes(new, [r for r, _ in pairs], blockers)
     if blockers:
         notes += _fast_path_notes(new, pairs)
-    notes += _inventory_notes(inv)
-    return Explanation(request, new, blockers, fixes, notes, inv)
+        notes += _holder_notes(blockers, inv)
+    return Explanation(request, new, reasons, blockers, fixes, notes, inv)
 
 
 def _rule_pairs(inv: Inventory, new: Sock, self_inode: int = 0) -> list[tuple[Sock, Socket]]:
@@ -169,46 +327,184 @@ def _rule_pairs(inv: Inventory, new: Sock, self_inode: int = 0) -> list[tuple[So
     return pairs
 
 
-# ---- fixes: candidate changes, kept only when the rules accept them ---------
+# ---- fixes before the port: capability, address, options ------------------------------
+
+
+def admission_fixes(request: Request, facts: NamespaceFacts, refusal: Refusal) -> list[Fix]:
+    """Candidate changes for a refusal before the port, each kept only when
+    the same checks no longer refuse for that reason."""
+    rule = refusal.rule
+    q = request.sock()
+    candidates: list[tuple[Fix, Request, NamespaceFacts]] = []
+    if rule == "privileged_port":
+        start = facts.unprivileged_port_start
+        candidates += [
+            (Fix("capability", "process", {"capability": "CAP_NET_BIND_SERVICE"}),
+             replace(request, cap_net_bind_service=True), facts),
+            (Fix("sysctl", "namespace", {"name": "net.ipv4.ip_unprivileged_port_start",
+                                         "value": request.port}),
+             request, replace(facts, unprivileged_port_start=request.port)),
+            (Fix("port", "new_socket", {"at_least": start}),
+             replace(request, port=start), facts),
+        ]
+    elif rule in ("address_not_local", "address_tentative"):
+        family = "ipv4" if ipaddress.ip_address(q.addr).version == 4 or \
+            ipaddress.ip_address(q.addr).ipv4_mapped else "ipv6"
+        candidates += [
+            (Fix("option", "new_socket", {"option": "IP_FREEBIND" if family == "ipv4"
+                                          else "IPV6_FREEBIND"}),
+             replace(request, freebind=True), facts),
+            (Fix("sysctl", "namespace", {"name": f"net.{family}.ip_nonlocal_bind", "value": 1}),
+             request, replace(facts, nonlocal_bind={**facts.nonlocal_bind, family: True})),
+        ]
+        if rule == "address_tentative":
+            candidates.append((Fix("wait_dad", "namespace", {"address": q.addr}), request,
+                               _dad_done(facts, q.addr)))
+        else:
+            candidates.append((Fix("add_address", "namespace", {"address": q.addr}), request,
+                               _with_address(facts, q.addr)))
+    elif rule == "mapped_on_v6only":
+        candidates.append((Fix("option", "new_socket", {"option": "IPV6_V6ONLY", "value": 0}),
+                           replace(request, v6only=False), facts))
+    elif rule == "link_local_needs_device":
+        for a in facts.addresses:
+            if a.family == "ipv6" and ipaddress.ip_address(a.address) == ipaddress.ip_address(q.addr):
+                candidates.append((Fix("device", "new_socket",
+                                       {"device": facts.device_name(a.device)}),
+                                   replace(request, bound_dev_if=a.device), facts))
+    elif rule == "multicast_stream":
+        candidates.append((Fix("protocol", "new_socket", {"protocol": "udp"}),
+                           replace(request, protocol="udp"), facts))
+    kept = []
+    for fix, changed, changed_facts in candidates:
+        after = bindcheck.admission(changed.question(), changed_facts)
+        if after is None or after.rule != rule:
+            kept.append(Fix(fix.kind, fix.target, {**fix.params, "for": rule}))
+    return kept
+
+
+def _lift(request: Request, refusal: Refusal) -> Request | None:
+    """The request with the cause of ``refusal`` taken away, to see what the
+    kernel checks next; None when nothing after it can be known."""
+    if refusal.rule == "privileged_port":
+        return replace(request, cap_net_bind_service=True)
+    if refusal.errno == "EADDRNOTAVAIL":
+        return replace(request, freebind=True)
+    return None
+
+
+def _dad_done(facts: NamespaceFacts, addr: str) -> NamespaceFacts:
+    from .rtnetlink import IFA_F_DADFAILED, IFA_F_TENTATIVE
+
+    return replace(facts, addresses=tuple(
+        replace(a, flags=a.flags & ~(IFA_F_TENTATIVE | IFA_F_DADFAILED))
+        if a.address == addr else a for a in facts.addresses))
+
+
+def _with_address(facts: NamespaceFacts, addr: str) -> NamespaceFacts:
+    import ipaddress as ipa
+
+    from .rtnetlink import RT_TABLE_LOCAL, Address, Route
+
+    ip = ipa.ip_address(addr)
+    v4 = ip.ipv4_mapped if ip.version == 6 and ip.ipv4_mapped else (ip if ip.version == 4 else None)
+    if v4 is not None:
+        return replace(facts, local_routes=facts.local_routes + (
+            Route(RT_TABLE_LOCAL, "local", ipa.IPv4Network(f"{v4}/32"), 1),))
+    return replace(facts, addresses=facts.addresses + (Address("ipv6", addr, 128, 1, 0, 0),))
+
+
+# ---- fixes at the port: candidate changes, kept only when the rules accept them ---------
 
 
 def _fixes(new: Sock, existing: list[Sock],
-           blockers: list[tuple[Blocker, Socket]]) -> tuple[list[str], list[str]]:
+           blockers: list[tuple[Blocker, Socket]]) -> tuple[list[Fix], list[Note]]:
     if not blockers:
         return [], []
-    fixes: list[str] = []
-    notes: list[str] = []
+    fixes: list[Fix] = []
+    notes: list[Note] = []
     works = lambda candidate: not bindrules.refused(candidate, existing)  # noqa: E731
+    tag = {"for": "conflict"}
 
-    for changes, text in _option_changes(new):
+    for changes, option in _option_changes(new):
         if works(replace(new, **changes)):
-            fixes.append(text)
+            fixes.append(Fix("option", "new_socket", {"option": option, **tag}))
     rules = {b.rule for b, _ in blockers}
-    tw_only = all(b.sock.state == "TIME_WAIT" for b, _ in blockers)
     if Rule.TIME_WAIT in rules and not works(replace(new, reuseaddr=True)):
-        notes.append("SO_REUSEADDR on the new socket alone does not help here: the kernel "
-                     "also needs it on the socket that left the TIME_WAIT (Linux, unlike BSD)")
+        notes.append(Note("reuseaddr_alone_vs_time_wait"))
     other_uids = sorted({b.sock.uid for b, _ in blockers if b.rule == Rule.REUSEPORT_OTHER_UID})
     if len(other_uids) == 1 and works(replace(new, uid=other_uids[0])):
-        fixes.append(f"run the new socket's process as uid {other_uids[0]}, the owner of "
-                     "the SO_REUSEPORT group (a group is for one user)")
+        fixes.append(Fix("uid", "process", {"uid": other_uids[0], **tag}))
     if new.addr == WILDCARDS[new.family]:
         specific = replace(new, addr=SPECIFIC_PROBES[new.family])
         if works(specific):
             used = sorted({b.sock.addr for b, _ in blockers})
-            fixes.append("bind a specific address instead of the wildcard (not "
-                         + ", ".join(used) + ")")
+            fixes.append(Fix("specific_address", "new_socket", {"instead_of": used, **tag}))
     if all(b.sock.bound_dev_if for b, _ in blockers) and not new.bound_dev_if:
-        fixes.append("bind the new socket to another device (SO_BINDTODEVICE): every "
-                     "blocker is bound to a device")
-    if tw_only:
-        wait = max((s.diag.timer_ms for _, s in blockers), default=0)
-        fixes.append(f"wait {wait / 1000:.0f} s for the TIME_WAIT sockets to expire")
+        fixes.append(Fix("other_device", "new_socket", {"used": sorted(
+            {b.sock.bound_dev_if for b, _ in blockers}), **tag}))
+    fixes.extend(_wait_fixes(blockers))
     fixes.extend(_holder_fixes(blockers))
     return fixes, notes
 
 
-def _fast_path_notes(new: Sock, pairs: list[tuple[Sock, Socket]]) -> list[str]:
+def _option_changes(new: Sock) -> list[tuple[dict[str, object], str]]:
+    out: list[tuple[dict[str, object], str]] = []
+    if not new.reuseaddr:
+        out.append(({"reuseaddr": True}, "SO_REUSEADDR"))
+    if not new.reuseport:
+        out.append(({"reuseport": True}, "SO_REUSEPORT"))
+    if new.family == "ipv6" and not new.v6only:
+        out.append(({"v6only": True}, "IPV6_V6ONLY"))
+    return out
+
+
+def _wait_fixes(blockers: list[tuple[Blocker, Socket]]) -> list[Fix]:
+    """When every blocker is one no process holds (TIME_WAIT, an orphan
+    finishing its close), waiting frees the port: for as long as the
+    longest timer; SOCK_DESTROY (``ss -K``) frees it at once."""
+    if not all(holding(s) in ("time_wait", "orphan") for _, s in blockers):
+        return []
+    wait = max((s.diag.timer_ms for _, s in blockers), default=0)
+    states = sorted({s.diag.state for _, s in blockers})
+    out = [Fix("wait", "kernel", {"seconds": round(wait / 1000), "states": states,
+                                  "for": "conflict"})]
+    out += [Fix("destroy_socket", "kernel", {
+        "local": format_addr(s.diag.family, s.diag.local_addr, s.diag.local_port),
+        "remote": format_addr(s.diag.family, s.diag.remote_addr, s.diag.remote_port),
+        "state": s.diag.state, "for": "conflict"}) for _, s in blockers[:3]]
+    return out
+
+
+def _holder_fixes(blockers: list[tuple[Blocker, Socket]]) -> list[Fix]:
+    """Who to stop, and the connections kept by processes that do not listen
+    on the port (typically a forked child of an earlier instance)."""
+    listeners = {o.pid for b, s in blockers if s.diag.state == "LISTEN" for o in s.owners}
+    out: list[Fix] = []
+    for b, s in blockers:
+        if not s.owners:
+            continue
+        d = s.diag
+        params: dict[str, object] = {
+            "pids": [o.pid for o in s.owners], "owners": [o.label() for o in s.owners],
+            "state": d.state, "local": format_addr(d.family, d.local_addr, d.local_port),
+            "inode": d.inode, "for": "conflict"}
+        if d.state == "ESTABLISHED" and not (listeners & {o.pid for o in s.owners}):
+            params["remote"] = format_addr(d.family, d.remote_addr, d.remote_port)
+            out.append(Fix("close_connection", "holder", params))
+        else:
+            out.append(Fix("stop_holder", "holder", params))
+    unique: dict[tuple, Fix] = {}
+    for f in out:
+        unique.setdefault((f.kind, tuple(f.params["pids"]), f.params["state"],  # type: ignore[arg-type]
+                           f.params["local"], f.params.get("remote")), f)
+    return list(unique.values())
+
+
+# ---- notes: what the rules cannot decide, who holds what ---------------------------------
+
+
+def _fast_path_notes(new: Sock, pairs: list[tuple[Sock, Socket]]) -> list[Note]:
     """The kernel's SO_REUSEPORT fast path may accept what the full check
     refuses (see tracer.bindrules): say so when a live socket could have
     set the port's cache."""
@@ -216,96 +512,291 @@ def _fast_path_notes(new: Sock, pairs: list[tuple[Sock, Socket]]) -> list[str]:
     candidates = bindrules.fast_path_candidates(new, [r for r, _ in pairs])
     if not candidates:
         return []
-    where = ", ".join(
-        f"{_endpoint(c.family, c.addr, c.port)} (inode {by_key[c.key].diag.inode})"
-        for c in candidates)
-    return [f"the kernel may still accept this bind: it skips the conflict check for a "
-            f"SO_REUSEPORT socket of uid {new.uid} when the last SO_REUSEPORT socket that got "
-            f"the port was of that uid and covered this address, as {where} does; which "
-            "socket that was depends on the order of earlier binds, which cannot be seen"]
+    return [Note("reuseport_fast_path", {
+        "uid": new.uid,
+        "sockets": [{"local": format_addr(c.family, c.addr, c.port),
+                     "inode": by_key[c.key].diag.inode} for c in candidates]})]
 
 
-def _option_changes(new: Sock) -> list[tuple[dict[str, object], str]]:
-    out: list[tuple[dict[str, object], str]] = []
-    if not new.reuseaddr:
-        out.append(({"reuseaddr": True}, "set SO_REUSEADDR on the new socket"))
-    if not new.reuseport:
-        out.append(({"reuseport": True}, "set SO_REUSEPORT on the new socket"))
-    if new.family == "ipv6" and not new.v6only:
-        out.append(({"v6only": True}, "set IPV6_V6ONLY on the new socket (leave IPv4 to "
-                                       "the IPv4 socket)"))
-    return out
-
-
-def _holder_fixes(blockers: list[tuple[Blocker, Socket]]) -> list[str]:
-    """Who to stop, and a word on connections kept by processes that do not
-    listen on the port (typically a forked child of an earlier instance)."""
-    listeners = {o.pid for b, s in blockers if s.diag.state == "LISTEN" for o in s.owners}
+def _holder_notes(blockers: list[tuple[Blocker, Socket]], inv: Inventory) -> list[Note]:
+    """Blockers no process holds, or none that portscope can read."""
     out = []
-    for b, s in blockers:
-        if b.sock.state == "TIME_WAIT":
-            continue
-        if not s.owners:
-            held = ("a connection not yet accepted: it goes away when its listener closes"
-                    if s.diag.state == "ESTABLISHED" else
-                    "held by a process portscope cannot see (another PID namespace, or "
-                    "unreadable), or by the kernel itself")
-            out.append(f"the {s.diag.state} socket on "
-                       f"{_endpoint(s.diag.family, s.diag.local_addr, s.diag.local_port)} "
-                       f"(inode {s.diag.inode}) has no visible owner: {held}")
-            continue
-        names = ", ".join(o.label() for o in s.owners)
-        what = f"{s.diag.state} {_endpoint(s.diag.family, s.diag.local_addr, s.diag.local_port)}"
-        if s.diag.state == "ESTABLISHED" and not (listeners & {o.pid for o in s.owners}):
-            out.append(f"{names} still holds the connection {what} <-> "
-                       f"{_endpoint(s.diag.family, s.diag.remote_addr, s.diag.remote_port)} "
-                       "without listening (a forked child of an earlier instance?): "
-                       "close it or stop that process")
-        else:
-            out.append(f"stop or reconfigure {names}, which holds {what}")
-    return list(dict.fromkeys(out))
+    for _, s in blockers:
+        how = holding(s)
+        d = s.diag
+        where = {"state": d.state, "local": format_addr(d.family, d.local_addr, d.local_port),
+                 "remote": format_addr(d.family, d.remote_addr, d.remote_port),
+                 "inode": d.inode, "timer_ms": d.timer_ms, "timer": d.timer}
+        if how == "hidden":
+            out.append(Note("hidden_owner", where))
+        elif how == "unaccepted":
+            out.append(Note("unaccepted", where))
+        elif how == "orphan":
+            out.append(Note("orphan", where))
+    return _unique_notes(out)
 
 
-def _inventory_notes(inv: Inventory) -> list[str]:
+def _unique_notes(notes: list[Note]) -> list[Note]:
+    seen: dict[tuple, Note] = {}
+    for n in notes:
+        seen.setdefault((n.kind, n.params.get("state"), n.params.get("local")), n)
+    return list(seen.values())
+
+
+def _inventory_notes(inv: Inventory, blockers: list[tuple[Blocker, Socket]]) -> list[Note]:
+    """Gaps of the inventory that can change this answer: sockets on the port
+    with no readable flags, and holders of a blocker that could not be read
+    (a process that vanished meanwhile is not worth a word)."""
     notes = []
     if inv.flags_unknown:
-        notes.append(f"{inv.flags_unknown} socket(s) on the port had no readable flags: "
-                     "they were treated as having no SO_REUSEADDR/SO_REUSEPORT")
-    if inv.unreadable_processes:
-        notes.append(f"{inv.unreadable_processes} process(es) could not be read: owners "
-                     "may be missing")
+        notes.append(Note("flags_unknown", {"sockets": inv.flags_unknown}))
+    unreadable = sorted({(o.pid, o.comm, o.problem or "unreadable") for _, s in blockers
+                         for o in s.owners if not o.readable and o.problem != "gone"})
+    for pid, comm, problem in unreadable:
+        notes.append(Note("unreadable_owner", {"pid": pid, "comm": comm, "problem": problem}))
     return notes
 
 
-# ---- port 0: is any ephemeral port left? ------------------------------------
+# ---- port 0: is any port of the range left? -------------------------------------------------
 
 
-def _explain_ephemeral(request: Request, new: Sock, inv: Inventory, netns: str) -> Explanation:
-    """bind(port 0) picks a port in ip_local_port_range that no socket
-    overlaps at all: neither SO_REUSEADDR nor SO_REUSEPORT lets the kernel
-    share an ephemeral port (relax=false, reuseport_ok=false in
-    inet_csk_find_open_port; UDP applies its usual rule)."""
-    refs, _ = select_namespaces(netns)
-    rng = port_range(refs[0]) if refs else None
-    if rng is None:
-        raise UsageError(f"the network namespace {netns!r} is gone")
-    low, high, reserved = rng.low, rng.high, rng.reserved
+def socket_port_range(netns_range: PortRange, own: tuple[int, int] | None) -> tuple[int, int]:
+    """inet_sk_get_local_port_range(): IP_LOCAL_PORT_RANGE narrows the
+    namespace's range, each bound taken only when it lies inside it."""
+    low, high = netns_range.low, netns_range.high
+    if own:
+        sk_lo, sk_hi = own
+        if netns_range.low <= sk_lo <= netns_range.high:
+            low = sk_lo
+        if netns_range.low <= sk_hi <= netns_range.high:
+            high = sk_hi
+    return low, high
+
+
+def _explain_ephemeral(request: Request, new: Sock, inv: Inventory,
+                       facts: NamespaceFacts) -> Explanation:
+    """bind(port 0) picks a port of the range that no socket overlaps at all
+    (relax=false, reuseport_ok=false in inet_csk_find_open_port; UDP applies
+    its usual rule). Only when none is left, and net.ipv4.ip_autobind_reuse
+    is set, does TCP look again sharing ports by SO_REUSEADDR. With
+    IP_BIND_ADDRESS_NO_PORT the bind takes no port at all."""
+    rng = facts.port_range
+    low, high = socket_port_range(rng, request.port_range)
+    eph: dict[str, object] = {"range": [low, high], "namespace_range": [rng.low, rng.high],
+                              "reserved": len([p for p in rng.reserved if low <= p <= high]),
+                              "free": 0, "in_use": 0, "autobind_reuse": facts.autobind_reuse}
+    if request.bind_address_no_port:
+        eph["free"] = None
+        return Explanation(request, new, [], [], [],
+                           [Note("no_port_at_bind", {})], inv, eph)
     taken: dict[int, list[Sock]] = {}
     for s in inv.sockets:
         r = as_rule_sock(s)
-        if r.protocol == new.protocol and low <= r.port <= high:
+        if r.protocol == new.protocol:
             taken.setdefault(r.port, []).append(r)
+    eph["in_use"] = len([p for p in taken if low <= p <= high])
+    free = _free_ports(new, low, high, rng.reserved, taken, True)
+    fixes: list[Fix] = []
+    notes: list[Note] = []
+    if not free and new.protocol == "tcp" and facts.autobind_reuse:
+        free = _free_ports(new, low, high, rng.reserved, taken, "autobind_reuse")
+        if free:
+            notes.append(Note("autobind_reuse_shares", {"ports": free}))
+    eph["free"] = free
+    reasons = []
+    if not free:
+        reasons.append(Reason("EADDRINUSE", "ports_exhausted",
+                              {"range": [low, high], "usable": high - low + 1 - eph["reserved"]}))
+        fixes += _ephemeral_fixes(request, new, facts, taken)
+    return Explanation(request, new, reasons, [], fixes, notes, inv, eph)
+
+
+def _ephemeral_fixes(request: Request, new: Sock, facts: NamespaceFacts,
+                     taken: dict[int, list[Sock]]) -> list[Fix]:
+    """For an exhausted range: each change kept only if the count of free
+    ports, redone with it, is no longer zero."""
+    rng = facts.port_range
+    tag = {"for": "ports_exhausted"}
+
+    def free_with(request_: Request, rng_: PortRange, mode: bool | str = True) -> int:
+        low, high = socket_port_range(rng_, request_.port_range)
+        return _free_ports(new, low, high, rng_.reserved, taken, mode)
+
+    out = []
+    wider = PortRange(rng.low, min(rng.high + 2, 65535), rng.reserved)
+    if free_with(request, wider):
+        out.append(Fix("sysctl", "namespace", {"name": "net.ipv4.ip_local_port_range",
+                                               "value": "wider", **tag}))
+    if request.port_range:
+        low, high = socket_port_range(rng, request.port_range)
+        own = (low, min(high + 2, rng.high))
+        if free_with(replace(request, port_range=own), rng):
+            out.append(Fix("socket_port_range", "new_socket", {"range": list(own), **tag}))
+    if new.protocol == "tcp" and not facts.autobind_reuse and new.reuseaddr and \
+            free_with(request, rng, "autobind_reuse"):
+        out.append(Fix("sysctl", "namespace", {"name": "net.ipv4.ip_autobind_reuse",
+                                               "value": 1, **tag}))
+    if new.protocol == "tcp" and not request.listen:
+        out.append(Fix("option", "new_socket", {"option": "IP_BIND_ADDRESS_NO_PORT", **tag}))
+    return out
+
+
+def _free_ports(new: Sock, low: int, high: int, reserved: frozenset[int],
+                taken: dict[int, list[Sock]], mode: bool | str) -> int:
     free = 0
     for port in range(low, high + 1):
         if port in reserved:
             continue
-        occupants = taken.get(port, [])
-        if not bindrules.refused(replace(new, port=port), occupants, ephemeral=True):
+        if not bindrules.refused(replace(new, port=port), taken.get(port, []), ephemeral=mode):
             free += 1
-    eph = {"range": [low, high], "reserved": len(reserved), "free": free,
-           "in_use": len(taken)}
-    notes = [] if free else [f"all {high - low + 1 - len(reserved)} ports of "
-                             f"ip_local_port_range {low}-{high} are taken"]
-    fixes = [] if free else ["widen net.ipv4.ip_local_port_range, or close sockets that hold "
-                             "ports in it (see portscope timewait)"]
-    return Explanation(request, new, [], fixes, notes + _inventory_notes(inv), inv, eph)
+    return free
+
+
+# ---- the sentences beside the data -----------------------------------------------------------
+
+
+def _addr_detail(f: dict[str, object]) -> str:
+    if f.get("other_vrf") or f.get("where") == "other_vrf":
+        return "; it belongs to another VRF than the socket's"
+    if f.get("where") == "other_device":
+        return "; it is on another device than the one the socket is bound to"
+    have = ", ".join(map(str, f.get("local_addresses") or [])) or "none"  # type: ignore[arg-type]
+    return f" (its {f.get('family')} addresses: {have})"
+
+
+REASON_TEXT = {
+    "conflict": lambda f: f"the port is taken: {f['blockers']} socket(s) block this bind",
+    "ports_exhausted": lambda f: (f"no port of the range {f['range'][0]}-{f['range'][1]} "  # type: ignore[index]
+                                  f"({f['usable']} usable) is free for this socket"),
+    "privileged_port": lambda f: (f"port {f['port']} is below net.ipv4.ip_unprivileged_port_start "
+                                  f"({f['unprivileged_port_start']}) of this network namespace, "
+                                  "and the process lacks CAP_NET_BIND_SERVICE"),
+    "address_not_local": lambda f: (f"{f['address']} is not an address of this network "
+                                    f"namespace{_addr_detail(f)}"),
+    "address_tentative": lambda f: (f"{f['address']} is tentative: duplicate address detection "
+                                    "has not finished (or failed)"),
+    "multicast_stream": lambda f: f"a TCP socket cannot bind a multicast address ({f['address']})",
+    "mapped_on_v6only": lambda f: (f"an IPV6_V6ONLY socket cannot bind a v4-mapped address "
+                                   f"({f['address']})"),
+    "link_local_needs_device": lambda f: (f"{f['address']} is link-local: binding it needs a "
+                                          "device (SO_BINDTODEVICE or the address's scope id)"),
+    "device_gone": lambda f: (f"the socket is bound to device #{f['bound_dev_if']}, which no "
+                              "longer exists"),
+    "four_tuple_taken": lambda f: (f"the socket is bound to {f['local']}, and a connection "
+                                   f"{f['local']} <-> {f['remote']} exists already: the 4-tuple "
+                                   "would repeat"),
+    "ephemeral_exhausted": lambda f: (
+        f"no local port is left towards {f['destination']}: {f['in_use']} of the "
+        f"{f['capacity']} usable ports of {f['range'][0]}-{f['range'][1]} are in use towards it"  # type: ignore[index]
+        + _holders_text(f)),
+    "ephemeral_unexplained": lambda f: (
+        f"the kernel found no local port towards {f['destination']}, though only "
+        f"{f['in_use']} of {f['capacity']} usable ports are in use towards it now: they were "
+        "freed since, or another source address was chosen" + _holders_text(f)),
+}
+
+
+def _holders_text(f: dict[str, object]) -> str:
+    top = f.get("top_holders") or []
+    if not top:
+        return ""
+    return "; most by " + ", ".join(f"{h['holder']} ({h['count']})" for h in top[:3])  # type: ignore[index,union-attr]
+
+_OPTION_TEXT = {
+    "IPV6_V6ONLY": " (leave IPv4 to the IPv4 socket)",
+    "IP_FREEBIND": " (binds an address this namespace does not have yet)",
+    "IPV6_FREEBIND": " (binds an address this namespace does not have yet)",
+    "IP_BIND_ADDRESS_NO_PORT": (" (a client's bind then takes no port: it is chosen at "
+                                "connect(), per destination)"),
+}
+
+
+def _option_text(p: dict[str, object]) -> str:
+    if p.get("value") == 0:
+        return f"clear {p['option']} on the new socket"
+    return f"set {p['option']} on the new socket{_OPTION_TEXT.get(str(p['option']), '')}"
+
+
+def _who(p: dict[str, object]) -> str:
+    return ", ".join(map(str, p.get("owners") or [])) or "its holder"  # type: ignore[arg-type]
+
+
+FIX_TEXT = {
+    "option": _option_text,
+    "uid": lambda p: (f"run the new socket's process as uid {p['uid']}, the owner of the "
+                      "SO_REUSEPORT group (a group is for one user)"),
+    "specific_address": lambda p: ("bind a specific address instead of the wildcard (not "
+                                   + ", ".join(map(str, p["instead_of"])) + ")"),  # type: ignore[arg-type]
+    "other_device": lambda p: ("bind the new socket to another device (SO_BINDTODEVICE): every "
+                               "blocker is bound to a device"),
+    "wait": lambda p: (f"wait {p['seconds']} s: the kernel finishes the "
+                       + "/".join(map(str, p["states"])) + " socket(s) on its own"),  # type: ignore[arg-type]
+    "destroy_socket": lambda p: (f"or destroy the {p['state']} socket {p['local']} <-> "
+                                 f"{p['remote']} now (ss -K, which needs CONFIG_INET_DIAG_DESTROY)"),
+    "stop_holder": lambda p: f"stop or reconfigure {_who(p)}, which holds {p['state']} {p['local']}",
+    "close_connection": lambda p: (f"{_who(p)} still holds the connection {p['local']} <-> "
+                                   f"{p['remote']} without listening (a forked child of an "
+                                   "earlier instance?): close it or stop that process"),
+    "capability": lambda p: ("give the process CAP_NET_BIND_SERVICE (setcap "
+                             "cap_net_bind_service=+ep on its executable, or "
+                             "AmbientCapabilities=CAP_NET_BIND_SERVICE in its systemd unit)"),
+    "sysctl": lambda p: (f"set {p['name']} = {p['value']} in this network namespace"
+                         if p["value"] != "wider" else
+                         f"widen {p['name']}, or close sockets that hold ports in it "
+                         "(see portscope timewait)"),
+    "port": lambda p: (f"bind a port from {p['at_least']} up (a lower one needs "
+                       "CAP_NET_BIND_SERVICE)" if "at_least" in p else
+                       "do not bind a port before connect() (port 0): the kernel then picks "
+                       "one unused towards the destination"),
+    "wait_dad": lambda p: (f"wait for duplicate address detection on {p['address']} to finish "
+                           "(or add the address with nodad)"),
+    "add_address": lambda p: (f"add {p['address']} to a device of this namespace (a floating "
+                              "address that has not moved here yet?), or bind an address it has"),
+    "device": lambda p: f"bind the socket to {p['device']}, the address's device",
+    "protocol": lambda p: f"use {str(p['protocol']).upper()} for a multicast address",
+    "socket_port_range": lambda p: (f"widen the socket's IP_LOCAL_PORT_RANGE to "
+                                    f"{p['range'][0]}-{p['range'][1]}"),  # type: ignore[index]
+    "source_address": lambda p: (f"connect from another source address too (each gives "
+                                 f"another range of ports towards {p['destination']})"),
+}
+
+NOTE_TEXT = {
+    "reuseaddr_alone_vs_time_wait": lambda p: (
+        "SO_REUSEADDR on the new socket alone does not help here: the kernel also needs it on "
+        "the socket that left the TIME_WAIT (Linux, unlike BSD)"),
+    "reuseport_fast_path": lambda p: (
+        "the kernel may still accept this bind: it skips the conflict check for a SO_REUSEPORT "
+        f"socket of uid {p['uid']} when the last SO_REUSEPORT socket that got the port was of "
+        "that uid and covered this address, as "
+        + ", ".join(f"{s['local']} (inode {s['inode']})" for s in p["sockets"])  # type: ignore[attr-defined]
+        + " does; which socket that was depends on the order of earlier binds, which cannot "
+          "be seen"),
+    "hidden_owner": lambda p: (
+        f"the {p['state']} socket on {p['local']} (inode {p['inode']}) has an owner portscope "
+        "cannot see: a process in another PID namespace, or one it could not read"),
+    "unaccepted": lambda p: (
+        f"the {p['state']} socket on {p['local']} is a connection not yet accepted: it goes "
+        "away when its listener closes"),
+    "orphan": lambda p: (
+        f"the {p['state']} socket {p['local']} <-> {p['remote']} belongs to no process: it was "
+        "closed (or its process died) and the kernel is finishing the close"
+        + (f"; its timer ({p['timer']}) fires in {int(p['timer_ms']) / 1000:.0f} s"  # type: ignore[call-overload]
+           if p.get("timer") else "")),
+    "flags_unknown": lambda p: (
+        f"{p['sockets']} socket(s) on the port had no readable flags: they were treated as "
+        "having no SO_REUSEADDR/SO_REUSEPORT"),
+    "unreadable_owner": lambda p: (
+        f"pid {p['pid']} ({p['comm']}) holds a blocker but could not be read ({p['problem']}): "
+        "its executable and unit are unknown"),
+    "no_port_at_bind": lambda p: (
+        "with IP_BIND_ADDRESS_NO_PORT the bind takes no port: it is chosen at connect(), per "
+        "destination (see portscope timewait for ephemeral-port pressure)"),
+    "blocker_gone": lambda p: (
+        "nothing blocks this bind any more: the blocker closed between the call and the look"),
+    "answer_changed": lambda p: (
+        f"the kernel said {p['observed']} at the call; the namespace now gives {p['now']}: "
+        "it changed since (an address, a sysctl, a socket)"),
+    "autobind_reuse_shares": lambda p: (
+        f"no port is free outright; net.ipv4.ip_autobind_reuse lets the kernel share one of "
+        f"{p['ports']} with sockets that have SO_REUSEADDR too"),
+}

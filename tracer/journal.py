@@ -55,7 +55,11 @@ from typing import Any, Iterable, Sequence
 from .errors import ExitStatus, PermissionDenied, PortscopeError, UsageError
 from .text import system_text
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
+# Columns a later schema added, and the version that added them: an older
+# journal lacks them (its rows read as NULL there), and a recorder that
+# appends to it adds them first (schema 2: the explanation of a failure).
+ADDED = {("events", "explanation"): 2}
 APPLICATION_ID = 0x50534A31  # "PSJ1"
 SQLITE_MAGIC = b"SQLite format 3\x00"
 
@@ -116,7 +120,7 @@ EVENT_COLUMNS = (
     "session", "time", "call", "result", "errno", "pid", "tid", "uid", "sock_uid", "comm",
     "cgroup_id", "netns", "family", "protocol", "addr_family", "addr", "port", "bound_addr",
     "bound_port", "options", "bound_dev_if", "inode", "plan", "addr_unreadable", "get_port",
-    "exe", "cgroup", "cmdline", "owner_uid", "blockers", "json",
+    "exe", "cgroup", "cmdline", "owner_uid", "blockers", "explanation", "json",
 )
 
 SOCKET_COLUMNS = (
@@ -177,7 +181,8 @@ CREATE TABLE events (
     cgroup TEXT,
     cmdline TEXT,
     owner_uid INTEGER,               -- the caller's effective uid
-    blockers TEXT,                   -- JSON: on-the-spot explanation of an EADDRINUSE
+    blockers TEXT,                   -- JSON: on-the-spot blockers of an EADDRINUSE
+    explanation TEXT,                -- JSON: errno, reasons, fixes, notes (schema 2)
     json TEXT NOT NULL               -- CallEvent.to_json()
 );
 CREATE INDEX events_time ON events(time);
@@ -240,6 +245,7 @@ def _schema_columns(schema: str) -> dict[str, dict[str, tuple[str, bool]]]:
 COLUMNS = _schema_columns(SCHEMA)
 # Columns that hold JSON, and the shape each must have.
 JSON_COLUMNS = {("events", "json"): dict, ("events", "blockers"): (list, dict),
+                ("events", "explanation"): dict,
                 ("snapshot_sockets", "owners"): list, ("snapshots", "health"): dict}
 
 
@@ -316,19 +322,20 @@ def snapshot_socket(sock: Any) -> SnapshotSocket:
     )
 
 
-def event_row(session: int, ev: Any, owner: Any, blockers: object) -> tuple[Any, ...]:
+def event_row(session: int, ev: Any, owner: Any, explained: Any) -> tuple[Any, ...]:
     """An ``events`` row from a CallEvent, the caller as owners.Owner (or None)
-    and the on-the-spot explanation (JSON-able, or None)."""
+    and the on-the-spot explanation (onthespot.EventExplanation, or None)."""
     doc = ev.to_json()
     readable = owner is not None and owner.readable
     return (
         session, ev.time, ev.call, doc["result"], ev.errno, ev.pid, ev.tid, ev.uid, ev.sock_uid,
-        sql_text(ev.comm), ev.cgroup_id, ev.netns, ev.family, ev.protocol, ev.addr_family, ev.addr, ev.port,
-        ev.bound_addr, ev.bound_port, ",".join(doc["options"]), ev.options.bound_dev_if, ev.inode,
-        ev.plan, int(ev.addr_unreadable), ev.get_port,
+        sql_text(ev.comm), ev.cgroup_id, ev.netns, ev.family, ev.protocol, ev.addr_family, ev.addr,
+        ev.port, ev.bound_addr, ev.bound_port, ",".join(doc["options"]), ev.options.bound_dev_if,
+        ev.inode, ev.plan, int(ev.addr_unreadable), ev.get_port,
         sql_text(owner.exe) if readable else None, sql_text(owner.cgroup) if readable else None,
         sql_text(owner.cmdline) if readable else None, owner.uid if readable else None,
-        None if blockers is None else _dumps(blockers),
+        None if explained is None else _dumps(explained.blockers_json()),
+        None if explained is None else _dumps(explained.to_json()),
         _dumps(doc),
     )
 
@@ -425,8 +432,9 @@ def check_target(path: str) -> None:
         return  # missing or empty: the writer will create it
     conn = _open_read_only(path, [])
     try:
-        if _check_schema(conn, path, allow_empty=True):
-            _check_tables(conn, path)
+        version = _check_schema(conn, path, allow_empty=True)
+        if version:
+            _check_tables(conn, path, version)
     except (sqlite3.Error, UnicodeDecodeError) as exc:
         raise _describe(path, exc) from None
     finally:
@@ -476,8 +484,9 @@ class JournalWriter:
             if version == 0:
                 self._initialize()
             else:
-                _check_tables(conn, path)
+                _check_tables(conn, path, version)
                 _integrity(conn, path)
+                self._migrate(version)
             conn.execute("PRAGMA journal_mode = WAL")
             conn.execute("PRAGMA synchronous = NORMAL")
             conn.execute(f"PRAGMA journal_size_limit = {WAL_LIMIT}")
@@ -492,6 +501,19 @@ class JournalWriter:
         except BaseException:
             self.close()
             raise
+
+    def _migrate(self, version: int) -> None:
+        """Bring an older journal to this schema: add the columns added since."""
+        if version >= SCHEMA_VERSION:
+            return
+        conn = self._db
+        conn.execute("BEGIN")
+        for (table, column), added in sorted(ADDED.items()):
+            if added > version:
+                kind, _ = COLUMNS[table][column]
+                conn.execute(f"ALTER TABLE {table} ADD COLUMN {column} {kind}")
+        conn.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
+        conn.execute("COMMIT")
 
     def _initialize(self) -> None:
         conn = self._db
@@ -852,7 +874,7 @@ class JournalReader:
         try:
             self.conn.text_factory = system_text  # a forged TEXT that is not UTF-8
             self.version = _check_schema(self.conn, path, allow_empty=False)
-            _check_tables(self.conn, path)
+            _check_tables(self.conn, path, self.version)
             if check:
                 _integrity(self.conn, path)
         except (sqlite3.Error, UnicodeDecodeError) as exc:
@@ -875,7 +897,10 @@ class JournalReader:
         ``params`` its values), each a dict with the declared types and the
         JSON columns decoded; damaged rows are counted, not returned."""
         wanted = list(columns or COLUMNS[table])
-        sql = (f"SELECT {', '.join(wanted)} FROM {table}" + (f" WHERE {where}" if where else "")
+        # A column the file's older schema lacks reads as NULL.
+        selected = [c if ADDED.get((table, c), 0) <= self.version else f"NULL AS {c}"
+                    for c in wanted]
+        sql = (f"SELECT {', '.join(selected)} FROM {table}" + (f" WHERE {where}" if where else "")
                + (f" ORDER BY {order}" if order else ""))
         out = []
         for raw in self.query(sql, params):
@@ -940,15 +965,16 @@ def _open_read_only(path: str, notes: list[str]) -> sqlite3.Connection:
         raise _describe(path, exc) from None
 
 
-def _check_tables(conn: sqlite3.Connection, path: str) -> None:
-    """Every table and column of the schema is there (a damaged or edited
-    journal may lack some): one sentence naming the first that is not."""
+def _check_tables(conn: sqlite3.Connection, path: str, version: int = SCHEMA_VERSION) -> None:
+    """Every table and column of the file's schema version is there (a
+    damaged or edited journal may lack some): one sentence naming the first
+    that is not."""
     for table, columns in COLUMNS.items():
         present = {r[1] for r in conn.execute(f"PRAGMA table_info({table})").fetchall()}
         if not present:
             raise JournalDamaged(f"{path} is damaged: it has no {table} table; move it aside "
                                  "and start a new journal")
-        missing = [c for c in columns if c not in present]
+        missing = [c for c in columns if c not in present and ADDED.get((table, c), 0) <= version]
         if missing:
             raise JournalDamaged(f"{path} is damaged: its {table} table lacks the column(s) "
                                  f"{', '.join(missing)}; move it aside and start a new journal")

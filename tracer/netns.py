@@ -73,7 +73,9 @@ def _scan_processes(proc: str, nsfs_dev: int) -> tuple[dict[int, list[int]], int
             continue
         try:
             st = os.stat(f"{entry.path}/ns/net")
-        except OSError:  # exited since the listing, or not ours to read
+        except (FileNotFoundError, ProcessLookupError):
+            continue  # exited since the listing: its sockets went with it
+        except OSError:  # not ours to read (another PID namespace, hardened /proc)
             unreadable += 1
             continue
         if st.st_dev != nsfs_dev:

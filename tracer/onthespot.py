@@ -1,10 +1,17 @@
-"""Explaining each EADDRINUSE the tracer sees, at the moment it is seen.
+"""Explaining each failed call the tracer sees, at the moment it is seen.
 
-The inventory for the failed call's port is taken as soon as the event is
-read, in the namespace of the socket, and run through the explainer. A storm
-of identical failures must not become a storm of inventories: one answer per
-distinct request is reused for ``TTL_S``, and the whole thing is loaded
-lazily, on the first failure (the iterators are a second BPF object).
+The namespace's facts and the port's inventory are read as soon as the
+event is read, in the namespace of the socket, and run through the
+explainer: the same reasons, rules and fixes ``portscope why`` gives, for
+every errno the explainer knows (EADDRINUSE, EACCES, EADDRNOTAVAIL, EINVAL,
+ENODEV of bind() and listen(); EADDRNOTAVAIL and EADDRINUSE of connect(),
+from the ephemeral ports in use towards the destination). The kernel's own
+answer is the oracle: when the explainer would answer otherwise now, the
+explanation says the namespace changed since the call.
+
+A storm of identical failures must not become a storm of inventories: one
+answer per distinct request is reused for ``TTL_S``, and the whole thing is
+loaded lazily, on the first failure (the iterators are a second BPF object).
 """
 
 from __future__ import annotations
@@ -14,10 +21,13 @@ import time
 from dataclasses import dataclass
 
 from .errors import PortscopeError, UsageError
-from .events import CallEvent
+from .events import CallEvent, format_addr
 from .text import printable
 
 TTL_S = 1.0
+BIND_ERRNOS = frozenset({errno.EADDRINUSE, errno.EACCES, errno.EADDRNOTAVAIL, errno.EINVAL,
+                         errno.ENODEV})
+CONNECT_ERRNOS = frozenset({errno.EADDRNOTAVAIL, errno.EADDRINUSE})
 
 
 @dataclass(frozen=True)
@@ -29,51 +39,93 @@ class BlockerSummary:
     rule: str
     overlap: str = ""  # how the addresses overlap (same_address, wildcard, dual_stack)
     why: str = ""  # the rule as a sentence
+    held: str = "owners"  # owners | time_wait | orphan | hidden | unaccepted (explain.holding)
+    remote: str = ""
 
     def text(self) -> str:
         """One line for a terminal (the process name escaped)."""
         who = (f"{printable(self.comm)}[{','.join(map(str, self.pids))}]" if self.pids
-               else "no visible process")
+               else HELD_WORDS.get(self.held, "no visible process"))
         return f"{who} {self.state} {self.local} ({self.rule})"
 
     def to_json(self) -> dict[str, object]:
         return {"pids": list(self.pids), "comm": self.comm, "state": self.state,
-                "local": self.local, "rule": self.rule}
+                "local": self.local, "remote": self.remote, "rule": self.rule,
+                "held": self.held}
+
+
+HELD_WORDS = {"time_wait": "no process (TIME_WAIT)", "orphan": "no process (closing)",
+              "hidden": "an unseen process", "unaccepted": "its listener's queue"}
 
 
 @dataclass(frozen=True)
-class Finding:
-    """The blockers of one failed call, or why they could not be found."""
+class EventExplanation:
+    """What the explainer says about one failed call, or why it could not
+    say anything. ``reasons``, ``fixes`` and ``notes`` are the explainer's
+    structured records (their JSON form: kind, parameters, sentence)."""
 
     blockers: tuple[BlockerSummary, ...] = ()
     error: str | None = None
-    fixes: tuple[str, ...] = ()  # changes the bind rules confirm would work
-    notes: tuple[str, ...] = ()
+    reasons: tuple[dict, ...] = ()
+    fixes: tuple[dict, ...] = ()
+    notes: tuple[dict, ...] = ()
+
+    @property
+    def fix_texts(self) -> tuple[str, ...]:
+        return tuple(str(f["text"]) for f in self.fixes)
+
+    @property
+    def note_texts(self) -> tuple[str, ...]:
+        return tuple(str(n["text"]) for n in self.notes)
 
     def text(self) -> str:
+        """One line: the blockers of a conflict, else the first reason."""
         if self.error:
             return f"unknown ({printable(self.error)})"
-        return "; ".join(b.text() for b in self.blockers) or "nothing left by the time we looked"
+        if self.blockers:
+            return "; ".join(b.text() for b in self.blockers)
+        if self.reasons and self.reasons[0]["rule"] != "conflict":
+            return printable(self.reasons[0]["text"])
+        gone = [n for n in self.notes if n["kind"] == "blocker_gone"]
+        return "nothing left by the time we looked" if gone or not self.notes else \
+            printable(self.notes[0]["text"])
 
-    def to_json(self) -> object:
+    def blockers_json(self) -> object:
+        """The ``blockers`` key of trace --json (a list, or {"error": ...})."""
         if self.error:
             return {"error": self.error}
         return [b.to_json() for b in self.blockers]
+
+    def to_json(self) -> dict[str, object]:
+        """The ``explanation`` key of trace --json and the journal."""
+        if self.error:
+            return {"error": self.error}
+        return {"errno": self.reasons[0]["errno"] if self.reasons else None,
+                "reasons": list(self.reasons), "fixes": list(self.fixes),
+                "notes": list(self.notes)}
+
+
+def explainable(ev: CallEvent) -> bool:
+    """Whether the explainer has something to say about this event."""
+    if ev.call in ("bind", "listen"):
+        return ev.errno in BIND_ERRNOS and (ev.errno != errno.EADDRINUSE or ev.call == "bind"
+                                            or bool(ev.port))
+    return ev.call == "connect" and ev.errno in CONNECT_ERRNOS
 
 
 class OnTheSpot:
     def __init__(self) -> None:
         self._iterators = None
-        self._cache: dict[tuple[object, ...], tuple[float, Finding]] = {}
+        self._cache: dict[tuple[object, ...], tuple[float, EventExplanation]] = {}
         self.failures = 0  # explanations that could not be made (counted, not raised)
 
-    def blockers(self, ev: CallEvent) -> Finding | None:
-        """Who blocks the failed call; None when it is not an EADDRINUSE of a
-        bind or listen."""
-        if ev.errno != errno.EADDRINUSE or ev.call not in ("bind", "listen") or not ev.port:
+    def explain(self, ev: CallEvent) -> EventExplanation | None:
+        """The explanation of a failed call; None when there is nothing to explain."""
+        if not explainable(ev):
             return None
         key = (ev.netns, ev.protocol, ev.family, ev.addr, ev.port, ev.options, ev.sock_uid,
-               ev.call, ev.inode if ev.call == "listen" else 0)
+               ev.call, ev.errno, ev.inode if ev.call == "listen" else 0,
+               ev.bound_port if ev.call == "connect" else 0)
         now = time.monotonic()
         hit = self._cache.get(key)
         if hit and now - hit[0] < TTL_S:
@@ -82,41 +134,83 @@ class OnTheSpot:
             found = self._explain(ev)
         except UsageError:  # explain() found no such namespace
             self.failures += 1
-            found = Finding(error="the socket's network namespace is gone: its last process exited")
+            found = EventExplanation(
+                error="the socket's network namespace is gone: its last process exited")
         except PortscopeError as exc:
             self.failures += 1
-            found = Finding(error=str(exc))
+            found = EventExplanation(error=str(exc))
         except OSError as exc:  # the namespace or a process vanished meanwhile
             self.failures += 1
-            found = Finding(error=f"the socket's namespace or owner is gone ({exc.strerror})")
+            found = EventExplanation(error=f"the socket's namespace or owner is gone "
+                                           f"({exc.strerror or exc})")
         self._cache = {k: v for k, v in self._cache.items() if now - v[0] < TTL_S}
         self._cache[key] = (now, found)
         return found
 
-    def _explain(self, ev: CallEvent) -> Finding:
-        from .explain import Request, explain
-        from .inventory import take
+    def _iterators_(self):  # type: ignore[no-untyped-def]
         from .sockflags import SocketIterators
 
         if self._iterators is None:
             self._iterators = SocketIterators()
-        req = Request(
-            port=ev.port, protocol=ev.protocol, addr=ev.addr, family=ev.family,
-            reuseaddr="reuseaddr" in ev.options.flags, reuseport="reuseport" in ev.options.flags,
-            v6only="v6only" in ev.options.flags, bound_dev_if=ev.options.bound_dev_if,
-            uid=ev.sock_uid, listen=ev.call == "listen",
-            self_inode=ev.inode if ev.call == "listen" else 0,
-        )
-        inv = take(port=ev.port, protocols=(ev.protocol,), netns=str(ev.netns),
-                   iterators=self._iterators)
+        return self._iterators
+
+    def _explain(self, ev: CallEvent) -> EventExplanation:
+        if ev.call == "connect":
+            from .connects import explain_connect
+
+            return explain_connect(ev, self._iterators_())
+        from .explain import Note, explain
+        from .inventory import take
+
+        req = request_of(ev)
+        inv = take(port=ev.port or None, protocols=(ev.protocol,), netns=str(ev.netns),
+                   iterators=self._iterators_())
         result = explain(req, netns=str(ev.netns), inventory=inv)
+        notes = list(result.notes)
+        observed = ev.errno_name
+        if result.errno != observed:
+            if observed == "EADDRINUSE" and result.verdict == "free":
+                notes.append(Note("blocker_gone", {}))
+            else:
+                notes.append(Note("answer_changed", {"observed": observed,
+                                                     "now": result.errno or "success"}))
         blockers = tuple(
             BlockerSummary(tuple(o.pid for o in s.owners), s.owners[0].comm if s.owners else None,
-                           s.diag.state, b["local"], b["rule"], b["overlap"], b["why"])
+                           s.diag.state, b["local"], b["rule"], b["overlap"], b["why"],
+                           b["held"], b["remote"])
             for (_, s), b in zip(result.blockers, result.to_json()["blockers"]))
-        return Finding(blockers, fixes=tuple(result.fixes), notes=tuple(result.notes))
+        return EventExplanation(blockers, reasons=tuple(r.to_json() for r in result.reasons),
+                                fixes=tuple(f.to_json() for f in result.fixes),
+                                notes=tuple(n.to_json() for n in notes))
 
     def close(self) -> None:
         if self._iterators is not None:
             self._iterators.close()
             self._iterators = None
+
+
+def request_of(ev: CallEvent):  # type: ignore[no-untyped-def]
+    """The explainer's question for a traced bind() or listen(). The kernel
+    already answered the capability check: a call refused after it (any
+    errno but EACCES) passed it."""
+    from .explain import Request
+
+    flags = ev.options.flags
+    addr = ev.addr if ev.addr_family in ("ipv4", "ipv6") else None
+    if addr is not None and ev.family == "ipv6" and ev.addr_family == "ipv4":
+        addr = f"::ffff:{addr}"
+    return Request(
+        port=ev.port, protocol=ev.protocol, addr=addr, family=ev.family,
+        reuseaddr="reuseaddr" in flags, reuseport="reuseport" in flags,
+        v6only="v6only" in flags, bound_dev_if=ev.options.bound_dev_if,
+        uid=ev.sock_uid, listen=ev.call == "listen",
+        self_inode=ev.inode if ev.call == "listen" else 0,
+        freebind="freebind" in flags, transparent="transparent" in flags,
+        bind_address_no_port="bind_address_no_port" in flags,
+        cap_net_bind_service=ev.errno != errno.EACCES,
+    )
+
+
+def endpoint_of(ev: CallEvent) -> str:
+    return format_addr(ev.addr_family if ev.addr_family != "unspec" else ev.family, ev.addr,
+                       ev.port)

@@ -27,6 +27,7 @@ class Owner:
     container: str | None = None  # container id (12 chars), when it does
     pod: str | None = None  # Kubernetes pod uid
     readable: bool = True  # False: the process vanished or could not be read
+    problem: str | None = None  # why not: "gone", "permission denied", ...
 
     def label(self) -> str:
         where = self.container and f"container {self.container}" or self.unit
@@ -37,6 +38,7 @@ class Owner:
             "pid": self.pid, "comm": self.comm, "exe": self.exe, "cmdline": self.cmdline,
             "user": self.user, "uid": self.uid, "cgroup": self.cgroup, "unit": self.unit,
             "container": self.container, "pod": self.pod, "readable": self.readable,
+            "problem": self.problem,
         }
 
 
@@ -68,9 +70,16 @@ class OwnerCache:
                     cgroup=cgroup,
                     **identity_from_cgroup(cgroup),
                 )
-        except (psutil.NoSuchProcess, psutil.AccessDenied, psutil.ZombieProcess, OSError):
-            self.unreadable += 1
-            return Owner(pid=pid, comm=comm, readable=False)
+        except (psutil.NoSuchProcess, psutil.ZombieProcess):
+            # Gone since its socket was seen: its socket went with it, or
+            # another holder has it; nothing that can change an answer.
+            return Owner(pid=pid, comm=comm, readable=False, problem="gone")
+        except psutil.AccessDenied:
+            problem = "permission denied"
+        except OSError as exc:
+            problem = exc.strerror or str(exc)
+        self.unreadable += 1
+        return Owner(pid=pid, comm=comm, readable=False, problem=problem)
 
 
 def _quiet(getter):  # type: ignore[no-untyped-def]

@@ -25,7 +25,6 @@ committed. A second signal while stopping gives up at once.
 from __future__ import annotations
 
 import argparse
-import errno
 import json
 import queue
 import threading
@@ -35,7 +34,7 @@ from . import journal as jr
 from .engine import Engine, EngineConfig, open_engine
 from .errors import ExitStatus, OutputFailed, PortscopeError
 from .events import CallEvent, Clock, decode
-from .onthespot import OnTheSpot
+from .onthespot import EventExplanation, OnTheSpot, explainable
 from .cgroups import CgroupIdentities
 from .owners import Owner, OwnerCache
 from .plans import Plan
@@ -302,13 +301,14 @@ class Recorder:
         if trigger:
             self.snapshots.trigger()
 
-    def _write_jsonl(self, ev: CallEvent, owner: Owner, blockers: object) -> None:
+    def _write_jsonl(self, ev: CallEvent, owner: Owner, blockers: EventExplanation | None) -> None:
         assert self.jsonl is not None
         doc = ev.to_json()
         # From the event's cgroup id: still known when the process is gone.
         doc.update(self.cgroups.get(ev.pid, ev.cgroup_id))
         if blockers is not None:
-            doc["blockers"] = blockers
+            doc["blockers"] = blockers.blockers_json()
+            doc["explanation"] = blockers.to_json()
         if self.jsonl_failed:
             return
         try:
@@ -319,20 +319,21 @@ class Recorder:
             self.jsonl_failed = True
             self._warn(f"{exc}; the JSON lines stop here, the journal goes on")
 
-    def _explain(self, ev: CallEvent) -> object:
-        """The on-the-spot blockers of an EADDRINUSE (JSON form), within a
-        time budget: a storm of distinct failures must not stall recording."""
-        if self.explainer is None or ev.errno != errno.EADDRINUSE or ev.call not in ("bind", "listen"):
+    def _explain(self, ev: CallEvent) -> EventExplanation | None:
+        """The on-the-spot explanation of a failure, within a time budget: a
+        storm of distinct failures must not stall recording."""
+        if self.explainer is None or not explainable(ev):
             return None
         now = time.monotonic()
         if now >= self._window_end:
             self._window_end, self._explaining = now + 1.0, 0.0
         if self._explaining >= EXPLAIN_SHARE:
             self.unexplained += 1
-            return {"error": "not explained: too many failures at once (see the snapshots)"}
-        found = self.explainer.blockers(ev)
+            return EventExplanation(error="not explained: too many failures at once (see the "
+                                          "snapshots)")
+        found = self.explainer.explain(ev)
         self._explaining += time.monotonic() - now
-        return None if found is None else found.to_json()
+        return found
 
     def _write_snapshots(self) -> None:
         while True:

@@ -281,7 +281,7 @@ class JournalReplay:
             ids = [self._failure_ids[j] for j in part]
             rows = {r["id"]: r for r in self.reader.rows(
                 "events", f"id IN ({','.join('?' * len(ids))})", ids,
-                columns=("id", "json", "blockers"))}
+                columns=("id", "json", "blockers", "explanation"))}
             for j, eid in zip(part, ids):
                 self._conflicts[j] = self._conflict(j, rows.get(eid))
 
@@ -292,7 +292,8 @@ class JournalReplay:
             if row is None:
                 raise ValueError("the row could not be read")
             ev = event_from_json(row["json"])
-            return Conflict(seq, ev, explanation_from_json({"blockers": row["blockers"]}), False)
+            return Conflict(seq, ev, explanation_from_json(
+                {"blockers": row["blockers"], "explanation": row["explanation"]}), False)
         except ValueError as exc:
             self._damaged_conflicts += 1
             self.model.set_error("journal", f"{self._damaged_conflicts} damaged event(s) in "

@@ -84,10 +84,15 @@ class Explanation:
     fixes: tuple[str, ...] = ()
     notes: tuple[str, ...] = ()
     error: str | None = None  # the explanation could not be made: why
+    reasons: tuple[str, ...] = ()  # why the kernel refused, first the errno's own
+    rule: str = ""  # the first reason's rule (conflict, privileged_port, ...)
+    data: dict | None = None  # the explanation as its JSON (reasons, fixes, notes)
 
     def summary(self) -> str:
         if self.error:
             return f"? {self.error}"
+        if not self.blockers and self.rule and self.rule != "conflict":
+            return self.rule.replace("_", " ")
         if not self.blockers:
             return "nothing left by the time we looked"
         if all(b.state == "TIME_WAIT" for b in self.blockers):
@@ -158,6 +163,8 @@ class Conflict:
             doc["blockers"] = {"error": x.error} if x.error else [b.to_json() for b in x.blockers]
             doc["fixes"] = list(x.fixes)
             doc["notes"] = list(x.notes)
+            if x.data is not None:
+                doc["explanation"] = x.data
         return doc
 
 

@@ -70,18 +70,21 @@ class Printer:
             out.write(header_line() + "\n")
 
     def emit(self, ev: CallEvent) -> None:
-        blockers = self.explainer.blockers(ev) if self.explainer else None
+        found = self.explainer.explain(ev) if self.explainer else None
         if self.as_json:
             doc = ev.to_json()
             if self.identities is not None:
                 doc.update(self.identities.get(ev.pid, ev.cgroup_id))
-            if blockers is not None:
-                doc["blockers"] = blockers.to_json()
+            if found is not None:
+                doc["blockers"] = found.blockers_json()
+                doc["explanation"] = found.to_json()
             self.out.write(json.dumps(doc, separators=(",", ":")) + "\n")
         else:
             line = human_line(ev)
-            if blockers is not None:
-                line += "\n    blocked by: " + blockers.text()
+            if found is not None:
+                label = "blocked by" if found.blockers or ev.errno_name == "EADDRINUSE" \
+                    and ev.call != "connect" else "why"
+                line += f"\n    {label}: " + found.text()
             self.out.write(line + "\n")
 
 

@@ -4,48 +4,50 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import pwd
-import socket
 
+from .bindcheck import NamespaceFacts
 from .errors import ExitStatus, UsageError
-from .explain import Explanation, Request, explain
+from .explain import Explanation, Request, explain, namespace_facts
 from .text import printable
 
 
-def request_from_args(args: argparse.Namespace) -> Request:
+def request_from_args(args: argparse.Namespace, facts: NamespaceFacts) -> Request:
+    """The question the options ask, in the namespace ``facts`` describe
+    (a device is looked up there: the same name may be another device, or
+    none, in another namespace)."""
     family = None
     if args.addr:
-        try:
-            family = "ipv6" if ":" in socket.inet_ntop(*_parse_addr(args.addr)) else "ipv4"
-        except ValueError:
-            raise UsageError(f"invalid address {args.addr!r}: give an IPv4 or IPv6 address") from None
+        family = "ipv6" if ":" in args.addr else "ipv4"
+        if args.ipv6 and family == "ipv4":
+            raise UsageError(f"--ipv6 with the IPv4 address {args.addr}: an IPv6 socket binds "
+                             f"it as ::ffff:{args.addr} (v4-mapped)")
     elif args.ipv6:
         family = "ipv6"
+    if args.v6only and family != "ipv6":
+        raise UsageError("--v6only is an IPv6 socket option: add --ipv6, or an IPv6 --addr")
     return Request(
         port=args.port, protocol="udp" if args.udp else "tcp", addr=args.addr, family=family,
         reuseaddr=args.reuseaddr, reuseport=args.reuseport, v6only=args.v6only,
-        bound_dev_if=_device(args.device), uid=_uid(args.user), listen=args.listen,
+        bound_dev_if=_device(args.device, facts), uid=_uid(args.user), listen=args.listen,
+        freebind=args.freebind, transparent=args.transparent,
+        bind_address_no_port=args.bind_address_no_port, port_range=args.port_range,
+        cap_net_bind_service=args.cap_net_bind_service,
     )
 
 
-def _parse_addr(text: str) -> tuple[int, bytes]:
-    for family in (socket.AF_INET, socket.AF_INET6):
-        try:
-            return family, socket.inet_pton(family, text)
-        except OSError:
-            continue
-    raise ValueError(text)
-
-
-def _device(name: str | None) -> int:
+def _device(name: str | None, facts: NamespaceFacts) -> int:
+    """SO_BINDTODEVICE refuses a device the namespace does not have (ENODEV):
+    the question has no meaning then."""
     if not name:
         return 0
-    if name.isdigit():
-        return int(name)
-    try:
-        return socket.if_nametoindex(name)
-    except OSError:
-        raise UsageError(f"no network device named {name!r} in this namespace") from None
+    for index, dev in facts.devices.items():
+        if dev.name == name or (name.isdigit() and index == int(name)):
+            return index
+    known = ", ".join(d.name for d in facts.devices.values()) or "none"
+    raise UsageError(f"no network device {name!r} in that namespace (SO_BINDTODEVICE would "
+                     f"fail with ENODEV); its devices: {known}")
 
 
 def _uid(user: str | None) -> int:
@@ -62,7 +64,11 @@ def _uid(user: str | None) -> int:
 
 
 def run(args: argparse.Namespace) -> ExitStatus:
-    result = explain(request_from_args(args), netns=args.netns)
+    if args.listen and args.udp:
+        raise UsageError("UDP sockets do not listen(): ask about the bind (without --listen)")
+    netns = args.netns or str(os.stat("/proc/thread-self/ns/net").st_ino)
+    facts = namespace_facts(netns)
+    result = explain(request_from_args(args, facts), netns=netns, facts=facts)
     if args.json:
         print(json.dumps(result.to_json()))
     else:
@@ -80,23 +86,31 @@ def _grouped(blockers: list[dict]) -> list[list[dict]]:
     return list(groups.values())
 
 
+HELD = {"time_wait": "no process (TIME_WAIT outlives its socket)",
+        "orphan": "no process (closed: the kernel is finishing the close)",
+        "hidden": "a process portscope cannot see",
+        "unaccepted": "its listener (not accepted yet)"}
+
+
 def render(e: Explanation) -> str:
     """The answer as lines for a terminal: every line escaped (an owner's
     name, a path in a fix), blank lines between the parts."""
-    req = e.to_json()["request"]
+    doc = e.to_json()
+    req = doc["request"]
     opts = ", ".join(req["options"]) or "no options"
     call = "listen() on" if e.request.listen else "bind() to"
-    lines = [f"{call} {req['protocol']} {req['local']} ({opts}, uid {req['uid']}): "
-             + ("would succeed" if e.verdict == "free" else "would FAIL with EADDRINUSE")]
-    if e.ephemeral:
+    verdict = "would succeed" if e.verdict == "free" else f"would FAIL with {e.errno}"
+    lines = [f"{call} {req['protocol']} {req['local']} ({opts}, uid {req['uid']}): {verdict}"]
+    for i, r in enumerate(e.reasons):
+        lines.append(f"  {'reason' if i == 0 else 'then'}: {r.text}" + (
+            f" ({r.errno})" if i else ""))
+    if e.ephemeral and e.ephemeral.get("free") is not None:
         lo, hi = e.ephemeral["range"]
-        lines.append(f"  ephemeral range {lo}-{hi}: {e.ephemeral['free']} port(s) free, "
+        lines.append(f"  port range {lo}-{hi}: {e.ephemeral['free']} port(s) free, "
                      f"{e.ephemeral['in_use']} in use, {e.ephemeral['reserved']} reserved")
-    for group in _grouped(e.to_json()["blockers"]):
+    for group in _grouped(doc["blockers"]):
         b, count = group[0], len(group)
-        owners = ", ".join(f"{o['comm']}[{o['pid']}]" for o in b["owners"]) or (
-            "no process (TIME_WAIT outlives its socket)" if b["state"] == "TIME_WAIT"
-            else "no visible process")
+        owners = ", ".join(f"{o['comm']}[{o['pid']}]" for o in b["owners"]) or HELD[b["held"]]
         many = f"{count} x " if count > 1 else ""
         peers = ""
         if b["state"] not in ("LISTEN", "CLOSE"):
@@ -105,8 +119,11 @@ def render(e: Explanation) -> str:
         lines += ["", f"  blocked by {many}{b['state']} {b['local']}{peers}  uid {b['uid']}  "
                       f"options [{', '.join(b['options']) or '-'}]  held by {owners}",
                   f"    rule: {b['why']}"]
-    if e.fixes:
-        lines += ["", "  what would work:"] + [f"    - {f}" for f in e.fixes]
+    for rule in dict.fromkeys(str(f.params.get("for")) for f in e.fixes):
+        fixes = [f for f in e.fixes if str(f.params.get("for")) == rule]
+        errno = next((r.errno for r in e.reasons if r.rule == rule), "")
+        lines += ["", f"  what would work{' against ' + errno if len(e.reasons) > 1 else ''}:"]
+        lines += [f"    - {f.text}" for f in fixes]
     for n in e.notes:
-        lines += ["", f"  note: {n}"]
+        lines += ["", f"  note: {n.text}"]
     return "\n".join(printable(line) for line in lines)

@@ -62,8 +62,13 @@ def detail(c: Conflict) -> Text:
         out.append("\nno explanation: ", "bold")
         out.append(s(x.error) + "\n")
         return out
-    out.append("\nBlocked by\n", "bold")
-    if not x.blockers:
+    if x.reasons:
+        out.append("\nWhy\n", "bold")
+        for i, reason in enumerate(x.reasons):
+            out.append(f"  {'•' if i == 0 else 'then:'} {s(reason)}\n")
+    if x.blockers or x.rule in ("", "conflict"):
+        out.append("\nBlocked by\n", "bold")
+    if not x.blockers and x.rule in ("", "conflict"):
         out.append("  nothing left by the time we looked (the blocker closed meanwhile)\n")
     for b in x.blockers:
         out.append(f"  {s(b.who)} ", "bold")

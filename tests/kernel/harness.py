@@ -48,6 +48,7 @@ PR_SET_CHILD_SUBREAPER = 36
 IP_FREEBIND = 15
 IP_TRANSPARENT = 19
 IP_BIND_ADDRESS_NO_PORT = 24
+IP_LOCAL_PORT_RANGE = 51
 IPV6_TRANSPARENT = 75
 IPV6_FREEBIND = 78
 
@@ -392,7 +393,7 @@ class Actor:
     """
 
     def __init__(self, ns: Netns, uid: int = 0, gid: int | None = None,
-                 timeout: float = DEFAULT_TIMEOUT) -> None:
+                 timeout: float = DEFAULT_TIMEOUT, caps: frozenset[int] | None = None) -> None:
         _become_subreaper()
         self.ns = ns
         self.uid = uid
@@ -406,7 +407,7 @@ class Actor:
         lifeline_r, self._lifeline_w = os.pipe()
         pid = os.fork()
         if pid == 0:  # the child never returns from here
-            _child_main(child_conn, lifeline_r, ns.path, self.uid, self.gid)
+            _child_main(child_conn, lifeline_r, ns.path, self.uid, self.gid, caps)
         self.pid = pid
         self.alive = True
         ns.actors.append(self)
@@ -471,6 +472,10 @@ class Actor:
 
     def close(self, fd: int) -> None:
         self._call("close", fd)
+
+    def fill(self, fd: int) -> int:
+        """Send on ``fd`` until its buffers are full; the bytes sent."""
+        return self._call("fill", fd)
 
     def fork_keep(self, fds: Iterable[int]) -> int:
         """Fork a keeper that holds ``fds`` open (and nothing else) until
@@ -538,7 +543,8 @@ class Actor:
 # ---- actors: the child side --------------------------------------------------
 
 
-def _child_main(conn: Connection, lifeline_r: int, ns_path: str, uid: int, gid: int) -> None:
+def _child_main(conn: Connection, lifeline_r: int, ns_path: str, uid: int, gid: int,
+                caps: frozenset[int] | None = None) -> None:
     """Runs in the forked child: join the namespace, drop to uid, serve steps."""
     code = 0
     try:
@@ -547,7 +553,7 @@ def _child_main(conn: Connection, lifeline_r: int, ns_path: str, uid: int, gid: 
         _libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
         try:
             _enter_netns(ns_path)
-            _drop_privileges(uid, gid)
+            _drop_privileges(uid, gid, caps)
         except Exception as exc:  # reported to the parent as the start failure
             conn.send(("error", f"{type(exc).__name__}: {exc}"))
             raise
@@ -579,13 +585,38 @@ def _enter_netns(path: str) -> None:
         os.close(fd)
 
 
-def _drop_privileges(uid: int, gid: int) -> None:
-    """After setns (which needs CAP_SYS_ADMIN): groups, then gid, then uid."""
-    if uid == 0 and gid == 0:
+PR_SET_KEEPCAPS = 8
+CAP_NET_BIND_SERVICE = 10
+CAP_NET_ADMIN = 12
+_CAP_VERSION_3 = 0x20080522
+
+
+def _drop_privileges(uid: int, gid: int, caps: frozenset[int] | None = None) -> None:
+    """After setns (which needs CAP_SYS_ADMIN): groups, then gid, then uid.
+    ``caps``: keep exactly these capabilities (effective and permitted),
+    even as another uid (a service given CAP_NET_BIND_SERVICE), or drop the
+    others as root (root without the capability); None: what the uid gets."""
+    if uid == 0 and gid == 0 and caps is None:
         return
+    if caps is not None:
+        _libc.prctl(PR_SET_KEEPCAPS, 1, 0, 0, 0)
     os.setgroups([])
     os.setresgid(gid, gid, gid)
     os.setresuid(uid, uid, uid)
+    if caps is not None:
+        _capset(caps)
+
+
+def _capset(caps: frozenset[int]) -> None:
+    header = (ctypes.c_uint32 * 2)(_CAP_VERSION_3, 0)
+    data = (ctypes.c_uint32 * 6)()
+    for cap in caps:
+        word, bit = divmod(cap, 32)
+        data[word * 3] |= 1 << bit  # effective
+        data[word * 3 + 1] |= 1 << bit  # permitted
+    if _libc.capset(header, data) != 0:
+        err = ctypes.get_errno()
+        raise OSError(err, f"capset: {os.strerror(err)}")
 
 
 def _sockaddr_str(family: int, name: Any) -> tuple[str, int]:
@@ -642,6 +673,14 @@ class _ActorServer:
     def op_setsockopt(self, fd: int, options: dict[str, Any]) -> None:
         sock = self.sockets[fd]
         for name, value in options.items():
+            if name == "local_port_range":  # (low, high): IP_LOCAL_PORT_RANGE, kernel 6.3+
+                low, high = value
+                sock.setsockopt(socket.IPPROTO_IP, IP_LOCAL_PORT_RANGE,
+                                (low | high << 16).to_bytes(4, "little"))
+                continue
+            if name == "rcvbuf":  # a small receive buffer: a peer that reads slowly
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, value)
+                continue
             if name == "bindtodevice":
                 sock.setsockopt(socket.SOL_SOCKET, socket.SO_BINDTODEVICE, value.encode())
                 self.devices[fd] = socket.if_nametoindex(value) if value else 0
@@ -664,6 +703,18 @@ class _ActorServer:
 
     def op_close(self, fd: int) -> None:
         self.sockets.pop(fd).close()
+
+    def op_fill(self, fd: int) -> int:
+        """Send until the socket's buffers are full (the peer does not read)."""
+        sock, sent = self.sockets[fd], 0
+        sock.setblocking(False)
+        try:
+            while True:
+                sent += sock.send(b"x" * 65536)
+        except BlockingIOError:
+            return sent
+        finally:
+            sock.setblocking(True)
 
     def op_fork_keep(self, fds: list[int]) -> int:
         pid = os.fork()

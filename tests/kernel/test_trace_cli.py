@@ -212,4 +212,10 @@ def test_each_eaddrinuse_names_its_blocker_on_the_spot():
     assert event["result"] == "EADDRINUSE"
     # The same process holds the listener that refused its own second bind.
     assert event["blockers"] == [{"pids": [pid], "comm": event["comm"], "state": "LISTEN",
-                                  "local": f"0.0.0.0:{port}", "rule": "listener"}]
+                                  "local": f"0.0.0.0:{port}", "remote": "0.0.0.0:0",
+                                  "rule": "listener", "held": "owners"}]
+    # ... and the explanation says why, as data: the errno, the rule, the fixes.
+    x = event["explanation"]
+    assert x["errno"] == "EADDRINUSE" and [r["rule"] for r in x["reasons"]] == ["conflict"]
+    assert {f["kind"] for f in x["fixes"]} >= {"stop_holder"}
+    assert all(f["params"]["for"] == "conflict" for f in x["fixes"])

@@ -19,11 +19,13 @@ from hypothesis import strategies as st
 
 from tests.hostile import NAMES, assert_safe, hostile_text
 from tracer import groups, ports, report, timewait, trace, why
+from tracer.bindcheck import NamespaceFacts
 from tracer.bindrules import Rule
+from tracer.netns import PortRange
 from tracer.events import event_from_json
 from tracer.explain import Request, explain
 from tracer.inventory import Inventory, Socket
-from tracer.onthespot import BlockerSummary, Finding
+from tracer.onthespot import BlockerSummary, EventExplanation
 from tracer.owners import Owner
 from tracer.sockdiag import SockRecord
 from tracer.sockflags import SockFlags
@@ -76,10 +78,10 @@ def test_trace_prints_one_safe_line_per_event(name: str) -> None:
     line = trace.human_line(ev)
     assert_safe(line, "trace line")
     assert "\n" not in line
-    blockers = Finding((BlockerSummary((812,), name, "LISTEN", "0.0.0.0:8080", "listener"),),
+    blockers = EventExplanation((BlockerSummary((812,), name, "LISTEN", "0.0.0.0:8080", "listener"),),
                        error=None)
     assert_safe(blockers.text()) and "\n" not in blockers.text()
-    failed = Finding(error=f"the namespace of {name} is gone")
+    failed = EventExplanation(error=f"the namespace of {name} is gone")
     assert "\n" not in failed.text()
     assert_safe(failed.text())
 
@@ -87,7 +89,9 @@ def test_trace_prints_one_safe_line_per_event(name: str) -> None:
 @given(hostile_text())
 def test_why_names_hostile_owners_safely(name: str) -> None:
     inv = Inventory([listener(name)], namespaces=1)
-    result = explain(Request(port=8080, uid=0), netns="4026531840", inventory=inv)
+    facts = NamespaceFacts(4026531840, 1024, {"ipv4": False, "ipv6": False}, False,
+                           PortRange(32768, 60999, frozenset()))
+    result = explain(Request(port=8080, uid=0), netns="4026531840", inventory=inv, facts=facts)
     assert result.verdict == "conflict"
     text = why.render(result)
     assert_safe(text, "why")

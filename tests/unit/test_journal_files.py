@@ -165,7 +165,7 @@ def test_bad_since(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
 def test_report_reads_a_journal(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     path = written(tmp_path / "j.db", events=10)
     code, out, _ = report(capsys, str(path))
-    assert code == 0 and "schema 1, 1 recording session, 10 events and 1 snapshots" in out
+    assert code == 0 and f"schema {jr.SCHEMA_VERSION}, 1 recording session, 10 events and 1 snapshots" in out
 
 
 def test_new_journal_is_private(tmp_path: Path) -> None:
@@ -312,3 +312,39 @@ def test_names_that_are_not_utf8_are_kept_exactly(tmp_path: Path) -> None:
     assert (row["comm"], row["exe"], row["cmdline"], row["cgroup"]) == (comm, exe, exe, exe)
     assert row["exe"].encode("utf-8", "surrogateescape") == b"/tmp/\xfe\n/bin"
     assert row["json"]["comm"] == comm  # the JSON column escapes it its own way
+
+
+# ---- schema 1 journals: read as they are, migrated by a recorder ---------------------------
+
+
+def _schema_1(path: Path) -> Path:
+    """A journal as portscope wrote it before schema 2 (no explanation column)."""
+    written(path, events=5)
+    conn = sqlite3.connect(path)
+    conn.execute("ALTER TABLE events DROP COLUMN explanation")
+    conn.execute("PRAGMA user_version = 1")
+    conn.commit()
+    conn.close()
+    return path
+
+
+def test_a_schema_1_journal_is_read_without_change(tmp_path: Path,
+                                                   capsys: pytest.CaptureFixture[str]) -> None:
+    path = _schema_1(tmp_path / "old.db")
+    before = path.read_bytes()
+    code, out, err = report(capsys, str(path))
+    assert code == 0 and "schema 1, 1 recording session, 5 events" in out, err
+    with jr.JournalReader(str(path)) as r:
+        rows = r.rows("events")
+    assert len(rows) == 5 and all(row["explanation"] is None for row in rows)
+    assert path.read_bytes() == before
+
+
+def test_a_recorder_migrates_a_schema_1_journal(tmp_path: Path) -> None:
+    path = _schema_1(tmp_path / "old.db")
+    w = jr.JournalWriter(str(path))
+    w.close()
+    conn = sqlite3.connect(path)
+    assert conn.execute("PRAGMA user_version").fetchone()[0] == jr.SCHEMA_VERSION
+    assert "explanation" in {r[1] for r in conn.execute("PRAGMA table_info(events)")}
+    assert conn.execute("SELECT count(*) FROM events").fetchone()[0] == 5

@@ -19,6 +19,7 @@ from rich.console import Console
 from textual.widgets import Input, Static
 
 from tracer import cli
+from tracer.onthespot import BlockerSummary, EventExplanation
 from tracer import journal as jr
 from tracer.errors import ExitStatus, UsageError
 from tracer.events import CallEvent, Options
@@ -62,12 +63,23 @@ WORKERS = [jr.SnapshotSocket(NETNS, "tcp", "ipv4", "LISTEN", "0.0.0.0", 9090, 0,
            for i in range(2)]
 
 
+def spot(blockers: object) -> EventExplanation | None:
+    """The explainer's answer that recorded these blockers (or this error)."""
+    if blockers is None:
+        return None
+    if isinstance(blockers, dict):
+        return EventExplanation(error=str(blockers["error"]))
+    return EventExplanation(tuple(BlockerSummary(tuple(b["pids"]), b["comm"], b["state"],
+                                                 b["local"], b["rule"])
+                                  for b in blockers))  # type: ignore[union-attr]
+
+
 def build(path: Path) -> Path:
     w = jr.JournalWriter(str(path))
     try:
         w.start_session("tracepoint", 2.0)
         w.add_snapshot(jr.Snapshot(T0 + 5, 0.01, "periodic", [SVC], {"namespaces": 1}))
-        w.add_events([jr.event_row(w.session, ev, None, b) for ev, b in EVENTS])
+        w.add_events([jr.event_row(w.session, ev, None, spot(b)) for ev, b in EVENTS])
         w.add_snapshot(jr.Snapshot(T0 + 150, 0.01, "periodic", [SVC, *WORKERS],
                                    {"namespaces": 1}))
         w.commit()
