@@ -61,6 +61,7 @@ struct ps_btf_anchor {
 	struct ps_fileinfo fileinfo;
 	struct ps_conn_key conn_key;
 	struct ps_closer closer;
+	struct ps_proc_args proc_args;
 	enum ps_group_flag group_flag;
 	struct ps_member_count member_count;
 };
@@ -835,6 +836,33 @@ int ps_iter_task_file(struct bpf_iter__task_file *ctx)
 #define PS_CLOSER_ENTRIES 131072
 #endif
 PS_LRU_HASH(ps_closers, struct ps_conn_key, struct ps_closer, PS_CLOSER_ENTRIES);
+/* One entry per closing process, not per connection: a few processes close
+ * most connections. Resized by the collector like ps_closers. */
+#ifndef PS_CLOSER_ARGS_ENTRIES
+#define PS_CLOSER_ARGS_ENTRIES 8192
+#endif
+PS_LRU_HASH(ps_closer_args, __u32, struct ps_proc_args, PS_CLOSER_ARGS_ENTRIES);
+
+/* The closing task's command line, once per process (its first close). */
+static __always_inline void remember_args(__u32 tgid)
+{
+	struct task_struct *task = (struct task_struct *)bpf_get_current_task();
+	struct ps_proc_args args = {};
+	unsigned long start, end;
+	__u32 len;
+
+	if (PS_LOOKUP(ps_closer_args, &tgid))
+		return;
+	start = BPF_CORE_READ(task, mm, arg_start);
+	end = BPF_CORE_READ(task, mm, arg_end);
+	len = end > start ? end - start : 0;
+	if (len > PS_ARGS_LEN - 1)
+		len = PS_ARGS_LEN - 1;
+	len &= PS_ARGS_LEN - 1; /* a bound the verifier can see */
+	if (len && !bpf_probe_read_user(args.args, len, (void *)start))
+		args.len = len;
+	PS_UPDATE(ps_closer_args, &tgid, &args);
+}
 
 /* A listener closes: a rare event, sent when the collector asks for it (the
  * journal: who gave a port up, just before someone else took it). The port
@@ -900,5 +928,6 @@ int ps_state_change(struct trace_event_raw_inet_sock_set_state *ctx)
 	who.from_state = ctx->oldstate;
 	bpf_get_current_comm(who.comm, sizeof(who.comm));
 	PS_UPDATE(ps_closers, &key, &who);
+	remember_args(who.pid);
 	return 0;
 }

@@ -151,6 +151,17 @@ struct ps_closer {
 	char comm[PS_COMM_LEN];
 };
 
+/* The command line of a process that closed a connection, read from its
+ * memory at its first close (the ps_closer_args map, keyed by the pid): the
+ * process may be long gone when its TIME_WAIT sockets are explained. The
+ * arguments are NUL-separated, cut at PS_ARGS_LEN bytes. */
+#define PS_ARGS_LEN 128         /* a power of two: the verifier bounds a masked length */
+struct ps_proc_args {
+	__u32 len;              /* bytes of args read, 0 if they could not be */
+	__u32 pad;
+	char args[PS_ARGS_LEN];
+};
+
 /* What the ps_group_counts map holds per member of a reuseport group, per
  * CPU, keyed by the socket cookie (__u64). One schema for every plan: the
  * tracepoint plan counts at sk_data_ready on the receiving listener or UDP

@@ -172,6 +172,7 @@ def cflags(config: EngineConfig, plan: Plan) -> list[str]:
         f"-DPS_CFG_plan={int(plan.code)}",
         f"-DPS_RING_PAGES={_ring_size(config.ring_bytes) // page}",
         f"-DPS_CLOSER_ENTRIES={config.closer_entries}",
+        f"-DPS_CLOSER_ARGS_ENTRIES={config.closer_args_entries}",
         "-w",  # the kernel's headers warn; the libbpf build is the -Werror one
     ]
 

@@ -65,7 +65,8 @@ class CgroupPaths:
         root = self.root or ""
         for dirpath, dirnames, _ in os.walk(root):
             try:
-                paths[os.stat(dirpath).st_ino] = "/" + os.path.relpath(dirpath, root).lstrip(".")
+                paths[os.stat(dirpath).st_ino] = ("/" if dirpath == root
+                                                  else "/" + os.path.relpath(dirpath, root))
             except OSError:
                 continue  # a cgroup removed during the walk
         self._paths = paths

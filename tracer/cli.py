@@ -215,6 +215,10 @@ def build_parser() -> argparse.ArgumentParser:
     why.add_argument("--port-range", type=port_range_value, metavar="LO-HI",
                      help="with IP_LOCAL_PORT_RANGE (kernel 6.3+): port 0 picks in LO-HI "
                           "(within the namespace's range)")
+    why.add_argument("--cgroup", metavar="PATH", type=text_value("cgroup"),
+                     help="the cgroup2 path the process runs in, e.g. /system.slice/nginx.service "
+                          "(default: portscope's own): BPF programs attached there or above "
+                          "(cgroup/bind4, bind6, post_bind4, post_bind6) are named")
     why.add_argument("--cap-net-bind-service", action=argparse.BooleanOptionalAction,
                      default=None, help="whether the process has CAP_NET_BIND_SERVICE (default: "
                      "root has it, other users do not); matters below "

@@ -87,12 +87,17 @@ def run(args: argparse.Namespace) -> ExitStatus:
     report["problem"] = str(blocker) if blocker else None
     bcc = check_bcc(facts, args.engine == "bcc")
     report["bcc"] = asdict(bcc)
+    from . import hooks
+
+    bind_hooks = hooks.everywhere() if facts.privileged else []
+    report["bind_hooks"] = [h.to_json() for h in bind_hooks]
 
     if args.json:
         print(json.dumps(report, indent=2))
     else:
         _print_human(facts, plans, chosen, blocker)
         _print_bcc(bcc, args.engine == "bcc")
+        _print_hooks(bind_hooks)
     if blocker:
         return blocker.status
     if args.engine == "bcc":
@@ -150,3 +155,13 @@ def _print_bcc(bcc: BccReport, tried: bool) -> None:
           "installed)" + ("" if tried else "; 'portscope doctor --engine bcc' tries its plans"))
     for p in bcc.plans:
         _out(f"  {p.plan:11} {'ok' if p.attach == 'ok' else p.attach}")
+
+
+def _print_hooks(found: list) -> None:  # type: ignore[type-arg]
+    """BPF programs that act on bind() (they can refuse it, or rewrite it)."""
+    if not found:
+        _out("\nbind programs: none attached (cgroup/bind4, bind6, post_bind4, post_bind6)")
+        return
+    _out("\nbind programs (they may refuse a bind with EPERM, or rewrite its address and port):")
+    for h in found:
+        _out(f"  {h.name or 'unnamed':16} id {h.program_id:<6} cgroup/{h.hook:11} on {h.cgroup}")

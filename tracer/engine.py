@@ -88,6 +88,7 @@ class EngineConfig:
     # Connections whose closer is remembered (an LRU map, preallocated:
     # about 150 bytes each, so 10 MiB by default).
     closer_entries: int = 65536
+    closer_args_entries: int = 8192  # processes whose command line is kept (one each)
     btf_path: str | None = None  # a BTF file for kernels that expose none
     object_path: Path = field(default_factory=object_path)
     # Which program set each plan loads: PLAN_PROGRAMS (bind/listen/connect
@@ -159,7 +160,8 @@ class Engine:
         self._pending: list[bytes] = []
         self._ring = libbpf.RingBuffer(loaded.map("ps_events"), self._pending.append)
         self._closers = loaded.map("ps_closers")
-        self._closers_pin = closers.publish(self._closers)
+        self._closer_args = loaded.map("ps_closer_args")
+        self._closers_pin = closers.publish(self._closers, self._closer_args)
 
     def poll(self, timeout_ms: int = 100) -> list[bytes]:
         """Raw ps_event records that arrived within ``timeout_ms``."""
@@ -210,11 +212,11 @@ class Engine:
     def closers(self) -> dict[closers.ConnKey, closers.Closer]:
         """The closes this engine recorded (also readable by other processes
         through the pinned map: closers.read_pinned)."""
-        return closers.read_fd(self._closers.fd, Clock())
+        return closers.read_fd(self._closers.fd, Clock(), self._closer_args.fd)
 
     def close(self) -> None:
         if self._loaded:
-            closers.withdraw(self._closers, self._closers_pin)
+            closers.withdraw(self._closers, self._closers_pin, self._closer_args)
         if self._ring:
             self._ring.free()
             self._ring = None
@@ -375,6 +377,7 @@ def _configure(obj: libbpf.BpfObject, config: EngineConfig, plan: Plan) -> None:
     ring = obj.map("ps_events")
     ring.set_max_entries(_ring_size(config.ring_bytes))
     obj.map("ps_closers").set_max_entries(config.closer_entries)
+    obj.map("ps_closer_args").set_max_entries(config.closer_args_entries)
     cfg = PsConfig(
         target_tgid=config.pid,
         target_port=config.port,

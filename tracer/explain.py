@@ -59,6 +59,7 @@ class Request:
     bind_address_no_port: bool = False  # IP_BIND_ADDRESS_NO_PORT
     port_range: tuple[int, int] | None = None  # IP_LOCAL_PORT_RANGE (kernel 6.3+)
     cap_net_bind_service: bool | None = None  # None: what the uid has (root: yes)
+    cgroup: str | None = None  # the process's cgroup2 path, for bind programs (None: ours)
 
     def sock(self) -> Sock:
         family = self.family or _family_of(self.addr)
@@ -149,6 +150,7 @@ class Explanation:
     inventory: Inventory
     ephemeral: dict[str, object] | None = None  # port 0: the range and what is free
     facts: NamespaceFacts | None = None
+    closers: dict = field(default_factory=dict)  # who closed the blockers no process holds
 
     @property
     def verdict(self) -> str:
@@ -175,7 +177,7 @@ class Explanation:
                 "port_range": list(self.request.port_range) if self.request.port_range else None,
                 "call": "listen" if self.request.listen else "bind",
             },
-            "blockers": [blocker_json(b, s) for b, s in self.blockers],
+            "blockers": [blocker_json(b, s, self.closers.get(conn_of(s))) for b, s in self.blockers],
             "fixes": [f.to_json() for f in self.fixes],
             "notes": [n.to_json() for n in self.notes],
             "ephemeral": self.ephemeral,
@@ -183,7 +185,13 @@ class Explanation:
         }
 
 
-def blocker_json(b: Blocker, s: Socket) -> dict[str, object]:
+def conn_of(s: Socket) -> tuple[int, str, str, int, str, int]:
+    """The connection a socket is, as the closers map keys it."""
+    d = s.diag
+    return (d.netns, d.family, d.local_addr, d.local_port, d.remote_addr, d.remote_port)
+
+
+def blocker_json(b: Blocker, s: Socket, closer: object = None) -> dict[str, object]:
     d = s.diag
     return {
         "pids": [o.pid for o in s.owners],
@@ -200,6 +208,7 @@ def blocker_json(b: Blocker, s: Socket) -> dict[str, object]:
         "netns": d.netns,
         "timer_ms": d.timer_ms,
         "held": holding(s),
+        "closed_by": closer.to_json() | {"label": closer.label()} if closer else None,  # type: ignore[attr-defined]
         "rule": b.rule.value,
         "overlap": b.overlap.value,
         "why": b.sentence(),
@@ -282,8 +291,16 @@ def explain(request: Request, netns: str | None = None, inventory: Inventory | N
     e.reasons = reasons + e.reasons
     e.fixes = fixes + e.fixes
     e.facts = facts
-    e.notes += _inventory_notes(inv, e.blockers)
+    e.notes += _inventory_notes(inv, e.blockers) + hook_notes(request)
     return e
+
+
+def hook_notes(request: Request) -> list[Note]:
+    """BPF programs on the process's cgroup path that act on its bind()."""
+    from . import hooks
+
+    found = hooks.on_path(request.cgroup, hooks.FAMILY_HOOKS[request.sock().family])
+    return [Note("bind_hook", {"hooks": [h.to_json() for h in found]})] if found else []
 
 
 def namespace_facts(netns: str) -> NamespaceFacts:
@@ -304,10 +321,29 @@ def _explain_port(request: Request, new: Sock, inv: Inventory) -> Explanation:
     blockers = [(b, by_key[b.sock.key]) for b in found]
     reasons = [Reason("EADDRINUSE", "conflict", {"blockers": len(blockers)})] if blockers else []
     fixes, notes = _fixes(new, [r for r, _ in pairs], blockers)
+    found_closers: dict = {}
     if blockers:
         notes += _fast_path_notes(new, pairs)
         notes += _holder_notes(blockers, inv)
-    return Explanation(request, new, reasons, blockers, fixes, notes, inv)
+        found_closers, closer_notes = _closers_of(blockers)
+        notes += closer_notes
+    return Explanation(request, new, reasons, blockers, fixes, notes, inv,
+                       closers=found_closers)
+
+
+def _closers_of(blockers: list[tuple[Blocker, Socket]]) -> tuple[dict, list[Note]]:
+    """Who left the blockers no process holds (TIME_WAIT, orphans): recorded
+    in the kernel at the close by any portscope collector running then."""
+    from . import closers
+
+    ownerless = [s for _, s in blockers if holding(s) in ("time_wait", "orphan")]
+    if not ownerless:
+        return {}, []
+    found = closers.lookup(conn_of(s) for s in ownerless)
+    missing = [s for s in ownerless if conn_of(s) not in found]
+    notes = [Note("closer_unknown", {"sockets": len(missing),
+                                     "collectors": closers.running_collectors()})] if missing else []
+    return found, notes
 
 
 def _rule_pairs(inv: Inventory, new: Sock, self_inode: int = 0) -> list[tuple[Sock, Socket]]:
@@ -531,9 +567,36 @@ def _holder_notes(blockers: list[tuple[Blocker, Socket]], inv: Inventory) -> lis
             out.append(Note("hidden_owner", where))
         elif how == "unaccepted":
             out.append(Note("unaccepted", where))
-        elif how == "orphan":
-            out.append(Note("orphan", where))
+        elif how in ("orphan", "time_wait"):
+            peer = _local_peer(s, inv)
+            if peer is not None:
+                where["peer"] = peer
+            if how == "orphan" or peer is not None:
+                out.append(Note("orphan" if how == "orphan" else "closed_on_this_side", where))
     return _unique_notes(out)
+
+
+def _local_peer(s: Socket, inv: Inventory) -> dict[str, object] | None:
+    """The other end of a connection when it is in this namespace too (a
+    client on the same host): its state (CLOSE_WAIT: it has not closed) and
+    who holds it. The inventory holds the port's sockets only, so the peer's
+    port is read apart."""
+    from .inventory import take
+
+    d = s.diag
+    if not d.remote_port:
+        return None
+    try:
+        others = take(port=d.remote_port, protocols=("tcp",), netns=str(d.netns)).sockets
+    except Exception:  # noqa: BLE001 - the peer is extra information, never a failure
+        return None
+    for o in others:
+        od = o.diag
+        if (od.local_addr, od.local_port, od.remote_addr, od.remote_port) == \
+                (d.remote_addr, d.remote_port, d.local_addr, d.local_port):
+            return {"state": od.state, "local": format_addr(od.family, od.local_addr, od.local_port),
+                    "pids": [x.pid for x in o.owners], "owners": [x.label() for x in o.owners]}
+    return None
 
 
 def _unique_notes(notes: list[Note]) -> list[Note]:
@@ -682,6 +745,14 @@ REASON_TEXT = {
                                           "device (SO_BINDTODEVICE or the address's scope id)"),
     "device_gone": lambda f: (f"the socket is bound to device #{f['bound_dev_if']}, which no "
                               "longer exists"),
+    "bind_hook": lambda f: (
+        "a BPF program refused it (EPERM): "
+        + "; ".join(f"{h['name'] or 'unnamed'} (id {h['program_id']}) at cgroup/{h['hook']} on "
+                    f"{h['cgroup']}" for h in f["hooks"])  # type: ignore[attr-defined]
+        + " acts on the caller's binds"),
+    "eperm_unexplained": lambda f: (
+        "the bind was refused with EPERM, and no BPF program is attached on the caller's "
+        "cgroup path: a security module (SELinux, AppArmor, a BPF LSM) refused it"),
     "four_tuple_taken": lambda f: (f"the socket is bound to {f['local']}, and a connection "
                                    f"{f['local']} <-> {f['remote']} exists already: the 4-tuple "
                                    "would repeat"),
@@ -715,6 +786,16 @@ def _option_text(p: dict[str, object]) -> str:
     if p.get("value") == 0:
         return f"clear {p['option']} on the new socket"
     return f"set {p['option']} on the new socket{_OPTION_TEXT.get(str(p['option']), '')}"
+
+
+def _peer_text(p: dict[str, object]) -> str:
+    peer = p.get("peer")
+    if not isinstance(peer, dict):
+        return ""
+    who = ", ".join(map(str, peer.get("owners") or [])) or "no process"
+    tail = (": it has not closed its end yet; when it does, this side moves to TIME_WAIT"
+            if peer.get("state") == "CLOSE_WAIT" else "")
+    return f"; the other end, {peer['local']}, is here too, {peer['state']}, held by {who}{tail}"
 
 
 def _who(p: dict[str, object]) -> str:
@@ -781,13 +862,28 @@ NOTE_TEXT = {
         f"the {p['state']} socket {p['local']} <-> {p['remote']} belongs to no process: it was "
         "closed (or its process died) and the kernel is finishing the close"
         + (f"; its timer ({p['timer']}) fires in {int(p['timer_ms']) / 1000:.0f} s"  # type: ignore[call-overload]
-           if p.get("timer") else "")),
+           if p.get("timer") else "") + _peer_text(p)),
+    "closed_on_this_side": lambda p: (
+        f"the {p['state']} socket {p['local']} <-> {p['remote']} was closed on this side"
+        + _peer_text(p)),
     "flags_unknown": lambda p: (
         f"{p['sockets']} socket(s) on the port had no readable flags: they were treated as "
         "having no SO_REUSEADDR/SO_REUSEPORT"),
     "unreadable_owner": lambda p: (
         f"pid {p['pid']} ({p['comm']}) holds a blocker but could not be read ({p['problem']}): "
         "its executable and unit are unknown"),
+    "bind_hook": lambda p: (
+        "BPF programs act on this bind where it runs: "
+        + "; ".join(f"{h['name'] or 'unnamed'} (id {h['program_id']}) at cgroup/{h['hook']} on "
+                    f"{h['cgroup']}" for h in p["hooks"])  # type: ignore[attr-defined]
+        + ": such a program may refuse it (EPERM) or rewrite its address and port, which "
+          "portscope cannot predict (bpftool prog dump xlated id N shows what it does)"),
+    "closer_unknown": lambda p: (
+        f"who closed {p['sockets']} of these socket(s) is unknown: "
+        + ("no portscope collector was running when they closed; run portscope record as a "
+           "service (deploy/portscope-record.service) to know next time"
+           if not p["collectors"] else
+           "they closed before the running collectors' oldest record")),
     "no_port_at_bind": lambda p: (
         "with IP_BIND_ADDRESS_NO_PORT the bind takes no port: it is chosen at connect(), per "
         "destination (see portscope timewait for ephemeral-port pressure)"),

@@ -333,13 +333,13 @@ class GroupWatcher:
         self.netns = netns
         self.protocols = tuple(protocols)
         config = EngineConfig(plan=plan, port=port or 0, btf_path=btf_path, ring_bytes=0,
-                              closer_entries=1, programs=GROUP_PROGRAMS)
+                              closer_entries=1, closer_args_entries=1, programs=GROUP_PROGRAMS)
         self.engine: Engine | None = open_engine(config)
         self.started = time.time()
         self._started_mono = time.monotonic()
         try:
             self._iterators: SocketIterators | None = SocketIterators(
-                EngineConfig(btf_path=btf_path, closer_entries=1))
+                EngineConfig(btf_path=btf_path, closer_entries=1, closer_args_entries=1))
         except BaseException:
             self.engine.close()
             raise

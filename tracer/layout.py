@@ -121,6 +121,17 @@ class PsCloser(ctypes.Structure):
 _check(PsCloser, 48, {"ts_ns": 0, "cgroup_id": 8, "pid": 16, "uid": 20, "from_state": 24, "pad": 25, "comm": 32})
 
 
+class PsProcArgs(ctypes.Structure):
+    _fields_ = [
+        ("len", ctypes.c_uint32),
+        ("pad", ctypes.c_uint32),
+        ("args", ctypes.c_char * 128),
+    ]
+
+
+_check(PsProcArgs, 136, {"len": 0, "pad": 4, "args": 8})
+
+
 class PsMemberCount(ctypes.Structure):
     _fields_ = [
         ("delivered", ctypes.c_uint64),

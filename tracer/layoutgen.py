@@ -16,6 +16,7 @@ import sys
 from .libbpf import Btf, BtfKind
 
 STRUCTS = ("ps_event", "ps_config", "ps_sockinfo", "ps_fileinfo", "ps_conn_key", "ps_closer",
+           "ps_proc_args",
            "ps_member_count")
 INT_ENUMS = ("ps_kind", "ps_plan", "ps_counter")
 FLAG_ENUMS = ("ps_opt", "ps_quality", "ps_group_flag")

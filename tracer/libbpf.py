@@ -64,6 +64,7 @@ class _BatchOpts(ctypes.Structure):
 # recursion_misses counter sits (added in 5.12).
 _PROG_INFO_SIZE = 232
 _PROG_INFO_RECURSION_MISSES = 208
+_PROG_INFO_NAME = 64  # char name[BPF_OBJ_NAME_LEN]
 _MAP_INFO_SIZE = 96  # struct bpf_map_info: type, id, ... (the kernel fills what it has)
 
 
@@ -107,6 +108,9 @@ _SIGNATURES: dict[str, tuple[object, list[object]]] = {
     "bpf_map_delete_elem": (c_int, [c_int, c_void_p]),
     "bpf_program__fd": (c_int, [c_void_p]),
     "bpf_obj_get_info_by_fd": (c_int, [c_int, c_void_p, POINTER(c_uint32)]),
+    "bpf_prog_query": (c_int, [c_int, c_uint32, c_uint32, POINTER(c_uint32), POINTER(c_uint32),
+                               POINTER(c_uint32)]),
+    "bpf_prog_get_fd_by_id": (c_int, [c_uint32]),
     "bpf_map_lookup_batch": (
         c_int,
         [c_int, c_void_p, c_void_p, c_void_p, c_void_p, POINTER(c_uint32), POINTER(_BatchOpts)],
@@ -328,6 +332,40 @@ def recursion_misses(prog_fd: int, name: str) -> int:
     if size < _PROG_INFO_RECURSION_MISSES + 8:
         return 0  # a kernel older than 5.12 does not report it
     return c_uint64.from_buffer(info, _PROG_INFO_RECURSION_MISSES).value
+
+
+BPF_F_QUERY_EFFECTIVE = 1
+
+
+def attached_programs(target_fd: int, attach_type: int, effective: bool = False,
+                      limit: int = 64) -> list[int]:
+    """Ids of the programs attached to a cgroup (or namespace) open on
+    ``target_fd`` at ``attach_type`` (BPF_PROG_QUERY); with ``effective``,
+    those inherited from its ancestors too."""
+    ids = (c_uint32 * limit)()
+    count = c_uint32(limit)
+    flags = c_uint32(0)
+    _check_ret(lib().bpf_prog_query(target_fd, attach_type,
+                                    BPF_F_QUERY_EFFECTIVE if effective else 0,
+                                    ctypes.byref(flags), ids, ctypes.byref(count)),
+               f"query programs of type {attach_type}")
+    return list(ids[:count.value])
+
+
+def program_name(prog_id: int) -> str:
+    """The name a loaded program was given (bpf_prog_info.name), '' when it
+    is gone or cannot be opened."""
+    fd = lib().bpf_prog_get_fd_by_id(prog_id)
+    if fd < 0:
+        return ""
+    try:
+        info, _ = _prog_info(fd, str(prog_id))
+        return info.raw[_PROG_INFO_NAME:_PROG_INFO_NAME + 16].split(b"\0", 1)[0].decode(
+            "utf-8", "replace")
+    except OSError:
+        return ""
+    finally:
+        os.close(fd)
 
 
 def map_id(map_fd: int, name: str) -> int:

@@ -26,7 +26,7 @@ from .text import printable
 
 TTL_S = 1.0
 BIND_ERRNOS = frozenset({errno.EADDRINUSE, errno.EACCES, errno.EADDRNOTAVAIL, errno.EINVAL,
-                         errno.ENODEV})
+                         errno.ENODEV, errno.EPERM})
 CONNECT_ERRNOS = frozenset({errno.EADDRNOTAVAIL, errno.EADDRINUSE})
 
 
@@ -41,17 +41,22 @@ class BlockerSummary:
     why: str = ""  # the rule as a sentence
     held: str = "owners"  # owners | time_wait | orphan | hidden | unaccepted (explain.holding)
     remote: str = ""
+    closed_by: str = ""  # who closed it, when no process holds it and that is known
 
     def text(self) -> str:
         """One line for a terminal (the process name escaped)."""
         who = (f"{printable(self.comm)}[{','.join(map(str, self.pids))}]" if self.pids
                else HELD_WORDS.get(self.held, "no visible process"))
-        return f"{who} {self.state} {self.local} ({self.rule})"
+        left = f", left by {printable(self.closed_by)}" if self.closed_by else ""
+        return f"{who} {self.state} {self.local} ({self.rule}){left}"
 
     def to_json(self) -> dict[str, object]:
-        return {"pids": list(self.pids), "comm": self.comm, "state": self.state,
-                "local": self.local, "remote": self.remote, "rule": self.rule,
-                "held": self.held}
+        out: dict[str, object] = {"pids": list(self.pids), "comm": self.comm,
+                                  "state": self.state, "local": self.local,
+                                  "remote": self.remote, "rule": self.rule, "held": self.held}
+        if self.closed_by:
+            out["closed_by"] = self.closed_by
+        return out
 
 
 HELD_WORDS = {"time_wait": "no process (TIME_WAIT)", "orphan": "no process (closing)",
@@ -115,7 +120,10 @@ def explainable(ev: CallEvent) -> bool:
 
 class OnTheSpot:
     def __init__(self) -> None:
+        from .cgroups import CgroupPaths
+
         self._iterators = None
+        self._cgroups = CgroupPaths()
         self._cache: dict[tuple[object, ...], tuple[float, EventExplanation]] = {}
         self.failures = 0  # explanations that could not be made (counted, not raised)
 
@@ -159,16 +167,21 @@ class OnTheSpot:
             from .connects import explain_connect
 
             return explain_connect(ev, self._iterators_())
-        from .explain import Note, explain
+        from .explain import Note, Reason, explain
         from .inventory import take
 
-        req = request_of(ev)
+        req = request_of(ev, self._cgroups.path_of(ev.cgroup_id))
         inv = take(port=ev.port or None, protocols=(ev.protocol,), netns=str(ev.netns),
                    iterators=self._iterators_())
         result = explain(req, netns=str(ev.netns), inventory=inv)
         notes = list(result.notes)
         observed = ev.errno_name
-        if result.errno != observed:
+        if observed == "EPERM":  # no rule gives it: a program or a security module does
+            hooks = [n for n in notes if n.kind == "bind_hook"]
+            result.reasons = [Reason("EPERM", "bind_hook", hooks[0].params) if hooks else
+                              Reason("EPERM", "eperm_unexplained", {})]
+            result.fixes = []
+        elif result.errno != observed:
             if observed == "EADDRINUSE" and result.verdict == "free":
                 notes.append(Note("blocker_gone", {}))
             else:
@@ -177,7 +190,8 @@ class OnTheSpot:
         blockers = tuple(
             BlockerSummary(tuple(o.pid for o in s.owners), s.owners[0].comm if s.owners else None,
                            s.diag.state, b["local"], b["rule"], b["overlap"], b["why"],
-                           b["held"], b["remote"])
+                           b["held"], b["remote"],
+                           b["closed_by"]["label"] if b.get("closed_by") else "")
             for (_, s), b in zip(result.blockers, result.to_json()["blockers"]))
         return EventExplanation(blockers, reasons=tuple(r.to_json() for r in result.reasons),
                                 fixes=tuple(f.to_json() for f in result.fixes),
@@ -189,10 +203,10 @@ class OnTheSpot:
             self._iterators = None
 
 
-def request_of(ev: CallEvent):  # type: ignore[no-untyped-def]
-    """The explainer's question for a traced bind() or listen(). The kernel
-    already answered the capability check: a call refused after it (any
-    errno but EACCES) passed it."""
+def request_of(ev: CallEvent, cgroup: str | None = None):  # type: ignore[no-untyped-def]
+    """The explainer's question for a traced bind() or listen(), asked by a
+    process in ``cgroup``. The kernel already answered the capability check:
+    a call refused after it (any errno but EACCES) passed it."""
     from .explain import Request
 
     flags = ev.options.flags
@@ -208,6 +222,7 @@ def request_of(ev: CallEvent):  # type: ignore[no-untyped-def]
         freebind="freebind" in flags, transparent="transparent" in flags,
         bind_address_no_port="bind_address_no_port" in flags,
         cap_net_bind_service=ev.errno != errno.EACCES,
+        cgroup=cgroup or "/",
     )
 
 

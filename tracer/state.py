@@ -50,17 +50,21 @@ class BlockerView:
     rule: str
     overlap: str = ""
     why: str = ""  # the rule as a sentence
+    closed_by: str = ""  # who left it, when no process holds it
 
     @property
     def who(self) -> str:
-        return f"{self.comm}[{','.join(map(str, self.pids))}]" if self.pids else "no visible process"
+        if self.pids:
+            return f"{self.comm}[{','.join(map(str, self.pids))}]"
+        return f"left by {self.closed_by}" if self.closed_by else "no visible process"
 
     def text(self) -> str:
         return f"{self.who} {self.state} {self.local} ({self.rule})"
 
     def to_json(self) -> dict[str, object]:
         return {"pids": list(self.pids), "comm": self.comm, "state": self.state,
-                "local": self.local, "rule": self.rule, "overlap": self.overlap, "why": self.why}
+                "local": self.local, "rule": self.rule, "overlap": self.overlap, "why": self.why,
+                "closed_by": self.closed_by}
 
     @classmethod
     def from_json(cls, d: object) -> "BlockerView":
@@ -68,12 +72,14 @@ class BlockerView:
         if not isinstance(d, dict):
             raise ValueError("a blocker is not a JSON object")
         pids = d.get("pids") or []
-        texts = [d.get(k) for k in ("comm", "state", "local", "rule", "overlap", "why")]
+        texts = [d.get(k) for k in ("comm", "state", "local", "rule", "overlap", "why",
+                                    "closed_by")]
         if not isinstance(pids, list) or not all(type(p) is int for p in pids) \
                 or not all(t is None or isinstance(t, str) for t in texts):
             raise ValueError("a blocker's pids or names have the wrong type")
         return cls(tuple(pids), d.get("comm"), d.get("state") or "?", d.get("local") or "?",
-                   d.get("rule") or "?", d.get("overlap") or "", d.get("why") or "")
+                   d.get("rule") or "?", d.get("overlap") or "", d.get("why") or "",
+                   d.get("closed_by") or "")
 
 
 @dataclass(frozen=True, slots=True)

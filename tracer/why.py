@@ -33,7 +33,7 @@ def request_from_args(args: argparse.Namespace, facts: NamespaceFacts) -> Reques
         bound_dev_if=_device(args.device, facts), uid=_uid(args.user), listen=args.listen,
         freebind=args.freebind, transparent=args.transparent,
         bind_address_no_port=args.bind_address_no_port, port_range=args.port_range,
-        cap_net_bind_service=args.cap_net_bind_service,
+        cap_net_bind_service=args.cap_net_bind_service, cgroup=args.cgroup,
     )
 
 
@@ -111,6 +111,8 @@ def render(e: Explanation) -> str:
     for group in _grouped(doc["blockers"]):
         b, count = group[0], len(group)
         owners = ", ".join(f"{o['comm']}[{o['pid']}]" for o in b["owners"]) or HELD[b["held"]]
+        if b.get("closed_by"):
+            owners += f", left by {b['closed_by']['label']}"
         many = f"{count} x " if count > 1 else ""
         peers = ""
         if b["state"] not in ("LISTEN", "CLOSE"):
