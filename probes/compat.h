@@ -42,6 +42,7 @@
 #define PS_LRU_HASH(name, k, v, n) PS_MAP(BPF_MAP_TYPE_LRU_HASH, name, k, v, n, 0)
 #define PS_PERCPU_HASH_LAZY(name, k, v, n) \
 	PS_MAP(BPF_MAP_TYPE_PERCPU_HASH, name, k, v, n, BPF_F_NO_PREALLOC)
+#define PS_HASH_LAZY(name, k, v, n) PS_MAP(BPF_MAP_TYPE_HASH, name, k, v, n, BPF_F_NO_PREALLOC)
 #define PS_ARRAY(name, v, n) PS_MAP(BPF_MAP_TYPE_ARRAY, name, __u32, v, n, 0)
 #define PS_PERCPU_ARRAY(name, v, n) PS_MAP(BPF_MAP_TYPE_PERCPU_ARRAY, name, __u32, v, n, 0)
 /* Resized by the collector before load (tracer/engine.py). */
@@ -57,6 +58,7 @@
 #define PS_DELETE(map, key) bpf_map_delete_elem(&map, key)
 #define PS_RESERVE(ring, size) bpf_ringbuf_reserve(&ring, size, 0)
 #define PS_SUBMIT(ring, record) bpf_ringbuf_submit(record, 0)
+#define PS_OUTPUT(ring, data, size) bpf_ringbuf_output(&ring, data, size, 0)
 
 /* The configuration is read-only data, set by the collector before load. */
 #define PS_CFG(field) (ps_config.field)
@@ -65,6 +67,19 @@
 #define PS_MAY_HAVE_INET_FLAGS 1
 #define PS_MAY_HAVE_INET_BITFIELDS 1
 #define PS_FIELD_EXISTS(type, field) bpf_core_field_exists(type, field)
+
+/* The kernel's bind tables changed shape: before 6.8 a port's bucket lists
+ * its sockets (inet_bind_bucket.owners); since then it lists one bucket per
+ * address (inet_bind2_bucket, through .bhash2), and those list the sockets.
+ * Since 6.1 (TCP) and 6.2 (UDP) a namespace may have its own tables. */
+#define PS_MAY_HAVE_TB_OWNERS 1
+#define PS_MAY_HAVE_TB_BHASH2 1
+#define PS_MAY_HAVE_PERNET_HASHINFO 1
+#define PS_MAY_HAVE_PERNET_UDP_TABLE 1
+#define PS_TB_HAS_OWNERS() bpf_core_field_exists(struct inet_bind_bucket___old, owners)
+/* Sizes and offsets of kernel types, relocated at load time. */
+#define PS_TYPE_SIZE(type) bpf_core_type_size(type)
+#define PS_FIELD_OFFSET(type, field) bpf_core_field_offset(type, field)
 
 /* Bitfields: CO-RE reads them in place. */
 #define PS_BITFIELDS_OF(ptr) 1
@@ -80,6 +95,8 @@
 #include <linux/net.h>
 #include <net/sock.h>
 #include <net/inet_sock.h>
+#include <net/inet_hashtables.h>
+#include <net/udp.h>
 #include <linux/skbuff.h>
 /* libbpf's read macros need nothing but bpf_probe_read_kernel. They come
  * from the system's libbpf headers (bcc is given -idirafter /usr/include).
@@ -94,6 +111,7 @@
 #define PS_LRU_HASH(name, k, v, n) BPF_TABLE("lru_hash", k, v, name, n)
 #define PS_PERCPU_HASH_LAZY(name, k, v, n) \
 	BPF_F_TABLE("percpu_hash", k, v, name, n, BPF_F_NO_PREALLOC)
+#define PS_HASH_LAZY(name, k, v, n) BPF_F_TABLE("hash", k, v, name, n, BPF_F_NO_PREALLOC)
 #define PS_ARRAY(name, v, n) BPF_TABLE("array", __u32, v, name, n)
 #define PS_PERCPU_ARRAY(name, v, n) BPF_TABLE("percpu_array", __u32, v, name, n)
 /* Sizes are compile-time constants here: the engine passes them with -D. */
@@ -102,7 +120,7 @@
 /* bcc's map operations are method calls on the map (ps_inflight.lookup(&k)),
  * which its rewriter must see in the source text, not inside a macro: the
  * engine spells each PS_LOOKUP/PS_UPDATE/PS_INSERT/PS_DELETE/PS_RESERVE/
- * PS_SUBMIT out that way before compiling (tracer/bcc_engine.py,
+ * PS_SUBMIT/PS_OUTPUT out that way before compiling (tracer/bcc_engine.py,
  * bcc_source), so these names are deliberately not defined here. */
 
 /* No global data in bcc: the configuration is compiled in (-DPS_CFG_...). */
@@ -113,6 +131,16 @@
 #define PS_MAY_HAVE_INET_BITFIELDS (!PS_MAY_HAVE_INET_FLAGS)
 #define inet_sock___pre66 inet_sock
 #define PS_FIELD_EXISTS(type, field) 1 /* it compiled, so it exists */
+
+/* The bind tables, as the headers' version has them (see the libbpf side). */
+#define PS_MAY_HAVE_TB_OWNERS (LINUX_VERSION_CODE < KERNEL_VERSION(6, 8, 0))
+#define PS_MAY_HAVE_TB_BHASH2 (!PS_MAY_HAVE_TB_OWNERS)
+#define PS_MAY_HAVE_PERNET_HASHINFO (LINUX_VERSION_CODE >= KERNEL_VERSION(6, 1, 0))
+#define PS_MAY_HAVE_PERNET_UDP_TABLE (LINUX_VERSION_CODE >= KERNEL_VERSION(6, 2, 0))
+#define PS_TB_HAS_OWNERS() PS_MAY_HAVE_TB_OWNERS
+#define inet_bind_bucket___old inet_bind_bucket
+#define PS_TYPE_SIZE(type) sizeof(type)
+#define PS_FIELD_OFFSET(type, field) offsetof(type, field)
 
 /* Bitfields: the CO-RE builtins exist only for the BPF target, and bcc
  * parses for the host first. PS_BITFIELDS_OF points ptr at a copy of the

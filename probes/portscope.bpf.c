@@ -35,6 +35,7 @@
 #define S_IFMT 00170000
 #define S_IFSOCK 0140000
 #define EINPROGRESS 115
+#define EADDRINUSE 98
 #define IPPROTO_TCP 6
 #define IPPROTO_UDP 17
 #define TCP_FIN_WAIT1 4
@@ -64,6 +65,9 @@ struct ps_btf_anchor {
 	struct ps_proc_args proc_args;
 	enum ps_group_flag group_flag;
 	struct ps_member_count member_count;
+	struct ps_event_blocked event_blocked;
+	struct ps_binder binder;
+	enum ps_capture capture;
 };
 const struct ps_btf_anchor *ps_btf_anchor __attribute__((unused));
 #endif /* !PS_BCC */
@@ -278,6 +282,269 @@ static __always_inline int on_enter(__u8 kind, int fd, __u64 uaddr)
 	return 0;
 }
 
+/* ---- the sockets on a refused port: every plan ----------------------------- */
+
+/* Who bound each socket that a traced bind() or listen() gave a port, keyed
+ * by the kernel's address of the socket: read back when that socket blocks
+ * another bind, perhaps after its process is gone. */
+#ifndef PS_BINDER_ENTRIES
+#define PS_BINDER_ENTRIES 16384
+#endif
+PS_LRU_HASH(ps_binders, __u64, struct ps_binder, PS_BINDER_ENTRIES);
+/* fentry and kprobe plans: the blockers read at the allocator's refusal,
+ * waiting for the exit of the same thread's call (pid_tgid -> blockers). */
+PS_HASH_LAZY(ps_refusals, __u64, struct ps_blockers, 1024);
+/* Where a refusal's record is assembled: too big for the BPF stack, and
+ * sent with only the sockets it kept (bpf_ringbuf_output), so that a storm of
+ * refusals costs the ring buffer little more than plain events. One slot per
+ * kind of call: the programs that use it (the exits of bind and listen, the
+ * allocator's) each run once at a time per CPU, but a BPF trampoline may be
+ * preempted, so two of them must not share a slot. */
+PS_PERCPU_ARRAY(ps_capture_scratch, struct ps_event_blocked, PS_KIND_GET_PORT + 1);
+
+static __always_inline struct ps_event_blocked *scratch_for(__u32 kind)
+{
+	struct ps_event_blocked *b = PS_LOOKUP(ps_capture_scratch, &kind);
+
+	if (b)
+		__builtin_memset(b, 0, sizeof(*b));
+	return b;
+}
+
+/* The kept sockets made contiguous (listeners first, then the others), and
+ * the record sent with just those. */
+static __always_inline void send_blocked(struct ps_event_blocked *b)
+{
+	struct ps_blockers *bl = &b->blockers;
+	__u32 front = bl->front & (2 * PS_MAX_BLOCKERS - 1);
+	__u32 back = bl->back & (2 * PS_MAX_BLOCKERS - 1);
+	__u32 kept, size;
+	int i;
+
+	if (front + back > PS_MAX_BLOCKERS)
+		return; /* cannot happen: keep() never overfills */
+	for (i = 0; i < PS_MAX_BLOCKERS; i++) {
+		__u32 from = PS_MAX_BLOCKERS - back + i, to = front + i;
+
+		if ((__u32)i >= back)
+			break;
+		if (from != to)
+			bpf_probe_read_kernel(&bl->sock[to & (PS_MAX_BLOCKERS - 1)],
+					      sizeof(struct ps_blocker),
+					      &bl->sock[from & (PS_MAX_BLOCKERS - 1)]);
+	}
+	kept = front + back;
+	if (kept > PS_MAX_BLOCKERS)
+		kept = PS_MAX_BLOCKERS;
+	size = sizeof(*b) - (PS_MAX_BLOCKERS - kept) * sizeof(struct ps_blocker);
+	if (PS_OUTPUT(ps_events, b, size))
+		count(PS_CNT_LOST);
+	else
+		count(PS_CNT_EMITTED);
+}
+
+#ifndef PS_BCC
+struct inet_bind_bucket___old {
+	struct hlist_head owners;
+} __attribute__((preserve_access_index));
+#endif
+
+static __always_inline void remember_binder(__u64 id, const struct inflight *in)
+{
+	struct ps_binder who = { .inode = in->sock_inode, .pid = id >> 32 };
+	__u64 key = in->sk;
+
+	bpf_get_current_comm(who.comm, sizeof(who.comm));
+	PS_UPDATE(ps_binders, &key, &who);
+}
+
+/* One socket found on the port, as the iterators describe sockets, plus
+ * its other end and who bound it. */
+static __always_inline void fill_blocker(struct ps_blocker *b, struct sock_common *skc,
+					 __u8 protocol)
+{
+	struct sock *sk = (struct sock *)skc;
+	struct ps_binder *who;
+	__u64 key = (__u64)skc;
+	__u8 family = BPF_CORE_READ(skc, skc_family);
+
+	b->sock.family = family;
+	b->sock.protocol = protocol;
+	b->sock.state = BPF_CORE_READ(skc, skc_state);
+	b->sock.netns = BPF_CORE_READ(skc, skc_net.net, ns.inum);
+	b->sock.cookie = BPF_CORE_READ(skc, skc_cookie.counter);
+	b->sock.bound_dev_if = BPF_CORE_READ(skc, skc_bound_dev_if);
+	b->sock.port = read_local(sk, family, b->sock.addr);
+	b->rport = bpf_ntohs(BPF_CORE_READ(skc, skc_dport));
+	if (family == AF_INET6)
+		bpf_core_read(b->raddr, PS_ADDR_LEN, &skc->skc_v6_daddr);
+	else
+		bpf_core_read(b->raddr, 4, &skc->skc_daddr);
+	/* A TIME_WAIT socket is only its sock_common part. */
+	if (protocol == IPPROTO_TCP && b->sock.state == TCP_TIME_WAIT) {
+		b->sock.opts = read_common_opts(skc);
+		b->tw_substate = BPF_CORE_READ((struct inet_timewait_sock *)skc, tw_substate);
+		return;
+	}
+	b->sock.opts = read_opts(sk);
+	b->sock.sock_uid = BPF_CORE_READ(sk, sk_uid.val);
+	b->sock.inode = BPF_CORE_READ(sk, sk_socket, file, f_inode, i_ino);
+	who = PS_LOOKUP(ps_binders, &key);
+	if (who && who->inode == b->sock.inode) {
+		b->binder_pid = who->pid;
+		__builtin_memcpy(b->binder_comm, who->comm, PS_COMM_LEN);
+	}
+}
+
+/* Keep a socket: listeners, bound sockets and UDP sockets fill the array
+ * from the front, connections and TIME_WAIT from the back, and a full array
+ * gives up a connection for a listener, so that a port with many
+ * connections still shows what holds it for bind(). */
+static __always_inline void keep(struct ps_blockers *out, struct sock_common *skc, __u8 protocol)
+{
+	__u8 state = BPF_CORE_READ(skc, skc_state);
+	bool first = protocol != IPPROTO_TCP || state == TCP_LISTEN || state == TCP_CLOSE;
+	struct ps_blocker *slot;
+	__u32 idx;
+
+	out->seen++;
+	if (out->front + out->back >= PS_MAX_BLOCKERS) {
+		if (!first || !out->back)
+			return;
+		out->back--; /* the innermost connection's slot is the next front one */
+	}
+	if (first)
+		idx = out->front++;
+	else
+		idx = PS_MAX_BLOCKERS - 1 - out->back++;
+	slot = &out->sock[idx & (PS_MAX_BLOCKERS - 1)];
+	__builtin_memset(slot, 0, sizeof(*slot));
+	fill_blocker(slot, skc, protocol);
+}
+
+/* TCP: the port's bucket in the bind hash (inet_bhashfn), then its sockets.
+ * The lists are read without the kernel's lock: a list that changes under
+ * the walk can end it early (complete stays 0), never make it unsafe. */
+static __always_inline void capture_tcp(struct sock *self, __u16 port, struct ps_blockers *out)
+{
+	struct net *net = BPF_CORE_READ(self, __sk_common.skc_net.net);
+	struct inet_hashinfo *h = BPF_CORE_READ(self, __sk_common.skc_prot, h.hashinfo);
+	struct hlist_node *tb_node, *tb2_node = NULL, *owner = NULL;
+	struct inet_bind_bucket *tb;
+	void *bucket;
+	__u32 size, idx;
+	bool flat = PS_TB_HAS_OWNERS();
+	int i;
+
+#if PS_MAY_HAVE_PERNET_HASHINFO
+	if (!h && PS_FIELD_EXISTS(struct inet_timewait_death_row, hashinfo))
+		h = BPF_CORE_READ(net, ipv4.tcp_death_row.hashinfo);
+#endif
+	if (!h)
+		return;
+	size = BPF_CORE_READ(h, bhash_size);
+	idx = (port + BPF_CORE_READ(net, hash_mix)) & (size - 1);
+	bucket = (void *)BPF_CORE_READ(h, bhash) + (__u64)idx * PS_TYPE_SIZE(struct inet_bind_hashbucket);
+	tb_node = BPF_CORE_READ((struct inet_bind_hashbucket *)bucket, chain.first);
+
+	for (i = 0; i < PS_WALK_STEPS; i++) {
+		if (owner) {
+			struct sock_common *skc =
+				(void *)owner - PS_FIELD_OFFSET(struct sock_common, skc_bind_node);
+
+			if ((void *)skc != (void *)self)
+				keep(out, skc, IPPROTO_TCP);
+			owner = BPF_CORE_READ(owner, next);
+			continue;
+		}
+#if PS_MAY_HAVE_TB_BHASH2
+		if (tb2_node) {
+			struct inet_bind2_bucket *tb2 =
+				(void *)tb2_node - PS_FIELD_OFFSET(struct inet_bind2_bucket, bhash_node);
+
+			owner = BPF_CORE_READ(tb2, owners.first);
+			tb2_node = BPF_CORE_READ(tb2_node, next);
+			continue;
+		}
+#endif
+		if (!tb_node) {
+			out->complete = 1;
+			break;
+		}
+		tb = (void *)tb_node - PS_FIELD_OFFSET(struct inet_bind_bucket, node);
+		if (BPF_CORE_READ(tb, port) == port && BPF_CORE_READ(tb, ib_net.net) == net) {
+#if PS_MAY_HAVE_TB_OWNERS
+			if (flat)
+				owner = BPF_CORE_READ((struct inet_bind_bucket___old *)tb, owners.first);
+#endif
+#if PS_MAY_HAVE_TB_BHASH2
+			if (!flat)
+				tb2_node = BPF_CORE_READ(tb, bhash2.first);
+#endif
+		}
+		tb_node = BPF_CORE_READ(tb_node, next);
+	}
+}
+
+/* UDP: the port's slot in the primary hash (udp_hashfn), shared by the
+ * ports equal modulo its size and by every namespace. */
+static __always_inline void capture_udp(struct sock *self, __u16 port, struct ps_blockers *out)
+{
+	struct net *net = BPF_CORE_READ(self, __sk_common.skc_net.net);
+	struct udp_table *t = BPF_CORE_READ(self, __sk_common.skc_prot, h.udp_table);
+	struct hlist_node *node;
+	void *slot;
+	__u32 idx;
+	int i;
+
+#if PS_MAY_HAVE_PERNET_UDP_TABLE
+	if (!t && PS_FIELD_EXISTS(struct netns_ipv4, udp_table))
+		t = BPF_CORE_READ(net, ipv4.udp_table);
+#endif
+	if (!t)
+		return;
+	idx = (port + BPF_CORE_READ(net, hash_mix)) & BPF_CORE_READ(t, mask);
+	slot = (void *)BPF_CORE_READ(t, hash) + (__u64)idx * PS_TYPE_SIZE(struct udp_hslot);
+	node = BPF_CORE_READ((struct udp_hslot *)slot, head.first);
+
+	for (i = 0; i < PS_WALK_STEPS; i++) {
+		struct sock_common *skc;
+
+		if (!node) {
+			out->complete = 1;
+			break;
+		}
+		skc = (void *)node - PS_FIELD_OFFSET(struct sock_common, skc_node);
+		if ((void *)skc != (void *)self && BPF_CORE_READ(skc, skc_num) == port &&
+		    BPF_CORE_READ(skc, skc_net.net) == net)
+			keep(out, skc, IPPROTO_UDP);
+		node = BPF_CORE_READ(node, next);
+	}
+}
+
+static __always_inline void capture(struct sock *self, __u16 port, __u8 protocol, __u8 when,
+				    struct ps_blockers *out)
+{
+	out->when = when;
+	if (!port)
+		return; /* a failed search for a free port: no one port to name */
+	if (protocol == IPPROTO_TCP)
+		capture_tcp(self, port, out);
+	else if (protocol == IPPROTO_UDP)
+		capture_udp(self, port, out);
+}
+
+/* fentry and kprobe plans: the allocator refused inside a traced call. */
+static __always_inline void save_refusal(__u64 id, struct sock *sk, __u16 port)
+{
+	struct ps_event_blocked *scratch = scratch_for(PS_KIND_GET_PORT);
+
+	if (!scratch)
+		return;
+	capture(sk, port, IPPROTO_TCP, PS_CAPTURE_REFUSAL, &scratch->blockers);
+	PS_UPDATE(ps_refusals, &id, &scratch->blockers);
+}
+
 static __always_inline bool success_wanted(__u8 kind)
 {
 	return PS_CFG(success_kinds) & (1 << kind);
@@ -322,29 +589,12 @@ static __always_inline bool port_selected(const struct inflight *in)
 	return true; /* unreadable address: better shown than silently dropped */
 }
 
-static __always_inline int on_exit(long ret)
+/* The call's part of an event: who, what was asked, what the socket holds. */
+static __always_inline void fill_call(struct ps_event *e, __u64 id, const struct inflight *in,
+				      long ret)
 {
-	__u64 id = bpf_get_current_pid_tgid();
-	struct inflight *in = PS_LOOKUP(ps_inflight, &id);
-	struct sock *sk;
-	struct ps_event *e;
+	struct sock *sk = (struct sock *)in->sk;
 
-	if (!in)
-		return 0;
-	if (!wanted(in, ret) || !port_selected(in))
-		goto out;
-
-	e = PS_RESERVE(ps_events, sizeof(*e));
-	if (!e) {
-		count(PS_CNT_LOST);
-		goto out;
-	}
-	__builtin_memset(e, 0, sizeof(*e));
-#ifdef PS_TEST_VERIFIER_REJECT
-	/* Only in the object the error-path tests build: an unbounded index
-	 * that the verifier must refuse, to prove how a rejection is reported. */
-	e->comm[bpf_get_prandom_u32()] = 0;
-#endif
 	fill_task(e, id);
 	e->ret = ret;
 	e->kind = in->kind;
@@ -365,11 +615,69 @@ static __always_inline int on_exit(long ret)
 	} else if (!read_sockaddr(in->uaddr, e)) {
 		e->quality |= PS_Q_ADDR_UNREADABLE;
 	}
-	sk = (struct sock *)in->sk;
 	e->bound_port = read_local(sk, in->family, e->bound_addr);
+}
+
+static __always_inline void emit_call(__u64 id, const struct inflight *in, long ret)
+{
+	struct ps_event *e = PS_RESERVE(ps_events, sizeof(*e));
+
+	if (!e) {
+		count(PS_CNT_LOST);
+		return;
+	}
+	__builtin_memset(e, 0, sizeof(*e));
+#ifdef PS_TEST_VERIFIER_REJECT
+	/* Only in the object the error-path tests build: an unbounded index
+	 * that the verifier must refuse, to prove how a rejection is reported. */
+	e->comm[bpf_get_prandom_u32()] = 0;
+#endif
+	fill_call(e, id, in, ret);
 	PS_SUBMIT(ps_events, e);
 	count(PS_CNT_EMITTED);
-out:
+}
+
+/* A bind() or listen() refused with EADDRINUSE: the event and the sockets
+ * that held the port, read at the allocator's refusal when a probe saw it,
+ * else now. */
+static __always_inline void emit_blocked(__u64 id, const struct inflight *in, long ret)
+{
+	struct ps_event_blocked *b = scratch_for(in->kind);
+	struct ps_blockers *pending;
+
+	if (!b) {
+		count(PS_CNT_LOST);
+		return;
+	}
+	fill_call(&b->event, id, in, ret);
+	pending = PS_LOOKUP(ps_refusals, &id);
+	if (pending)
+		bpf_probe_read_kernel(&b->blockers, sizeof(b->blockers), pending);
+	else
+		capture((struct sock *)in->sk, b->event.req_port, in->protocol, PS_CAPTURE_EXIT,
+			&b->blockers);
+	send_blocked(b);
+}
+
+static __always_inline int on_exit(long ret)
+{
+	__u64 id = bpf_get_current_pid_tgid();
+	struct inflight *in = PS_LOOKUP(ps_inflight, &id);
+	bool refused;
+
+	if (!in)
+		return 0;
+	refused = in->quality & PS_Q_GET_PORT_FAILED;
+	if (ret == 0 && in->kind != PS_KIND_CONNECT)
+		remember_binder(id, in);
+	if (wanted(in, ret) && port_selected(in)) {
+		if (ret == -EADDRINUSE && in->kind != PS_KIND_CONNECT)
+			emit_blocked(id, in, ret);
+		else
+			emit_call(id, in, ret);
+	}
+	if (refused)
+		PS_DELETE(ps_refusals, &id);
 	PS_DELETE(ps_inflight, &id);
 	return 0;
 }
@@ -455,18 +763,11 @@ int BPF_PROG(ps_fexit_connect, int fd, struct sockaddr *uaddr, int addrlen, int 
 #endif /* !PS_BCC */
 
 /* An event about a socket itself, outside a traced system call (a refusal
- * by the port allocator, a listener closing): reserved and filled from the
- * socket; the requested address is the one the socket holds. NULL (and
- * counted as lost) when the ring buffer is full. */
-static __always_inline struct ps_event *reserve_sock_event(__u64 id, struct sock *sk, __u8 kind)
+ * by the port allocator, a listener closing), filled from the socket; the
+ * requested address is the one the socket holds. */
+static __always_inline void fill_sock_event(struct ps_event *e, __u64 id, struct sock *sk,
+					    __u8 kind)
 {
-	struct ps_event *e = PS_RESERVE(ps_events, sizeof(*e));
-
-	if (!e) {
-		count(PS_CNT_LOST);
-		return NULL;
-	}
-	__builtin_memset(e, 0, sizeof(*e));
 	fill_task(e, id);
 	e->kind = kind;
 	e->family = BPF_CORE_READ(sk, __sk_common.skc_family);
@@ -479,23 +780,70 @@ static __always_inline struct ps_event *reserve_sock_event(__u64 id, struct sock
 	e->req_family = e->family;
 	e->req_port = read_local(sk, e->family, e->req_addr);
 	e->bound_port = read_local(sk, e->family, e->bound_addr);
+}
+
+/* Reserved and filled; NULL (and counted as lost) when the ring is full. */
+static __always_inline struct ps_event *reserve_sock_event(__u64 id, struct sock *sk, __u8 kind)
+{
+	struct ps_event *e = PS_RESERVE(ps_events, sizeof(*e));
+
+	if (!e) {
+		count(PS_CNT_LOST);
+		return NULL;
+	}
+	__builtin_memset(e, 0, sizeof(*e));
+	fill_sock_event(e, id, sk, kind);
 	return e;
 }
 
 /* ---- inet_csk_get_port: fentry and kprobe plans --------------------------- */
 
+static __always_inline void emit_get_port_ok(__u64 id, struct sock *sk, __u16 snum)
+{
+	struct ps_event *e = reserve_sock_event(id, sk, PS_KIND_GET_PORT);
+
+	if (!e)
+		return;
+	e->quality = PS_Q_GET_PORT_SEEN;
+	e->req_port = snum;
+	PS_SUBMIT(ps_events, e);
+	count(PS_CNT_EMITTED);
+}
+
+static __always_inline void emit_get_port_refusal(__u64 id, struct sock *sk, __u16 snum, int ret)
+{
+	struct ps_event_blocked *b = scratch_for(PS_KIND_GET_PORT);
+
+	if (!b) {
+		count(PS_CNT_LOST);
+		return;
+	}
+	fill_sock_event(&b->event, id, sk, PS_KIND_GET_PORT);
+	/* Older kernels return 1 for "in use"; report it as the EADDRINUSE the
+	 * caller turns it into. */
+	b->event.ret = ret > 0 ? -98 : ret;
+	b->event.quality = PS_Q_GET_PORT_SEEN | PS_Q_GET_PORT_FAILED;
+	b->event.req_port = snum;
+	capture(sk, snum, IPPROTO_TCP, PS_CAPTURE_REFUSAL, &b->blockers);
+	send_blocked(b);
+}
+
 /* The port allocator's verdict. Inside a traced call it is folded into that
- * call's event; outside one (io_uring, kernel sockets) a refusal is an event. */
+ * call's event (with the blockers read here, at the refusal); outside one
+ * (io_uring, kernel sockets) it is an event of its own. */
 static __always_inline int on_get_port(struct sock *sk, __u16 snum, int ret)
 {
 	__u64 id = bpf_get_current_pid_tgid();
 	struct inflight *in = PS_LOOKUP(ps_inflight, &id);
-	struct ps_event *e;
 
 	if (in) {
 		in->quality |= PS_Q_GET_PORT_SEEN;
-		if (ret)
+		/* A second refusal in one call (listen() after an implicit
+		 * bind) keeps the first one's blockers. */
+		if (ret && !(in->quality & PS_Q_GET_PORT_FAILED)) {
 			in->quality |= PS_Q_GET_PORT_FAILED;
+			save_refusal(id, sk, snum);
+		}
 		return 0;
 	}
 	if (!ret && !success_wanted(PS_KIND_GET_PORT))
@@ -504,17 +852,10 @@ static __always_inline int on_get_port(struct sock *sk, __u16 snum, int ret)
 		return 0;
 	if (PS_CFG(target_port) && snum != PS_CFG(target_port))
 		return 0;
-
-	e = reserve_sock_event(id, sk, PS_KIND_GET_PORT);
-	if (!e)
-		return 0;
-	/* Older kernels return 1 for "in use"; report it as the EADDRINUSE the
-	 * caller turns it into. */
-	e->ret = ret > 0 ? -98 : ret;
-	e->quality = PS_Q_GET_PORT_SEEN | (ret ? PS_Q_GET_PORT_FAILED : 0);
-	e->req_port = snum;
-	PS_SUBMIT(ps_events, e);
-	count(PS_CNT_EMITTED);
+	if (ret)
+		emit_get_port_refusal(id, sk, snum, ret);
+	else
+		emit_get_port_ok(id, sk, snum);
 	return 0;
 }
 

@@ -113,6 +113,72 @@ struct ps_sockinfo {
 	__u8 addr[PS_ADDR_LEN]; /* local address (network order) */
 };
 
+/* The sockets that held a port when a bind() or listen() was refused on it
+ * (EADDRINUSE), read in the kernel from the port's bind bucket (TCP) or hash
+ * slot (UDP) at the moment of the refusal: a blocker that lived for a
+ * millisecond is still named. Sent after the event that it explains, in one
+ * longer ring-buffer record (struct ps_event_blocked, cut after the sockets
+ * kept). */
+#define PS_MAX_BLOCKERS 8       /* a power of two: indexes are masked */
+#define PS_WALK_STEPS 64        /* list nodes visited at most, per refusal */
+
+/* Where the blockers were read (ps_blockers.when). */
+enum ps_capture {
+	PS_CAPTURE_NONE = 0,
+	/* At the return of inet_csk_get_port() that refused (fentry and kprobe
+	 * plans): the kernel's own moment. */
+	PS_CAPTURE_REFUSAL = 1,
+	/* At the exit of the system call (every plan; UDP, whose allocator is
+	 * not probed; or when the refusal was not seen). */
+	PS_CAPTURE_EXIT = 2,
+};
+
+/* One socket found on the port. The part the iterators also report, plus
+ * what only an explanation needs: the other end, and the process that bound
+ * the socket (kept by the probes at every successful bind() and listen()). */
+struct ps_blocker {
+	struct ps_sockinfo sock;        /* group_key/group_size are left 0 */
+	__u8 raddr[PS_ADDR_LEN];        /* remote address (network order) */
+	__u16 rport;                    /* remote port, host order */
+	/* A TIME_WAIT minisocket (sock.state TCP_TIME_WAIT) keeps the state it
+	 * closed from: TIME_WAIT, or FIN_WAIT2 for an orphan on the timewait
+	 * timer, which is what sock_diag reports as its state. 0 otherwise. */
+	__u8 tw_substate;
+	__u8 pad;
+	__u32 binder_pid;               /* 0: not bound by a traced call */
+	char binder_comm[PS_COMM_LEN];
+};
+
+/* As sent, the kept sockets are sock[0..front+back): first the listeners,
+ * bound and UDP sockets, then the others (connections, TIME_WAIT); the
+ * record ends after the last one kept. */
+struct ps_blockers {
+	__u16 seen;             /* sockets of this netns on the port, in the walk */
+	__u8 front;             /* kept listeners, bound and UDP sockets */
+	__u8 back;              /* kept others */
+	__u8 when;              /* enum ps_capture */
+	__u8 complete;          /* 1: the walk reached the end of every list */
+	__u8 pad[2];
+	struct ps_blocker sock[PS_MAX_BLOCKERS];
+};
+
+/* The ring-buffer record of a refused bind() or listen(): the event, then
+ * the blockers, cut after the last socket kept. Every other record is a
+ * plain struct ps_event; the reader tells them apart by their size. */
+struct ps_event_blocked {
+	struct ps_event event;
+	struct ps_blockers blockers;
+};
+
+/* Who bound a socket (the ps_binders map, keyed by the kernel's socket
+ * address): the inode tells a later socket at the same address apart. */
+struct ps_binder {
+	__u64 inode;
+	__u32 pid;
+	__u32 pad;
+	char comm[PS_COMM_LEN];
+};
+
 /* A socket held by a process, as iter/task_file sees it: who holds which
  * socket, including the bound-only TCP sockets that iter/tcp never walks. */
 struct ps_fileinfo {

@@ -146,6 +146,7 @@ def _sections(object_path: Path) -> dict[str, str]:
 _MAP_OPS = re.compile(r"\bPS_(LOOKUP|UPDATE|INSERT|DELETE)\((\w+),\s*")
 _RESERVE = re.compile(r"\bPS_RESERVE\((\w+),\s*")
 _SUBMIT = re.compile(r"\bPS_SUBMIT\((\w+),\s*(\w+)\)")
+_OUTPUT = re.compile(r"\bPS_OUTPUT\((\w+),\s*(\w+),\s*(\w+)\)")
 
 
 def bcc_source(text: str) -> str:
@@ -154,7 +155,8 @@ def bcc_source(text: str) -> str:
     text = _MAP_OPS.sub(lambda m: f"{m[2]}.{m[1].lower()}(", text)
     text = _RESERVE.sub(r"\1.ringbuf_reserve(", text)
     text = _SUBMIT.sub(r"\1.ringbuf_submit(\2, 0)", text)
-    left = re.search(r"\bPS_(LOOKUP|UPDATE|INSERT|DELETE|RESERVE|SUBMIT)\(", text)
+    text = _OUTPUT.sub(r"\1.ringbuf_output(\2, \3, 0)", text)
+    left = re.search(r"\bPS_(LOOKUP|UPDATE|INSERT|DELETE|RESERVE|SUBMIT|OUTPUT)\(", text)
     if left:
         raise ObjectInvalid(f"{SOURCE}: a {left[0]}...) the bcc engine cannot spell out")
     return text

@@ -224,8 +224,10 @@ def build_parser() -> argparse.ArgumentParser:
                      "root has it, other users do not); matters below "
                      "net.ipv4.ip_unprivileged_port_start")
     _add_netns_option(why, default="portscope's own")
-    why.add_argument("--json", action="store_true", help='{"verdict": "free"|"conflict", '
-                     '"blockers": [...], "fixes": [...]}')
+    why.add_argument("--json", action="store_true", help='{"verdict": "free"|"conflict"|'
+                     '"refused", "errno", "reasons": [...], "blockers": [...], "fixes": [...], '
+                     '"notes": [...]}: each reason, fix and note has a kind and its parameters '
+                     'beside its sentence')
 
     timewait = sub.add_parser(
         "timewait",

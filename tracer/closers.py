@@ -25,7 +25,7 @@ from dataclasses import dataclass, replace
 from typing import Iterable
 
 from . import libbpf
-from .events import Clock
+from .events import TCP_STATES, Clock
 from .layout import PsCloser, PsConnKey, PsProcArgs
 from .text import system_text
 
@@ -36,7 +36,6 @@ PIN_DIR = os.environ.get("PORTSCOPE_PIN_DIR", f"{BPFFS}/portscope")
 
 ConnKey = tuple[int, str, str, int, str, int]  # netns, family, laddr, lport, raddr, rport
 
-TCP_STATES = {1: "ESTABLISHED", 3: "SYN_RECV", 8: "CLOSE_WAIT"}
 
 
 @dataclass(frozen=True, slots=True)

@@ -81,7 +81,7 @@ def explanation_from_finding(found: EventExplanation) -> Explanation:
     reasons = found.reasons
     return Explanation(
         blockers=tuple(BlockerView(b.pids, b.comm, b.state, b.local, b.rule, b.overlap, b.why,
-                                   b.closed_by) for b in found.blockers),
+                                   b.closed_by, b.held) for b in found.blockers),
         fixes=found.fix_texts, notes=found.note_texts, error=found.error,
         reasons=tuple(str(r["text"]) for r in reasons),
         rule=str(reasons[0]["rule"]) if reasons else "",

@@ -208,6 +208,7 @@ def blocker_json(b: Blocker, s: Socket, closer: object = None) -> dict[str, obje
         "netns": d.netns,
         "timer_ms": d.timer_ms,
         "held": holding(s),
+        "gone": s.gone,
         "closed_by": closer.to_json() | {"label": closer.label()} if closer else None,  # type: ignore[attr-defined]
         "rule": b.rule.value,
         "overlap": b.overlap.value,
@@ -218,9 +219,12 @@ def blocker_json(b: Blocker, s: Socket, closer: object = None) -> dict[str, obje
 def holding(s: Socket) -> str:
     """Who can hold this socket: processes (``owners``), one portscope cannot
     see (``hidden``: it has a file, no readable process holds it), nobody
-    because the kernel finishes its close (``time_wait``, ``orphan``), or its
-    listener until accept() (``unaccepted``)."""
+    because the kernel finishes its close (``time_wait``, ``orphan``), its
+    listener until accept() (``unaccepted``), or no one any more (``gone``:
+    the probe saw it at the refusal; it closed before anyone looked)."""
     d = s.diag
+    if s.gone:
+        return "gone"
     if s.owners:
         return "owners"
     if d.state == "TIME_WAIT" or (d.state == "FIN_WAIT2" and d.timer == "timewait"):
@@ -239,7 +243,8 @@ def as_rule_sock(s: Socket) -> Sock:
     d, f = s.diag, s.flags
     # A FIN_WAIT2 socket on the timewait timer is a TIME_WAIT minisocket
     # inside the kernel (sk_state TCP_TIME_WAIT), and the rules treat it so.
-    state = "TIME_WAIT" if holding(s) == "time_wait" else d.state
+    minisocket = d.state == "TIME_WAIT" or (d.state == "FIN_WAIT2" and d.timer == "timewait")
+    state = "TIME_WAIT" if minisocket else d.state
     return Sock(
         protocol=d.protocol, family=d.family, addr=d.local_addr, port=d.local_port,
         state=state,
@@ -292,6 +297,16 @@ def explain(request: Request, netns: str | None = None, inventory: Inventory | N
     e.fixes = fixes + e.fixes
     e.facts = facts
     e.notes += _inventory_notes(inv, e.blockers) + hook_notes(request)
+    return e
+
+
+def explain_captured(request: Request, inventory: Inventory) -> Explanation:
+    """The port stage alone, on the sockets the probe read at a refusal, for
+    a namespace gone by the time anyone looks (its last process exited). The
+    kernel had passed every check before the port, or it would not have
+    looked at the port."""
+    e = _explain_port(request, request.sock(), inventory)
+    e.notes.append(Note("namespace_gone", {}))
     return e
 
 
@@ -518,7 +533,7 @@ def _holder_fixes(blockers: list[tuple[Blocker, Socket]]) -> list[Fix]:
     listeners = {o.pid for b, s in blockers if s.diag.state == "LISTEN" for o in s.owners}
     out: list[Fix] = []
     for b, s in blockers:
-        if not s.owners:
+        if not s.owners or s.gone:
             continue
         d = s.diag
         params: dict[str, object] = {
@@ -563,7 +578,9 @@ def _holder_notes(blockers: list[tuple[Blocker, Socket]], inv: Inventory) -> lis
         where = {"state": d.state, "local": format_addr(d.family, d.local_addr, d.local_port),
                  "remote": format_addr(d.family, d.remote_addr, d.remote_port),
                  "inode": d.inode, "timer_ms": d.timer_ms, "timer": d.timer}
-        if how == "hidden":
+        if how == "gone":
+            out.append(Note("closed_since", where | {"owners": [o.label() for o in s.owners]}))
+        elif how == "hidden":
             out.append(Note("hidden_owner", where))
         elif how == "unaccepted":
             out.append(Note("unaccepted", where))
@@ -810,6 +827,9 @@ FIX_TEXT = {
                                    + ", ".join(map(str, p["instead_of"])) + ")"),  # type: ignore[arg-type]
     "other_device": lambda p: ("bind the new socket to another device (SO_BINDTODEVICE): every "
                                "blocker is bound to a device"),
+    "retry": lambda p: ("retry: every socket that blocked the call has closed since "
+                        "(if this keeps happening, something binds the port briefly: "
+                        "the blockers above say what)"),
     "wait": lambda p: (f"wait {p['seconds']} s: the kernel finishes the "
                        + "/".join(map(str, p["states"])) + " socket(s) on its own"),  # type: ignore[arg-type]
     "destroy_socket": lambda p: (f"or destroy the {p['state']} socket {p['local']} <-> "
@@ -887,6 +907,19 @@ NOTE_TEXT = {
     "no_port_at_bind": lambda p: (
         "with IP_BIND_ADDRESS_NO_PORT the bind takes no port: it is chosen at connect(), per "
         "destination (see portscope timewait for ephemeral-port pressure)"),
+    "closed_since": lambda p: (
+        f"the {p['state']} socket on {p['local']}"
+        + (f" (inode {p['inode']})" if p.get("inode") else "")
+        + (", bound by " + ", ".join(map(str, p["owners"])) if p.get("owners") else "")  # type: ignore[arg-type]
+        + ", held the port when the kernel refused it (read by the probe then) and has "
+          "closed since"),
+    "rules_disagree": lambda p: (
+        f"the kernel refused the port while {p['sockets']} socket(s) held it, but by "
+        "portscope's rules none of them blocks this bind: the rules miss a case here "
+        "(please report it, with this event's JSON)"),
+    "namespace_gone": lambda p: (
+        "the network namespace is gone since (its last process exited): this is what the "
+        "probe read in the kernel at the refusal"),
     "blocker_gone": lambda p: (
         "nothing blocks this bind any more: the blocker closed between the call and the look"),
     "answer_changed": lambda p: (

@@ -40,6 +40,9 @@ class Socket:
     diag: SockRecord
     flags: SockFlags | None  # None: no iterator saw it (counted in flags_unknown)
     owners: tuple[Owner, ...]  # every process holding it (several after fork)
+    # Seen by the probe on a refused port at the moment of the refusal, and
+    # closed before the inventory was taken (onthespot.with_capture).
+    gone: bool = False
 
     @property
     def options(self) -> frozenset[str]:

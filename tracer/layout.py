@@ -91,6 +91,58 @@ class PsFileinfo(ctypes.Structure):
 _check(PsFileinfo, 88, {"pid": 0, "fd": 4, "comm": 8, "sock": 24})
 
 
+class PsBlocker(ctypes.Structure):
+    _fields_ = [
+        ("sock", PsSockinfo),
+        ("raddr", ctypes.c_uint8 * 16),
+        ("rport", ctypes.c_uint16),
+        ("tw_substate", ctypes.c_uint8),
+        ("pad", ctypes.c_uint8),
+        ("binder_pid", ctypes.c_uint32),
+        ("binder_comm", ctypes.c_char * 16),
+    ]
+
+
+_check(PsBlocker, 104, {"sock": 0, "raddr": 64, "rport": 80, "tw_substate": 82, "pad": 83, "binder_pid": 84, "binder_comm": 88})
+
+
+class PsBlockers(ctypes.Structure):
+    _fields_ = [
+        ("seen", ctypes.c_uint16),
+        ("front", ctypes.c_uint8),
+        ("back", ctypes.c_uint8),
+        ("when", ctypes.c_uint8),
+        ("complete", ctypes.c_uint8),
+        ("pad", ctypes.c_uint8 * 2),
+        ("sock", PsBlocker * 8),
+    ]
+
+
+_check(PsBlockers, 840, {"seen": 0, "front": 2, "back": 3, "when": 4, "complete": 5, "pad": 6, "sock": 8})
+
+
+class PsEventBlocked(ctypes.Structure):
+    _fields_ = [
+        ("event", PsEvent),
+        ("blockers", PsBlockers),
+    ]
+
+
+_check(PsEventBlocked, 952, {"event": 0, "blockers": 112})
+
+
+class PsBinder(ctypes.Structure):
+    _fields_ = [
+        ("inode", ctypes.c_uint64),
+        ("pid", ctypes.c_uint32),
+        ("pad", ctypes.c_uint32),
+        ("comm", ctypes.c_char * 16),
+    ]
+
+
+_check(PsBinder, 32, {"inode": 0, "pid": 8, "pad": 12, "comm": 16})
+
+
 class PsConnKey(ctypes.Structure):
     _fields_ = [
         ("netns", ctypes.c_uint32),
@@ -162,6 +214,12 @@ class PsCounter(enum.IntEnum):
     GROUP_FULL = 3
     GROUP_NO_COOKIE = 4
     MAX = 5
+
+
+class PsCapture(enum.IntEnum):
+    NONE = 0
+    REFUSAL = 1
+    EXIT = 2
 
 
 class PsOpt(enum.IntFlag):

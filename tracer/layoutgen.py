@@ -15,10 +15,10 @@ import sys
 
 from .libbpf import Btf, BtfKind
 
-STRUCTS = ("ps_event", "ps_config", "ps_sockinfo", "ps_fileinfo", "ps_conn_key", "ps_closer",
-           "ps_proc_args",
+STRUCTS = ("ps_event", "ps_config", "ps_sockinfo", "ps_fileinfo", "ps_blocker", "ps_blockers",
+           "ps_event_blocked", "ps_binder", "ps_conn_key", "ps_closer", "ps_proc_args",
            "ps_member_count")
-INT_ENUMS = ("ps_kind", "ps_plan", "ps_counter")
+INT_ENUMS = ("ps_kind", "ps_plan", "ps_counter", "ps_capture")
 FLAG_ENUMS = ("ps_opt", "ps_quality", "ps_group_flag")
 
 HEADER = '''\

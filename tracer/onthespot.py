@@ -21,7 +21,8 @@ import time
 from dataclasses import dataclass
 
 from .errors import PortscopeError, UsageError
-from .events import CallEvent, format_addr
+from .events import CallEvent, Capture, Captured, format_addr
+from .state import HELD_WHO
 from .text import printable
 
 TTL_S = 1.0
@@ -46,9 +47,10 @@ class BlockerSummary:
     def text(self) -> str:
         """One line for a terminal (the process name escaped)."""
         who = (f"{printable(self.comm)}[{','.join(map(str, self.pids))}]" if self.pids
-               else HELD_WORDS.get(self.held, "no visible process"))
+               else HELD_WHO.get(self.held, "no visible process"))
         left = f", left by {printable(self.closed_by)}" if self.closed_by else ""
-        return f"{who} {self.state} {self.local} ({self.rule}){left}"
+        gone = ", closed since" if self.held == "gone" else ""
+        return f"{who} {self.state} {self.local} ({self.rule}){left}{gone}"
 
     def to_json(self) -> dict[str, object]:
         out: dict[str, object] = {"pids": list(self.pids), "comm": self.comm,
@@ -59,8 +61,6 @@ class BlockerSummary:
         return out
 
 
-HELD_WORDS = {"time_wait": "no process (TIME_WAIT)", "orphan": "no process (closing)",
-              "hidden": "an unseen process", "unaccepted": "its listener's queue"}
 
 
 @dataclass(frozen=True)
@@ -133,7 +133,7 @@ class OnTheSpot:
             return None
         key = (ev.netns, ev.protocol, ev.family, ev.addr, ev.port, ev.options, ev.sock_uid,
                ev.call, ev.errno, ev.inode if ev.call == "listen" else 0,
-               ev.bound_port if ev.call == "connect" else 0)
+               ev.bound_port if ev.call == "connect" else 0, ev.capture)
         now = time.monotonic()
         hit = self._cache.get(key)
         if hit and now - hit[0] < TTL_S:
@@ -167,13 +167,19 @@ class OnTheSpot:
             from .connects import explain_connect
 
             return explain_connect(ev, self._iterators_())
-        from .explain import Note, Reason, explain
-        from .inventory import take
+        from .explain import Fix, Note, Reason, explain, explain_captured
+        from .inventory import Inventory, take
 
         req = request_of(ev, self._cgroups.path_of(ev.cgroup_id))
-        inv = take(port=ev.port or None, protocols=(ev.protocol,), netns=str(ev.netns),
-                   iterators=self._iterators_())
-        result = explain(req, netns=str(ev.netns), inventory=inv)
+        try:
+            inv = take(port=ev.port or None, protocols=(ev.protocol,), netns=str(ev.netns),
+                       iterators=self._iterators_())
+            result = explain(req, netns=str(ev.netns), inventory=with_capture(inv, ev.capture))
+        except UsageError:  # the namespace is gone: its last process exited
+            if not (ev.capture and ev.capture.sockets and ev.errno == errno.EADDRINUSE):
+                raise
+            # What the probe read at the refusal is all there is left.
+            result = explain_captured(req, with_capture(Inventory([]), ev.capture))
         notes = list(result.notes)
         observed = ev.errno_name
         if observed == "EPERM":  # no rule gives it: a program or a security module does
@@ -181,9 +187,12 @@ class OnTheSpot:
             result.reasons = [Reason("EPERM", "bind_hook", hooks[0].params) if hooks else
                               Reason("EPERM", "eperm_unexplained", {})]
             result.fixes = []
+        elif result.blockers and all(s.gone for _, s in result.blockers):
+            result.fixes.insert(0, Fix("retry", "kernel", {"for": "conflict"}))
         elif result.errno != observed:
             if observed == "EADDRINUSE" and result.verdict == "free":
-                notes.append(Note("blocker_gone", {}))
+                notes.append(Note("rules_disagree", {"sockets": len(ev.capture.sockets)})
+                             if ev.capture and ev.capture.sockets else Note("blocker_gone", {}))
             else:
                 notes.append(Note("answer_changed", {"observed": observed,
                                                      "now": result.errno or "success"}))
@@ -201,6 +210,71 @@ class OnTheSpot:
         if self._iterators is not None:
             self._iterators.close()
             self._iterators = None
+
+
+def with_capture(inv, capture: Capture | None):  # type: ignore[no-untyped-def]
+    """The inventory taken now, plus the sockets the probe found on the port
+    at the refusal that are gone since (marked ``gone``), so that a blocker
+    that lived for a millisecond is still named, with the process that bound
+    it when a traced call did."""
+    from dataclasses import replace
+
+    from .owners import OwnerCache
+
+    if capture is None or not capture.sockets:
+        return inv
+    live = set()
+    for s in inv.sockets:
+        live.update(_identities(s.diag.protocol, s.diag.cookie, s.diag.inode, s.diag.family,
+                                s.diag.local_addr, s.diag.local_port, s.diag.remote_addr,
+                                s.diag.remote_port, s.diag.state))
+    owners = OwnerCache()
+    gone = [_gone_socket(c, owners) for c in capture.sockets
+            if not live & _identities(c.protocol, c.cookie, c.inode, c.family, c.addr, c.port,
+                                      c.remote_addr, c.remote_port, c.state)]
+    return replace(inv, sockets=inv.sockets + gone) if gone else inv
+
+
+def _identities(protocol: str, cookie: int, inode: int, family: str, addr: str, port: int,
+                raddr: str, rport: int, state: str) -> set[tuple]:
+    """What names one socket across two looks: its cookie (when it had one),
+    its inode, or for a socket with neither its connection (a TIME_WAIT keeps
+    the 4-tuple of the socket it was) or its address and state."""
+    out: set[tuple] = set()
+    if cookie:
+        out.add(("cookie", cookie))
+    if inode:
+        out.add(("inode", protocol, inode))
+    elif rport:
+        out.add(("conn", protocol, family, addr, port, raddr, rport))
+    else:
+        out.add(("unconnected", protocol, family, addr, port, state))
+    return out
+
+
+def _gone_socket(c: Captured, owners):  # type: ignore[no-untyped-def]
+    from .inventory import Socket
+    from .owners import Owner
+    from .sockdiag import SockRecord
+    from .sockflags import SockFlags
+
+    rec = SockRecord(netns=c.netns, protocol=c.protocol, family=c.family, state=c.state,
+                     local_addr=c.addr, local_port=c.port, remote_addr=c.remote_addr,
+                     remote_port=c.remote_port, rqueue=0, wqueue=0,
+                     timer="timewait" if c.timewait else None, timer_ms=0,
+                     uid=c.uid, inode=c.inode, cookie=c.cookie, bound_dev_if=c.bound_dev_if)
+    flags = SockFlags(netns=c.netns, protocol=c.protocol, family=c.family, state=c.state,
+                      addr=c.addr, port=c.port, cookie=c.cookie, inode=c.inode, sock_uid=c.uid,
+                      options=c.options, bound_dev_if=c.bound_dev_if, group=0, group_size=0,
+                      group_bpf_prog=False, group_has_conns=False)
+    who: tuple = ()
+    if c.binder_pid:
+        # The binder may still run (its socket closed, not the process); a
+        # pid reused by another program since is not it.
+        now = owners.get(c.binder_pid, c.binder_comm)
+        who = (now if now.readable and now.comm.startswith(c.binder_comm) else
+               Owner(pid=c.binder_pid, comm=c.binder_comm, readable=False, problem="gone"),)
+    return Socket(rec, flags, who, gone=True)
 
 
 def request_of(ev: CallEvent, cgroup: str | None = None):  # type: ignore[no-untyped-def]

@@ -19,7 +19,7 @@ from dataclasses import dataclass
 
 from . import libbpf
 from .engine import EngineConfig, load_programs
-from .events import FAMILIES, OPTION_NAMES, PROTOCOLS
+from .events import FAMILIES, OPTION_NAMES, PROTOCOLS, TCP_STATES
 from .layout import PsFileinfo, PsGroupFlag, PsSockinfo
 from .nsenter import in_netns
 from .plans import ITERATOR_PROGRAMS, Plan
@@ -27,13 +27,6 @@ from .text import system_text
 
 RECORD = ctypes.sizeof(PsSockinfo)
 FILE_RECORD = ctypes.sizeof(PsFileinfo)
-
-# include/net/tcp_states.h
-TCP_STATES = {
-    1: "ESTABLISHED", 2: "SYN_SENT", 3: "SYN_RECV", 4: "FIN_WAIT1", 5: "FIN_WAIT2",
-    6: "TIME_WAIT", 7: "CLOSE", 8: "CLOSE_WAIT", 9: "LAST_ACK", 10: "LISTEN", 11: "CLOSING",
-    12: "NEW_SYN_RECV",
-}
 
 
 @dataclass(frozen=True, slots=True)

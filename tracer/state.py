@@ -51,12 +51,16 @@ class BlockerView:
     overlap: str = ""
     why: str = ""  # the rule as a sentence
     closed_by: str = ""  # who left it, when no process holds it
+    held: str = "owners"  # owners | time_wait | orphan | hidden | unaccepted | gone
 
     @property
     def who(self) -> str:
+        gone = ", closed since" if self.held == "gone" else ""
         if self.pids:
-            return f"{self.comm}[{','.join(map(str, self.pids))}]"
-        return f"left by {self.closed_by}" if self.closed_by else "no visible process"
+            return f"{self.comm}[{','.join(map(str, self.pids))}]{gone}"
+        if self.closed_by:
+            return f"left by {self.closed_by}"
+        return HELD_WHO.get(self.held, "no visible process") + gone
 
     def text(self) -> str:
         return f"{self.who} {self.state} {self.local} ({self.rule})"
@@ -64,7 +68,7 @@ class BlockerView:
     def to_json(self) -> dict[str, object]:
         return {"pids": list(self.pids), "comm": self.comm, "state": self.state,
                 "local": self.local, "rule": self.rule, "overlap": self.overlap, "why": self.why,
-                "closed_by": self.closed_by}
+                "closed_by": self.closed_by, "held": self.held}
 
     @classmethod
     def from_json(cls, d: object) -> "BlockerView":
@@ -73,13 +77,18 @@ class BlockerView:
             raise ValueError("a blocker is not a JSON object")
         pids = d.get("pids") or []
         texts = [d.get(k) for k in ("comm", "state", "local", "rule", "overlap", "why",
-                                    "closed_by")]
+                                    "closed_by", "held")]
         if not isinstance(pids, list) or not all(type(p) is int for p in pids) \
                 or not all(t is None or isinstance(t, str) for t in texts):
             raise ValueError("a blocker's pids or names have the wrong type")
         return cls(tuple(pids), d.get("comm"), d.get("state") or "?", d.get("local") or "?",
                    d.get("rule") or "?", d.get("overlap") or "", d.get("why") or "",
-                   d.get("closed_by") or "")
+                   d.get("closed_by") or "", d.get("held") or "owners")
+
+
+HELD_WHO = {"time_wait": "no process (TIME_WAIT)", "orphan": "no process (closing)",
+            "hidden": "an unseen process", "unaccepted": "its listener's queue",
+            "gone": "an unknown process"}
 
 
 @dataclass(frozen=True, slots=True)

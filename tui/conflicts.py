@@ -77,6 +77,8 @@ def detail(c: Conflict) -> Text:
         out.append("\n")
         if b.why:
             out.append(f"    {s(b.why)}\n", "dim")
+    if ev.capture is not None:
+        out.append(f"  {capture_line(ev.capture)}\n", "dim")
     if x.fixes:
         out.append("\nFixes\n", "bold")
         for fix in x.fixes:
@@ -86,6 +88,16 @@ def detail(c: Conflict) -> Text:
         for note in x.notes:
             out.append(f"  • {s(note)}\n")
     return out
+
+
+CAPTURE_WHEN = {"refusal": "at the port allocator's refusal", "exit": "as the call returned"}
+
+
+def capture_line(cap) -> str:  # type: ignore[no-untyped-def]
+    """Where the blockers above come from, when the probe read them."""
+    shown = "" if cap.complete else "at least "
+    return (f"read in the kernel {CAPTURE_WHEN.get(cap.when, cap.when)}: {shown}{cap.seen} "
+            f"socket(s) on the port, {len(cap.sockets)} kept")
 
 
 class ConflictsPane(Pane):

@@ -24,12 +24,31 @@ UNCOVERED = {
                              "in a reuseport group before its bind",
 }
 
+# The checks the kernel makes before it looks at the port (tracer/bindcheck.py),
+# each with its errno, in the explanation's ``reasons[].rule``.
+ADMISSION = {
+    "privileged_port": ("EACCES", "the port is below `net.ipv4.ip_unprivileged_port_start` and "
+                                  "the process lacks CAP_NET_BIND_SERVICE"),
+    "address_not_local": ("EADDRNOTAVAIL", "the address is not one of the namespace's (and no "
+                                           "IP_FREEBIND, IP_TRANSPARENT or ip_nonlocal_bind)"),
+    "address_tentative": ("EADDRNOTAVAIL", "an IPv6 address still in duplicate address detection"),
+    "link_local_needs_device": ("EINVAL", "an IPv6 link-local address without a device"),
+    "mapped_on_v6only": ("EINVAL", "a v4-mapped address on an IPV6_V6ONLY socket"),
+    "multicast_stream": ("EINVAL", "an IPv6 multicast address on a TCP socket"),
+    "device_gone": ("ENODEV", "the socket's bound device no longer exists"),
+}
+
 
 def parse(test_id: str) -> tuple[str, str, list[str]]:
-    """(group, verdict, rules) of one parametrize id."""
+    """(group, verdict, rules) of one parametrize id: the verdict is
+    ``free``, ``conflict`` or the errno of a refusal before the port."""
     left, _, verdict = test_id.partition("=>")
     expect, *rules = verdict.split(".")
     return left.split("/", 1)[0], expect, rules
+
+
+def kind(expect: str) -> str:
+    return expect if expect in ("free", "conflict") else "refused"
 
 
 def table(ids: list[str]) -> str:
@@ -40,27 +59,32 @@ def table(ids: list[str]) -> str:
         for r in rules:
             by_rule[r] += 1
             groups_of.setdefault(r, set()).add(group)
-    free = sum(1 for _, expect, _ in parsed if expect == "free")
+    kinds = Counter(kind(e) for _, e, _ in parsed)
     lines = [
-        f"Kernel-proven explainer scenarios: {len(ids)} "
-        f"({len(ids) - free} conflicts, {free} free).",
+        f"Kernel-proven explainer scenarios: {len(ids)} ({kinds['conflict']} conflicts, "
+        f"{kinds['refused']} refused before the port, {kinds['free']} free).",
         "",
-        "| rule (`blockers[].rule`) | what the kernel refuses | scenarios | areas |",
-        "|---|---|---:|---|",
+        "| rule | errno | what the kernel refuses | scenarios | areas |",
+        "|---|---|---|---:|---|",
     ]
+    for name, (errno_name, why) in ADMISSION.items():
+        lines.append(f"| `{name}` | {errno_name} | {why} | {by_rule.get(name, 0)} | "
+                     f"{', '.join(sorted(groups_of.get(name, ())))} |")
     for rule in Rule:
         n = by_rule.get(rule.value, 0)
         why = RULE_TEXT[rule] + (f" ({UNCOVERED[rule]})" if not n and rule in UNCOVERED else "")
         if rule == Rule.EPHEMERAL:
             why += " (port 0: `ephemeral.free == 0`, no per-socket blockers)"
-        lines.append(f"| `{rule.value}` | {why} | {n} | "
+        lines.append(f"| `{rule.value}` | EADDRINUSE | {why} | {n} | "
                      f"{', '.join(sorted(groups_of.get(rule.value, ())))} |")
-    lines.append(f"| *(free)* | no blocker: the kernel accepts the bind | {free} | "
+    lines.append(f"| *(free)* | | no reason: the kernel accepts the bind | {kinds['free']} | "
                  f"{', '.join(sorted({g for g, e, _ in parsed if e == 'free'}))} |")
-    lines += ["", "| area | scenarios | conflict | free |", "|---|---:|---:|---:|"]
+    lines += ["", "| area | scenarios | conflict | refused | free |",
+              "|---|---:|---:|---:|---:|"]
     for group in dict.fromkeys(g for g, _, _ in parsed):
-        rows = [e for g, e, _ in parsed if g == group]
-        lines.append(f"| {group} | {len(rows)} | {rows.count('conflict')} | {rows.count('free')} |")
+        rows = Counter(kind(e) for g, e, _ in parsed if g == group)
+        lines.append(f"| {group} | {sum(rows.values())} | {rows['conflict']} | "
+                     f"{rows['refused']} | {rows['free']} |")
     return "\n".join(lines) + "\n"
 
 

@@ -6,13 +6,14 @@ import socket
 
 import pytest
 
-from tracer.events import Clock, decode
-from tracer.layout import PsEvent, PsKind, PsOpt, PsPlan, PsQuality
+from tracer.events import Clock, capture_from_json, decode, event_from_json
+from tracer.layout import (PsBlocker, PsCapture, PsEvent, PsEventBlocked, PsKind, PsOpt,
+                           PsPlan, PsQuality)
 
 JSON_KEYS = {
     "time", "call", "result", "errno", "pid", "tid", "uid", "sock_uid", "comm", "cgroup_id",
     "netns", "family", "protocol", "addr_family", "addr", "port", "bound_addr", "bound_port",
-    "options", "bound_dev_if", "inode", "plan", "addr_unreadable", "get_port",
+    "options", "bound_dev_if", "inode", "plan", "addr_unreadable", "get_port", "at_failure",
 }
 
 
@@ -96,3 +97,93 @@ def test_every_option_bit_has_a_name():
 
 def test_record_size_matches_layout():
     assert len(raw_event()) == ctypes.sizeof(PsEvent)
+
+
+# ---- a refused bind: the event, then what held the port -------------------------------
+
+
+def blocked_record(listeners: list[dict], others: list[dict], **header: object) -> bytes:
+    """As the probe sends it: the kept sockets contiguous, listeners first,
+    and the record cut after the last of them."""
+    rec = PsEventBlocked()
+    rec.event = PsEvent.from_buffer_copy(raw_event(ret=-98, req_port=80))
+    bl = rec.blockers
+    for i, fields in enumerate(listeners + others):
+        b = bl.sock[i]
+        b.sock.family, b.sock.protocol, b.sock.port = socket.AF_INET, socket.IPPROTO_TCP, 80
+        for name, value in fields.items():
+            target = b if name in ("raddr", "rport", "tw_substate", "binder_pid",
+                                   "binder_comm") else b.sock
+            if name in ("addr", "raddr"):
+                getattr(target, name)[:4] = list(socket.inet_aton(value))
+            else:
+                setattr(target, name, value)
+    bl.front, bl.back = len(listeners), len(others)
+    for name, value in {"when": PsCapture.REFUSAL, "complete": 1, **header}.items():
+        setattr(bl, name, value)
+    unused = len(bl.sock) - len(listeners) - len(others)
+    return bytes(rec)[:ctypes.sizeof(rec) - unused * ctypes.sizeof(PsBlocker)]
+
+
+def test_a_blocked_record_carries_its_sockets_listeners_first():
+    raw = blocked_record(
+        listeners=[dict(state=10, addr="127.0.0.1", inode=7, cookie=99, binder_pid=42,
+                    binder_comm=b"nginx\x1b[2J", opts=PsOpt.REUSEPORT)],
+        others=[dict(state=6, addr="127.0.0.1", raddr="127.0.0.1", rport=5555, tw_substate=5),
+              dict(state=1, addr="127.0.0.1", raddr="10.0.0.2", rport=6666, inode=8)],
+        seen=9)
+    ev = decode(raw, FixedClock())
+    cap = ev.capture
+    assert (cap.when, cap.seen, cap.complete) == ("refusal", 9, True)
+    listener, orphan, conn = cap.sockets
+    assert (listener.state, listener.local, listener.inode, listener.cookie) == (
+        "LISTEN", "127.0.0.1:80", 7, 99)
+    assert (listener.binder_pid, listener.options) == (42, frozenset({"reuseport"}))
+    assert listener.binder_comm == "nginx\x1b[2J"  # kept as written; escaped where shown
+    # A TIME_WAIT minisocket keeps the state it closed from, as sock_diag says it.
+    assert (orphan.state, orphan.timewait, orphan.remote) == ("FIN_WAIT2", True,
+                                                             "127.0.0.1:5555")
+    assert (conn.state, conn.timewait, conn.binder_pid) == ("ESTABLISHED", False, 0)
+
+
+def test_a_blocked_event_survives_its_json():
+    ev = decode(blocked_record([dict(state=10, addr="0.0.0.0", binder_pid=3, binder_comm=b"x")],
+                               [], seen=1), FixedClock())
+    doc = json.loads(json.dumps(ev.to_json()))
+    assert event_from_json(doc) == ev
+    assert doc["at_failure"]["sockets"][0]["binder"] == {"pid": 3, "comm": "x"}
+
+
+def test_plain_records_have_no_capture_and_unknown_captures_are_ignored():
+    assert decode(raw_event(ret=-98), FixedClock()).capture is None
+    raw = blocked_record([dict(state=10)], [], when=PsCapture.NONE)
+    assert decode(raw, FixedClock()).capture is None
+
+
+@pytest.mark.parametrize("damage", [
+    "not a dict", {"when": "yesterday", "seen": 1, "sockets": []},
+    {"when": "exit", "seen": "1", "sockets": []}, {"when": "exit", "seen": 1, "sockets": [3]},
+    {"when": "exit", "seen": 1, "sockets": [{"protocol": "tcp"}]},
+])
+def test_a_damaged_capture_is_one_value_error(damage: object):
+    with pytest.raises(ValueError):
+        capture_from_json(damage)
+
+
+def test_a_capture_with_a_bad_address_is_one_value_error():
+    ev = decode(blocked_record([dict(state=10)], []), FixedClock())
+    doc = ev.to_json()
+    doc["at_failure"]["sockets"][0]["local"] = "nowhere"
+    with pytest.raises(ValueError):
+        event_from_json(doc)
+
+
+def test_a_blocked_record_is_cut_after_its_last_socket():
+    full = [dict(state=1, addr="127.0.0.1")] * len(PsEventBlocked().blockers.sock)
+    assert len(blocked_record([], full)) == ctypes.sizeof(PsEventBlocked)
+    one = blocked_record([dict(state=10)], [])
+    assert len(one) == ctypes.sizeof(PsEventBlocked) - (len(full) - 1) * ctypes.sizeof(PsBlocker)
+    assert len(decode(one, FixedClock()).capture.sockets) == 1
+    # A record claiming more sockets than it carries keeps those it carries.
+    claims = blocked_record([dict(state=10)], [], back=5)
+    assert len(decode(claims, FixedClock()).capture.sockets) == 1

@@ -33,11 +33,12 @@ from hypothesis import strategies as st
 from tests.hostile import assert_safe, hostile_text
 from tracer import cli, journal, sockdiag, sockflags, trace
 from tracer.errors import ExitStatus, PortscopeError, Unsupported
-from tracer.events import Clock, decode
-from tracer.layout import PsEvent
+from tracer.events import Clock, decode, event_from_json
+from tracer.layout import PsEvent, PsEventBlocked
 
 FIXTURE = Path(__file__).resolve().parent.parent / "data" / "journal.db"
 CLOCK = Clock()
+BLOCKED_SIZE = ctypes.sizeof(PsEventBlocked)
 EVENT_SIZE = ctypes.sizeof(PsEvent)
 
 
@@ -296,6 +297,19 @@ def test_event_decoder(raw: bytes) -> None:
     import json
 
     json.dumps(ev.to_json())
+
+
+@given(st.binary(min_size=EVENT_SIZE, max_size=BLOCKED_SIZE + 8))
+def test_blocked_event_decoder(raw: bytes) -> None:
+    """A refused bind's record, with its blockers: any bytes decode, print
+    safely, and survive their JSON."""
+    import json
+
+    ev = decode(raw, CLOCK)
+    assert_safe(trace.human_line(ev))
+    doc = json.loads(json.dumps(ev.to_json()))
+    again = event_from_json(doc)
+    assert again.capture == ev.capture
 
 
 @given(st.binary(max_size=sockflags.RECORD * 3 + 5))

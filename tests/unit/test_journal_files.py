@@ -204,7 +204,8 @@ def test_schema(tmp_path: Path) -> None:
     assert conn.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
     assert conn.execute("PRAGMA auto_vacuum").fetchone()[0] == 2  # incremental
     columns = {r[1] for r in conn.execute("PRAGMA table_info(events)")}
-    assert set(EVENT.to_json()) - {"result", "bound_dev_if", "options"} <= columns
+    # The sockets read at a refusal live in the json column only (a list).
+    assert set(EVENT.to_json()) - {"result", "bound_dev_if", "options", "at_failure"} <= columns
     assert {"json", "blockers", "exe", "cgroup", "cmdline", "result", "options"} <= columns
     row = conn.execute("SELECT json FROM events").fetchone()[0]
     assert sorted(__import__("json").loads(row)) == sorted(EVENT.to_json())

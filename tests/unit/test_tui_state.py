@@ -52,7 +52,8 @@ def test_events_round_trip_through_json():
     for doc in lines("event"):
         ev = event_from_json(doc)
         back = ev.to_json()
-        assert {k: doc[k] for k in back} == back
+        # A recording made before a key existed reads it as null.
+        assert {k: doc.get(k) for k in back} == back
 
 
 def test_explanations_from_json():
