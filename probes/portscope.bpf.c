@@ -336,7 +336,10 @@ static __always_inline void send_blocked(struct ps_event_blocked *b)
 	kept = front + back;
 	if (kept > PS_MAX_BLOCKERS)
 		kept = PS_MAX_BLOCKERS;
-	size = sizeof(*b) - (PS_MAX_BLOCKERS - kept) * sizeof(struct ps_blocker);
+	/* An addition of a product of bounded values: the verifiers of older
+	 * kernels (6.1) lose the bounds of a product with a negative factor. */
+	size = __builtin_offsetof(struct ps_event_blocked, blockers.sock) +
+	       kept * sizeof(struct ps_blocker);
 	if (PS_OUTPUT(ps_events, b, size))
 		count(PS_CNT_LOST);
 	else
@@ -1189,8 +1192,8 @@ static __always_inline void remember_args(__u32 tgid)
 {
 	struct task_struct *task = (struct task_struct *)bpf_get_current_task();
 	struct ps_proc_args args = {};
-	unsigned long start, end;
-	__u32 len;
+	unsigned long start, end, len;
+	int i;
 
 	if (PS_LOOKUP(ps_closer_args, &tgid))
 		return;
@@ -1199,9 +1202,16 @@ static __always_inline void remember_args(__u32 tgid)
 	len = end > start ? end - start : 0;
 	if (len > PS_ARGS_LEN - 1)
 		len = PS_ARGS_LEN - 1;
-	len &= PS_ARGS_LEN - 1; /* a bound the verifier can see */
-	if (len && !bpf_probe_read_user(args.args, len, (void *)start))
+	/* A read of constant size, which every verifier accepts (a length
+	 * computed here is not bounded to some of them, such as 6.1's under
+	 * bcc): what follows the arguments (the environment) is then cleared,
+	 * never kept. */
+	if (len && !bpf_probe_read_user(args.args, PS_ARGS_LEN - 1, (void *)start)) {
 		args.len = len;
+		for (i = 0; i < PS_ARGS_LEN; i++)
+			if ((unsigned long)i >= len)
+				args.args[i] = 0;
+	}
 	PS_UPDATE(ps_closer_args, &tgid, &args);
 }
 

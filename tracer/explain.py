@@ -913,6 +913,10 @@ NOTE_TEXT = {
         + (", bound by " + ", ".join(map(str, p["owners"])) if p.get("owners") else "")  # type: ignore[arg-type]
         + ", held the port when the kernel refused it (read by the probe then) and has "
           "closed since"),
+    "blocker_not_kept": lambda p: (
+        f"the probe kept {p['kept']} of the {'' if p['complete'] else 'at least '}{p['seen']} "
+        "sockets on the port at the refusal, and none of those blocks this bind: the blocker "
+        "was among the others, and has closed since"),
     "rules_disagree": lambda p: (
         f"the kernel refused the port while {p['sockets']} socket(s) held it, but by "
         "portscope's rules none of them blocks this bind: the rules miss a case here "

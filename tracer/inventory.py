@@ -27,7 +27,7 @@ from dataclasses import dataclass, field
 from typing import Iterable
 
 from .errors import UsageError
-from .netns import NetnsRef, dump_in, list_netns, open_netns
+from .netns import NetnsRef, NetnsScan, dump_in, list_netns, open_netns
 from .owners import Owner, OwnerCache
 from .sockdiag import SockRecord, dump, state_mask
 from .sockflags import Holder, SocketIterators, SockFlags
@@ -79,6 +79,8 @@ class Inventory:
     unreadable_processes: int = 0  # /proc entries or owners that could not be read
     flags_unknown: int = 0  # sockets no iterator reported
     notes: list[str] = field(default_factory=list)
+    # Which processes (or /run/netns entries) could not be read, and why.
+    problems: list[tuple[str, str]] = field(default_factory=list)
 
     def health(self) -> dict[str, int]:
         return {
@@ -90,13 +92,18 @@ class Inventory:
 
 
 def select_namespaces(spec: str | None) -> tuple[list[NetnsRef], int]:
+    refs, scan = select_namespaces_scan(spec)
+    return refs, scan.unreadable
+
+
+def select_namespaces_scan(spec: str | None) -> tuple[list[NetnsRef], NetnsScan]:
     """Namespaces matching ``spec`` (None: all): an inode number, an
     ``ip netns`` name, a path to a namespace file, or ``pid:PID``. Anything
     else (an empty name, a path to a file that is not a network namespace,
     such as /etc/passwd or /proc/self/ns/mnt) is one UsageError."""
     scan = list_netns()
     if spec is None:
-        return scan.namespaces, scan.unreadable
+        return scan.namespaces, scan
     forms = "give an inode number, an ip-netns name, a path to a namespace file, or pid:PID"
     if not spec.strip():
         raise UsageError(f"invalid --netns '': {forms}")
@@ -110,7 +117,7 @@ def select_namespaces(spec: str | None) -> tuple[list[NetnsRef], int]:
         chosen = [ref for ref in scan.namespaces if ref.inode == inode] or [NetnsRef(inode, path, ())]
     if not chosen:
         raise UsageError(f"no network namespace matches {spec!r}: {forms}")
-    return chosen, scan.unreadable
+    return chosen, scan
 
 
 def _spec_path(spec: str) -> str:
@@ -153,10 +160,11 @@ def take(port: int | None = None, protocols: Iterable[str] = ("tcp", "udp"),
     """The inventory, optionally only ``port`` (local), ``protocols``,
     ``states`` and one namespace (see :func:`select_namespaces`).
     ``details=False``: sock_diag alone, no flags and no owners (cheaper)."""
-    refs, unreadable = select_namespaces(netns)
+    refs, scan = select_namespaces_scan(netns)
     protocols = tuple(protocols)
     states = None if states is None else tuple(states)
-    inv = Inventory(sockets=[], namespaces=len(refs), unreadable_processes=unreadable)
+    inv = Inventory(sockets=[], namespaces=len(refs), unreadable_processes=scan.unreadable,
+                    problems=list(scan.problems))
     if not details:
         for ref in refs:
             records = dump_in(ref, protocols, ("ipv4", "ipv6"), states, port)
@@ -179,6 +187,7 @@ def take(port: int | None = None, protocols: Iterable[str] = ("tcp", "udp"),
             records, flags = dumped
             _join(ref, records, flags, states, holders, owners, inv)
         inv.unreadable_processes += owners.unreadable
+        inv.problems += owners.problems
         return inv
     finally:
         if owned_here:

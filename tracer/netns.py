@@ -43,6 +43,8 @@ class NetnsRef:
 class NetnsScan:
     namespaces: list[NetnsRef]  # ascending inode
     unreadable: int  # processes or /run/netns entries that could not be read
+    # Which, and why: ("pid 812", "permission denied"), ("/run/netns/x", ...).
+    problems: tuple[tuple[str, str], ...] = ()
 
 
 def list_netns(proc: str = PROC, run_netns: str = RUN_NETNS) -> NetnsScan:
@@ -50,6 +52,7 @@ def list_netns(proc: str = PROC, run_netns: str = RUN_NETNS) -> NetnsScan:
     nsfs_dev = os.stat(f"{proc}/self/ns/net").st_dev
     pids_by_inode, unreadable = _scan_processes(proc, nsfs_dev)
     names_by_inode, unnamed = _scan_named(run_netns, nsfs_dev)
+    problems = tuple(unreadable + unnamed)
     inodes = sorted(pids_by_inode.keys() | names_by_inode.keys())
     namespaces = [
         NetnsRef(inode,
@@ -57,17 +60,17 @@ def list_netns(proc: str = PROC, run_netns: str = RUN_NETNS) -> NetnsScan:
                  tuple(sorted(pids_by_inode.get(inode, ()))))
         for inode in inodes
     ]
-    return NetnsScan(namespaces, unreadable + unnamed)
+    return NetnsScan(namespaces, len(problems), problems)
 
 
-def _scan_processes(proc: str, nsfs_dev: int) -> tuple[dict[int, list[int]], int]:
-    """Namespace inode -> pids, and how many processes could not be read.
+def _scan_processes(proc: str, nsfs_dev: int) -> tuple[dict[int, list[int]], list[tuple[str, str]]]:
+    """Namespace inode -> pids, and the processes that could not be read (why).
 
     Only thread-group leaders are listed in /proc; a thread that setns()'d
     alone (as ours do, briefly) is not seen.
     """
     pids_by_inode: dict[int, list[int]] = {}
-    unreadable = 0
+    unreadable: list[tuple[str, str]] = []
     for entry in os.scandir(proc):
         if not entry.name.isdigit():
             continue
@@ -75,34 +78,34 @@ def _scan_processes(proc: str, nsfs_dev: int) -> tuple[dict[int, list[int]], int
             st = os.stat(f"{entry.path}/ns/net")
         except (FileNotFoundError, ProcessLookupError):
             continue  # exited since the listing: its sockets went with it
-        except OSError:  # not ours to read (another PID namespace, hardened /proc)
-            unreadable += 1
+        except OSError as exc:  # not ours to read (another PID namespace, hardened /proc)
+            unreadable.append((f"pid {entry.name}", exc.strerror or "unreadable"))
             continue
         if st.st_dev != nsfs_dev:
-            unreadable += 1
+            unreadable.append((f"pid {entry.name}", "its namespace is on another nsfs"))
             continue
         pids_by_inode.setdefault(st.st_ino, []).append(int(entry.name))
     return pids_by_inode, unreadable
 
 
-def _scan_named(run_netns: str, nsfs_dev: int) -> tuple[dict[int, str], int]:
+def _scan_named(run_netns: str, nsfs_dev: int) -> tuple[dict[int, str], list[tuple[str, str]]]:
     """Namespace inode -> /run/netns path, and how many entries are not
     namespaces (a file left behind by a failed ``ip netns add`` is a plain
     file on tmpfs, not a mounted namespace)."""
     named: dict[int, str] = {}
-    broken = 0
+    broken: list[tuple[str, str]] = []
     try:
         entries = sorted(os.scandir(run_netns), key=lambda e: e.name)
     except FileNotFoundError:  # no namespace was ever named on this host
-        return named, 0
+        return named, []
     for entry in entries:
         try:
             st = os.stat(entry.path)
-        except OSError:
-            broken += 1
+        except OSError as exc:
+            broken.append((entry.path, exc.strerror or "unreadable"))
             continue
         if st.st_dev != nsfs_dev:
-            broken += 1
+            broken.append((entry.path, "not a mounted namespace"))
             continue
         named.setdefault(st.st_ino, entry.path)
     return named, broken

@@ -191,8 +191,7 @@ class OnTheSpot:
             result.fixes.insert(0, Fix("retry", "kernel", {"for": "conflict"}))
         elif result.errno != observed:
             if observed == "EADDRINUSE" and result.verdict == "free":
-                notes.append(Note("rules_disagree", {"sockets": len(ev.capture.sockets)})
-                             if ev.capture and ev.capture.sockets else Note("blocker_gone", {}))
+                notes.append(_no_blocker_note(ev.capture))
             else:
                 notes.append(Note("answer_changed", {"observed": observed,
                                                      "now": result.errno or "success"}))
@@ -210,6 +209,21 @@ class OnTheSpot:
         if self._iterators is not None:
             self._iterators.close()
             self._iterators = None
+
+
+def _no_blocker_note(capture: Capture | None):  # type: ignore[no-untyped-def]
+    """Why an EADDRINUSE has no blocker now: it closed before anyone looked
+    (nothing was read at the refusal), the probe did not keep it (a crowded
+    port), or, when the probe kept every socket there was, the rules miss a
+    case."""
+    from .explain import Note
+
+    if capture is None or not capture.sockets:
+        return Note("blocker_gone", {})
+    if not capture.complete or capture.seen > len(capture.sockets):
+        return Note("blocker_not_kept", {"seen": capture.seen, "kept": len(capture.sockets),
+                                         "complete": capture.complete})
+    return Note("rules_disagree", {"sockets": len(capture.sockets)})
 
 
 def with_capture(inv, capture: Capture | None):  # type: ignore[no-untyped-def]

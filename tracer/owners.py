@@ -47,6 +47,7 @@ class OwnerCache:
     """Looks each pid up once per inventory and counts what failed."""
 
     unreadable: int = 0
+    problems: list[tuple[str, str]] = field(default_factory=list)  # ("pid 9 (comm)", why)
     _seen: dict[int, Owner] = field(default_factory=dict)
 
     def get(self, pid: int, comm: str) -> Owner:
@@ -79,6 +80,7 @@ class OwnerCache:
         except OSError as exc:
             problem = exc.strerror or str(exc)
         self.unreadable += 1
+        self.problems.append((f"pid {pid} ({comm})", problem))
         return Owner(pid=pid, comm=comm, readable=False, problem=problem)
 
 

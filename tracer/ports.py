@@ -6,6 +6,7 @@ import argparse
 import json
 
 from .errors import ExitStatus
+from .explain import conn_of, holding
 from .inventory import Inventory, Socket, take
 from .text import printable
 
@@ -23,15 +24,32 @@ def run(args: argparse.Namespace) -> ExitStatus:
         inv = take(port=port, protocols=protocols, states=states, netns=args.netns)
         sockets.extend(inv.sockets)
     sockets.sort(key=lambda s: (s.diag.netns, s.diag.local_port, s.diag.protocol, s.diag.state))
+    left = who_left(sockets)
     if args.json:
-        print(json.dumps({"sockets": [s.to_json() for s in sockets], "health": inv.health()}))
+        docs = []
+        for s in sockets:
+            doc = s.to_json()
+            closer = left.get(conn_of(s))
+            doc["closed_by"] = closer.to_json() | {"label": closer.label()} if closer else None
+            docs.append(doc)
+        print(json.dumps({"sockets": docs, "health": inv.health(),
+                          "unreadable": [{"what": w, "problem": p} for w, p in inv.problems]}))
     else:
-        _print_table(sockets)
+        _print_table(sockets, left)
         _print_health(inv)
     return ExitStatus.OK
 
 
-def row(s: Socket) -> tuple[str, ...]:
+def who_left(sockets: list[Socket]) -> dict:
+    """Who closed the sockets no process holds (TIME_WAIT, orphans), as the
+    running collectors recorded it in the kernel at the close."""
+    from . import closers
+
+    return closers.lookup(conn_of(s) for s in sockets
+                          if holding(s) in ("time_wait", "orphan"))
+
+
+def row(s: Socket, closer: object = None) -> tuple[str, ...]:
     d = s.diag
     proto = d.protocol + ("6" if d.family == "ipv6" else "4")
     local = f"[{d.local_addr}]:{d.local_port}" if d.family == "ipv6" else f"{d.local_addr}:{d.local_port}"
@@ -45,21 +63,33 @@ def row(s: Socket) -> tuple[str, ...]:
         flags += f" group={s.flags.group:08x}/{s.flags.group_size}"
         if s.flags.group_bpf_prog:
             flags += "+bpf"
-    owners = " ".join(o.label() for o in s.owners) or "-"
+    owners = " ".join(o.label() for o in s.owners) or (
+        f"left by {closer.label()}" if closer else "-")  # type: ignore[attr-defined]
     return (str(d.netns), proto, d.state, local, remote, queue, timer, str(d.uid), str(d.inode),
             flags or "-", owners)
 
 
-def _print_table(sockets: list[Socket]) -> None:
+def _print_table(sockets: list[Socket], left: dict) -> None:
     # Every cell escaped: owners' names and units are anybody's to choose.
-    rows = [HEADER] + [tuple(printable(v) for v in row(s)) for s in sockets]
+    rows = [HEADER] + [tuple(printable(v) for v in row(s, left.get(conn_of(s))))
+                       for s in sockets]
     widths = [max(len(r[i]) for r in rows) for i in range(len(HEADER) - 1)]
     for r in rows:
         print("  ".join(v.ljust(w) for v, w in zip(r, widths)) + "  " + r[-1])
 
 
+NAMED_PROBLEMS = 5  # unreadable processes named on the health line; the rest counted
+
+
 def _print_health(inv: Inventory) -> None:
+    """The last line: what could not be seen, naming which processes and why
+    (a process that exited meanwhile is not worth a word: its sockets went
+    with it)."""
     h = inv.health()
     gaps = [f"{v} {k.replace('_', ' ')}" for k, v in h.items() if k != "namespaces" and v]
     tail = f"; could not see: {', '.join(gaps)}" if gaps else ""
     print(f"\n{h['namespaces']} network namespace(s){tail}")
+    if inv.problems:
+        named = [f"{printable(w)} ({printable(p)})" for w, p in inv.problems[:NAMED_PROBLEMS]]
+        more = len(inv.problems) - NAMED_PROBLEMS
+        print("could not read: " + ", ".join(named) + (f", and {more} more" if more > 0 else ""))

@@ -138,6 +138,7 @@ class Ev:
     cgroup: str | None
     owner_uid: int | None
     blockers: Any
+    explanation: Any = None  # the on-the-spot explanation (reasons, fixes, notes) or None
 
     @property
     def ok(self) -> bool:
@@ -370,6 +371,7 @@ def _event(r: dict[str, Any]) -> Ev | None:
         return None
     try:
         blockers = _blockers(r["blockers"])
+        explanation = _explanation(r.get("explanation"))
     except ValueError:
         return None
     return Ev(
@@ -377,7 +379,35 @@ def _event(r: dict[str, Any]) -> Ev | None:
         r["uid"], r["sock_uid"], r["comm"], r["netns"], r["family"], r["protocol"],
         r["addr"], r["port"], r["bound_addr"], r["bound_port"],
         frozenset(filter(None, r["options"].split(","))), r["bound_dev_if"], r["inode"],
-        r["exe"], r["cgroup"], r["owner_uid"], blockers)
+        r["exe"], r["cgroup"], r["owner_uid"], blockers, explanation)
+
+
+def _explanation(value: Any) -> Any:
+    """An event's explanation as the journal keeps it ({errno, reasons,
+    fixes, notes}, or {"error": sentence}); ValueError when it is neither."""
+    if value is None:
+        return None
+    if not isinstance(value, dict):
+        raise ValueError("explanation")
+    if "error" in value:
+        if not isinstance(value["error"], str):
+            raise ValueError("explanation")
+        return value
+    for key in ("reasons", "fixes", "notes"):
+        items = value.get(key, [])
+        if not isinstance(items, list) or not all(
+                isinstance(i, dict) and isinstance(i.get("text", ""), str) for i in items):
+            raise ValueError("explanation")
+    return value
+
+
+def first_reason(explanation: Any) -> dict[str, Any] | None:
+    """{errno, rule, text} of the explanation's first reason, or None."""
+    reasons = explanation.get("reasons") if isinstance(explanation, dict) else None
+    if not reasons:
+        return None
+    r = reasons[0]
+    return {"errno": r.get("errno"), "rule": r.get("rule"), "text": r.get("text", "")}
 
 
 def _filters(port: int | None, netns: int | None) -> tuple[str, list[int]]:
@@ -864,6 +894,9 @@ def timeline(h: History) -> list[dict[str, Any]]:
         }
         if not ev.ok and isinstance(ev.blockers, list):
             entry["blockers"] = ev.blockers
+        if not ev.ok and ev.explanation is not None:
+            entry["reason"] = first_reason(ev.explanation)
+            entry["explanation"] = ev.explanation
         entries.append(entry)
     for key, rows in h.by_inode.items():
         entries += _row_changes(h, rows)
@@ -1058,6 +1091,14 @@ def _evidence_line(e: dict[str, Any]) -> str:
             f"{','.join(e['options'] or []) or '-'}{group} uid {e['uid']} inode {e['inode']}  {owners}")
 
 
+def _blocker_text(b: dict[str, Any]) -> str:
+    pids = b.get("pids") or []
+    who = (f"{b.get('comm')}[{','.join(map(str, pids))}]" if pids else
+           f"left by {b['closed_by']}" if b.get("closed_by") else "no process")
+    gone = ", closed since" if b.get("held") == "gone" else ""
+    return f"{who} ({b.get('rule')}{gone})"
+
+
 def _timeline_line(e: dict[str, Any]) -> str:
     who = f"pid {','.join(map(str, e['pids']))}" if e["pids"] else "no known process"
     if e.get("comm"):
@@ -1071,9 +1112,11 @@ def _timeline_line(e: dict[str, Any]) -> str:
         if e["count"] > 1:
             line += f"  x{e['count']} until {_stamp(e.get('until'))}"
         blockers = e.get("blockers")
+        reason = e.get("reason")
         if blockers:
-            line += "  blocked by: " + "; ".join(
-                f"{b.get('comm')}[{','.join(map(str, b.get('pids', [])))}] ({b.get('rule')})" for b in blockers)
+            line += "  blocked by: " + "; ".join(_blocker_text(b) for b in blockers)
+        elif reason and reason.get("rule") != "conflict":
+            line += f"  why: {reason.get('text')}"
         return line
     if e["call"]:
         return f"{head} {e['local']} {who} uid {e['uid']} {opts}"

@@ -12,12 +12,17 @@
 from __future__ import annotations
 
 import errno
+import json
 import os
+import subprocess
+import sys
+from pathlib import Path
 
 from harness import Actor, EventCollector, Netns, expect_outcome
 from tracer.explain import Request, explain
 
 PORT = 7100
+REPO = Path(__file__).resolve().parents[2]
 
 
 def _conn(actor: Actor, port: int) -> tuple[int, int, int]:
@@ -49,6 +54,12 @@ def test_who_left_a_time_wait_socket(netns: Netns, tracer: EventCollector) -> No
         argv0 = f.read().split(b"\0")[0].decode()
     assert closer["cmdline"] and closer["cmdline"].startswith(argv0)
     assert not [n for n in ex.notes if n.kind == "closer_unknown"]
+    # `ports` names who left it too.
+    out = subprocess.run([sys.executable, "-m", "tracer.cli", "ports", str(PORT), "--netns",
+                          str(netns.inode), "--json"], capture_output=True, text=True, check=True,
+                         timeout=60, cwd=REPO).stdout
+    (tw,) = [s for s in json.loads(out)["sockets"] if s["state"] == "TIME_WAIT"]
+    assert tw["owners"] == [] and tw["closed_by"]["pid"] == pid
 
 
 def test_an_orphaned_fin_wait2_socket_is_said_to_be_one(netns: Netns) -> None:

@@ -508,6 +508,37 @@ def test_clean_scenario_has_no_findings(scene: Scene) -> None:
             (5353, "bound"), (7070, "listening")} <= whats
 
 
+def test_the_journal_and_report_carry_each_failures_explanation(scene: Scene) -> None:
+    """What trace says of a failure, record keeps and report shows: the
+    reason of a refusal before the port, and the blocker of a conflict, named
+    even when it closed at once after the failure."""
+    rec = scene.record()
+    unprivileged = scene.actor(uid=UID_A)
+    assert unprivileged.bind(unprivileged.socket(), "0.0.0.0", 80) == errno.EACCES
+    holder = scene.actor(uid=UID_A)
+    fd = holder.serve("0.0.0.0", 8090)
+    late = scene.actor(uid=UID_A)
+    assert late.bind(late.socket(), "0.0.0.0", 8090) == errno.EADDRINUSE
+    holder.close(fd)  # gone a moment after the failure
+    rec.wait_snapshot()
+
+    doc = scene.report()
+    conflicts = {e["result"]: e for e in doc["timeline"] if e["what"] == "conflict"}
+    refused = conflicts["EACCES"]
+    assert refused["reason"]["rule"] == "privileged_port"
+    assert refused["explanation"]["fixes"] and refused["pids"] == [unprivileged.pid]
+    taken = conflicts["EADDRINUSE"]
+    (b,) = taken["blockers"]
+    assert b["pids"] == [holder.pid] and b["held"] in ("owners", "gone")
+    assert taken["reason"]["rule"] == "conflict"
+    out = subprocess.run([sys.executable, "-m", "tracer.cli", "report", str(rec.path),
+                          "--netns", str(scene.ns.inode)], cwd=REPO, capture_output=True,
+                         text=True, timeout=60)
+    assert out.returncode == 0, out.stderr
+    assert "why: port 80 is below net.ipv4.ip_unprivileged_port_start" in out.stdout
+    assert f"[{holder.pid}] (listener" in out.stdout
+
+
 def test_human_report_and_since(scene: Scene) -> None:
     rec = scene.record()
     owner = scene.actor(uid=UID_A)

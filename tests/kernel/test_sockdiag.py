@@ -575,7 +575,11 @@ def test_vanished_and_unreadable_are_counted_not_raised(world: World, tmp_path: 
     (tmp_path / "41" / "ns" / "net").symlink_to(world.path)
     (tmp_path / "42" / "ns").mkdir(parents=True)
     (tmp_path / "42" / "ns" / "net").symlink_to(tmp_path / "exited")
+    (tmp_path / "43" / "ns").mkdir(parents=True)
+    (tmp_path / "43" / "ns" / "net").write_text("not a namespace")
     scan = list_netns(proc=str(tmp_path), run_netns=str(tmp_path / "none"))
+    # Named, with why; the process that exited is not worth a word.
+    assert scan.problems == (("pid 43", "its namespace is on another nsfs"),)
     assert scan.unreadable == 1
     assert [(ref.inode, ref.pids) for ref in scan.namespaces if ref.inode == world.inode] == \
         [(world.inode, (41,))]

@@ -234,3 +234,29 @@ def test_markup_is_shown_as_typed() -> None:
     shot = asyncio.run(run())
     assert "[reverse]x[/]" in shot  # the Conflicts table and detail
     assert "stopped:&#160;[reverse]x[/]" in shot  # the error notification (SVG spaces)
+
+
+@given(hostile_text())
+def test_a_blocker_gone_since_is_named_safely(name: str) -> None:
+    """The process that bound a socket, as the probe kept it at the bind,
+    reaches the trace line, the TUI's detail and `ports`' health line
+    escaped."""
+    from tracer.events import Capture, Captured
+    from tracer.state import Conflict
+    from tui.conflicts import detail
+
+    gone = BlockerSummary((812,), name, "LISTEN", "0.0.0.0:8080", "listener", held="gone")
+    line = EventExplanation((gone,)).text()
+    assert_safe(line) and "\n" not in line and "closed since" in line
+    view = BlockerView((812,), name, "LISTEN", "0.0.0.0:8080", "listener", held="gone")
+    held = Captured("tcp", "ipv4", "LISTEN", "0.0.0.0", 8080, "0.0.0.0", 0, 0, 5151, 0,
+                    4026531840, frozenset(), 0, 812, name)
+    ev = event_from_json({**EVENT, "comm": name})
+    ev = type(ev)(**{**{f: getattr(ev, f) for f in ev.__slots__},
+                     "capture": Capture("refusal", 1, True, (held,))})
+    text = detail(Conflict(1, ev, Explanation((view,), rule="conflict"))).plain
+    assert_safe(text, "the conflict's detail") and "read in the kernel" in text
+    out = io.StringIO()
+    with redirect_stdout(out):
+        ports._print_health(Inventory([], namespaces=1, problems=[(f"pid 9 ({name})", name)]))
+    assert_safe(out.getvalue(), "ports' health") and len(lines_of(out.getvalue().strip())) == 3
