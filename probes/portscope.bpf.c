@@ -296,44 +296,39 @@ PS_LRU_HASH(ps_binders, __u64, struct ps_binder, PS_BINDER_ENTRIES);
 PS_HASH_LAZY(ps_refusals, __u64, struct ps_blockers, 1024);
 /* Where a refusal's record is assembled: too big for the BPF stack, and
  * sent with only the sockets it kept (bpf_ringbuf_output), so that a storm of
- * refusals costs the ring buffer little more than plain events. One slot per
- * kind of call: the programs that use it (the exits of bind and listen, the
- * allocator's) each run once at a time per CPU, but a BPF trampoline may be
- * preempted, so two of them must not share a slot. */
-PS_PERCPU_ARRAY(ps_capture_scratch, struct ps_event_blocked, PS_KIND_GET_PORT + 1);
+ * refusals costs the ring buffer little more than plain events. Beside it,
+ * the sockets the walk chose, as kernel addresses: the walk only picks them
+ * (a few reads a step, so that the verifier has little to check and loading
+ * stays fast), and the kept ones are read after it. These addresses never
+ * leave the kernel. One slot per kind of call: the programs that use it (the
+ * exits of bind and listen, the allocator's) each run once at a time per
+ * CPU, but a BPF trampoline may be preempted, so two of them must not share
+ * a slot. */
+struct ps_walk {
+	struct ps_event_blocked rec;
+	__u64 sk[PS_MAX_BLOCKERS];
+	/* Counters of the walk live here, not in registers: the verifier
+	 * tracks a register's exact value across the loop's steps, and would
+	 * check every combination of them. */
+	__u32 in_bucket;        /* sockets taken from the current address's list */
+	__u8 cut;               /* a list was left before its end */
+};
+PS_PERCPU_ARRAY(ps_capture_scratch, struct ps_walk, PS_KIND_GET_PORT + 1);
 
-static __always_inline struct ps_event_blocked *scratch_for(__u32 kind)
+static __always_inline struct ps_walk *scratch_for(__u32 kind)
 {
-	struct ps_event_blocked *b = PS_LOOKUP(ps_capture_scratch, &kind);
+	struct ps_walk *w = PS_LOOKUP(ps_capture_scratch, &kind);
 
-	if (b)
-		__builtin_memset(b, 0, sizeof(*b));
-	return b;
+	if (w)
+		__builtin_memset(w, 0, sizeof(*w));
+	return w;
 }
 
-/* The kept sockets made contiguous (listeners first, then the others), and
- * the record sent with just those. */
+/* The record sent with just the sockets kept. */
 static __always_inline void send_blocked(struct ps_event_blocked *b)
 {
-	struct ps_blockers *bl = &b->blockers;
-	__u32 front = bl->front & (2 * PS_MAX_BLOCKERS - 1);
-	__u32 back = bl->back & (2 * PS_MAX_BLOCKERS - 1);
-	__u32 kept, size;
-	int i;
+	__u32 kept = b->blockers.front + b->blockers.back, size;
 
-	if (front + back > PS_MAX_BLOCKERS)
-		return; /* cannot happen: keep() never overfills */
-	for (i = 0; i < PS_MAX_BLOCKERS; i++) {
-		__u32 from = PS_MAX_BLOCKERS - back + i, to = front + i;
-
-		if ((__u32)i >= back)
-			break;
-		if (from != to)
-			bpf_probe_read_kernel(&bl->sock[to & (PS_MAX_BLOCKERS - 1)],
-					      sizeof(struct ps_blocker),
-					      &bl->sock[from & (PS_MAX_BLOCKERS - 1)]);
-	}
-	kept = front + back;
 	if (kept > PS_MAX_BLOCKERS)
 		kept = PS_MAX_BLOCKERS;
 	/* An addition of a product of bounded values: the verifiers of older
@@ -399,15 +394,15 @@ static __always_inline void fill_blocker(struct ps_blocker *b, struct sock_commo
 	}
 }
 
-/* Keep a socket: listeners, bound sockets and UDP sockets fill the array
- * from the front, connections and TIME_WAIT from the back, and a full array
- * gives up a connection for a listener, so that a port with many
+/* Pick a socket: listeners, bound sockets and UDP sockets fill the choice
+ * from the front, connections and TIME_WAIT from the back, and a full
+ * choice gives up a connection for a listener, so that a port with many
  * connections still shows what holds it for bind(). */
-static __always_inline void keep(struct ps_blockers *out, struct sock_common *skc, __u8 protocol)
+static __always_inline void keep(struct ps_walk *w, struct sock_common *skc, __u8 protocol)
 {
+	struct ps_blockers *out = &w->rec.blockers;
 	__u8 state = BPF_CORE_READ(skc, skc_state);
 	bool first = protocol != IPPROTO_TCP || state == TCP_LISTEN || state == TCP_CLOSE;
-	struct ps_blocker *slot;
 	__u32 idx;
 
 	out->seen++;
@@ -420,15 +415,40 @@ static __always_inline void keep(struct ps_blockers *out, struct sock_common *sk
 		idx = out->front++;
 	else
 		idx = PS_MAX_BLOCKERS - 1 - out->back++;
-	slot = &out->sock[idx & (PS_MAX_BLOCKERS - 1)];
-	__builtin_memset(slot, 0, sizeof(*slot));
-	fill_blocker(slot, skc, protocol);
+	w->sk[idx & (PS_MAX_BLOCKERS - 1)] = (__u64)skc;
 }
 
-/* TCP: the port's bucket in the bind hash (inet_bhashfn), then its sockets.
- * The lists are read without the kernel's lock: a list that changes under
- * the walk can end it early (complete stays 0), never make it unsafe. */
-static __always_inline void capture_tcp(struct sock *self, __u16 port, struct ps_blockers *out)
+/* The sockets picked, read into the record in order: the front ones, then
+ * the back ones. */
+static __always_inline void read_kept(struct ps_walk *w, __u8 protocol)
+{
+	struct ps_blockers *out = &w->rec.blockers;
+	__u32 front = out->front, back = out->back;
+	int i;
+
+	for (i = 0; i < PS_MAX_BLOCKERS; i++) {
+		__u32 from = (__u32)i < front ? (__u32)i : PS_MAX_BLOCKERS - back + (i - front);
+		__u64 sk;
+
+		if ((__u32)i >= front + back)
+			break;
+		sk = w->sk[from & (PS_MAX_BLOCKERS - 1)];
+		if (sk)
+			fill_blocker(&out->sock[i & (PS_MAX_BLOCKERS - 1)], (struct sock_common *)sk,
+				     protocol);
+	}
+}
+
+/* TCP: the port's bucket in the bind hash (inet_bhashfn), then its sockets:
+ * before 6.8 one list per port; since, one per address of the port (an
+ * inet_bind2_bucket), of which the walk takes half its steps at most, so
+ * that a crowded address (a wildcard listener's connections are on the
+ * host's own address) does not hide the others. Each list has its newest
+ * socket first: a listener comes after the connections it accepted. The
+ * lists are read without the kernel's lock: a list that changes under the
+ * walk can end it early (complete stays 0), never make it unsafe. */
+#define PS_OWNERS_PER_ADDRESS (PS_WALK_STEPS / 2)
+static __always_inline void capture_tcp(struct sock *self, __u16 port, struct ps_walk *w)
 {
 	struct net *net = BPF_CORE_READ(self, __sk_common.skc_net.net);
 	struct inet_hashinfo *h = BPF_CORE_READ(self, __sk_common.skc_prot, h.hashinfo);
@@ -456,8 +476,12 @@ static __always_inline void capture_tcp(struct sock *self, __u16 port, struct ps
 				(void *)owner - PS_FIELD_OFFSET(struct sock_common, skc_bind_node);
 
 			if ((void *)skc != (void *)self)
-				keep(out, skc, IPPROTO_TCP);
+				keep(w, skc, IPPROTO_TCP);
 			owner = BPF_CORE_READ(owner, next);
+			if (owner && !flat && ++w->in_bucket >= PS_OWNERS_PER_ADDRESS) {
+				owner = NULL;
+				w->cut = 1;
+			}
 			continue;
 		}
 #if PS_MAY_HAVE_TB_BHASH2
@@ -466,12 +490,13 @@ static __always_inline void capture_tcp(struct sock *self, __u16 port, struct ps
 				(void *)tb2_node - PS_FIELD_OFFSET(struct inet_bind2_bucket, bhash_node);
 
 			owner = BPF_CORE_READ(tb2, owners.first);
+			w->in_bucket = 0;
 			tb2_node = BPF_CORE_READ(tb2_node, next);
 			continue;
 		}
 #endif
 		if (!tb_node) {
-			out->complete = 1;
+			w->rec.blockers.complete = !w->cut;
 			break;
 		}
 		tb = (void *)tb_node - PS_FIELD_OFFSET(struct inet_bind_bucket, node);
@@ -491,7 +516,7 @@ static __always_inline void capture_tcp(struct sock *self, __u16 port, struct ps
 
 /* UDP: the port's slot in the primary hash (udp_hashfn), shared by the
  * ports equal modulo its size and by every namespace. */
-static __always_inline void capture_udp(struct sock *self, __u16 port, struct ps_blockers *out)
+static __always_inline void capture_udp(struct sock *self, __u16 port, struct ps_walk *w)
 {
 	struct net *net = BPF_CORE_READ(self, __sk_common.skc_net.net);
 	struct udp_table *t = BPF_CORE_READ(self, __sk_common.skc_prot, h.udp_table);
@@ -514,38 +539,41 @@ static __always_inline void capture_udp(struct sock *self, __u16 port, struct ps
 		struct sock_common *skc;
 
 		if (!node) {
-			out->complete = 1;
+			w->rec.blockers.complete = 1;
 			break;
 		}
 		skc = (void *)node - PS_FIELD_OFFSET(struct sock_common, skc_node);
 		if ((void *)skc != (void *)self && BPF_CORE_READ(skc, skc_num) == port &&
 		    BPF_CORE_READ(skc, skc_net.net) == net)
-			keep(out, skc, IPPROTO_UDP);
+			keep(w, skc, IPPROTO_UDP);
 		node = BPF_CORE_READ(node, next);
 	}
 }
 
 static __always_inline void capture(struct sock *self, __u16 port, __u8 protocol, __u8 when,
-				    struct ps_blockers *out)
+				    struct ps_walk *w)
 {
-	out->when = when;
+	w->rec.blockers.when = when;
 	if (!port)
 		return; /* a failed search for a free port: no one port to name */
 	if (protocol == IPPROTO_TCP)
-		capture_tcp(self, port, out);
+		capture_tcp(self, port, w);
 	else if (protocol == IPPROTO_UDP)
-		capture_udp(self, port, out);
+		capture_udp(self, port, w);
+	else
+		return;
+	read_kept(w, protocol); /* once for both walks: the verifier checks it once */
 }
 
 /* fentry and kprobe plans: the allocator refused inside a traced call. */
 static __always_inline void save_refusal(__u64 id, struct sock *sk, __u16 port)
 {
-	struct ps_event_blocked *scratch = scratch_for(PS_KIND_GET_PORT);
+	struct ps_walk *w = scratch_for(PS_KIND_GET_PORT);
 
-	if (!scratch)
+	if (!w)
 		return;
-	capture(sk, port, IPPROTO_TCP, PS_CAPTURE_REFUSAL, &scratch->blockers);
-	PS_UPDATE(ps_refusals, &id, &scratch->blockers);
+	capture(sk, port, IPPROTO_TCP, PS_CAPTURE_REFUSAL, w);
+	PS_UPDATE(ps_refusals, &id, &w->rec.blockers);
 }
 
 static __always_inline bool success_wanted(__u8 kind)
@@ -643,26 +671,31 @@ static __always_inline void emit_call(__u64 id, const struct inflight *in, long 
 /* A bind() or listen() refused with EADDRINUSE: the event and the sockets
  * that held the port, read at the allocator's refusal when a probe saw it,
  * else now. */
-static __always_inline void emit_blocked(__u64 id, const struct inflight *in, long ret)
+static __always_inline void emit_blocked(__u64 id, const struct inflight *in, long ret,
+					 const __u8 kind)
 {
-	struct ps_event_blocked *b = scratch_for(in->kind);
+	struct ps_walk *w = scratch_for(kind);
+	/* listen() is TCP's only: its program needs no UDP walk. */
+	__u8 protocol = kind == PS_KIND_LISTEN ? IPPROTO_TCP : in->protocol;
 	struct ps_blockers *pending;
 
-	if (!b) {
+	if (!w) {
 		count(PS_CNT_LOST);
 		return;
 	}
-	fill_call(&b->event, id, in, ret);
+	fill_call(&w->rec.event, id, in, ret);
 	pending = PS_LOOKUP(ps_refusals, &id);
 	if (pending)
-		bpf_probe_read_kernel(&b->blockers, sizeof(b->blockers), pending);
+		bpf_probe_read_kernel(&w->rec.blockers, sizeof(w->rec.blockers), pending);
 	else
-		capture((struct sock *)in->sk, b->event.req_port, in->protocol, PS_CAPTURE_EXIT,
-			&b->blockers);
-	send_blocked(b);
+		capture((struct sock *)in->sk, w->rec.event.req_port, protocol, PS_CAPTURE_EXIT, w);
+	send_blocked(&w->rec);
 }
 
-static __always_inline int on_exit(long ret)
+/* ``kind`` is each exit program's own constant, so that the compiler leaves
+ * out what a call of that kind never needs (connect() has no blockers to
+ * read): the verifier then has less to check, and loading is faster. */
+static __always_inline int on_exit(long ret, const __u8 kind)
 {
 	__u64 id = bpf_get_current_pid_tgid();
 	struct inflight *in = PS_LOOKUP(ps_inflight, &id);
@@ -670,12 +703,16 @@ static __always_inline int on_exit(long ret)
 
 	if (!in)
 		return 0;
+	if (in->kind != kind) { /* left by a call whose exit was not seen */
+		PS_DELETE(ps_inflight, &id);
+		return 0;
+	}
 	refused = in->quality & PS_Q_GET_PORT_FAILED;
-	if (ret == 0 && in->kind != PS_KIND_CONNECT)
+	if (ret == 0 && kind != PS_KIND_CONNECT)
 		remember_binder(id, in);
 	if (wanted(in, ret) && port_selected(in)) {
-		if (ret == -EADDRINUSE && in->kind != PS_KIND_CONNECT)
-			emit_blocked(id, in, ret);
+		if (kind != PS_KIND_CONNECT && ret == -EADDRINUSE)
+			emit_blocked(id, in, ret, kind);
 		else
 			emit_call(id, in, ret);
 	}
@@ -696,7 +733,7 @@ int ps_enter_bind(struct trace_event_raw_sys_enter *ctx)
 SEC("tracepoint/syscalls/sys_exit_bind")
 int ps_exit_bind(struct trace_event_raw_sys_exit *ctx)
 {
-	return on_exit(ctx->ret);
+	return on_exit(ctx->ret, PS_KIND_BIND);
 }
 
 SEC("tracepoint/syscalls/sys_enter_listen")
@@ -708,7 +745,7 @@ int ps_enter_listen(struct trace_event_raw_sys_enter *ctx)
 SEC("tracepoint/syscalls/sys_exit_listen")
 int ps_exit_listen(struct trace_event_raw_sys_exit *ctx)
 {
-	return on_exit(ctx->ret);
+	return on_exit(ctx->ret, PS_KIND_LISTEN);
 }
 
 SEC("tracepoint/syscalls/sys_enter_connect")
@@ -720,7 +757,7 @@ int ps_enter_connect(struct trace_event_raw_sys_enter *ctx)
 SEC("tracepoint/syscalls/sys_exit_connect")
 int ps_exit_connect(struct trace_event_raw_sys_exit *ctx)
 {
-	return on_exit(ctx->ret);
+	return on_exit(ctx->ret, PS_KIND_CONNECT);
 }
 
 /* ---- the same three calls from BPF trampolines: fentry plan --------------- */
@@ -737,7 +774,7 @@ int BPF_PROG(ps_fentry_bind, int fd, struct sockaddr *uaddr, int addrlen)
 SEC("fexit/__sys_bind")
 int BPF_PROG(ps_fexit_bind, int fd, struct sockaddr *uaddr, int addrlen, int ret)
 {
-	return on_exit(ret);
+	return on_exit(ret, PS_KIND_BIND);
 }
 
 SEC("fentry/__sys_listen")
@@ -749,7 +786,7 @@ int BPF_PROG(ps_fentry_listen, int fd, int backlog)
 SEC("fexit/__sys_listen")
 int BPF_PROG(ps_fexit_listen, int fd, int backlog, int ret)
 {
-	return on_exit(ret);
+	return on_exit(ret, PS_KIND_LISTEN);
 }
 
 SEC("fentry/__sys_connect")
@@ -761,7 +798,7 @@ int BPF_PROG(ps_fentry_connect, int fd, struct sockaddr *uaddr, int addrlen)
 SEC("fexit/__sys_connect")
 int BPF_PROG(ps_fexit_connect, int fd, struct sockaddr *uaddr, int addrlen, int ret)
 {
-	return on_exit(ret);
+	return on_exit(ret, PS_KIND_CONNECT);
 }
 #endif /* !PS_BCC */
 
@@ -815,19 +852,21 @@ static __always_inline void emit_get_port_ok(__u64 id, struct sock *sk, __u16 sn
 
 static __always_inline void emit_get_port_refusal(__u64 id, struct sock *sk, __u16 snum, int ret)
 {
-	struct ps_event_blocked *b = scratch_for(PS_KIND_GET_PORT);
+	struct ps_walk *w = scratch_for(PS_KIND_GET_PORT);
+	struct ps_event_blocked *b;
 
-	if (!b) {
+	if (!w) {
 		count(PS_CNT_LOST);
 		return;
 	}
+	b = &w->rec;
 	fill_sock_event(&b->event, id, sk, PS_KIND_GET_PORT);
 	/* Older kernels return 1 for "in use"; report it as the EADDRINUSE the
 	 * caller turns it into. */
 	b->event.ret = ret > 0 ? -98 : ret;
 	b->event.quality = PS_Q_GET_PORT_SEEN | PS_Q_GET_PORT_FAILED;
 	b->event.req_port = snum;
-	capture(sk, snum, IPPROTO_TCP, PS_CAPTURE_REFUSAL, &b->blockers);
+	capture(sk, snum, IPPROTO_TCP, PS_CAPTURE_REFUSAL, w);
 	send_blocked(b);
 }
 

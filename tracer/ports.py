@@ -69,8 +69,9 @@ def row(s: Socket, closer: object = None) -> tuple[str, ...]:
             flags or "-", owners)
 
 
-def _print_table(sockets: list[Socket], left: dict) -> None:
+def _print_table(sockets: list[Socket], left: dict | None = None) -> None:
     # Every cell escaped: owners' names and units are anybody's to choose.
+    left = left or {}
     rows = [HEADER] + [tuple(printable(v) for v in row(s, left.get(conn_of(s))))
                        for s in sockets]
     widths = [max(len(r[i]) for r in rows) for i in range(len(HEADER) - 1)]
