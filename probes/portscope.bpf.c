@@ -423,15 +423,21 @@ static __always_inline void keep(struct ps_walk *w, struct sock_common *skc, __u
 static __always_inline void read_kept(struct ps_walk *w, __u8 protocol)
 {
 	struct ps_blockers *out = &w->rec.blockers;
-	__u32 front = out->front, back = out->back;
+	__u32 front = out->front, back = out->back, kept = front + back;
 	int i;
 
+	/* Every step runs, the ones past the kept sockets doing nothing: with
+	 * an early exit, a compiler computes the trip count (at most 8) and
+	 * ends the loop on a pointer stepped along out->sock reaching that
+	 * count's slot, a test the verifier cannot bound, so it walks on past
+	 * the array (bcc's LLVM on 6.1: "R8 min value is outside of the
+	 * allowed memory range"). */
 	for (i = 0; i < PS_MAX_BLOCKERS; i++) {
 		__u32 from = (__u32)i < front ? (__u32)i : PS_MAX_BLOCKERS - back + (i - front);
 		__u64 sk;
 
-		if ((__u32)i >= front + back)
-			break;
+		if ((__u32)i >= kept)
+			continue;
 		sk = w->sk[from & (PS_MAX_BLOCKERS - 1)];
 		if (sk)
 			fill_blocker(&out->sock[i & (PS_MAX_BLOCKERS - 1)], (struct sock_common *)sk,
