@@ -29,11 +29,11 @@ from . import libbpf
 from .engine import (
     Engine,
     EngineConfig,
-    _ring_size,
-    _success_mask,
     first_plan_that_runs,
     forced_plan,
     preflight,
+    ring_size,
+    success_mask,
     summarize_verifier_log,
 )
 from .errors import (
@@ -170,9 +170,9 @@ def cflags(config: EngineConfig, plan: Plan) -> list[str]:
         "-idirafter", "/usr/include",  # bpf/bpf_core_read.h, after the kernel's own
         f"-DPS_CFG_target_tgid={config.pid}",
         f"-DPS_CFG_target_port={config.port}",
-        f"-DPS_CFG_success_kinds={_success_mask(config)}",
+        f"-DPS_CFG_success_kinds={success_mask(config)}",
         f"-DPS_CFG_plan={int(plan.code)}",
-        f"-DPS_RING_PAGES={_ring_size(config.ring_bytes) // page}",
+        f"-DPS_RING_PAGES={ring_size(config.ring_bytes) // page}",
         f"-DPS_CLOSER_ENTRIES={config.closer_entries}",
         f"-DPS_CLOSER_ARGS_ENTRIES={config.closer_args_entries}",
         "-w",  # the kernel's headers warn; the libbpf build is the -Werror one

@@ -36,10 +36,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterable
 
-from .engine import Engine, EngineConfig, open_engine
+from .engine import Engine, EngineConfig
+from .loader import open_engine
 from .errors import PortscopeError, UsageError
 from .events import CallEvent, Clock, decode, event_from_json
-from .onthespot import EventExplanation, explainable
+from .onthespot import explainable
+from .records import EventExplanation
 from .state import (
     MAX_GROUP_EVENTS,
     RATE_HISTORY,

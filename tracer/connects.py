@@ -23,7 +23,7 @@ from .events import CallEvent, format_addr
 from .explain import Fix, Reason
 from .inventory import Socket, select_namespaces, take
 from .netns import port_range
-from .onthespot import BlockerSummary, EventExplanation
+from .records import BlockerSummary, EventExplanation
 
 TOP = 5
 

@@ -11,7 +11,8 @@ import json
 from dataclasses import asdict, dataclass
 
 from . import libbpf
-from .engine import EngineConfig, default_engine, forced_plan, open_engine, preflight, verify_plan
+from .engine import EngineConfig, default_engine, forced_plan, preflight, verify_plan
+from .loader import open_engine
 from .errors import ExitStatus, PlanUnavailable, PortscopeError
 from .plans import PREFERENCE, KernelFacts, Plan, kernel_facts
 from .text import printable

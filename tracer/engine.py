@@ -6,8 +6,9 @@ read-only data, choose the plan's programs, load (the verifier runs here),
 attach, then poll. ``close()`` detaches everything and is safe to call twice.
 
 Two loaders fill the same :class:`Engine`: libbpf with the CO-RE object
-(the default), and bcc, which compiles the same source against the running
-kernel's headers (``EngineConfig.engine = "bcc"``, tracer/bcc_engine.py).
+(the default, :func:`open_libbpf_engine`), and bcc, which compiles the same
+source against the running kernel's headers (tracer/bcc_engine.py);
+tracer/loader.py chooses between them.
 """
 
 from __future__ import annotations
@@ -35,7 +36,7 @@ from .errors import (
 )
 from .events import Clock
 from .layout import PsConfig, PsCounter, PsEvent, PsKind
-from .plans import GROUP_PROGRAMS, PLAN_PROGRAMS, PREFERENCE, KernelFacts, Plan, kernel_facts
+from .plans import GROUP_PROGRAMS, PLAN_PROGRAMS, PREFERENCE, KernelFacts, Plan
 
 DEFAULT_OBJECT = Path(__file__).resolve().parent.parent / "probes" / "portscope.bpf.o"
 DEFAULT_RING_BYTES = 8 << 20
@@ -231,13 +232,9 @@ class Engine:
         self.close()
 
 
-def open_engine(config: EngineConfig, facts: KernelFacts | None = None) -> Engine:
-    """Load and attach the requested plan, or the best plan the kernel allows."""
-    facts = facts or kernel_facts(config.btf_path, mount_tracefs=True)
-    if (config.engine or default_engine()) == "bcc":
-        from .bcc_engine import open_bcc_engine
-
-        return open_bcc_engine(config, facts)
+def open_libbpf_engine(config: EngineConfig, facts: KernelFacts) -> Engine:
+    """Load and attach the requested plan from the CO-RE object, or the best
+    plan the kernel allows (tracer/loader.py chooses between the engines)."""
     preflight(facts, config)
     requested = config.plan or forced_plan()
 
@@ -375,13 +372,13 @@ def _check_btf_file(path: str) -> None:
 
 def _configure(obj: libbpf.BpfObject, config: EngineConfig, plan: Plan) -> None:
     ring = obj.map("ps_events")
-    ring.set_max_entries(_ring_size(config.ring_bytes))
+    ring.set_max_entries(ring_size(config.ring_bytes))
     obj.map("ps_closers").set_max_entries(config.closer_entries)
     obj.map("ps_closer_args").set_max_entries(config.closer_args_entries)
     cfg = PsConfig(
         target_tgid=config.pid,
         target_port=config.port,
-        success_kinds=_success_mask(config),
+        success_kinds=success_mask(config),
         plan=plan.code,
     )
     rodata = obj.map(".rodata")
@@ -392,7 +389,8 @@ def _configure(obj: libbpf.BpfObject, config: EngineConfig, plan: Plan) -> None:
     ctypes.memmove(addr + offset, ctypes.addressof(cfg), var_size)
 
 
-def _success_mask(config: EngineConfig) -> int:
+def success_mask(config: EngineConfig) -> int:
+    """The kinds of call whose successes the probes send (ps_config.success_kinds)."""
     names = config.successes
     if names is None:
         names = frozenset() if config.errors_only else frozenset({"bind", "listen", "connect"})
@@ -405,7 +403,7 @@ def _success_mask(config: EngineConfig) -> int:
 RING_MAX = 1 << 30  # what --ring-size accepts (tracer/arguments.py)
 
 
-def _ring_size(requested: int) -> int:
+def ring_size(requested: int) -> int:
     """Ring buffers must be a power of two pages; round up."""
     size = max(requested, os.sysconf("SC_PAGE_SIZE"))
     if size > RING_MAX:

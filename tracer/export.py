@@ -32,7 +32,8 @@ import time
 from collections import Counter
 from typing import Iterable, Iterator
 
-from .engine import Counters, EngineConfig, open_engine
+from .engine import Counters, EngineConfig
+from .loader import open_engine
 from .errors import ExitStatus, PortscopeError, UsageError
 from .events import Clock, decode
 from .plans import Plan

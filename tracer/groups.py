@@ -35,7 +35,8 @@ from dataclasses import dataclass
 from typing import Iterable, TextIO
 
 from . import libbpf
-from .engine import Engine, EngineConfig, open_engine
+from .engine import Engine, EngineConfig
+from .loader import open_engine
 from .errors import ExitStatus
 from .inventory import Inventory, Socket, select_namespaces, take
 from .layout import PsCounter, PsMemberCount

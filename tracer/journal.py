@@ -324,7 +324,7 @@ def snapshot_socket(sock: Any) -> SnapshotSocket:
 
 def event_row(session: int, ev: Any, owner: Any, explained: Any) -> tuple[Any, ...]:
     """An ``events`` row from a CallEvent, the caller as owners.Owner (or None)
-    and the on-the-spot explanation (onthespot.EventExplanation, or None)."""
+    and the on-the-spot explanation (records.EventExplanation, or None)."""
     doc = ev.to_json()
     readable = owner is not None and owner.readable
     return (

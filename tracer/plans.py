@@ -3,7 +3,7 @@
 A plan is a set of programs from probes/portscope.bpf.o that fill the one
 event schema. ``kernel_facts()`` reads what can be read without loading
 anything; whether fentry or kprobes really work is only known by trying,
-which the engine does (``engine.open_engine``), falling back plan by plan.
+which the engine does (``loader.open_engine``), falling back plan by plan.
 """
 
 from __future__ import annotations

@@ -31,10 +31,12 @@ import threading
 import time
 
 from . import journal as jr
-from .engine import Engine, EngineConfig, open_engine
+from .engine import Engine, EngineConfig
+from .loader import open_engine
 from .errors import ExitStatus, OutputFailed, PortscopeError
 from .events import CallEvent, Clock, decode
-from .onthespot import EventExplanation, OnTheSpot, explainable
+from .onthespot import OnTheSpot, explainable
+from .records import EventExplanation
 from .cgroups import CgroupIdentities
 from .owners import Owner, OwnerCache
 from .plans import Plan

@@ -71,15 +71,7 @@ class Position:
     speed: float
 
     def text(self) -> str:
-        return time_text(self.time)
-
-
-def time_text(t: float) -> str:
-    return clock_text(t)
-
-
-def speed_text(speed: float) -> str:
-    return f"{speed:g}x"
+        return clock_text(self.time)
 
 
 def _owner_label(o: dict) -> str:
@@ -165,7 +157,7 @@ class JournalReplay:
         self.start = start if start is not None else min(firsts)
         self.end = end if end is not None else max(lasts)
         if self.end < self.start:  # --from after everything recorded
-            raise UsageError(f"{self.path} holds nothing recorded after {time_text(self.start)}")
+            raise UsageError(f"{self.path} holds nothing recorded after {clock_text(self.start)}")
 
     @property
     def total(self) -> int:

@@ -179,7 +179,8 @@ def run(args: "argparse.Namespace") -> "ExitStatus":  # noqa: F821
     import json
     import time
 
-    from .engine import EngineConfig, open_engine
+    from .engine import EngineConfig
+    from .loader import open_engine
     from .errors import ExitStatus
 
     engine = open_engine(EngineConfig()) if args.watch else None

@@ -6,7 +6,8 @@ import argparse
 import json
 import time
 
-from .engine import Counters, Engine, EngineConfig, open_engine
+from .engine import Counters, Engine, EngineConfig
+from .loader import open_engine
 from .errors import ExitStatus
 from .events import CallEvent, Clock, decode
 from .onthespot import OnTheSpot

@@ -23,7 +23,7 @@ from textual.binding import Binding
 from textual.widgets import Footer, Input, Static, TabbedContent, TabPane
 
 from tracer.state import Snapshot
-from tracer.text import printable
+from tracer.text import clock_text, printable
 
 from .base import Pane
 from .conflicts import ConflictsPane
@@ -58,15 +58,13 @@ class ReplayControl(Protocol):
 
 def replay_status_text(snap: Snapshot, pos: Any) -> Text:
     """The status line of a replay: where it stands in the recording."""
-    from tracer.replay import speed_text, time_text
-
     out = Text()
     out.append("portscope", "bold")
     out.append(" │ ")
     out.append("▶ " if pos.playing else "⏸ ", "bold green" if pos.playing else "bold yellow")
-    out.append(time_text(pos.time), "bold")
+    out.append(clock_text(pos.time), "bold")
     out.append(f" │ event {count(pos.index)}/{count(pos.total)}")
-    out.append(f" │ {speed_text(pos.speed)}")
+    out.append(f" │ {pos.speed:g}x")
     if snap.health.lost:
         out.append(" │ ")
         out.append(f"{count(snap.health.lost)} lost", "bold red")

@@ -49,7 +49,8 @@ def root() -> None:
 @pytest.fixture(scope="session")
 def tracer(root: None) -> Iterator[EventCollector]:
     """One engine for the whole session, tracing every call, failed or not."""
-    from tracer.engine import EngineConfig, open_engine
+    from tracer.engine import EngineConfig
+    from tracer.loader import open_engine
     from tracer.errors import PortscopeError
 
     try:

@@ -96,7 +96,8 @@ def test_doctor_reports_bcc() -> None:
 
 def _engines(**config: object):
     """A bcc engine and a libbpf engine with the same plan and filters."""
-    from tracer.engine import EngineConfig, open_engine
+    from tracer.engine import EngineConfig
+    from tracer.loader import open_engine
 
     bcc = open_engine(EngineConfig(engine="bcc", **config))  # type: ignore[arg-type]
     try:

@@ -13,7 +13,8 @@ import pytest
 from harness import Actor, Netns
 
 from tracer import libbpf
-from tracer.engine import EngineConfig, open_engine
+from tracer.engine import EngineConfig
+from tracer.loader import open_engine
 from tracer.layout import PsCounter
 from tracer.sockflags import SocketIterators, SockFlags
 

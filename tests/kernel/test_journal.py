@@ -270,7 +270,8 @@ def programs() -> Iterator[Programs]:
 
 @pytest.fixture(scope="module")
 def can_record(root: None) -> None:
-    from tracer.engine import EngineConfig, open_engine
+    from tracer.engine import EngineConfig
+    from tracer.loader import open_engine
     from tracer.errors import PortscopeError
 
     try:

@@ -16,7 +16,8 @@ from pathlib import Path
 import pytest
 from harness import Actor, Netns
 
-from tracer.engine import EngineConfig, open_engine
+from tracer.engine import EngineConfig
+from tracer.loader import open_engine
 
 REPO = Path(__file__).resolve().parents[2]
 TCP_TIMEWAIT_LEN_MS = 60_000  # include/net/tcp.h

@@ -305,7 +305,8 @@ def test_bind_af_unspec(tracer: EventCollector, netns: Netns) -> None:
 
 def _filtered(tracer: EventCollector, netns: Netns, **config: object) -> EventCollector:
     """A second engine with a filter, collecting only this namespace."""
-    from tracer.engine import EngineConfig, open_engine
+    from tracer.engine import EngineConfig
+    from tracer.loader import open_engine
 
     engine = open_engine(EngineConfig(plan=tracer.engine.plan, **config))  # type: ignore[arg-type]
     collector = EventCollector(engine)

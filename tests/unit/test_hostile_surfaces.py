@@ -25,7 +25,7 @@ from tracer.netns import PortRange
 from tracer.events import event_from_json
 from tracer.explain import Request, explain
 from tracer.inventory import Inventory, Socket
-from tracer.onthespot import BlockerSummary, EventExplanation
+from tracer.records import BlockerSummary, EventExplanation
 from tracer.owners import Owner
 from tracer.sockdiag import SockRecord
 from tracer.sockflags import SockFlags

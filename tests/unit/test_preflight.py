@@ -4,7 +4,7 @@ import dataclasses
 
 import pytest
 
-from tracer.engine import EngineConfig, _ring_size, preflight, summarize_verifier_log
+from tracer.engine import EngineConfig, ring_size, preflight, summarize_verifier_log
 from tracer.errors import ExitStatus, NoBTF, PermissionDenied, Unsupported
 from tracer.plans import KernelFacts, Plan
 
@@ -44,10 +44,10 @@ def test_static_reasons_per_plan():
     assert facts(btf=None).static_reason_against(Plan.FENTRY)
 
 
-def test_ring_size_rounds_to_power_of_two_pages():
-    assert _ring_size(1) == 4096
-    assert _ring_size(5 << 20) == 8 << 20
-    assert _ring_size(8 << 20) == 8 << 20
+def testring_size_rounds_to_power_of_two_pages():
+    assert ring_size(1) == 4096
+    assert ring_size(5 << 20) == 8 << 20
+    assert ring_size(8 << 20) == 8 << 20
 
 
 def test_verifier_summary_is_the_last_complaint():

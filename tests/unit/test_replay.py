@@ -19,11 +19,12 @@ from rich.console import Console
 from textual.widgets import Input, Static
 
 from tracer import cli
-from tracer.onthespot import BlockerSummary, EventExplanation
+from tracer.records import BlockerSummary, EventExplanation
 from tracer import journal as jr
 from tracer.errors import ExitStatus, UsageError
 from tracer.events import CallEvent, Options
-from tracer.replay import JournalReplay, open_replay, time_text
+from tracer.replay import JournalReplay, open_replay
+from tracer.text import clock_text
 from tracer.state import StateModel
 from tui.app import make_app
 from tui.table import VirtualTable
@@ -197,7 +198,7 @@ async def test_keys_move_the_replay(journal: Path) -> None:
     app = make_app(source)
     async with app.run_test(size=SIZE) as pilot:
         status = text_of(app, "#status")
-        assert "event 0/4" in status and time_text(T0 + 5) in status and "1x" in status
+        assert "event 0/4" in status and clock_text(T0 + 5) in status and "1x" in status
         assert "PAUSED" not in status
         footer = " ".join(b.description for b in app.active_bindings.values() if b.binding.show
                           for b in [b.binding])
@@ -209,7 +210,7 @@ async def test_keys_move_the_replay(journal: Path) -> None:
         await pilot.press("right", "right")
         await pilot.pause()
         status = text_of(app, "#status")
-        assert "event 2/4" in status and time_text(T0 + 20) in status
+        assert "event 2/4" in status and clock_text(T0 + 20) in status
         assert column(app, "#conflict-table", "WHO") == ["intruder[200]"]
         assert "svc[100] listener" in column(app, "#conflict-table", "BLOCKED BY")[0]
 
@@ -219,7 +220,7 @@ async def test_keys_move_the_replay(journal: Path) -> None:
         await pilot.press("right_square_bracket", "shift+right", "right_square_bracket")
         await pilot.pause()  # T0 + 200: every event, the second snapshot
         status = text_of(app, "#status")
-        assert "event 4/4" in status and time_text(T0 + 200) in status
+        assert "event 4/4" in status and clock_text(T0 + 200) in status
         assert column(app, "#port-table", "OWNERS") == ["svc[100]", "worker[500]", "worker[501]"]
 
         await pilot.press("left_square_bracket", "shift+left")  # T0 + 80: before both
