@@ -690,7 +690,9 @@ static __always_inline void emit_blocked(__u64 id, const struct inflight *in, lo
 		return;
 	}
 	fill_call(&w->rec.event, id, in, ret);
-	pending = PS_LOOKUP(ps_refusals, &id);
+	/* Only a refusal seen inside this very call: an entry of the same
+	 * thread left by an earlier call is not this call's. */
+	pending = in->quality & PS_Q_GET_PORT_FAILED ? PS_LOOKUP(ps_refusals, &id) : NULL;
 	if (pending)
 		bpf_probe_read_kernel(&w->rec.blockers, sizeof(w->rec.blockers), pending);
 	else
@@ -710,6 +712,7 @@ static __always_inline int on_exit(long ret, const __u8 kind)
 	if (!in)
 		return 0;
 	if (in->kind != kind) { /* left by a call whose exit was not seen */
+		PS_DELETE(ps_refusals, &id);
 		PS_DELETE(ps_inflight, &id);
 		return 0;
 	}
