@@ -66,6 +66,9 @@ TCP_STATES = {
     6: "TIME_WAIT", 7: "CLOSE", 8: "CLOSE_WAIT", 9: "LAST_ACK", 10: "LISTEN", 11: "CLOSING",
 }
 
+# TcpExt counters (besides TCPAbortOn*) that count a socket leaving early.
+VANISHING_COUNTERS = ("TCPTimeWaitOverflow", "TW", "TWKilled", "TCPMemoryPressures", "OutOfWindowIcmps")
+
 DEFAULT_TIMEOUT = 10.0  # seconds an actor may take for one step
 KEEPER_MAX_LIFE = 300.0  # a keeper never outlives this, even if nobody kills it
 
@@ -497,8 +500,18 @@ class Actor:
             if ready(states):
                 return states
             if time.monotonic() >= deadline:
-                raise HarnessError(f"TCP sockets on port {port} stayed {states} for {timeout}s")
+                raise HarnessError(f"TCP sockets on port {port} stayed {states} for {timeout}s"
+                                   f" (namespace's TCP aborts: {self.tcp_aborts() or 'none'})")
             time.sleep(0.02)
+
+    def tcp_aborts(self) -> dict[str, int]:
+        """The namespace's nonzero TcpExt counters that say why a socket vanished.
+
+        A wait for a state that never comes names them, so that a scenario the
+        kernel did not build (a TIME_WAIT bucket overflow, an abort on memory)
+        is told apart from one that is merely slow.
+        """
+        return self._call("tcp_aborts")
 
     # -- ending
 
@@ -742,6 +755,16 @@ class _ActorServer:
                     if int(cols[1].rsplit(":", 1)[1], 16) == port:
                         states.append(TCP_STATES.get(int(cols[3], 16), cols[3]))
         return sorted(states)
+
+    def op_tcp_aborts(self) -> dict[str, int]:
+        with open("/proc/net/netstat") as f:
+            lines = f.read().splitlines()
+        for names, values in zip(lines[::2], lines[1::2]):
+            if names.startswith("TcpExt:"):
+                counters = dict(zip(names.split()[1:], map(int, values.split()[1:])))
+                return {name: value for name, value in counters.items()
+                        if value and (name.startswith("TCPAbortOn") or name in VANISHING_COUNTERS)}
+        return {}
 
     def op_exit(self) -> None:
         return None
