@@ -538,14 +538,9 @@ def run_ui(args: argparse.Namespace) -> ExitStatus:
     on the terminal, not a screen; the UI knows nothing of the kernel."""
     from .state import StateModel
 
-    try:
-        from tui.app import make_app
-    except ImportError as exc:
-        raise PortscopeError(f"the terminal UI needs the textual package ({exc}): "
-                             "install portscope with scripts/setup") from exc
     model = StateModel()
     if args.replay:
-        from .collector import Replay
+        from .recording import Replay
 
         source = Replay(model, args.replay)  # a bad file is one sentence, before the screen
         source.check()
@@ -560,15 +555,12 @@ def run_ui(args: argparse.Namespace) -> ExitStatus:
             ring_bytes=args.ring_size, btf_path=args.btf))
         source.start()
     try:
-        # SIGTERM, SIGHUP (the ssh session closed) and SIGINT end the UI as
-        # q does: the terminal is given back and the probes are detached.
-        stop = runtime.StopSignal()
-        app = make_app(model, should_stop=lambda: stop.requested)
-        app.run()
+        # The terminal is given back and the probes detached however it ends.
+        status = runtime.run_screen(model)
     finally:
         source.stop()
     # Textual has shown what went wrong, if anything did: the status says so.
-    return ExitStatus.ERROR if app.return_code else ExitStatus.OK
+    return ExitStatus.ERROR if status else ExitStatus.OK
 
 
 if __name__ == "__main__":

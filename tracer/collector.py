@@ -15,279 +15,54 @@ Three threads, each owning what it touches, so that none waits on another:
   instead of the queue growing.
 * **refresh**: the periodic views: who holds which port (every 2 s), the
   reuseport groups with per-member counters (every 1 s,
-  :class:`~tracer.groups.GroupWatcher`) and the TIME_WAIT holders with
+  :class:`~tracer.reuseport.GroupWatcher`) and the TIME_WAIT holders with
   ephemeral-port pressure (every 5 s). Each refresh's cost is bounded: it
   runs again no sooner than ``1 / BUDGET`` times its last duration, so on a
   host where an inventory takes 0.8 s it runs every 3.2 s, not every 2 s.
 
-A :class:`Replay` fills the same model from recorded JSON lines (the output
-of ``portscope trace --json``, with optional ``ports``, ``groups`` and
-``timewait`` records): the UI's tests and ``portscope ui --replay FILE``.
+The views it makes are tracer/views.py's; tracer/recording.py fills the same
+model from recorded JSON lines.
 """
 
 from __future__ import annotations
 
-import errno as errno_mod
-import json
 import threading
 import time
 from collections import deque
 from dataclasses import dataclass
-from pathlib import Path
-from typing import Callable, Iterable
+from typing import Callable
 
 from .engine import Engine, EngineConfig
+from .errors import PortscopeError
+from .events import CallEvent, Clock, decode
 from .loader import open_engine
-from .errors import PortscopeError, UsageError
-from .events import CallEvent, Clock, decode, event_from_json
 from .onthespot import explainable
-from .records import EventExplanation
+from .runtime import POLL_MS
 from .state import (
-    MAX_GROUP_EVENTS,
-    RATE_HISTORY,
-    BlockerView,
     Explanation,
-    GroupEvent,
-    GroupView,
-    Health,
-    ImbalanceView,
-    MemberView,
-    PressureRow,
-    SocketRow,
     StateModel,
-    TimewaitRow,
-    TimewaitView,
+)
+from .views import (
+    CALLS,
+    NOT_FAILURES,
+    GroupViews,
+    explanation_from_finding,
+    socket_row,
+    sort_rows,
+    timewait_view,
 )
 
-POLL_MS = 100
 RATE_EVERY_S = 1.0
 PORTS_EVERY_S = 2.0
 GROUPS_EVERY_S = 1.0
 TIMEWAIT_EVERY_S = 5.0
 BUDGET = 0.25  # share of a core one periodic refresh may take on average
 EXPLAIN_QUEUE = 256
-TIMEWAIT_ROWS = 500
 # Every state but TIME_WAIT: those have their own screen, and a busy host has
 # 100,000s of them.
 PORT_STATES = ("ESTABLISHED", "SYN_SENT", "SYN_RECV", "FIN_WAIT1", "FIN_WAIT2", "CLOSE",
                "CLOSE_WAIT", "LAST_ACK", "LISTEN", "CLOSING")
-CALLS = frozenset({"bind", "listen", "connect", "get_port"})
-NOT_FAILURES = frozenset({0, errno_mod.EINPROGRESS})
 
-
-# ---- conversions: collector objects and JSON to state-model views -------------
-
-
-def explanation_from_finding(found: EventExplanation) -> Explanation:
-    """From the on-the-spot explainer's answer (tracer.onthespot)."""
-    reasons = found.reasons
-    return Explanation(
-        blockers=tuple(BlockerView(b.pids, b.comm, b.state, b.local, b.rule, b.overlap, b.why,
-                                   b.closed_by, b.held) for b in found.blockers),
-        fixes=found.fix_texts, notes=found.note_texts, error=found.error,
-        reasons=tuple(str(r["text"]) for r in reasons),
-        rule=str(reasons[0]["rule"]) if reasons else "",
-        data=None if found.error else found.to_json())
-
-
-def explanation_from_json(doc: dict) -> Explanation | None:
-    """The ``blockers`` and ``explanation`` (or, from an old recording,
-    ``fixes`` and ``notes``) of one event line; None when the line has none;
-    ValueError when they are not what portscope writes (a damaged or forged
-    recording or journal)."""
-    blockers = doc.get("blockers")
-    data = doc.get("explanation")
-    if blockers is None and data is None:
-        return None
-    if isinstance(blockers, dict):
-        return Explanation(error=str(blockers.get("error", "unknown")))
-    if blockers is not None and not isinstance(blockers, list):
-        raise ValueError("'blockers' is neither a list nor an error")
-    views = tuple(BlockerView.from_json(b) for b in blockers or ())
-    if data is None:
-        return Explanation(views, _texts(doc.get("fixes")), _texts(doc.get("notes")))
-    if not isinstance(data, dict):
-        raise ValueError("'explanation' is not an object")
-    if "error" in data:
-        return Explanation(error=str(data["error"]))
-    reasons, fixes, notes = (_records(data.get(k)) for k in ("reasons", "fixes", "notes"))
-    return Explanation(views, tuple(str(f["text"]) for f in fixes),
-                       tuple(str(n["text"]) for n in notes),
-                       reasons=tuple(str(r["text"]) for r in reasons),
-                       rule=str(reasons[0].get("rule", "")) if reasons else "", data=data)
-
-
-def _records(value: object) -> list[dict]:
-    """A list of explainer records ({..., "text": sentence}) from JSON."""
-    if value is None:
-        return []
-    if not isinstance(value, list) or not all(isinstance(v, dict) and isinstance(v.get("text"), str)
-                                              for v in value):
-        raise ValueError("an explanation's reasons, fixes and notes must be lists of records")
-    return value
-
-
-def _texts(value: object) -> tuple[str, ...]:
-    if value is None:
-        return ()
-    if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
-        raise ValueError("'fixes' and 'notes' must be lists of sentences")
-    return tuple(value)
-
-
-def socket_row(s: object) -> SocketRow:
-    """From an :class:`~tracer.inventory.Socket`."""
-    d, f = s.diag, s.flags  # type: ignore[attr-defined]
-    local = _endpoint(d.family, d.local_addr, d.local_port)
-    remote = _endpoint(d.family, d.remote_addr, d.remote_port)
-    return SocketRow.build(
-        netns=d.netns, protocol=d.protocol, family=d.family, state=d.state, local=local,
-        remote=remote, port=d.local_port, rqueue=d.rqueue, wqueue=d.wqueue, timer=d.timer,
-        timer_ms=d.timer_ms, uid=d.uid, inode=d.inode, cookie=d.cookie,
-        options=None if f is None else f.options,
-        group=f.group if f else 0, group_size=f.group_size if f else 0,
-        group_bpf=bool(f and f.group_bpf_prog),
-        owners=[(o.pid, o.label(), o.user) for o in s.owners])  # type: ignore[attr-defined]
-
-
-def sort_rows(rows: list[SocketRow]) -> list[SocketRow]:
-    """By port, listeners first, then protocol and address."""
-    return sorted(rows, key=lambda r: (r.port, r.state != "LISTEN", r.proto, r.local, r.remote,
-                                       r.netns, r.inode))
-
-
-def _endpoint(family: str, addr: str, port: int) -> str:
-    return f"[{addr}]:{port}" if family == "ipv6" else f"{addr}:{port}"
-
-
-def _owner_label(o: dict) -> str:
-    where = o.get("container") and f"container {o['container']}" or o.get("unit")
-    return f"{o['comm']}[{o['pid']}]" + (f" ({where})" if where else "")
-
-
-class GroupViews:
-    """Turns successive reads of the reuseport groups (the JSON form of
-    :meth:`tracer.groups.Snapshot.to_json`) into views with a rate history
-    and the latest join/leave marks of each group."""
-
-    def __init__(self) -> None:
-        self._history: dict[str, deque[float]] = {}
-        self._events: dict[str, deque[GroupEvent]] = {}
-
-    @staticmethod
-    def key(netns: int, protocol: str, group: str) -> str:
-        return f"{netns}/{protocol}/{group}"
-
-    def update(self, doc: dict) -> list[GroupView]:
-        for e in doc.get("events", ()):
-            key = self.key(e["netns"], e["protocol"], e["group"])
-            owners = " ".join(_owner_label(o) for o in e.get("owners", ())) or "-"
-            self._events.setdefault(key, deque(maxlen=MAX_GROUP_EVENTS)).append(
-                GroupEvent(e["time"], e["event"], f"{owners} inode {e['inode']}",
-                           e.get("delivered", 0)))
-        views = []
-        for g in doc.get("groups", ()):
-            key = self.key(g["netns"], g["protocol"], g["id"])
-            hist = self._history.setdefault(key, deque(maxlen=RATE_HISTORY))
-            if g.get("rate") is not None:
-                hist.append(float(g["rate"]))
-            members = tuple(
-                MemberView(m["cookie"], m["inode"],
-                           " ".join(_owner_label(o) for o in m.get("owners", ())) or "-",
-                           m["state"], m["delivered"], m.get("rate"), m.get("share"),
-                           m["queue"], m.get("backlog"))
-                for m in g["members"])
-            views.append(GroupView(
-                key=key, netns=g["netns"],
-                proto=g["protocol"] + ("6" if g["family"] == "ipv6" else "4"),
-                local=g["local"], port=g["port"], size=g["size"], bpf=bool(g["bpf"]),
-                members=members, rate=g.get("rate"), history=tuple(hist),
-                events=tuple(self._events.get(key, ())),
-                imbalance=_imbalance_view(g.get("imbalance"))))
-        present = {v.key for v in views}
-        for table in (self._history, self._events):
-            for key in [k for k in table if k not in present]:
-                del table[key]
-        return views
-
-
-def _imbalance_view(doc: dict | None) -> ImbalanceView | None:
-    if not doc:
-        return None
-    from .groups import Imbalance
-
-    imb = Imbalance(doc["members"], doc["total"], doc["seconds"], doc.get("max_min"),
-                    doc.get("cv"), doc.get("chi2"), doc.get("dof", 0), doc.get("p_value"),
-                    doc["verdict"])
-    return ImbalanceView(imb.verdict, imb.text(), imb.max_min, imb.cv, imb.p_value, imb.seconds)
-
-
-def timewait_view(sockets: Iterable[object], closers: dict, collectors: int,
-                  ranges: dict, pressure: Iterable[object], now: float) -> TimewaitView:
-    """TIME_WAIT sockets grouped by (port, remote, closer).
-
-    The port is the local one, or "ephemeral" when the local port is in
-    ``ip_local_port_range`` and the remote one is not (a connection we
-    opened: grouping by our ephemeral port would give one row per socket;
-    the remote service's address and port say more)."""
-    from .timewait import _histogram, is_time_wait, key_of
-
-    groups: dict[tuple[str, str, str], list[int]] = {}
-    total = attributed = 0
-    lefts = []
-    for s in sockets:
-        if not is_time_wait(s):
-            continue
-        d = s.diag  # type: ignore[attr-defined]
-        total += 1
-        rng = ranges.get(d.netns)
-        ephemeral = rng is not None and rng.low <= d.local_port <= rng.high
-        if ephemeral and not rng.low <= d.remote_port <= rng.high:
-            port, remote = "ephemeral", _endpoint(d.family, d.remote_addr, d.remote_port)
-        else:
-            port, remote = str(d.local_port), d.remote_addr
-        closer = closers.get(key_of(s))
-        attributed += closer is not None
-        who = f"{closer.comm}[{closer.pid}]" if closer else "unknown"
-        g = groups.setdefault((port, remote, who), [0, d.timer_ms, d.timer_ms])
-        g[0] += 1
-        g[1] = min(g[1], d.timer_ms)
-        g[2] = max(g[2], d.timer_ms)
-        lefts.append(d.timer_ms)
-    rows = sorted((TimewaitRow(p, r, c, n, lo, hi) for (p, r, c), (n, lo, hi) in groups.items()),
-                  key=lambda r: (-r.count, r.port, r.remote, r.closer))
-    notes = []
-    if total and not collectors:
-        notes.append("no portscope collector recorded these closes: closer unknown")
-    elif attributed < total:
-        notes.append(f"{total - attributed} closed before any collector watched: closer unknown")
-    if len(rows) > TIMEWAIT_ROWS:
-        notes.append(f"{len(rows) - TIMEWAIT_ROWS} smaller groups not shown")
-    return TimewaitView(
-        total=total, attributed=attributed, collectors=collectors,
-        rows=tuple(rows[:TIMEWAIT_ROWS]), histogram=tuple(_histogram(lefts)),
-        pressure=tuple(PressureRow(p.netns, p.source, p.destination, p.in_use, p.capacity,
-                                   p.level) for p in pressure),  # type: ignore[attr-defined]
-        notes=tuple(notes), taken_at=now)
-
-
-def timewait_to_json(v: TimewaitView) -> dict[str, object]:
-    return {"total": v.total, "attributed": v.attributed, "collectors": v.collectors,
-            "rows": [[r.port, r.remote, r.closer, r.count, r.min_left_ms, r.max_left_ms]
-                     for r in v.rows],
-            "histogram": [list(h) for h in v.histogram],
-            "pressure": [[p.netns, p.source, p.destination, p.in_use, p.capacity, p.level]
-                         for p in v.pressure],
-            "notes": list(v.notes), "taken_at": v.taken_at}
-
-
-def timewait_from_json(doc: dict) -> TimewaitView:
-    return TimewaitView(
-        total=doc["total"], attributed=doc["attributed"], collectors=doc["collectors"],
-        rows=tuple(TimewaitRow(*r) for r in doc["rows"]),
-        histogram=tuple((str(e), int(c)) for e, c in doc["histogram"]),
-        pressure=tuple(PressureRow(*p) for p in doc["pressure"]),
-        notes=tuple(doc["notes"]), taken_at=doc["taken_at"])
 
 
 # ---- the live collector --------------------------------------------------------
@@ -472,7 +247,7 @@ class LiveCollector:
                 watcher.close()
 
     def _open_watcher(self) -> object | None:
-        from .groups import GroupWatcher
+        from .reuseport import GroupWatcher
 
         try:
             return GroupWatcher(plan=self.config.plan, btf_path=self.config.btf_path)
@@ -506,118 +281,3 @@ class LiveCollector:
         ranges = {ref.inode: rng for ref in refs if (rng := port_range(ref)) is not None}
         self.model.set_timewait(timewait_view(inv.sockets, closers, collectors, ranges,
                                               pressure(inv, None), time.time()))
-
-
-# ---- replay ----------------------------------------------------------------------
-
-
-class Replay:
-    """Fills a model from a recording: JSON lines, each either an event as
-    ``portscope trace --json`` prints it (optionally with ``fixes`` and
-    ``notes``), or ``{"record": "ports"|"groups"|"timewait"|"health", ...}``.
-
-    :meth:`load` applies everything at once (tests); :meth:`play` keeps the
-    recording's pace in a thread (``portscope ui --replay``)."""
-
-    def __init__(self, model: StateModel, path: str | Path) -> None:
-        self.model = model
-        self.path = Path(path)
-        self.lines = _read_recording(self.path)
-        self._groups = GroupViews()
-        self._stop = threading.Event()
-        self._thread: threading.Thread | None = None
-        self.model.update_health(source="replay", plan=self._plan(), started=self._first_time())
-
-    def _plan(self) -> str | None:
-        return next((d["plan"] for d in self.lines if "call" in d), None)
-
-    def _first_time(self) -> float:
-        return next((float(d["time"]) for d in self.lines if "time" in d), 0.0)
-
-    def apply(self, doc: dict) -> None:
-        kind = doc.get("record", "event")
-        if kind == "event":
-            ev = event_from_json(doc)
-            self.model.add_conflict(ev, explanation_from_json(doc))
-        elif kind == "ports":
-            self.model.set_ports(sort_rows([SocketRow.from_json(s) for s in doc["sockets"]]),
-                                 doc.get("time"))
-            health = doc.get("health") or {}
-            self.model.update_health(**{k: v for k, v in health.items()
-                                        if k in Health.__dataclass_fields__})
-        elif kind == "groups":
-            self.model.set_groups(self._groups.update(doc))
-        elif kind == "timewait":
-            self.model.set_timewait(timewait_from_json(doc))
-        elif kind == "health":
-            self.model.update_health(**{k: (tuple(v) if isinstance(v, list) else v)
-                                        for k, v in doc.items()
-                                        if k in Health.__dataclass_fields__})
-
-    def load(self) -> StateModel:
-        for doc in self.lines:
-            self.apply(doc)
-        return self.model
-
-    def check(self) -> None:
-        """Apply every line to a scratch model, so that a damaged or forged
-        recording is one sentence (UsageError) before any screen opens,
-        never an exception in the replay thread under the UI."""
-        scratch = Replay.__new__(Replay)
-        scratch.model, scratch.path, scratch.lines = StateModel(), self.path, self.lines
-        scratch._groups = GroupViews()
-        for number, doc in enumerate(self.lines, 1):
-            try:
-                scratch.apply(doc)
-            except (KeyError, TypeError, ValueError, AttributeError, IndexError) as exc:
-                raise UsageError(f"cannot replay {self.path}: line {number} is not a portscope "
-                                 f"recording line ({type(exc).__name__}: {exc})") from None
-
-    def play(self, speed: float = 1.0, loop: bool = False) -> None:
-        def run() -> None:
-            while not self._stop.is_set():
-                t0, start = None, time.monotonic()
-                for doc in self.lines:
-                    t = doc.get("time")
-                    if t is not None:
-                        t0 = t if t0 is None else t0
-                        delay = (t - t0) / speed - (time.monotonic() - start)
-                        if delay > 0 and self._stop.wait(min(delay, 5.0)):
-                            return
-                    self.apply(doc)
-                if not loop:
-                    return
-        self._thread = threading.Thread(target=run, name="portscope-replay", daemon=True)
-        self._thread.start()
-
-    def stop(self) -> None:
-        self._stop.set()
-        if self._thread:
-            self._thread.join(2)
-
-
-def _read_recording(path: Path) -> list[dict]:
-    """The JSON objects of a recording, one per line; one sentence when the
-    file cannot be read or a line is not a JSON object."""
-    try:
-        text = path.read_text(encoding="utf-8")
-    except (OSError, UnicodeDecodeError) as exc:
-        reason = exc.strerror if isinstance(exc, OSError) else "not UTF-8 text"
-        raise UsageError(f"cannot replay {path}: {reason}") from None
-    docs = []
-    for number, line in enumerate(text.splitlines(), 1):
-        if not line.strip():
-            continue
-        try:
-            doc = json.loads(line)
-        except (ValueError, RecursionError):
-            doc = None
-        if not isinstance(doc, dict):
-            raise UsageError(f"cannot replay {path}: line {number} is not a JSON object")
-        docs.append(doc)
-    return docs
-
-
-def load_recording(path: str | Path, model: StateModel | None = None) -> StateModel:
-    """A model filled with everything a recording holds."""
-    return Replay(model or StateModel(), path).load()

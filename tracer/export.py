@@ -38,7 +38,7 @@ from .errors import ExitStatus, PortscopeError, UsageError
 from .events import Clock, decode
 from .plans import Plan
 from .runtime import StopSignal, announce, report_losses, say
-from .trace import COALESCE_S, POLL_MS
+from .runtime import COALESCE_S, POLL_MS
 
 OTHER = "other"
 DEFAULT_LISTEN = "127.0.0.1:9977"
@@ -353,7 +353,7 @@ class Refresher:
         self.warning = ""
         if groups:
             try:
-                from .groups import GroupWatcher
+                from .reuseport import GroupWatcher
 
                 self.watcher = GroupWatcher(plan=plan, btf_path=btf)
                 metrics.groups_plan = self.watcher.plan.value

@@ -27,6 +27,7 @@ from dataclasses import dataclass, field
 from typing import Iterable
 
 from .errors import UsageError
+from .events import format_addr
 from .netns import NetnsRef, NetnsScan, dump_in, list_netns, open_netns
 from .owners import Owner, OwnerCache
 from .sockdiag import SockRecord, dump, state_mask
@@ -53,8 +54,8 @@ class Socket:
         f = self.flags
         return {
             "netns": d.netns, "protocol": d.protocol, "family": d.family, "state": d.state,
-            "local": _endpoint(d.family, d.local_addr, d.local_port),
-            "remote": _endpoint(d.family, d.remote_addr, d.remote_port),
+            "local": format_addr(d.family, d.local_addr, d.local_port),
+            "remote": format_addr(d.family, d.remote_addr, d.remote_port),
             "recv_q": d.rqueue, "send_q": d.wqueue,
             "timer": d.timer, "timer_ms": d.timer_ms,
             "uid": d.uid, "inode": d.inode, "cookie": d.cookie,
@@ -66,9 +67,6 @@ class Socket:
             "owners": [o.to_json() for o in self.owners],
         }
 
-
-def _endpoint(family: str, addr: str, port: int) -> str:
-    return f"[{addr}]:{port}" if family == "ipv6" else f"{addr}:{port}"
 
 
 @dataclass

@@ -40,9 +40,8 @@ from .records import EventExplanation
 from .cgroups import CgroupIdentities
 from .owners import Owner, OwnerCache
 from .plans import Plan
-from .runtime import Output, StopSignal, say
+from .runtime import POLL_MS, Output, StopSignal, say
 
-POLL_MS = 100
 TRIGGER_DELAY_S = 0.2  # let a bind become a listen before looking
 MIN_GAP_S = 0.5  # at most two event-triggered snapshots a second
 EXPLAIN_SHARE = 0.25  # of each second, at most this much explaining EADDRINUSE on the spot

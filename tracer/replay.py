@@ -26,18 +26,16 @@ from __future__ import annotations
 
 import argparse
 import bisect
-import errno as errno_mod
-import os
 import time
 from dataclasses import dataclass
 from typing import Any
 
-from .collector import explanation_from_json, sort_rows
-from .events import CallEvent, Options, event_from_json
-from .errors import ExitStatus, PortscopeError, UsageError
+from .views import CALLS, NOT_FAILURES, explanation_from_json, sort_rows
+from .events import CallEvent, Options, event_from_json, format_addr
+from .errors import ExitStatus, UsageError
 from .arguments import Invalid, point_in_time
 from .journal import JournalReader
-from .runtime import StopSignal
+from .runtime import run_screen
 from .text import clock_text
 from .state import (
     MAX_CONFLICTS,
@@ -48,14 +46,13 @@ from .state import (
     Snapshot,
     SocketRow,
     StateModel,
+    owner_label,
 )
 
 # The health counts a snapshot carries (of its inventory), shown as they are.
 INVENTORY_HEALTH = ("namespaces", "namespaces_gone", "unreadable_processes", "flags_unknown")
 SPEEDS = (0.1, 0.25, 0.5, 1.0, 2.0, 5.0, 10.0, 30.0, 60.0, 300.0, 600.0, 3600.0)
 SEEK_S = 60.0
-CALLS = frozenset({"bind", "listen", "connect", "get_port"})
-NOT_FAILURES = frozenset({0, errno_mod.EINPROGRESS})
 
 
 @dataclass(frozen=True)
@@ -74,14 +71,6 @@ class Position:
         return clock_text(self.time)
 
 
-def _owner_label(o: dict) -> str:
-    comm = _text(o.get("comm")) or os.path.basename(_text(o.get("exe")) or "") or "?"
-    where = _text(o.get("container")) and f"container {o['container']}" or _text(o.get("unit"))
-    return f"{comm}[{o.get('pid', '?')}]" + (f" ({where})" if where else "")
-
-
-def _endpoint(family: str, addr: str, port: int) -> str:
-    return f"[{addr}]:{port}" if family == "ipv6" else f"{addr}:{port}"
 
 
 class JournalReplay:
@@ -121,15 +110,7 @@ class JournalReplay:
 
     def _load(self, start: float | None, end: float | None) -> None:
         r = self.reader
-        where, params = [], []
-        if start is not None:
-            where.append("time >= ?")
-            params.append(start)
-        if end is not None:
-            where.append("time <= ?")
-            params.append(end)
-        rows = r.rows("events", " AND ".join(where), params, order="time, id",
-                      columns=("id", "time", "call", "errno"))
+        rows = r.calls_between(start, end)
         self.times = [row["time"] for row in rows]
         # Failures: the positions (in the window's events) that are conflicts.
         self.failures: list[int] = []  # event index of each failure
@@ -138,12 +119,10 @@ class JournalReplay:
             if row["errno"] not in NOT_FAILURES and row["call"] in CALLS:
                 self.failures.append(i)
                 self._failure_ids.append(row["id"])
-        snaps = r.rows("snapshots", "time <= ?" if end is not None else "",
-                       [end] if end is not None else [], order="time, id",
-                       columns=("id", "session", "time", "health"))
+        snaps = r.snapshots(until=end, by_time=True)
         self.snapshots = [(s["time"], s["id"], s["session"], s["health"]) for s in snaps]
         self._snap_times = [s[0] for s in self.snapshots]
-        sessions = r.rows("sessions", columns=("plan", "lost", "untraced", "started"))
+        sessions = r.sessions()
         self.plan = sessions[-1]["plan"] if sessions else None
         self.lost = sum(s["lost"] for s in sessions)
         self.untraced = sum(s["untraced"] for s in sessions)
@@ -268,14 +247,10 @@ class JournalReplay:
         self.model.set_conflicts([self._conflicts[j] for j in range(low, k)], k)
 
     def _load_conflicts(self, seqs: list[int]) -> None:
-        for chunk in range(0, len(seqs), 500):
-            part = seqs[chunk:chunk + 500]
-            ids = [self._failure_ids[j] for j in part]
-            rows = {r["id"]: r for r in self.reader.rows(
-                "events", f"id IN ({','.join('?' * len(ids))})", ids,
-                columns=("id", "json", "blockers", "explanation"))}
-            for j, eid in zip(part, ids):
-                self._conflicts[j] = self._conflict(j, rows.get(eid))
+        ids = [self._failure_ids[j] for j in seqs]
+        rows = self.reader.events_by_id(ids)
+        for j, eid in zip(seqs, ids):
+            self._conflicts[j] = self._conflict(j, rows.get(eid))
 
     def _conflict(self, seq: int, row: dict[str, Any] | None) -> Conflict:
         """One failure as the Conflicts screen shows it; a damaged row keeps
@@ -314,9 +289,7 @@ class JournalReplay:
 
     def _read_snapshot(self, sid: int, session: int) -> tuple[tuple[SocketRow, ...],
                                                               tuple[GroupView, ...]]:
-        rows = self.reader.rows(
-            "snapshot_sockets", "first_snapshot <= ? AND (last_snapshot >= ? "
-            "OR (last_snapshot IS NULL AND session = ?))", (sid, sid, session))
+        rows = self.reader.sockets_in(sid, session)
         if self.reader.damaged.get("snapshot_sockets"):
             self.model.set_error("journal", self.reader.damage_note())
         sockets = []
@@ -324,16 +297,16 @@ class JournalReplay:
         for r in rows:
             owners = [o for o in r["owners"] if isinstance(o, dict)]
             family, protocol = r["family"], r["protocol"]
-            local = _endpoint(family, r["addr"], r["port"])
+            local = format_addr(family, r["addr"], r["port"])
             wildcard = "::" if family == "ipv6" else "0.0.0.0"
             options = None if r["options"] is None else [o for o in r["options"].split(",") if o]
             row = SocketRow.build(
                 netns=r["netns"], protocol=protocol, family=family, state=r["state"],
-                local=local, remote=_endpoint(family, wildcard, 0), port=r["port"], rqueue=0,
+                local=local, remote=format_addr(family, wildcard, 0), port=r["port"], rqueue=0,
                 wqueue=0, timer=None, timer_ms=0, uid=r["uid"], inode=r["inode"],
                 cookie=r["cookie"], options=options, group=r["group_id"] or 0,
                 group_size=r["group_size"] or 0, group_bpf=bool(r["group_bpf"]),
-                owners=[(_int(o.get("pid")), _owner_label(o), _text(o.get("user")))
+                owners=[(_int(o.get("pid")), owner_label(o), _text(o.get("user")))
                         for o in owners])
             sockets.append(row)
             if r["group_id"]:
@@ -390,14 +363,7 @@ def run(args: argparse.Namespace) -> ExitStatus:
     # The journal is opened (and every bad file reported) before the UI starts.
     source = open_replay(args.file, args.start, args.end, args.speed, playing=True)
     try:
-        try:
-            from tui.app import make_app
-        except ImportError as exc:
-            raise PortscopeError(f"the terminal UI needs the textual package ({exc}): "
-                                 "install portscope with scripts/setup") from exc
-        stop = StopSignal()  # SIGTERM or SIGHUP end it as q does
-        app = make_app(source, should_stop=lambda: stop.requested)
-        app.run()
+        status = run_screen(source)
     finally:
         source.close()
-    return ExitStatus.ERROR if app.return_code else ExitStatus.OK
+    return ExitStatus.ERROR if status else ExitStatus.OK

@@ -19,6 +19,10 @@ from typing import Callable, Protocol
 from .text import printable
 
 STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
+# How the streaming commands read the ring buffer: wait at most POLL_MS for
+# an event, and after one, COALESCE_S more so that a burst is read in one go.
+POLL_MS = 100
+COALESCE_S = 0.005
 
 
 def _interrupt(signum: int, _frame: object) -> None:
@@ -145,3 +149,35 @@ class Output:
             self.close()
         except Exception:  # noqa: BLE001 - the first error is the one reported
             pass
+
+
+# ---- the screen -------------------------------------------------------------
+
+SCREEN_GROUP = "portscope.screen"  # the entry point the terminal UI registers (pyproject.toml)
+
+
+def run_screen(source: object) -> int:
+    """Show ``source`` (anything with ``snapshot()``: the live collector's
+    model, a recording, a journal's replay) in the terminal UI until q or a
+    stop signal; 0, or 1 when the UI ended on an error it has shown.
+
+    The UI is found through its entry point rather than imported, so that
+    this package depends on no screen (an image without Textual still runs
+    every other command)."""
+    from importlib.metadata import entry_points
+
+    from .errors import PortscopeError
+
+    found = list(entry_points(group=SCREEN_GROUP))
+    if not found:
+        raise PortscopeError("the terminal UI is not installed (no portscope.screen entry point): "
+                             "install portscope with scripts/setup")
+    try:
+        make_app = found[0].load()
+    except ImportError as exc:
+        raise PortscopeError(f"the terminal UI needs the textual package ({exc}): "
+                             "install portscope with scripts/setup") from exc
+    stop = StopSignal()  # SIGTERM, SIGHUP (the ssh session closed) and SIGINT end it as q does
+    app = make_app(source, should_stop=lambda: stop.requested)
+    app.run()
+    return 1 if app.return_code else 0

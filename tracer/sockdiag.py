@@ -40,6 +40,7 @@ from dataclasses import dataclass, fields, make_dataclass
 from typing import Iterable
 
 from .errors import Unsupported
+from .events import TCP_STATES
 from .nsenter import in_netns
 
 # ---- kernel constants (linux/netlink.h, linux/sock_diag.h, linux/inet_diag.h)
@@ -58,11 +59,10 @@ PROTOCOLS = {"tcp": socket.IPPROTO_TCP, "udp": socket.IPPROTO_UDP}
 FAMILIES = {"ipv4": socket.AF_INET, "ipv6": socket.AF_INET6}
 _FAMILY_NAMES = {code: name for name, code in FAMILIES.items()}
 
-# TCP states as the kernel numbers them (include/net/tcp_states.h). UDP uses
-# two of them: ESTABLISHED (connected) and CLOSE (not connected).
-STATE_NAMES = ("UNKNOWN_0", "ESTABLISHED", "SYN_SENT", "SYN_RECV", "FIN_WAIT1", "FIN_WAIT2",
-               "TIME_WAIT", "CLOSE", "CLOSE_WAIT", "LAST_ACK", "LISTEN", "CLOSING")
-STATE_CODES = {name: code for code, name in enumerate(STATE_NAMES) if code}
+# The states a request can ask for, by the kernel's numbers (events.TCP_STATES).
+# UDP uses two of them: ESTABLISHED (connected) and CLOSE (not connected).
+# NEW_SYN_RECV is left out: sock_diag reports request sockets as SYN_RECV.
+STATE_CODES = {name: code for code, name in TCP_STATES.items() if name != "NEW_SYN_RECV"}
 # Request-only pseudo-state: with it, the kernel also walks its bind table for
 # TCP sockets that are bound but inactive (reported in state CLOSE).
 TCP_BOUND_INACTIVE = 13
@@ -71,7 +71,7 @@ TIMER_NAMES = (None, "on", "keepalive", "timewait", "persist")
 
 # Indexed by the raw byte, so that a value this module does not know (a
 # newer kernel's) still decodes instead of raising.
-_STATE_BY_CODE = STATE_NAMES + tuple(f"UNKNOWN_{code}" for code in range(len(STATE_NAMES), 256))
+_STATE_BY_CODE = tuple(TCP_STATES.get(code, f"UNKNOWN_{code}") for code in range(256))
 _TIMER_BY_CODE = TIMER_NAMES + ("unknown",) * (256 - len(TIMER_NAMES))
 
 # struct nlmsghdr, then struct inet_diag_msg: family, state, timer, retrans,

@@ -17,6 +17,7 @@ Display strings that are costly to build (a socket's owners, a conflict's
 
 from __future__ import annotations
 
+import os
 import threading
 import time
 from collections import deque
@@ -243,7 +244,7 @@ class SocketRow:
         """From one socket of ``portscope ports --json``."""
         local = d["local"]
         port = int(local.rsplit(":", 1)[1])
-        owners = [(o["pid"], _owner_label(o), o.get("user")) for o in d.get("owners", [])]
+        owners = [(o["pid"], owner_label(o), o.get("user")) for o in d.get("owners", [])]
         return cls.build(
             netns=d["netns"], protocol=d["protocol"], family=d["family"], state=d["state"],
             local=local, remote=d["remote"], port=port, rqueue=d["recv_q"], wqueue=d["send_q"],
@@ -267,9 +268,18 @@ def _flags_text(options: tuple[str, ...] | None, group: int, size: int, bpf: boo
     return text
 
 
-def _owner_label(o: dict) -> str:
-    where = o.get("container") and f"container {o['container']}" or o.get("unit")
-    return f"{o['comm']}[{o['pid']}]" + (f" ({where})" if where else "")
+def owner_label(o: dict) -> str:
+    """``comm[pid] (unit)`` from an owner's JSON form (the journal's, the
+    collector's); tolerant of a damaged one, whose missing or mistyped
+    fields show as ``?``. Not escaped: the surface that shows it escapes."""
+    comm = _str(o.get("comm")) or os.path.basename(_str(o.get("exe")) or "") or "?"
+    where = _str(o.get("container")) and f"container {o['container']}" or _str(o.get("unit"))
+    pid = o.get("pid")
+    return f"{comm}[{pid if type(pid) is int else '?'}]" + (f" ({where})" if where else "")
+
+
+def _str(value: object) -> str | None:
+    return value if isinstance(value, str) else None
 
 
 def matches(search: str, query: str) -> bool:

@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 from typing import Iterable
 
 from .closers import Closer, ConnKey, read_pinned
+from .events import format_addr
 from .inventory import Inventory, Socket, select_namespaces, take
 from .netns import PortRange, port_range
 from .text import printable
@@ -119,14 +120,11 @@ def report(port: int | None = None, by: str = "port", netns: str | None = None,
     )
 
 
-def _endpoint(family: str, addr: str, port: int) -> str:
-    return f"[{addr}]:{port}" if family == "ipv6" else f"{addr}:{port}"
-
 
 def _group_name(s: Socket, by: str, closer: Closer | None) -> str:
     d = s.diag
     if by == "remote":
-        return _endpoint(d.family, d.remote_addr, d.remote_port)
+        return format_addr(d.family, d.remote_addr, d.remote_port)
     if by == "process":
         return f"{closer.comm}[{closer.pid}] uid {closer.uid}" if closer else "unknown"
     return f"{d.local_port}"
@@ -157,7 +155,7 @@ def pressure(inv: Inventory, netns: str | None) -> list[Pressure]:
             continue
         if d.remote_port:
             per_dest[(d.netns, d.local_addr,
-                      _endpoint(d.family, d.remote_addr, d.remote_port))] += 1
+                      format_addr(d.family, d.remote_addr, d.remote_port))] += 1
         else:
             held[d.netns] += 1
     out = []

@@ -13,11 +13,9 @@ from .events import CallEvent, Clock, decode
 from .onthespot import OnTheSpot
 from .cgroups import CgroupIdentities
 from .plans import Plan
-from .runtime import Output, StopSignal, announce, report_losses, say
+from .runtime import COALESCE_S, POLL_MS, Output, StopSignal, announce, report_losses, say
 from .text import clock_text, printable
 
-POLL_MS = 100
-COALESCE_S = 0.005
 COUNTER_CHECK_S = 1.0
 
 COLUMNS = (

@@ -22,7 +22,7 @@ from harness import Netns, ServingActor
 from tracer import libbpf
 from tracer.engine import EngineConfig, verify_plan
 from tracer.errors import PlanUnavailable, Unsupported
-from tracer.groups import Group, GroupWatcher, Snapshot
+from tracer.reuseport import Group, GroupWatcher, Snapshot
 from tracer.plans import BTF_PATH, GROUP_PROGRAMS, Plan
 
 ROOT = Path(__file__).resolve().parents[2]

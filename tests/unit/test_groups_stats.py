@@ -11,7 +11,9 @@ import math
 
 import pytest
 
-from tracer.groups import Group, Imbalance, Member, chi_square_sf, gamma_q, group_lines, imbalance
+from tracer.balance import Imbalance, chi_square_sf, gamma_q, imbalance
+from tracer.groups import group_lines
+from tracer.reuseport import Group, Member
 
 # (x, dof, P(X >= x)): the 5%, 1% and 0.1% critical values of standard tables.
 CRITICAL = [

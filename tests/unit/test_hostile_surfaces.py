@@ -18,7 +18,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from tests.hostile import NAMES, assert_safe, hostile_text
-from tracer import groups, ports, report, timewait, trace, why
+from tracer import balance, groups, ports, report, reuseport, timewait, trace, why
 from tracer.bindcheck import NamespaceFacts
 from tracer.bindrules import Rule
 from tracer.netns import PortRange
@@ -129,12 +129,12 @@ def test_timewait_groups_by_a_hostile_closer(name: str) -> None:
 @given(hostile_text())
 def test_groups_show_hostile_members_safely(name: str) -> None:
     sock = listener(name)
-    member = groups.Member(99, 5151, "LISTEN", sock.owners, 10, 1.0, 10, 1.0, 0, 128)
-    g = groups.Group(7, 4026531840, "tcp", "ipv4", "0.0.0.0", 8080, 0, 2, False, [member, member],
-                     1.0, groups.imbalance([10, 10], 1.0))
-    ev = groups.MemberEvent(1764000000.0, "join", 7, 4026531840, "tcp", "ipv4", "0.0.0.0", 8080,
-                            99, 5151, sock.owners, 0)
-    snap = groups.Snapshot(1764000000.0, 1.0, "tracepoint", [g], [ev], {})
+    member = reuseport.Member(99, 5151, "LISTEN", sock.owners, 10, 1.0, 10, 1.0, 0, 128)
+    g = reuseport.Group(7, 4026531840, "tcp", "ipv4", "0.0.0.0", 8080, 0, 2, False, [member, member],
+                        1.0, balance.imbalance([10, 10], 1.0))
+    ev = reuseport.MemberEvent(1764000000.0, "join", 7, 4026531840, "tcp", "ipv4", "0.0.0.0", 8080,
+                               99, 5151, sock.owners, 0)
+    snap = reuseport.Snapshot(1764000000.0, 1.0, "tracepoint", [g], [ev], {})
     text = groups.render(snap) + groups.event_line(ev)
     assert_safe(text, "groups")
     assert "\n" not in groups.event_line(ev)

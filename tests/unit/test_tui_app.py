@@ -12,7 +12,7 @@ import pytest
 from rich.console import Console
 from textual.widgets import Input, Static, TabbedContent
 
-from tracer.collector import load_recording
+from tracer.recording import load_recording
 from tracer.state import Explanation, StateModel
 from tui.app import make_app
 from tui.table import VirtualTable

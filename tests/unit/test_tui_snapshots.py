@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from tracer.collector import load_recording
+from tracer.recording import load_recording
 from tui.app import make_app
 
 RECORDING = Path(__file__).resolve().parent.parent / "data" / "tui-session.jsonl"

@@ -10,12 +10,11 @@ from types import SimpleNamespace
 
 import pytest
 
-from tracer.collector import (
+from tracer.events import event_from_json
+from tracer.recording import Replay, load_recording
+from tracer.views import (
     GroupViews,
-    Replay,
-    event_from_json,
     explanation_from_json,
-    load_recording,
     timewait_from_json,
     timewait_to_json,
     timewait_view,

@@ -1,0 +1,489 @@
+"""The hijack rules: pure functions from a journal's history to findings.
+
+The journal holds two kinds of facts: events (a bind/listen/connect failure,
+a bind or listen success, a listener closing; each with who called it) and
+snapshots (every listener, UDP socket and bound socket with its flags,
+reuseport group and owners). The report reconstructs, per port, what held it
+when, and applies general rules to find port hijacks:
+
+``reuseport_other_uid``
+    an EADDRINUSE whose blocker is a SO_REUSEPORT socket of another uid: a
+    process of another user tried to join a reuseport group;
+``reuseport_foreign_member``
+    a process joined an existing reuseport group although its executable or
+    cgroup differs from every member's (same uid, so the kernel let it in
+    and it takes a share of the connections or datagrams);
+``udp_shared``
+    UDP sockets on the same address and port (shared through SO_REUSEADDR or
+    SO_REUSEPORT, outside one reuseport group) owned by different
+    executables or uids;
+``restart_race``
+    a port bound by another executable within ``--race-window`` seconds of
+    its previous owner's socket closing;
+``wildcard_shadowed``
+    a socket on a specific address next to a wildcard socket of other
+    processes on the same port: the more specific one receives that
+    address's traffic;
+``reuseport_bpf_attached``
+    a reuseport group that had no BPF program got one (it now decides which
+    member receives each connection or datagram).
+
+Each finding names the processes that did it (``pids``) and the ones it was
+done to (``owners``), with the events and snapshot rows that show it.
+"""
+
+from __future__ import annotations
+
+import errno
+from dataclasses import dataclass, field
+from typing import Any, Iterable
+
+from .bindrules import LISTEN, Rule, Sock, overlap, tcp_rule, udp_rule
+from .history import WILDCARDS, Ev, History, Row, Snap, stamp
+
+KINDS = ("reuseport_other_uid", "reuseport_foreign_member", "udp_shared", "restart_race",
+         "wildcard_shadowed", "reuseport_bpf_attached")
+
+
+# ---- findings ------------------------------------------------------------------------
+
+
+@dataclass
+class Finding:
+    kind: str
+    time: float
+    netns: int
+    protocol: str
+    port: int
+    pids: list[int]  # who did it
+    owners: list[int]  # whom it was done to
+    summary: str
+    evidence: list[dict[str, Any]] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
+
+    def to_json(self) -> dict[str, Any]:
+        return {"kind": self.kind, "time": self.time, "netns": self.netns,
+                "protocol": self.protocol, "port": self.port, "pids": self.pids,
+                "owners": self.owners, "summary": self.summary, "evidence": self.evidence,
+                "notes": self.notes}
+
+
+def event_evidence(ev: Ev, h: History) -> dict[str, Any]:
+    exe, cgroup = h.ev_identity(ev)
+    out: dict[str, Any] = {
+        "type": "event", "id": ev.id, "time": ev.time, "call": ev.call, "result": ev.result,
+        "pid": ev.pid, "comm": ev.comm, "exe": exe, "cgroup": cgroup, "uid": ev.uid,
+        "sock_uid": ev.sock_uid, "protocol": ev.protocol, "local": ev.local,
+        "options": sorted(ev.options), "inode": ev.inode,
+    }
+    if ev.blockers is not None:
+        out["blockers"] = ev.blockers
+    return out
+
+
+def row_evidence(row: Row, snap: Snap | None) -> dict[str, Any]:
+    return {
+        "type": "snapshot", "snapshot": snap.id if snap else row.first,
+        "time": snap.time if snap else None, "protocol": row.protocol, "state": row.state,
+        "local": row.local, "options": sorted(row.options) if row.options is not None else None,
+        "group": row.group, "group_size": row.group_size, "bpf": row.bpf, "uid": row.uid,
+        "inode": row.inode,
+        "owners": [{k: o.get(k) for k in ("pid", "comm", "exe", "uid", "cgroup")} for o in row.owners],
+    }
+
+
+def _who(pids: Iterable[int], h: History, t: float, cgroup: bool = False) -> str:
+    """'pid 12 (/usr/sbin/nginx, uid 33)', or several."""
+    parts = []
+    for pid in sorted(set(pids)):
+        exe, group, uid = h.identity(pid, t)
+        detail = ", ".join(x for x in (exe, f"cgroup {group}" if cgroup and group else None,
+                                       None if uid is None else f"uid {uid}") if x)
+        parts.append(f"{pid} ({detail})" if detail else str(pid))
+    return ("pid " if len(parts) == 1 else "pids ") + ", ".join(parts) if parts else "no known process"
+
+
+def _overlaps(a: Sock, b: Sock) -> bool:
+    devices = not a.bound_dev_if or not b.bound_dev_if or a.bound_dev_if == b.bound_dev_if
+    return devices and overlap(a, b) is not None
+
+
+def find_reuseport_other_uid(h: History) -> list[Finding]:
+    """EADDRINUSE with SO_REUSEPORT, blocked by a SO_REUSEPORT socket of another uid."""
+    found: dict[tuple[int, str, int, int], Finding] = {}
+    attempts: dict[tuple[int, str, int, int], int] = {}
+    for ev in h.events:
+        if ev.errno != errno.EADDRINUSE or ev.call not in ("bind", "listen") or "reuseport" not in ev.options:
+            continue
+        owners: list[int] = []
+        evidence: list[dict[str, Any]] = []
+        hits = []
+        if isinstance(ev.blockers, list):
+            hits = [b for b in ev.blockers if b.get("rule") == Rule.REUSEPORT_OTHER_UID.value]
+            if not hits and ev.blockers:
+                continue  # explained, and not by the uid check
+            for b in hits:
+                owners += b.get("pids", [])
+        if not hits:  # not explained on the spot: the snapshots around it
+            new = ev.sock()
+            for snap in filter(None, (h.before(ev.time), h.after(ev.time))):
+                rows = [r for r in h.alive(snap.id, ev.netns, ev.protocol, ev.port)
+                        if r.inode != ev.inode and r.state not in ("TIME_WAIT", "SYN_RECV")
+                        and _overlaps(new, r.sock())
+                        and (tcp_rule if ev.protocol == "tcp" else udp_rule)(new, r.sock())
+                        is Rule.REUSEPORT_OTHER_UID]
+                if rows:
+                    owners = sorted({p for r in rows for p in r.pids})
+                    evidence += [row_evidence(r, snap) for r in rows]
+                    break
+            if not owners and not evidence:
+                continue
+        key = (ev.netns, ev.protocol, ev.port, ev.pid)
+        f = found.get(key)
+        if f is None:
+            f = found[key] = Finding(
+                "reuseport_other_uid", ev.time, ev.netns, ev.protocol, ev.port, [ev.pid], [], "",
+                [event_evidence(ev, h)])
+            before = h.before(ev.time)
+            if before:
+                f.evidence += [row_evidence(r, before) for r in h.alive(before.id, ev.netns, ev.protocol, ev.port)
+                               if set(r.pids) & set(owners) and r.inode != ev.inode]
+            f.evidence += [e for e in evidence if e not in f.evidence]
+        elif len(f.evidence) < 12:  # a storm of attempts: the first few
+            f.evidence.append(event_evidence(ev, h))
+        attempts[key] = attempts.get(key, 0) + 1
+        f.owners = sorted(set(f.owners) | set(owners))
+    for key, f in found.items():
+        n = attempts[key]
+        f.summary = (f"{_who(f.pids, h, f.time)} tried to join the SO_REUSEPORT group of "
+                     f"{_who(f.owners, h, f.time)} on {f.protocol} {f.evidence[0]['local']}: "
+                     f"refused with EADDRINUSE by the kernel's uid check ({n} attempt"
+                     f"{'s' if n != 1 else ''})")
+    return list(found.values())
+
+
+def find_foreign_members(h: History) -> list[Finding]:
+    """A socket joined a reuseport group whose members are another executable or cgroup."""
+    out: list[Finding] = []
+    judged: set[tuple[int, int]] = set()
+    for ev in h.events:
+        if not ev.ok or "reuseport" not in ev.options or not ev.inode:
+            continue
+        # A TCP socket enters its group when it listens, a UDP socket when it binds.
+        if (ev.protocol, ev.call) not in (("tcp", "listen"), ("udp", "bind")):
+            continue
+        key = (ev.netns, ev.inode)
+        if key in judged:
+            continue
+        judged.add(key)
+        port = ev.local_port
+        after = h.after(ev.time)
+        mine = None
+        while after is not None and after.time - ev.time < 30:
+            mine = h.row_at(ev.netns, ev.inode, after.id)
+            if mine is not None:
+                break
+            after = h.next_of(after.id)
+        members: list[tuple[Row, Snap]] = []
+        if mine is not None and mine.group and after is not None:
+            for r in h.alive(after.id, ev.netns, ev.protocol, port):
+                if r.group == mine.group and r.inode != ev.inode and _existed_before(h, r, ev.time):
+                    members.append((r, after))
+        elif mine is None:
+            before = h.before(ev.time)
+            if before is not None:
+                for r in h.alive(before.id, ev.netns, ev.protocol, port):
+                    if (r.group and r.inode != ev.inode and r.uid == ev.sock_uid
+                            and r.options is not None and "reuseport" in r.options
+                            and r.addr == ev.local_addr and r.dev == ev.dev
+                            and (r.state == LISTEN or ev.protocol == "udp")):
+                        members.append((r, before))
+        if not members:
+            continue  # it founded the group
+        exe, cgroup = h.ev_identity(ev)
+        if exe is None and mine is not None:
+            mine_ids = [(o["exe"], o.get("cgroup")) for o in mine.owners if o["pid"] == ev.pid and o.get("exe")]
+            exe, cgroup = mine_ids[0] if mine_ids else (None, None)
+        known = frozenset().union(*(r.identities for r, _ in members))
+        if exe is None or not known or (exe, cgroup) in known:
+            continue
+        pids = sorted({ev.pid, *(mine.pids if mine else ())})
+        owners = sorted({p for r, _ in members for p in r.pids})
+        f = Finding(
+            "reuseport_foreign_member", ev.time, ev.netns, ev.protocol, port, pids, owners,
+            f"{_who(pids, h, ev.time, cgroup=True)} joined the SO_REUSEPORT group of "
+            f"{_who(owners, h, ev.time, cgroup=True)} on {ev.protocol} {ev.local} with another "
+            f"{'executable' if exe not in {e for e, _ in known} else 'cgroup'}: "
+            "same uid, so the kernel let it in and it now receives a share of the "
+            + ("connections" if ev.protocol == "tcp" else "datagrams"),
+            [event_evidence(ev, h)])
+        f.evidence += [row_evidence(r, s) for r, s in members]
+        if mine is not None and after is not None:
+            f.evidence.append(row_evidence(mine, after))
+        out.append(f)
+    out += _foreign_members_from_snapshots(h, judged)
+    return out
+
+
+def _existed_before(h: History, row: Row, t: float) -> bool:
+    seen = h.first_seen(row.netns, row.inode)
+    if seen is not None and seen.end < t:
+        return True
+    took = h.took_at(row.netns, row.inode, ("listen",) if row.protocol == "tcp" else ("bind",))
+    return took is not None and took.time < t
+
+
+def _foreign_members_from_snapshots(h: History, judged: set[tuple[int, int]]) -> list[Finding]:
+    """Members whose joining was not recorded (it happened before the
+    journal began, or its event was lost): judged by the first snapshot
+    that shows them in the group, against the members seen before them."""
+    out = []
+    for row in h.rows:
+        key = (row.netns, row.inode)
+        if not row.group or not row.inode or key in judged:
+            continue
+        judged.add(key)
+        first = h.by_inode[key][0]
+        if h.took_at(row.netns, row.inode, ("listen", "bind")) is not None:
+            continue
+        snap = h.snap_by_id.get(first.first)
+        if snap is None or not first.group:
+            continue
+        mine_first = first.first
+        earlier = []
+        for r in h.alive(snap.id, row.netns, row.protocol, row.port):
+            if r.group != first.group or r.inode == row.inode:
+                continue
+            seen = h.by_inode[(r.netns, r.inode)][0].first
+            if seen < mine_first or (seen == mine_first and r.inode < row.inode):
+                earlier.append(r)
+        known = frozenset().union(*(r.identities for r in earlier)) if earlier else frozenset()
+        if not known or not first.identities or first.identities & known:
+            continue
+        pids, owners = first.pids, sorted({p for r in earlier for p in r.pids})
+        f = Finding(
+            "reuseport_foreign_member", snap.time, row.netns, row.protocol, row.port, pids, owners,
+            f"{_who(pids, h, snap.time, cgroup=True)} is in the SO_REUSEPORT group of "
+            f"{_who(owners, h, snap.time, cgroup=True)} on {row.protocol} {row.local} with another "
+            "executable or cgroup",
+            [row_evidence(first, snap)] + [row_evidence(r, snap) for r in earlier],
+            ["its joining was not recorded (before the journal began, or the event was lost): "
+             "judged from the first snapshot that shows it"])
+        out.append(f)
+    return out
+
+
+def find_udp_shared(h: History) -> list[Finding]:
+    """UDP sockets on one address and port, outside one reuseport group, of
+    different executables or uids."""
+    out: dict[tuple[int, int, int], Finding] = {}
+    for row in h.rows:
+        if row.protocol != "udp":
+            continue
+        snap = h.snap_by_id.get(row.first)
+        if snap is None:
+            continue
+        for other in h.alive(row.first, row.netns, "udp", row.port):
+            if other.inode == row.inode or (row.group and other.group == row.group):
+                continue
+            if (row.addr in WILDCARDS) != (other.addr in WILDCARDS):
+                continue  # a specific address under a wildcard: wildcard_shadowed
+            if not _overlaps(row.sock(), other.sock()):
+                continue
+            differs = row.uid != other.uid or bool(row.exes and other.exes and not row.exes & other.exes)
+            if not differs or set(row.pids) & set(other.pids):
+                continue
+            early, late = sorted((row, other), key=lambda r: _start(h, r))
+            key = (late.netns, late.port, late.inode)
+            f = out.get(key)
+            if f is None:
+                took = h.took_at(late.netns, late.inode, ("bind",))
+                f = out[key] = Finding(
+                    "udp_shared", took.time if took else snap.time, late.netns, "udp", late.port,
+                    late.pids, [], "", [event_evidence(took, h)] if took else [])
+                f.evidence.append(row_evidence(late, snap))
+            if not set(early.pids) <= set(f.owners):
+                f.owners = sorted(set(f.owners) | set(early.pids))
+                f.evidence.append(row_evidence(early, snap))
+    for f in out.values():
+        local = next(e["local"] for e in f.evidence if e["type"] == "snapshot")
+        f.summary = (f"udp {local} is shared by {_who(f.pids, h, f.time)} and "
+                     f"{_who(f.owners, h, f.time)}, of different executables or users "
+                     "(SO_REUSEADDR or SO_REUSEPORT on both): each gets part of the datagrams "
+                     "sent to the port")
+    return list(out.values())
+
+
+def _start(h: History, row: Row) -> tuple[float, int]:
+    """When a socket started to hold its port: its bind/listen, or its first sighting."""
+    took = h.took_at(row.netns, row.inode, ("listen", "bind"))
+    first = h.first_seen(row.netns, row.inode)
+    return (took.time if took else (first.time if first else 0.0), row.inode)
+
+
+def find_restart_races(h: History, window: float) -> list[Finding]:
+    """A port bound by another executable within ``window`` seconds of its
+    previous owner's socket closing."""
+    releases: list[dict[str, Any]] = []
+    for ev in h.events:
+        if ev.call == "listen_close":
+            releases.append(_release_from_close(h, ev))
+    for rows in h.by_inode.values():
+        last = rows[-1]
+        if last.protocol != "udp":
+            continue  # TCP listeners report their close as an event
+        nxt = h.next_of(last.last)
+        if nxt is None or nxt.session != last.session:
+            continue  # the recording ended, not the socket
+        snap = h.snap_by_id.get(last.last)
+        releases.append({"time": snap.end if snap else 0.0, "until": nxt.time, "netns": last.netns,
+                         "protocol": "udp", "sock": last.sock(), "pids": last.pids,
+                         "exes": last.exes, "evidence": [row_evidence(last, snap)],
+                         "inode": last.inode})
+    by_port: dict[tuple[int, str, int], list[dict[str, Any]]] = {}
+    for rel in releases:
+        by_port.setdefault((rel["netns"], rel["protocol"], rel["sock"].port), []).append(rel)
+    out = []
+    for ev in h.events:
+        if ev.call != "bind" or not ev.ok or not ev.port:
+            continue
+        candidates = []
+        for rel in by_port.get((ev.netns, ev.protocol, ev.local_port), ()):
+            start, until = rel["time"], rel.get("until", rel["time"])
+            if not start <= ev.time <= until + window or rel["inode"] == ev.inode:
+                continue
+            if not _overlaps(ev.sock(), rel["sock"]):
+                continue
+            candidates.append(rel)
+        if not candidates:
+            continue
+        rel = max(candidates, key=lambda r: r["time"])
+        exe, _ = h.ev_identity(ev)
+        if exe is None or not rel["exes"] or exe in rel["exes"] or ev.pid in rel["pids"]:
+            continue
+        gap = max(0.0, ev.time - rel["time"])
+        took = f"{gap:.1f}s after" if "until" not in rel else \
+            f"at most {max(0.0, ev.time - rel['time']):.1f}s after"
+        f = Finding(
+            "restart_race", ev.time, ev.netns, ev.protocol, ev.local_port, [ev.pid], rel["pids"],
+            f"{_who([ev.pid], h, ev.time)} took {ev.protocol} {ev.local} {took} "
+            f"{_who(rel['pids'], h, rel['time'])} ({', '.join(sorted(rel['exes']))}) closed its "
+            "socket there: another executable won the restart race for the port",
+            rel["evidence"] + [event_evidence(ev, h)])
+        after = h.after(ev.time)
+        mine = h.row_at(ev.netns, ev.inode, after.id) if after else None
+        if mine is not None:
+            f.evidence.append(row_evidence(mine, after))
+        out.append(f)
+    return out
+
+
+def _release_from_close(h: History, ev: Ev) -> dict[str, Any]:
+    """A listener's close, with whose socket it was: the owners the snapshots
+    saw, or the process that listened on it, or (last) the closing task."""
+    evidence: list[dict[str, Any]] = []
+    pids: list[int] = []
+    exes: frozenset[str] = frozenset()
+    rows = h.by_inode.get((ev.netns, ev.inode), [])
+    if rows:
+        last = rows[-1]
+        pids, exes = last.pids, last.exes
+        evidence.append(row_evidence(last, h.snap_by_id.get(last.last)))
+    listened = h.took_at(ev.netns, ev.inode, ("listen",))
+    if listened is not None:
+        exe, _ = h.ev_identity(listened)
+        if not exes and exe:
+            pids, exes = [listened.pid], frozenset({exe})
+        evidence.insert(0, event_evidence(listened, h))
+    if not exes:
+        exe, _ = h.ev_identity(ev)
+        pids, exes = [ev.pid], frozenset({exe} if exe else ())
+    evidence.append(event_evidence(ev, h))
+    return {"time": ev.time, "netns": ev.netns, "protocol": ev.protocol, "sock": ev.sock(),
+            "pids": pids, "exes": exes, "evidence": evidence, "inode": ev.inode}
+
+
+def find_shadowed_wildcards(h: History) -> list[Finding]:
+    """A specific-address socket next to a wildcard one of other processes
+    on the same port (TCP: both listening)."""
+    out: dict[tuple[int, str, int], Finding] = {}
+    for row in h.rows:
+        if row.protocol == "tcp" and row.state != LISTEN:
+            continue
+        snap = h.snap_by_id.get(row.first)
+        if snap is None:
+            continue
+        for other in h.alive(row.first, row.netns, row.protocol, row.port):
+            if other.inode == row.inode or (row.protocol == "tcp" and other.state != LISTEN):
+                continue
+            pair = (row, other) if other.addr in WILDCARDS else (other, row)
+            specific, wild = pair
+            if specific.addr in WILDCARDS or wild.addr not in WILDCARDS:
+                continue
+            if not _overlaps(specific.sock(), wild.sock()):
+                continue
+            if not specific.pids or not wild.pids or set(specific.pids) & set(wild.pids):
+                continue
+            key = (specific.netns, specific.protocol, specific.inode)
+            f = out.get(key)
+            if f is None:
+                took = h.took_at(specific.netns, specific.inode,
+                                 ("listen",) if specific.protocol == "tcp" else ("bind",))
+                wild_took = h.took_at(wild.netns, wild.inode,
+                                      ("listen",) if wild.protocol == "tcp" else ("bind",))
+                when = max([t.time for t in (took, wild_took) if t] or [snap.time])
+                f = out[key] = Finding(
+                    "wildcard_shadowed", when, specific.netns, specific.protocol, specific.port,
+                    specific.pids, [], "", [event_evidence(t, h) for t in (took, wild_took) if t])
+                f.evidence.append(row_evidence(specific, snap))
+            if not set(wild.pids) <= set(f.owners):
+                f.owners = sorted(set(f.owners) | set(wild.pids))
+                f.evidence.append(row_evidence(wild, snap))
+    for f in out.values():
+        snaps = [e for e in f.evidence if e["type"] == "snapshot"]
+        specific_local = snaps[0]["local"]
+        wild_locals = sorted({e["local"] for e in snaps[1:]})
+        addr = specific_local.rsplit(":", 1)[0]
+        f.summary = (f"{_who(f.pids, h, f.time)} holds {f.protocol} {specific_local}, a specific "
+                     f"address under the wildcard {', '.join(wild_locals)} of "
+                     f"{_who(f.owners, h, f.time)}: what is sent to {addr} port {f.port} goes "
+                     "to it, not to the wildcard's owner")
+    return list(out.values())
+
+
+def find_bpf_attached(h: History) -> list[Finding]:
+    """A reuseport group that had no BPF program in one snapshot and has one in the next."""
+    out: dict[tuple[int, str, int, int], Finding] = {}
+    for row in h.rows:
+        if not row.group or not row.bpf:
+            continue
+        snap = h.snap_by_id.get(row.first)
+        prev = h.prev_of(row.first)
+        if snap is None or prev is None:
+            continue
+        members = [r for r in h.alive(snap.id, row.netns, row.protocol, row.port) if r.group == row.group]
+        before = [r for m in members for r in [h.row_at(m.netns, m.inode, prev.id)] if r is not None]
+        if not before or any(r.bpf for r in before) or not any(r.group for r in before):
+            continue
+        key = (row.netns, row.protocol, row.port, row.group)
+        if key in out:
+            continue
+        pids = sorted({p for m in members for p in m.pids})
+        out[key] = Finding(
+            "reuseport_bpf_attached", snap.time, row.netns, row.protocol, row.port, pids,
+            sorted({p for r in before for p in r.pids}),
+            f"a reuseport BPF program was attached to the SO_REUSEPORT group on {row.protocol} "
+            f"{row.local} (members: {_who(pids, h, snap.time)}) between "
+            f"{stamp(prev.time)} and {stamp(snap.end)}; it had none before: the program now "
+            "chooses which member receives each " + ("connection" if row.protocol == "tcp" else "datagram")
+            + " (one of the members' processes attached it)",
+            [row_evidence(r, prev) for r in before] + [row_evidence(m, snap) for m in members])
+    return list(out.values())
+
+
+def find_all(h: History, race_window: float) -> list[Finding]:
+    findings = (find_reuseport_other_uid(h) + find_foreign_members(h) + find_udp_shared(h)
+                + find_restart_races(h, race_window) + find_shadowed_wildcards(h)
+                + find_bpf_attached(h))
+    findings.sort(key=lambda f: (f.time, KINDS.index(f.kind), f.port))
+    return findings

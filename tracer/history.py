@@ -1,0 +1,363 @@
+"""The journal's contents as the hijack rules and the timeline see them:
+snapshot rows, events and the history that joins them, read through the
+journal's named reads and checked once here (a row the rules cannot use is
+left out and counted like the reader's own damaged rows)."""
+
+from __future__ import annotations
+
+import bisect
+import ipaddress
+from dataclasses import dataclass
+from typing import Any
+
+from .bindrules import LISTEN, Sock
+from .events import format_addr
+from .journal import JournalReader
+from .text import clock_text
+
+CONTEXT_S = 300.0  # read this far before --since: the rules need what came before
+WILDCARDS = ("0.0.0.0", "::")
+
+
+# ---- the journal's contents, as the rules see them ---------------------------------
+
+
+@dataclass(frozen=True)
+class Snap:
+    id: int
+    session: int
+    time: float  # the inventory started
+    end: float  # and ended: what it saw existed somewhere in [time, end]
+
+
+@dataclass(eq=False)
+class Row:
+    """A socket state seen by the snapshots first..last (inclusive)."""
+
+    id: int
+    session: int
+    first: int
+    last: int
+    netns: int
+    protocol: str
+    family: str
+    state: str
+    addr: str
+    port: int
+    dev: int
+    uid: int
+    inode: int
+    options: frozenset[str] | None
+    group: int | None
+    group_size: int | None
+    bpf: bool
+    owners: list[dict[str, Any]]
+
+    @property
+    def pids(self) -> list[int]:
+        return sorted({o["pid"] for o in self.owners})
+
+    @property
+    def exes(self) -> frozenset[str]:
+        return frozenset(o["exe"] for o in self.owners if o.get("exe"))
+
+    @property
+    def identities(self) -> frozenset[tuple[str, str | None]]:
+        return frozenset((o["exe"], o.get("cgroup")) for o in self.owners if o.get("exe"))
+
+    @property
+    def local(self) -> str:
+        return format_addr(self.family, self.addr, self.port)
+
+    def sock(self) -> Sock:
+        opts = self.options or frozenset()
+        return Sock(self.protocol, self.family, self.addr, self.port, self.state,
+                    "reuseaddr" in opts, "reuseport" in opts, "v6only" in opts, self.dev, self.uid)
+
+
+@dataclass(eq=False)
+class Ev:
+    id: int
+    session: int
+    time: float
+    call: str
+    result: str
+    errno: int
+    pid: int
+    uid: int
+    sock_uid: int
+    comm: str
+    netns: int
+    family: str
+    protocol: str
+    addr: str
+    port: int
+    bound_addr: str
+    bound_port: int
+    options: frozenset[str]
+    dev: int
+    inode: int
+    exe: str | None
+    cgroup: str | None
+    owner_uid: int | None
+    blockers: Any
+    explanation: Any = None  # the on-the-spot explanation (reasons, fixes, notes) or None
+
+    @property
+    def ok(self) -> bool:
+        return self.errno == 0
+
+    @property
+    def local_addr(self) -> str:
+        """The address the call concerns: what it got, or what it asked for."""
+        return self.bound_addr if self.ok and self.call != "connect" else self.addr
+
+    @property
+    def local_port(self) -> int:
+        return (self.bound_port or self.port) if self.ok and self.call != "connect" else self.port
+
+    @property
+    def local(self) -> str:
+        return format_addr(self.family, self.local_addr, self.local_port)
+
+    def sock(self) -> Sock:
+        return Sock(self.protocol, self.family, self.local_addr, self.local_port,
+                    LISTEN if self.call == "listen" else "CLOSE", "reuseaddr" in self.options,
+                    "reuseport" in self.options, "v6only" in self.options, self.dev, self.sock_uid)
+
+
+class History:
+    """Events and snapshots loaded from the journal, indexed for the rules.
+
+    Rows come through :meth:`JournalReader.rows` (types checked); what the
+    rules further rely on (addresses that parse, owners with a pid) is
+    checked here, and a row that fails is left out and counted like the
+    reader's own damaged rows."""
+
+    def __init__(self, reader: JournalReader, start: float | None, port: int | None,
+                 netns: int | None) -> None:
+        # Snapshots and events: from CONTEXT_S before the window on (the rules
+        # look back), snapshots from the last one before that.
+        first_snap = reader.last_snapshot_before(start - CONTEXT_S) if start is not None else 0
+        self.snaps = [Snap(r["id"], r["session"], r["time"], r["time"] + max(r["duration"], 0.0))
+                      for r in reader.snapshots(first_snap)]
+        self.snap_by_id = {s.id: s for s in self.snaps}
+        self._snap_ids = [s.id for s in self.snaps]
+        self._snap_ends = [s.end for s in self.snaps]
+        self._snap_starts = [s.time for s in self.snaps]
+        session_last: dict[int, int] = {}
+        for s in self.snaps:
+            session_last[s.session] = max(session_last.get(s.session, 0), s.id)
+        self.rows: list[Row] = []
+        for r in reader.sockets_seen_since(first_snap, port, netns):
+            last = r["last_snapshot"] if r["last_snapshot"] is not None else session_last.get(
+                r["session"], r["first_snapshot"])
+            row = _row(r, last)
+            if row is None:
+                reader.damaged["snapshot_sockets"] = reader.damaged.get("snapshot_sockets", 0) + 1
+                continue
+            self.rows.append(row)
+        self.rows.sort(key=lambda r: (r.first, r.id))
+        self.by_port: dict[tuple[int, str, int], list[Row]] = {}
+        self.by_inode: dict[tuple[int, int], list[Row]] = {}
+        for row in self.rows:
+            self.by_port.setdefault((row.netns, row.protocol, row.port), []).append(row)
+            if row.inode:
+                self.by_inode.setdefault((row.netns, row.inode), []).append(row)
+
+        self.events: list[Ev] = []
+        for r in reader.events((start - CONTEXT_S) if start is not None else 0, port, netns):
+            ev = _event(r)
+            if ev is None:
+                reader.damaged["events"] = reader.damaged.get("events", 0) + 1
+                continue
+            self.events.append(ev)
+        self.events_by_inode: dict[tuple[int, int], list[Ev]] = {}
+        self._pid_seen: dict[int, list[tuple[float, str, str | None, int | None]]] = {}
+        for ev in self.events:
+            if ev.inode:
+                self.events_by_inode.setdefault((ev.netns, ev.inode), []).append(ev)
+            if ev.exe:
+                self._pid_seen.setdefault(ev.pid, []).append((ev.time, ev.exe, ev.cgroup, ev.owner_uid))
+        for row in self.rows:
+            t = self.snap_by_id[row.first].time if row.first in self.snap_by_id else 0.0
+            for o in row.owners:
+                if o.get("exe"):
+                    self._pid_seen.setdefault(o["pid"], []).append((t, o["exe"], o.get("cgroup"), o.get("uid")))
+
+    # -- snapshots
+
+    def alive(self, snap_id: int, netns: int, protocol: str, port: int) -> list[Row]:
+        return [r for r in self.by_port.get((netns, protocol, port), ()) if r.first <= snap_id <= r.last]
+
+    def before(self, t: float) -> Snap | None:
+        """The last snapshot that ended before ``t``."""
+        i = bisect.bisect_left(self._snap_ends, t) - 1
+        # Ends are not strictly sorted if a snapshot took long; walk back to be sure.
+        while i >= 0 and self.snaps[i].end >= t:
+            i -= 1
+        return self.snaps[i] if i >= 0 else None
+
+    def after(self, t: float) -> Snap | None:
+        """The first snapshot that started after ``t``."""
+        i = bisect.bisect_right(self._snap_starts, t)
+        return self.snaps[i] if i < len(self.snaps) else None
+
+    def next_of(self, snap_id: int) -> Snap | None:
+        i = bisect.bisect_right(self._snap_ids, snap_id)
+        return self.snaps[i] if i < len(self.snaps) else None
+
+    def prev_of(self, snap_id: int) -> Snap | None:
+        i = bisect.bisect_left(self._snap_ids, snap_id) - 1
+        return self.snaps[i] if i >= 0 else None
+
+    def row_at(self, netns: int, inode: int, snap_id: int) -> Row | None:
+        for r in self.by_inode.get((netns, inode), ()):
+            if r.first <= snap_id <= r.last:
+                return r
+        return None
+
+    def first_seen(self, netns: int, inode: int) -> Snap | None:
+        rows = self.by_inode.get((netns, inode))
+        return self.snap_by_id.get(rows[0].first) if rows else None
+
+    def took_at(self, netns: int, inode: int, calls: tuple[str, ...]) -> Ev | None:
+        """The first successful call of ``calls`` on the socket, if recorded."""
+        for ev in self.events_by_inode.get((netns, inode), ()):
+            if ev.ok and ev.call in calls:
+                return ev
+        return None
+
+    # -- who a process is
+
+    def identity(self, pid: int, t: float) -> tuple[str | None, str | None, int | None]:
+        """(exe, cgroup, uid) of ``pid`` as recorded nearest to ``t``."""
+        seen = self._pid_seen.get(pid)
+        if not seen:
+            return None, None, None
+        best = min(seen, key=lambda s: abs(s[0] - t))
+        return best[1], best[2], best[3]
+
+    def ev_identity(self, ev: Ev) -> tuple[str | None, str | None]:
+        if ev.exe:
+            return ev.exe, ev.cgroup
+        exe, cgroup, _ = self.identity(ev.pid, ev.time)
+        return exe, cgroup
+
+
+OWNER_TEXT = ("comm", "exe", "cmdline", "user", "cgroup", "unit", "container", "pod")
+
+
+def _address(family: str, addr: str) -> bool:
+    """An address the rules can compare: of its family, as the kernel writes it."""
+    try:
+        ip = ipaddress.ip_address(addr)
+    except ValueError:
+        return False
+    return family == ("ipv6" if ip.version == 6 else "ipv4")
+
+
+def _port(value: int) -> bool:
+    return 0 <= value <= 0xFFFF
+
+
+def _owner_list(owners: list[Any]) -> list[dict[str, Any]] | None:
+    """Owners as recorded (a list of {pid, comm, exe, ...}), or None when
+    an entry is not one."""
+    out = []
+    for o in owners:
+        if not isinstance(o, dict) or type(o.get("pid")) is not int:
+            return None
+        if any(o.get(k) is not None and not isinstance(o.get(k), str) for k in OWNER_TEXT):
+            return None
+        if o.get("uid") is not None and type(o.get("uid")) is not int:
+            return None
+        out.append(o)
+    return out
+
+
+def _blockers(value: Any) -> Any:
+    """An event's on-the-spot blockers: a list of {pids, comm, state, local,
+    rule}, or {"error": sentence}; ValueError when it is neither."""
+    if value is None:
+        return None
+    if isinstance(value, dict):
+        if not isinstance(value.get("error"), str):
+            raise ValueError("blockers")
+        return value
+    for b in value:
+        if not isinstance(b, dict) or not isinstance(b.get("pids", []), list) \
+                or not all(type(p) is int for p in b.get("pids", [])):
+            raise ValueError("blockers")
+    return value
+
+
+def _row(r: dict[str, Any], last: int) -> Row | None:
+    """A snapshot_sockets row for the rules, or None when it is damaged."""
+    if r["protocol"] not in ("tcp", "udp"):
+        return None
+    owners = _owner_list(r["owners"])
+    if owners is None or not _address(r["family"], r["addr"]) or not _port(r["port"]):
+        return None
+    return Row(
+        r["id"], r["session"], r["first_snapshot"], last, r["netns"], r["protocol"],
+        r["family"], r["state"], r["addr"], r["port"], r["bound_dev_if"], r["uid"], r["inode"],
+        None if r["options"] is None else frozenset(filter(None, r["options"].split(","))),
+        r["group_id"], r["group_size"], bool(r["group_bpf"]), owners)
+
+
+EVENT_CALLS = frozenset({"bind", "listen", "connect", "get_port", "listen_close"})
+
+
+def _event(r: dict[str, Any]) -> Ev | None:
+    """An events row for the rules, or None when it is damaged."""
+    if r["call"] not in EVENT_CALLS or r["protocol"] not in ("tcp", "udp"):
+        return None
+    if not (_address(r["family"], r["bound_addr"]) and _port(r["port"]) and _port(r["bound_port"])):
+        return None
+    if r["addr_family"] in ("ipv4", "ipv6") and not _address(r["addr_family"], r["addr"]):
+        return None
+    try:
+        blockers = _blockers(r["blockers"])
+        explanation = _explanation(r.get("explanation"))
+    except ValueError:
+        return None
+    return Ev(
+        r["id"], r["session"], r["time"], r["call"], r["result"], r["errno"], r["pid"],
+        r["uid"], r["sock_uid"], r["comm"], r["netns"], r["family"], r["protocol"],
+        r["addr"], r["port"], r["bound_addr"], r["bound_port"],
+        frozenset(filter(None, r["options"].split(","))), r["bound_dev_if"], r["inode"],
+        r["exe"], r["cgroup"], r["owner_uid"], blockers, explanation)
+
+
+def _explanation(value: Any) -> Any:
+    """An event's explanation as the journal keeps it ({errno, reasons,
+    fixes, notes}, or {"error": sentence}); ValueError when it is neither."""
+    if value is None:
+        return None
+    if not isinstance(value, dict):
+        raise ValueError("explanation")
+    if "error" in value:
+        if not isinstance(value["error"], str):
+            raise ValueError("explanation")
+        return value
+    for key in ("reasons", "fixes", "notes"):
+        items = value.get(key, [])
+        if not isinstance(items, list) or not all(
+                isinstance(i, dict) and isinstance(i.get("text", ""), str) for i in items):
+            raise ValueError("explanation")
+    return value
+
+
+def first_reason(explanation: Any) -> dict[str, Any] | None:
+    """{errno, rule, text} of the explanation's first reason, or None."""
+    reasons = explanation.get("reasons") if isinstance(explanation, dict) else None
+    if not reasons:
+        return None
+    r = reasons[0]
+    return {"errno": r.get("errno"), "rule": r.get("rule"), "text": r.get("text", "")}
+
+
+def stamp(t: float | None) -> str:
+    """A time as the report shows it; ``-`` for none."""
+    return "-" if t is None else clock_text(t)

@@ -1,0 +1,412 @@
+"""Reuseport groups as portscope sees them: the model (groups, members, join
+and leave events) and the watcher that fills it from two sources, live.
+
+Two sources, joined by socket cookie on every read:
+
+* the inventory (``inventory.take``: sock_diag, the socket iterators and the
+  owners): which groups exist (the iterators' opaque group id), their
+  members, each member's owners and queue;
+* the kernel's counters: the ``ps_group_counts`` map, a per-CPU hash keyed by
+  socket cookie that the plan's counting program increments on every
+  delivery (tracepoint plan: ``tp_btf/sk_data_ready`` on the receiving
+  listener or UDP socket; fentry and kprobe plans: the exit of
+  ``reuseport_select_sock``). It is read in one batch per refresh; nothing
+  per connection crosses into user space.
+
+Successive reads give rates, and membership diffs give join and leave
+events (stamped with the time of the read that saw them, so within one
+interval). Imbalance is measured over the time since the group's membership
+last changed (tracer/balance.py).
+"""
+
+from __future__ import annotations
+
+import ctypes
+import struct
+import time
+from dataclasses import dataclass
+from typing import Iterable
+
+from . import libbpf
+from .balance import Imbalance, imbalance, round_or_none
+from .engine import Engine, EngineConfig
+from .events import format_addr
+from .inventory import Inventory, Socket, take
+from .layout import PsCounter, PsMemberCount
+from .loader import open_engine
+from .owners import Owner
+from .plans import GROUP_PROGRAMS, Plan
+from .sockflags import SocketIterators
+
+# A counter key no inventory has explained for this many reads belongs to a
+# socket that came and went between two reads, or that is not shown (another
+# namespace): its count moves to "unattributed" and the key is deleted.
+UNKNOWN_READS = 2
+
+
+
+# ---- the state model ------------------------------------------------------
+
+
+@dataclass
+class Member:
+    """One socket of a group, with its figures at the time of the read."""
+
+    cookie: int
+    inode: int
+    state: str
+    owners: tuple[Owner, ...]
+    delivered: int  # since the watcher started, or since the member joined
+    rate: float | None  # per second over the last interval; None on the first read
+    window: int  # delivered since the group's membership last changed
+    share: float | None  # window / the group's window total
+    queue: int  # TCP: accept-queue depth; UDP: bytes waiting in the receive queue
+    backlog: int | None  # TCP: the listen() backlog; UDP: None
+
+    @property
+    def pids(self) -> list[int]:
+        return [o.pid for o in self.owners]
+
+    def to_json(self) -> dict[str, object]:
+        return {
+            "cookie": self.cookie, "inode": self.inode, "state": self.state,
+            "pids": self.pids, "owners": [o.to_json() for o in self.owners],
+            "delivered": self.delivered, "rate": round_or_none(self.rate, 3),
+            "window": self.window, "share": round_or_none(self.share, 6),
+            "queue": self.queue, "backlog": self.backlog,
+        }
+
+
+@dataclass
+class Group:
+    id: int  # opaque, stable while the kernel keeps the group
+    netns: int
+    protocol: str
+    family: str
+    addr: str
+    port: int
+    bound_dev_if: int
+    size: int  # sockets in the group, as the kernel counts them
+    bpf: bool  # a reuseport BPF program steers it
+    members: list[Member]
+    window_seconds: float
+    imbalance: Imbalance
+
+    @property
+    def local(self) -> str:
+        return format_addr(self.family, self.addr, self.port)
+
+    @property
+    def delivered(self) -> int:
+        return sum(m.delivered for m in self.members)
+
+    @property
+    def rate(self) -> float | None:
+        rates = [m.rate for m in self.members if m.rate is not None]
+        return sum(rates) if rates else None
+
+    def to_json(self) -> dict[str, object]:
+        return {
+            "id": f"{self.id:08x}", "netns": self.netns, "protocol": self.protocol,
+            "family": self.family, "local": self.local, "addr": self.addr, "port": self.port,
+            "bound_dev_if": self.bound_dev_if, "size": self.size, "bpf": self.bpf,
+            "delivered": self.delivered, "rate": round_or_none(self.rate, 3),
+            "members": [m.to_json() for m in self.members],
+            "imbalance": self.imbalance.to_json(),
+        }
+
+
+@dataclass
+class MemberEvent:
+    """A socket joined or left a group (seen between two reads)."""
+
+    time: float  # wall clock of the read that saw it
+    kind: str  # join or leave
+    group: int
+    netns: int
+    protocol: str
+    family: str
+    addr: str
+    port: int
+    cookie: int
+    inode: int
+    owners: tuple[Owner, ...]  # for a leave: the owners last seen
+    delivered: int  # for a leave: everything it received; for a join: so far
+
+    @property
+    def pids(self) -> list[int]:
+        return [o.pid for o in self.owners]
+
+    @property
+    def local(self) -> str:
+        return format_addr(self.family, self.addr, self.port)
+
+    def to_json(self) -> dict[str, object]:
+        return {
+            "time": round(self.time, 6), "event": self.kind, "group": f"{self.group:08x}",
+            "netns": self.netns, "protocol": self.protocol, "family": self.family,
+            "local": self.local, "cookie": self.cookie, "inode": self.inode,
+            "pids": self.pids, "owners": [o.to_json() for o in self.owners],
+            "delivered": self.delivered,
+        }
+
+
+@dataclass
+class Snapshot:
+    time: float  # wall clock of the read
+    interval: float | None  # seconds since the previous read
+    plan: str
+    groups: list[Group]
+    events: list[MemberEvent]
+    health: dict[str, int]
+
+    def to_json(self) -> dict[str, object]:
+        return {
+            "time": round(self.time, 6),
+            "interval": None if self.interval is None else round(self.interval, 3),
+            "plan": self.plan,
+            "groups": [g.to_json() for g in self.groups],
+            "events": [e.to_json() for e in self.events],
+            "health": self.health,
+        }
+
+
+
+@dataclass
+class _Seen:
+    """What the previous read knew of a member."""
+
+    group: Group
+    sock: Socket
+    delivered: int
+
+
+@dataclass
+class _Window:
+    members: frozenset[int]
+    baseline: dict[int, int]
+    since: float  # monotonic
+
+
+# ---- the watcher ----------------------------------------------------------
+
+
+class GroupWatcher:
+    """Counts deliveries to every reuseport group member from the moment it
+    is created; :meth:`read` returns the groups as they are now.
+
+    ``port``: only groups on this local port (filtered in the kernel too);
+    ``netns``: only this namespace (see ``inventory.select_namespaces``);
+    ``plan``: None chooses the best one, as every other command does."""
+
+    def __init__(self, port: int | None = None, netns: str | None = None,
+                 protocols: Iterable[str] = ("tcp", "udp"), plan: Plan | None = None,
+                 btf_path: str | None = None) -> None:
+        self.port = port
+        self.netns = netns
+        self.protocols = tuple(protocols)
+        config = EngineConfig(plan=plan, port=port or 0, btf_path=btf_path, ring_bytes=0,
+                              closer_entries=1, closer_args_entries=1, programs=GROUP_PROGRAMS)
+        self.engine: Engine | None = open_engine(config)
+        self.started = time.time()
+        self._started_mono = time.monotonic()
+        try:
+            self._iterators: SocketIterators | None = SocketIterators(
+                EngineConfig(btf_path=btf_path, closer_entries=1, closer_args_entries=1))
+        except BaseException:
+            self.engine.close()
+            raise
+        self._counts = self.engine.map("ps_group_counts")
+        self._ncpus = libbpf.possible_cpus()
+        self._stride = (ctypes.sizeof(PsMemberCount) + 7) & ~7
+        self._offset = PsMemberCount.delivered.offset
+        self._members: dict[int, _Seen] | None = None  # None until the first read
+        self._windows: dict[int, _Window] = {}
+        self._unknown: dict[int, int] = {}  # cookie -> reads it stayed unexplained
+        self._unattributed = 0
+        self._last_mono: float | None = None
+        self._inventory_health: dict[str, int] = {}
+
+    @property
+    def plan(self) -> Plan:
+        assert self.engine is not None, "watcher is closed"
+        return self.engine.plan
+
+    # -- reading
+
+    def counts(self) -> dict[int, int]:
+        """Deliveries per socket cookie, summed over CPUs (one batch read)."""
+        out = {}
+        unpack = struct.Struct("<Q").unpack_from
+        positions = [cpu * self._stride + self._offset for cpu in range(self._ncpus)]
+        for key, value in self._counts.lookup_batch(self._stride * self._ncpus):
+            out[int.from_bytes(key, "little")] = sum(unpack(value, p)[0] for p in positions)
+        return out
+
+    def inventory(self) -> list[Socket]:
+        """Every socket that may be in a group: TCP listeners, UDP sockets."""
+        sockets: list[Socket] = []
+        health: dict[str, int] = {}
+        if "tcp" in self.protocols:
+            inv = take(self.port, ("tcp",), ("LISTEN",), self.netns, self._iterators)
+            sockets += inv.sockets
+            health = _add(health, inv)
+        if "udp" in self.protocols:
+            inv = take(self.port, ("udp",), None, self.netns, self._iterators)
+            sockets += inv.sockets
+            health = _add(health, inv)
+        self._inventory_health = health
+        return [s for s in sockets if s.flags is not None and s.flags.group]
+
+    def read(self) -> Snapshot:
+        """The groups now, with rates since the previous read and the members
+        that joined or left since then."""
+        assert self.engine is not None, "watcher is closed"
+        now, mono = time.time(), time.monotonic()
+        sockets = self.inventory()
+        counts = self.counts()  # after the inventory: every member seen has its key
+        interval = None if self._last_mono is None else mono - self._last_mono
+        first = self._members is None
+        previous = self._members or {}
+
+        by_group: dict[int, list[Socket]] = {}
+        for s in sockets:
+            by_group.setdefault(s.flags.group, []).append(s)  # type: ignore[union-attr]
+        groups: list[Group] = []
+        current: dict[int, _Seen] = {}
+        for gid, socks in by_group.items():
+            group = self._group(gid, socks, counts, previous, interval, mono, first)
+            groups.append(group)
+            by_cookie = {s.diag.cookie: s for s in socks}
+            for m in group.members:
+                current[m.cookie] = _Seen(group, by_cookie[m.cookie], m.delivered)
+        groups.sort(key=lambda g: (g.netns, g.port, g.protocol, g.family, g.addr, g.id))
+
+        events = [] if first else self._events(now, previous, current, counts)
+        self._forget(counts, current)
+        self._members = current
+        self._windows = {gid: w for gid, w in self._windows.items() if gid in by_group}
+        self._last_mono = mono
+        return Snapshot(now, interval, self.plan.value, groups, events, self.health())
+
+    def _group(self, gid: int, socks: list[Socket], counts: dict[int, int],
+               previous: dict[int, _Seen], interval: float | None, mono: float,
+               first: bool) -> Group:
+        socks = _ordered(socks)
+        delivered = {s.diag.cookie: counts.get(s.diag.cookie, 0) for s in socks}
+        cookies = frozenset(delivered)
+        window = self._windows.get(gid)
+        if window is None or window.members != cookies:
+            # Counts start at zero when the watcher starts: the first window
+            # runs from then; a later one from the read that saw the change.
+            since = self._started_mono if first else mono
+            base = {} if first else dict(delivered)
+            window = self._windows[gid] = _Window(cookies, base, since)
+        in_window = {c: n - window.baseline.get(c, 0) for c, n in delivered.items()}
+        window_total = sum(in_window.values())
+        members = []
+        for s in socks:
+            cookie = s.diag.cookie
+            n = delivered[cookie]
+            rate = None
+            if interval:
+                before = previous[cookie].delivered if cookie in previous else 0
+                rate = (n - before) / interval
+            tcp = s.diag.protocol == "tcp"
+            members.append(Member(
+                cookie=cookie, inode=s.diag.inode, state=s.diag.state, owners=s.owners,
+                delivered=n, rate=rate, window=in_window[cookie],
+                share=in_window[cookie] / window_total if window_total else None,
+                queue=s.diag.rqueue, backlog=s.diag.wqueue if tcp else None,
+            ))
+        head = socks[0]
+        flags = head.flags
+        assert flags is not None
+        seconds = mono - window.since
+        return Group(
+            id=gid, netns=head.diag.netns, protocol=head.diag.protocol, family=head.diag.family,
+            addr=head.diag.local_addr, port=head.diag.local_port,
+            bound_dev_if=head.diag.bound_dev_if, size=flags.group_size,
+            bpf=any(s.flags.group_bpf_prog for s in socks if s.flags),
+            members=members, window_seconds=seconds,
+            imbalance=imbalance([m.window for m in members], seconds),
+        )
+
+    def _events(self, now: float, previous: dict[int, _Seen], current: dict[int, _Seen],
+                counts: dict[int, int]) -> list[MemberEvent]:
+        events = []
+        for cookie in sorted(set(current) - set(previous)):
+            events.append(_event(now, "join", current[cookie], counts.get(cookie, 0)))
+        for cookie in sorted(set(previous) - set(current)):
+            seen = previous[cookie]
+            events.append(_event(now, "leave", seen, counts.get(cookie, seen.delivered)))
+        return events
+
+    def _forget(self, counts: dict[int, int], current: dict[int, _Seen]) -> None:
+        """Delete the keys of sockets that are gone; count what no inventory
+        could attribute."""
+        for cookie in [c for c in self._unknown if c not in counts]:
+            del self._unknown[cookie]
+        departed = set(self._members or ()) - set(current)
+        for cookie, n in counts.items():
+            if cookie in current:
+                self._unknown.pop(cookie, None)
+                continue
+            if cookie in departed:
+                self._counts.delete(struct.pack("<Q", cookie))
+                continue
+            reads = self._unknown.get(cookie, 0) + 1
+            if reads >= UNKNOWN_READS:
+                self._unattributed += n
+                self._counts.delete(struct.pack("<Q", cookie))
+                self._unknown.pop(cookie, None)
+            else:
+                self._unknown[cookie] = reads
+
+    def health(self) -> dict[str, int]:
+        """What could not be seen or counted, as numbers (0 is good)."""
+        assert self.engine is not None, "watcher is closed"
+        h = dict(self._inventory_health)
+        h["map_full"] = self.engine.counter(PsCounter.GROUP_FULL)
+        h["no_cookie"] = self.engine.counter(PsCounter.GROUP_NO_COOKIE)
+        h["missed"] = self.engine.recursion_misses()
+        h["unattributed"] = self._unattributed
+        return h
+
+    def close(self) -> None:
+        if self._iterators:
+            self._iterators.close()
+            self._iterators = None
+        if self.engine:
+            self.engine.close()
+            self.engine = None
+
+    def __enter__(self) -> "GroupWatcher":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def _ordered(socks: list[Socket]) -> list[Socket]:
+    """Members in a stable order: by first owner pid, then inode."""
+    return sorted(socks, key=lambda s: (s.owners[0].pid if s.owners else 0, s.diag.inode,
+                                        s.diag.cookie))
+
+
+def _event(now: float, kind: str, seen: _Seen, delivered: int) -> MemberEvent:
+    g, s = seen.group, seen.sock
+    return MemberEvent(
+        time=now, kind=kind, group=g.id, netns=g.netns, protocol=g.protocol, family=g.family,
+        addr=g.addr, port=g.port, cookie=s.diag.cookie, inode=s.diag.inode, owners=s.owners,
+        delivered=delivered,
+    )
+
+
+def _add(health: dict[str, int], inv: Inventory) -> dict[str, int]:
+    """Health of two inventories (TCP, UDP) of the same namespaces and
+    processes: what both scanned counts once, unknown flags add up."""
+    out = dict(health)
+    for key, value in inv.health().items():
+        out[key] = out.get(key, 0) + value if key == "flags_unknown" else max(out.get(key, 0), value)
+    return out
