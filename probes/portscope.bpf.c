@@ -93,8 +93,12 @@ struct inflight {
 	__u8 pre_addr[PS_ADDR_LEN];
 };
 
-/* pid_tgid -> the call in flight */
-PS_HASH(ps_inflight, __u64, struct inflight, 16384);
+/* pid_tgid -> the call in flight. Resized by the collector before load
+ * (bcc: -DPS_INFLIGHT_ENTRIES); a call that finds it full is counted. */
+#ifndef PS_INFLIGHT_ENTRIES
+#define PS_INFLIGHT_ENTRIES 16384
+#endif
+PS_HASH(ps_inflight, __u64, struct inflight, PS_INFLIGHT_ENTRIES);
 
 /* Before 6.6 (commit 4bd0623f04ee, "inet: move inet->freebind to
  * inet->inet_flags", and its siblings) these options were bitfields. */
@@ -924,7 +928,10 @@ struct get_port_args {
 	__u16 snum;
 };
 
-PS_HASH(ps_get_port_args, __u64, struct get_port_args, 16384);
+#ifndef PS_GET_PORT_ENTRIES
+#define PS_GET_PORT_ENTRIES 16384 /* resized like ps_inflight (bcc: -DPS_GET_PORT_ENTRIES) */
+#endif
+PS_HASH(ps_get_port_args, __u64, struct get_port_args, PS_GET_PORT_ENTRIES);
 
 SEC("kprobe/inet_csk_get_port")
 int ps_kprobe_get_port(struct pt_regs *ctx)

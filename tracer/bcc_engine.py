@@ -173,6 +173,9 @@ def cflags(config: EngineConfig, plan: Plan) -> list[str]:
         f"-DPS_CFG_success_kinds={success_mask(config)}",
         f"-DPS_CFG_plan={int(plan.code)}",
         f"-DPS_RING_PAGES={ring_size(config.ring_bytes) // page}",
+        f"-DPS_INFLIGHT_ENTRIES={config.inflight_entries}",
+        f"-DPS_GET_PORT_ENTRIES={config.get_port_entries}",
+        f"-DPS_BINDER_ENTRIES={config.binder_entries}",
         f"-DPS_CLOSER_ENTRIES={config.closer_entries}",
         f"-DPS_CLOSER_ARGS_ENTRIES={config.closer_args_entries}",
         "-w",  # the kernel's headers warn; the libbpf build is the -Werror one

@@ -547,12 +547,12 @@ def run_ui(args: argparse.Namespace) -> ExitStatus:
         source.play(args.speed)
     else:
         from .collector import LiveCollector
-        from .engine import EngineConfig
+        from .engine import UI_CLOSERS, EngineConfig
         from .plans import Plan
 
         source = LiveCollector(model, EngineConfig(
             plan=None if args.plan == "auto" else Plan(args.plan), errors_only=True,
-            ring_bytes=args.ring_size, btf_path=args.btf))
+            ring_bytes=args.ring_size, btf_path=args.btf, closer_entries=UI_CLOSERS))
         source.start()
     try:
         # The terminal is given back and the probes detached however it ends.

@@ -209,9 +209,9 @@ class LiveCollector:
     # -- periodic views
 
     def _refresh_loop(self) -> None:
-        from .sockflags import SocketIterators
+        from .sockflags import SharedIterators
 
-        its = SocketIterators()
+        its = SharedIterators()
         watcher = self._open_watcher() if self.want_groups else None
         views = GroupViews()
         tasks: list[tuple[str, float, Callable[[], None]]] = [

@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Protocol
 
-from . import closers, libbpf
+from . import closers, elfmaps, libbpf
 from .errors import (
     NoBTF,
     ObjectInvalid,
@@ -40,6 +40,8 @@ from .plans import GROUP_PROGRAMS, PLAN_PROGRAMS, PREFERENCE, KernelFacts, Plan
 
 DEFAULT_OBJECT = Path(__file__).resolve().parent.parent / "probes" / "portscope.bpf.o"
 DEFAULT_RING_BYTES = 8 << 20
+TIMEWAIT_CLOSERS = 65536  # 10 MiB: who left each of 60 s of TIME_WAITs at ~1,000 closes/s
+UI_CLOSERS = 32768  # 5 MiB: the UI's TIME_WAIT screen, within its 20 MiB
 EVENT_SIZE = ctypes.sizeof(PsEvent)
 
 
@@ -86,10 +88,19 @@ class EngineConfig:
     pid: int = 0  # 0: every process
     port: int = 0  # 0: every port
     ring_bytes: int = DEFAULT_RING_BYTES
-    # Connections whose closer is remembered (an LRU map, preallocated:
-    # about 150 bytes each, so 10 MiB by default).
-    closer_entries: int = 65536
-    closer_args_entries: int = 8192  # processes whose command line is kept (one each)
+    # The preallocated maps, sized for what one host does at once (each map's
+    # kernel memory is its entries times about the bytes noted; bench-memory
+    # measures the total). A full one is never silent: a call beyond
+    # inflight_entries is counted as untraced; the LRU maps forget their
+    # oldest entry (a blocker whose binder or closer was forgotten is shown
+    # as held by no visible process, or without "left by").
+    inflight_entries: int = 4096  # calls in flight at once (~136 B each)
+    get_port_entries: int = 4096  # port allocations in flight, kprobe plan (~88 B)
+    binder_entries: int = 4096  # traced sockets whose binder is remembered (~104 B)
+    closer_entries: int = 8192  # connections whose closer is remembered (~160 B)
+    # (the commands whose purpose is who left the TIME_WAITs take more:
+    # TIMEWAIT_CLOSERS for timewait --watch, UI_CLOSERS for the UI)
+    closer_args_entries: int = 2048  # processes whose command line is kept (~210 B)
     btf_path: str | None = None  # a BTF file for kernels that expose none
     object_path: Path = field(default_factory=object_path)
     # Which program set each plan loads: PLAN_PROGRAMS (bind/listen/connect
@@ -260,6 +271,8 @@ def first_plan_that_runs(candidates: list[Plan], requested: Plan | None, facts: 
             else:
                 attempts.append(PlanAttempt(plan, True, f"loaded and attached ({engine})"))
                 return Engine(loaded, plan, attempts, facts, engine=engine)
+            finally:
+                libbpf.trim_heap()
         attempts.append(PlanAttempt(plan, False, reason))
         if requested:
             raise PlanUnavailable(f"the {plan.value} plan cannot run {where}: {reason}")
@@ -326,7 +339,7 @@ def load_programs(config: EngineConfig, plan: Plan, names: tuple[str, ...]) -> l
     """Open the object, configure it, and load only the programs ``names``."""
     obj = _open(config)
     try:
-        _configure(obj, config, plan)
+        _configure(obj, config, plan, names)
         for prog in obj.programs():
             prog.set_autoload(prog.name in names)
         _load(obj, plan)
@@ -370,11 +383,41 @@ def _check_btf_file(path: str) -> None:
         raise NoBTF(f"{path} is not a usable BTF file ({libbpf.strerror(exc.errno)})") from _Log(libbpf.take_log())
 
 
-def _configure(obj: libbpf.BpfObject, config: EngineConfig, plan: Plan) -> None:
-    ring = obj.map("ps_events")
-    ring.set_max_entries(ring_size(config.ring_bytes))
-    obj.map("ps_closers").set_max_entries(config.closer_entries)
-    obj.map("ps_closer_args").set_max_entries(config.closer_args_entries)
+def map_sizes(config: EngineConfig) -> dict[str, int]:
+    """The sizes the configuration gives the maps it sizes (max_entries;
+    bytes for the ring buffer); the others keep the object's own."""
+    return {
+        "ps_events": ring_size(config.ring_bytes),
+        "ps_inflight": config.inflight_entries,
+        "ps_get_port_args": config.get_port_entries,
+        "ps_binders": config.binder_entries,
+        "ps_closers": config.closer_entries,
+        "ps_closer_args": config.closer_args_entries,
+    }
+
+
+def _size_maps(obj: libbpf.BpfObject, config: EngineConfig, programs: tuple[str, ...]) -> None:
+    """Every map at its configured size, and every map none of ``programs``
+    uses (tracer/elfmaps.py) at the smallest the kernel allows: one entry,
+    one page for a ring buffer. The maps still exist (the engine reads a
+    few by name), but cost the kernel next to nothing."""
+    sizes = map_sizes(config)
+    try:
+        by_program = elfmaps.program_maps(config.object_path)
+    except elfmaps.NotAnObject as exc:
+        raise ObjectInvalid(f"{exc}; rebuild it with scripts/build-probes") from None
+    used = elfmaps.maps_used(config.object_path, programs)
+    for name in sorted(set().union(*by_program.values())):
+        m = obj.map(name)
+        if name not in used:
+            m.set_max_entries(os.sysconf("SC_PAGE_SIZE") if m.type == libbpf.BPF_MAP_TYPE_RINGBUF else 1)
+        elif name in sizes:
+            m.set_max_entries(sizes[name])
+
+
+def _configure(obj: libbpf.BpfObject, config: EngineConfig, plan: Plan,
+               programs: tuple[str, ...]) -> None:
+    _size_maps(obj, config, programs)
     cfg = PsConfig(
         target_tgid=config.pid,
         target_port=config.port,

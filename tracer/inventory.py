@@ -31,7 +31,7 @@ from .events import format_addr
 from .netns import NetnsRef, NetnsScan, dump_in, list_netns, open_netns
 from .owners import Owner, OwnerCache
 from .sockdiag import SockRecord, dump, state_mask
-from .sockflags import Holder, SocketIterators, SockFlags
+from .sockflags import Holder, Iterators, SharedIterators, SockFlags
 
 
 @dataclass(frozen=True, slots=True)
@@ -154,7 +154,7 @@ def network_namespace_inode(path: str) -> tuple[int | None, str]:
 
 def take(port: int | None = None, protocols: Iterable[str] = ("tcp", "udp"),
          states: Iterable[str] | None = None, netns: str | None = None,
-         iterators: SocketIterators | None = None, details: bool = True) -> Inventory:
+         iterators: Iterators | None = None, details: bool = True) -> Inventory:
     """The inventory, optionally only ``port`` (local), ``protocols``,
     ``states`` and one namespace (see :func:`select_namespaces`).
     ``details=False``: sock_diag alone, no flags and no owners (cheaper)."""
@@ -171,7 +171,7 @@ def take(port: int | None = None, protocols: Iterable[str] = ("tcp", "udp"),
             inv.sockets.extend(Socket(rec, None, ()) for rec in records or ())
         return inv
     owned_here = iterators is None
-    its = iterators or SocketIterators()
+    its = iterators or SharedIterators()
     try:
         dumps = [(ref, _dump_one(ref, port, protocols, states, its)) for ref in refs]
         # Who holds each socket is read after the dumps: a socket bound
@@ -201,7 +201,7 @@ def _holders_by_inode(holders: list[Holder]) -> dict[int, list[Holder]]:
 
 
 def _dump_one(ref: NetnsRef, port: int | None, protocols: tuple[str, ...],
-              states: tuple[str, ...] | None, its: SocketIterators,
+              states: tuple[str, ...] | None, its: Iterators,
               ) -> tuple[list[SockRecord], dict[int, SockFlags]] | None:
     """One namespace's sockets (sock_diag) and their flags by cookie (the
     iterators); None when the namespace is gone."""

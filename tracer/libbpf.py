@@ -96,6 +96,7 @@ _SIGNATURES: dict[str, tuple[object, list[object]]] = {
     "bpf_map__fd": (c_int, [c_void_p]),
     "bpf_map__set_max_entries": (c_int, [c_void_p, c_uint32]),
     "bpf_map__max_entries": (c_uint32, [c_void_p]),
+    "bpf_map__type": (c_int, [c_void_p]),
     "bpf_map__key_size": (c_uint32, [c_void_p]),
     "bpf_map__value_size": (c_uint32, [c_void_p]),
     "bpf_map__initial_value": (c_void_p, [c_void_p, POINTER(c_size_t)]),
@@ -177,6 +178,17 @@ def possible_cpus() -> int:
 # ---- libbpf's log: captured, never printed ---------------------------------
 
 _libc = ctypes.CDLL(None, use_errno=True)
+
+
+def trim_heap() -> None:
+    """Give the C heap's free memory back to the system. Opening and loading
+    an object (above all one whose plan the kernel then refuses) frees
+    megabytes of parsed BTF that glibc would otherwise keep for the life of
+    a long-running command. A no-op where the C library has no malloc_trim."""
+    trim = getattr(_libc, "malloc_trim", None)
+    if trim is not None:
+        trim(0)
+
 _libc.vsnprintf.restype = c_int
 _libc.vsnprintf.argtypes = [c_char_p, c_size_t, c_char_p, c_void_p]
 
@@ -335,6 +347,7 @@ def recursion_misses(prog_fd: int, name: str) -> int:
 
 
 BPF_F_QUERY_EFFECTIVE = 1
+BPF_MAP_TYPE_RINGBUF = 27  # include/uapi/linux/bpf.h
 
 
 def attached_programs(target_fd: int, attach_type: int, effective: bool = False,
@@ -458,6 +471,11 @@ class Map(MapOps):
     @property
     def max_entries(self) -> int:
         return lib().bpf_map__max_entries(self.ptr)
+
+    @property
+    def type(self) -> int:
+        """BPF_MAP_TYPE_* (BPF_MAP_TYPE_RINGBUF: sized in bytes, a power of two pages)."""
+        return lib().bpf_map__type(self.ptr)
 
     def set_max_entries(self, n: int) -> None:
         _check_ret(lib().bpf_map__set_max_entries(self.ptr, n), f"resize map {self.name}")

@@ -75,10 +75,10 @@ class OnTheSpot:
         return found
 
     def _iterators_(self):  # type: ignore[no-untyped-def]
-        from .sockflags import SocketIterators
+        from .sockflags import SharedIterators
 
         if self._iterators is None:
-            self._iterators = SocketIterators()
+            self._iterators = SharedIterators()
         return self._iterators
 
     def _explain(self, ev: CallEvent) -> EventExplanation:

@@ -157,10 +157,10 @@ class Snapshotter:
         self._thread.join(timeout)
 
     def _main(self) -> None:
-        from .sockflags import SocketIterators
+        from .sockflags import SharedIterators
 
         try:
-            iterators = SocketIterators()
+            iterators = SharedIterators()
         except (PortscopeError, OSError) as exc:
             self.results.put(exc)
             return

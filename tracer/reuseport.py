@@ -36,7 +36,7 @@ from .layout import PsCounter, PsMemberCount
 from .loader import open_engine
 from .owners import Owner
 from .plans import GROUP_PROGRAMS, Plan
-from .sockflags import SocketIterators
+from .sockflags import SharedIterators
 
 # A counter key no inventory has explained for this many reads belongs to a
 # socket that came and went between two reads, or that is not shown (another
@@ -211,7 +211,7 @@ class GroupWatcher:
         self.started = time.time()
         self._started_mono = time.monotonic()
         try:
-            self._iterators: SocketIterators | None = SocketIterators(
+            self._iterators: SharedIterators | None = SharedIterators(
                 EngineConfig(btf_path=btf_path, closer_entries=1, closer_args_entries=1))
         except BaseException:
             self.engine.close()

@@ -15,6 +15,7 @@ import hashlib
 import os
 import socket
 import struct
+import threading
 from dataclasses import dataclass
 
 from . import libbpf
@@ -139,26 +140,32 @@ class SocketIterators:
         self._obj: libbpf.BpfObject | None = load_programs(config, Plan.TRACEPOINT,
                                                            ITERATOR_PROGRAMS)
         self._links = {p.name: p.attach_iter() for p in self._obj.programs() if p.autoload}
+        libbpf.trim_heap()
         self._port_map = self._obj.map("ps_iter_port")
+        # One walk at a time: the port filter is one map slot for all walks.
+        self._lock = threading.Lock()
 
     def sockets(self, netns_fd: int | None = None, port: int | None = None) -> list[SockFlags]:
         """Every TCP and UDP socket of the namespace (default: our own), or
         only those on local ``port`` (filtered in the kernel: the walk covers
         the host's whole tables, 100,000s of TIME_WAIT sockets on a busy host)."""
-        self._set_port(port)
 
         def walk() -> bytes:
             return (libbpf.run_iterator(self._links["ps_iter_tcp"])
                     + libbpf.run_iterator(self._links["ps_iter_udp"]))
 
-        raw = walk() if netns_fd is None else in_netns(netns_fd, walk)
+        with self._lock:
+            self._set_port(port)
+            raw = walk() if netns_fd is None else in_netns(netns_fd, walk)
         return decode(raw)
 
     def holders(self, port: int | None = None) -> list[Holder]:
         """Every IPv4/IPv6 socket held by a process (or only those on local
         ``port``), with the holder."""
-        self._set_port(port)
-        return decode_holders(libbpf.run_iterator(self._links["ps_iter_task_file"]))
+        with self._lock:
+            self._set_port(port)
+            raw = libbpf.run_iterator(self._links["ps_iter_task_file"])
+        return decode_holders(raw)
 
     def _set_port(self, port: int | None) -> None:
         self._port_map.update(struct.pack("I", 0), struct.pack("H", port or 0))
@@ -176,3 +183,52 @@ class SocketIterators:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+class SharedIterators:
+    """A handle on the process's one :class:`SocketIterators`: the collector's
+    refresh, the on-the-spot explainer, the group watcher and the recorder
+    each open one, and the programs are loaded once, on the first open, and
+    closed with the last handle (an iterator is attached to no hook: idle,
+    it costs nothing but its few maps)."""
+
+    _lock = threading.Lock()
+    _iterators: SocketIterators | None = None
+    _handles = 0
+
+    def __init__(self, config: EngineConfig | None = None) -> None:
+        cls = SharedIterators
+        with cls._lock:
+            if cls._iterators is None:
+                cls._iterators = SocketIterators(config)
+            cls._handles += 1
+            self._its: SocketIterators | None = cls._iterators
+
+    def sockets(self, netns_fd: int | None = None, port: int | None = None) -> list[SockFlags]:
+        assert self._its is not None, "iterators are closed"
+        return self._its.sockets(netns_fd, port)
+
+    def holders(self, port: int | None = None) -> list[Holder]:
+        assert self._its is not None, "iterators are closed"
+        return self._its.holders(port)
+
+    def close(self) -> None:
+        """Safe twice: only the first call gives the handle back."""
+        cls = SharedIterators
+        with cls._lock:
+            if self._its is None:
+                return
+            self._its = None
+            cls._handles -= 1
+            if cls._handles == 0 and cls._iterators is not None:
+                cls._iterators.close()
+                cls._iterators = None
+
+    def __enter__(self) -> "SharedIterators":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+Iterators = SocketIterators | SharedIterators  # what a walk needs: sockets() and holders()

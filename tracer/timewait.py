@@ -177,11 +177,11 @@ def run(args: "argparse.Namespace") -> "ExitStatus":  # noqa: F821
     import json
     import time
 
-    from .engine import EngineConfig
+    from .engine import TIMEWAIT_CLOSERS, EngineConfig
     from .loader import open_engine
     from .errors import ExitStatus
 
-    engine = open_engine(EngineConfig()) if args.watch else None
+    engine = open_engine(EngineConfig(closer_entries=TIMEWAIT_CLOSERS)) if args.watch else None
     try:
         while True:
             closers, collectors = read_pinned()
