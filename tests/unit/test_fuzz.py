@@ -103,8 +103,7 @@ def no_commands(monkeypatch: pytest.MonkeyPatch) -> list[argparse.Namespace]:
             return ExitStatus.OK
         return command
 
-    monkeypatch.setattr(cli, "_command", fake)
-    monkeypatch.setattr(cli, "run_ui", fake("ui"))
+    monkeypatch.setattr(cli, "_command", fake)  # every command, the UI's too
     return ran
 
 
