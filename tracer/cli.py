@@ -85,7 +85,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         args = parser.parse_args(["ui", *(["--debug"] if args.debug else [])])
     if getattr(args, "engine", None) and args.command != "doctor":
         # Every probe the command loads (events, groups) uses that engine.
-        os.environ["PORTSCOPE_ENGINE"] = args.engine
+        from .engine import choose_engine
+
+        choose_engine(args.engine)
     try:
         status = int(_command(args.command)(args))
         sys.stdout.flush()  # a full disk shows here, not in the interpreter's exit

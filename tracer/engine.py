@@ -56,9 +56,24 @@ ENGINE_VARIABLE = "PORTSCOPE_ENGINE"
 ENGINES = ("libbpf", "bcc")
 
 
+_chosen_engine: str | None = None  # the command line's --engine (choose_engine)
+
+
+def choose_engine(name: str | None) -> None:
+    """The engine every probe of this process loads with (the command line's
+    --engine), unless a configuration names its own. None: the default."""
+    global _chosen_engine
+    if name is not None and name not in ENGINES:
+        raise UsageError(f"{name!r} is not an engine: use libbpf or bcc")
+    _chosen_engine = name
+
+
 def default_engine() -> str:
-    """libbpf, unless $PORTSCOPE_ENGINE (or the command line's --engine,
-    which sets it for every probe the command loads) says bcc."""
+    """The command line's --engine, else $PORTSCOPE_ENGINE (how the kernel
+    matrix runs a whole suite under bcc), else libbpf. The choice stays in
+    this process: no child inherits it."""
+    if _chosen_engine is not None:
+        return _chosen_engine
     value = os.environ.get(ENGINE_VARIABLE, "").strip() or "libbpf"
     if value not in ENGINES:
         raise UsageError(f"{ENGINE_VARIABLE}={value!r} is not an engine: use libbpf or bcc")
@@ -173,7 +188,13 @@ class Engine:
         self._ring = libbpf.RingBuffer(loaded.map("ps_events"), self._pending.append)
         self._closers = loaded.map("ps_closers")
         self._closer_args = loaded.map("ps_closer_args")
-        self._closers_pin = closers.publish(self._closers, self._closer_args)
+        self._closers_pin: str | None = None
+
+    def publish_closers(self) -> None:
+        """Pin the closers maps in bpffs (mounting it if need be) for other
+        portscope processes (``portscope timewait``); withdrawn by close()."""
+        if self._closers_pin is None:
+            self._closers_pin = closers.publish(self._closers, self._closer_args)
 
     def poll(self, timeout_ms: int = 100) -> list[bytes]:
         """Raw ps_event records that arrived within ``timeout_ms``."""

@@ -10,6 +10,7 @@ traces opens its engine here, so neither engine module needs the other.
 from __future__ import annotations
 
 from .bcc_engine import open_bcc_engine
+from .elfmaps import NotAnObject, maps_used
 from .engine import Engine, EngineConfig, default_engine, open_libbpf_engine
 from .plans import KernelFacts, kernel_facts
 
@@ -19,5 +20,15 @@ def open_engine(config: EngineConfig, facts: KernelFacts | None = None) -> Engin
     with the engine the configuration (or $PORTSCOPE_ENGINE) names."""
     facts = facts or kernel_facts(config.btf_path, mount_tracefs=True)
     if (config.engine or default_engine()) == "bcc":
-        return open_bcc_engine(config, facts)
-    return open_libbpf_engine(config, facts)
+        engine = open_bcc_engine(config, facts)
+    else:
+        engine = open_libbpf_engine(config, facts)
+    # Only an engine whose programs record closes has closers to share (the
+    # bcc engine may run without the object: then it shares, as it always did).
+    try:
+        records_closes = "ps_closers" in maps_used(config.object_path, config.programs[engine.plan])
+    except NotAnObject:
+        records_closes = True
+    if records_closes:
+        engine.publish_closers()
+    return engine

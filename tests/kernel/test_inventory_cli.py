@@ -138,7 +138,7 @@ def test_a_socket_bound_while_the_inventory_is_taken_keeps_its_owner(netns: Netn
             return out
         return wrapped
 
-    its = inventory.SocketIterators()
+    its = inventory.SharedIterators()
     original_dump = inventory.dump
     its.holders = bind_after(its.holders)  # type: ignore[method-assign]
     inventory.dump = bind_after(original_dump)  # type: ignore[assignment]
