@@ -39,7 +39,7 @@ from .loader import open_engine
 from .onthespot import explainable
 from .runtime import POLL_MS
 from .state import (
-    Explanation,
+    ExplanationView,
     StateModel,
 )
 from .views import (
@@ -181,7 +181,7 @@ class LiveCollector:
             self._skipped += len(skipped)
             self.model.update_health(explain_skipped=self._skipped)
             for seq in skipped:
-                self.model.explain(seq, Explanation(
+                self.model.explain(seq, ExplanationView(
                     error="not explained: too many distinct failures at once"))
 
     # -- explanations

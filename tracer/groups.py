@@ -15,7 +15,7 @@ from .errors import ExitStatus
 from .inventory import select_namespaces
 from .owners import Owner
 from .plans import Plan
-from .reuseport import Group, GroupWatcher, MemberEvent, Snapshot
+from .reuseport import Group, GroupWatcher, MemberEvent, GroupsReading
 from .runtime import StopSignal
 from .text import clock_text, printable
 
@@ -75,7 +75,7 @@ class _Screen:
         self.redraw = redraw  # a terminal in --watch: redraw in place
         self.recent: collections.deque[MemberEvent] = collections.deque(maxlen=RECENT_EVENTS)
 
-    def show(self, snap: Snapshot) -> None:
+    def show(self, snap: GroupsReading) -> None:
         if self.as_json:
             self.out.write(json.dumps(snap.to_json(), separators=(",", ":")) + "\n")
         elif self.redraw:
@@ -96,7 +96,7 @@ MEMBER_COLUMNS = (("OWNERS", 26), ("INODE", 9), ("DELIVERED", 10), ("RATE/s", 9)
                   ("SHARE", 7), ("QUEUE", 0))
 
 
-def render(snap: Snapshot) -> str:
+def render(snap: GroupsReading) -> str:
     """The human form of one snapshot."""
     stamp = clock_text(snap.time, date=False, digits=0)
     lines = [f"{stamp}  {len(snap.groups)} reuseport group(s), {snap.plan} plan"

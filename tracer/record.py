@@ -131,11 +131,11 @@ class Identities:
 
 class Snapshotter:
     """The inventory thread. ``trigger()`` asks for a snapshot soon; results
-    (jr.Snapshot, or an exception to report) arrive on ``results``."""
+    (jr.RecordedSnapshot, or an exception to report) arrive on ``results``."""
 
     def __init__(self, interval: float) -> None:
         self.interval = interval
-        self.results: queue.Queue[jr.Snapshot | BaseException] = queue.Queue()
+        self.results: queue.Queue[jr.RecordedSnapshot | BaseException] = queue.Queue()
         self._cond = threading.Condition()
         self._trigger_at: float | None = None
         self._stopping = False
@@ -208,13 +208,13 @@ class Snapshotter:
                 self._cond.wait(due - now)
 
     @staticmethod
-    def _take(iterators: object, wall: float, reason: str) -> jr.Snapshot:
+    def _take(iterators: object, wall: float, reason: str) -> jr.RecordedSnapshot:
         from .inventory import take
 
         inv = take(states=SNAPSHOT_STATES, iterators=iterators)  # type: ignore[arg-type]
         sockets = [jr.snapshot_socket(s) for s in inv.sockets
                    if s.diag.local_port and not (s.diag.protocol == "udp" and s.diag.remote_port)]
-        return jr.Snapshot(wall, 0.0, reason, sockets, inv.health())
+        return jr.RecordedSnapshot(wall, 0.0, reason, sockets, inv.health())
 
 
 class Recorder:

@@ -40,7 +40,7 @@ from .text import clock_text
 from .state import (
     MAX_CONFLICTS,
     Conflict,
-    Explanation,
+    ExplanationView,
     GroupView,
     MemberView,
     Snapshot,
@@ -266,7 +266,7 @@ class JournalReplay:
             self.model.set_error("journal", f"{self._damaged_conflicts} damaged event(s) in "
                                             f"{self.path} could not be shown ({exc})")
             return Conflict(seq, _damaged_event(self.times[self.failures[seq]]),
-                            Explanation(error=f"damaged in the journal: {exc}"), False)
+                            ExplanationView(error=f"damaged in the journal: {exc}"), False)
 
     def _apply_snapshot(self, i: int) -> None:
         if i < 0:

@@ -152,7 +152,7 @@ class MemberEvent:
 
 
 @dataclass
-class Snapshot:
+class GroupsReading:
     time: float  # wall clock of the read
     interval: float | None  # seconds since the previous read
     plan: str
@@ -258,7 +258,7 @@ class GroupWatcher:
         self._inventory_health = health
         return [s for s in sockets if s.flags is not None and s.flags.group]
 
-    def read(self) -> Snapshot:
+    def read(self) -> GroupsReading:
         """The groups now, with rates since the previous read and the members
         that joined or left since then."""
         assert self.engine is not None, "watcher is closed"
@@ -287,7 +287,7 @@ class GroupWatcher:
         self._members = current
         self._windows = {gid: w for gid, w in self._windows.items() if gid in by_group}
         self._last_mono = mono
-        return Snapshot(now, interval, self.plan.value, groups, events, self.health())
+        return GroupsReading(now, interval, self.plan.value, groups, events, self.health())
 
     def _group(self, gid: int, socks: list[Socket], counts: dict[int, int],
                previous: dict[int, _Seen], interval: float | None, mono: float,

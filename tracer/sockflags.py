@@ -59,7 +59,7 @@ class Holder:
     sock: SockFlags
 
 
-def decode(raw: bytes) -> list[SockFlags]:
+def decode_sockets(raw: bytes) -> list[SockFlags]:
     """Records of the iter/tcp and iter/udp programs."""
     return [_one(PsSockinfo.from_buffer_copy(raw, off)) for off in _offsets(raw, RECORD)]
 
@@ -157,7 +157,7 @@ class SocketIterators:
         with self._lock:
             self._set_port(port)
             raw = walk() if netns_fd is None else in_netns(netns_fd, walk)
-        return decode(raw)
+        return decode_sockets(raw)
 
     def holders(self, port: int | None = None) -> list[Holder]:
         """Every IPv4/IPv6 socket held by a process (or only those on local

@@ -93,7 +93,7 @@ HELD_WHO = {"time_wait": "no process (TIME_WAIT)", "orphan": "no process (closin
 
 
 @dataclass(frozen=True, slots=True)
-class Explanation:
+class ExplanationView:
     """What the explainer said about one failed call."""
 
     blockers: tuple[BlockerView, ...] = ()
@@ -141,7 +141,7 @@ class Conflict:
 
     seq: int
     event: CallEvent
-    explanation: Explanation | None = None
+    explanation: ExplanationView | None = None
     pending: bool = False
 
     @property
@@ -471,7 +471,7 @@ class StateModel:
         self._versions = replace(self._versions, **{section: self._version})
         self._snapshot = None
 
-    def add_conflict(self, event: CallEvent, explanation: Explanation | None = None,
+    def add_conflict(self, event: CallEvent, explanation: ExplanationView | None = None,
                      pending: bool = False) -> int:
         """Record a failed call; returns its sequence number (for
         :meth:`explain`)."""
@@ -482,7 +482,7 @@ class StateModel:
             self._bump("conflicts")
             return seq
 
-    def add_conflicts(self, items: Iterable[tuple[CallEvent, Explanation | None, bool]]) -> list[int]:
+    def add_conflicts(self, items: Iterable[tuple[CallEvent, ExplanationView | None, bool]]) -> list[int]:
         """Several at once, one version (a burst read from the ring buffer)."""
         with self._lock:
             seqs = []
@@ -495,7 +495,7 @@ class StateModel:
                 self._bump("conflicts")
             return seqs
 
-    def explain(self, seq: int, explanation: Explanation | None) -> bool:
+    def explain(self, seq: int, explanation: ExplanationView | None) -> bool:
         """Attach the explainer's answer (None: it will not come); False if
         the conflict already left the window."""
         with self._lock:

@@ -16,7 +16,7 @@ from .state import (
     MAX_GROUP_EVENTS,
     RATE_HISTORY,
     BlockerView,
-    Explanation,
+    ExplanationView,
     GroupEvent,
     GroupView,
     ImbalanceView,
@@ -39,10 +39,10 @@ NOT_FAILURES = frozenset({0, errno_mod.EINPROGRESS})
 # ---- conversions: collector objects and JSON to state-model views -------------
 
 
-def explanation_from_finding(found: EventExplanation) -> Explanation:
+def explanation_from_finding(found: EventExplanation) -> ExplanationView:
     """From the on-the-spot explainer's answer (tracer.onthespot)."""
     reasons = found.reasons
-    return Explanation(
+    return ExplanationView(
         blockers=tuple(BlockerView(b.pids, b.comm, b.state, b.local, b.rule, b.overlap, b.why,
                                    b.closed_by, b.held) for b in found.blockers),
         fixes=found.fix_texts, notes=found.note_texts, error=found.error,
@@ -51,7 +51,7 @@ def explanation_from_finding(found: EventExplanation) -> Explanation:
         data=None if found.error else found.to_json())
 
 
-def explanation_from_json(doc: dict) -> Explanation | None:
+def explanation_from_json(doc: dict) -> ExplanationView | None:
     """The ``blockers`` and ``explanation`` (or, from an old recording,
     ``fixes`` and ``notes``) of one event line; None when the line has none;
     ValueError when they are not what portscope writes (a damaged or forged
@@ -61,18 +61,18 @@ def explanation_from_json(doc: dict) -> Explanation | None:
     if blockers is None and data is None:
         return None
     if isinstance(blockers, dict):
-        return Explanation(error=str(blockers.get("error", "unknown")))
+        return ExplanationView(error=str(blockers.get("error", "unknown")))
     if blockers is not None and not isinstance(blockers, list):
         raise ValueError("'blockers' is neither a list nor an error")
     views = tuple(BlockerView.from_json(b) for b in blockers or ())
     if data is None:
-        return Explanation(views, _texts(doc.get("fixes")), _texts(doc.get("notes")))
+        return ExplanationView(views, _texts(doc.get("fixes")), _texts(doc.get("notes")))
     if not isinstance(data, dict):
         raise ValueError("'explanation' is not an object")
     if "error" in data:
-        return Explanation(error=str(data["error"]))
+        return ExplanationView(error=str(data["error"]))
     reasons, fixes, notes = (_records(data.get(k)) for k in ("reasons", "fixes", "notes"))
-    return Explanation(views, tuple(str(f["text"]) for f in fixes),
+    return ExplanationView(views, tuple(str(f["text"]) for f in fixes),
                        tuple(str(n["text"]) for n in notes),
                        reasons=tuple(str(r["text"]) for r in reasons),
                        rule=str(reasons[0].get("rule", "")) if reasons else "", data=data)
@@ -121,7 +121,7 @@ def sort_rows(rows: list[SocketRow]) -> list[SocketRow]:
 
 class GroupViews:
     """Turns successive reads of the reuseport groups (the JSON form of
-    :meth:`tracer.reuseport.Snapshot.to_json`) into views with a rate history
+    :meth:`tracer.reuseport.GroupsReading.to_json`) into views with a rate history
     and the latest join/leave marks of each group."""
 
     def __init__(self) -> None:

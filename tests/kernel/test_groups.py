@@ -22,7 +22,7 @@ from harness import Netns, ServingActor
 from tracer import libbpf
 from tracer.engine import EngineConfig, verify_plan
 from tracer.errors import PlanUnavailable, Unsupported
-from tracer.reuseport import Group, GroupWatcher, Snapshot
+from tracer.reuseport import Group, GroupWatcher, GroupsReading
 from tracer.plans import BTF_PATH, GROUP_PROGRAMS, Plan
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -71,7 +71,7 @@ def members(ns: Netns, n: int, protocol: str = "tcp", family: str = "ipv4",
     return out
 
 
-def the_group(snap: Snapshot, protocol: str = "tcp") -> Group:
+def the_group(snap: GroupsReading, protocol: str = "tcp") -> Group:
     found = [g for g in snap.groups if g.port == PORT and g.protocol == protocol]
     assert len(found) == 1, f"expected one {protocol} group on {PORT}, got {snap.to_json()}"
     return found[0]
@@ -86,7 +86,7 @@ def by_pid(group: Group) -> dict[int, int]:
     return out
 
 
-def read_until(watcher: GroupWatcher, ready, timeout: float = STEP_TIMEOUT) -> Snapshot:
+def read_until(watcher: GroupWatcher, ready, timeout: float = STEP_TIMEOUT) -> GroupsReading:
     """Read until ``ready(snapshot)`` holds (deliveries are processed by the
     kernel shortly after the client's connect() returns); the last read."""
     deadline = time.monotonic() + timeout
@@ -191,7 +191,7 @@ def test_member_that_stops_accepting_shows_its_queue_growing(netns: Netns,
 
     others = servers[1:]
 
-    def settled(snap: Snapshot) -> bool:
+    def settled(snap: GroupsReading) -> bool:
         group = the_group(snap)
         member = {m.pids[0]: m for m in group.members}
         return (group.delivered == total

@@ -314,7 +314,7 @@ def test_blocked_event_decoder(raw: bytes) -> None:
 @given(st.binary(max_size=sockflags.RECORD * 3 + 5))
 def test_iterator_decoder(raw: bytes) -> None:
     try:
-        records = sockflags.decode(raw)
+        records = sockflags.decode_sockets(raw)
     except ValueError:
         assert len(raw) % sockflags.RECORD
     else:

@@ -31,7 +31,7 @@ from tracer.sockdiag import SockRecord
 from tracer.sockflags import SockFlags
 from tracer.state import (
     BlockerView,
-    Explanation,
+    ExplanationView,
     GroupEvent,
     GroupView,
     MemberView,
@@ -134,7 +134,7 @@ def test_groups_show_hostile_members_safely(name: str) -> None:
                         1.0, balance.imbalance([10, 10], 1.0))
     ev = reuseport.MemberEvent(1764000000.0, "join", 7, 4026531840, "tcp", "ipv4", "0.0.0.0", 8080,
                                99, 5151, sock.owners, 0)
-    snap = reuseport.Snapshot(1764000000.0, 1.0, "tracepoint", [g], [ev], {})
+    snap = reuseport.GroupsReading(1764000000.0, 1.0, "tracepoint", [g], [ev], {})
     text = groups.render(snap) + groups.event_line(ev)
     assert_safe(text, "groups")
     assert "\n" not in groups.event_line(ev)
@@ -179,9 +179,9 @@ def hostile_model(name: str) -> StateModel:
     model = StateModel()
     blockers = (BlockerView((812,), name, "LISTEN", "0.0.0.0:8080", Rule.LISTENER.value, name, name),)
     model.add_conflict(event_from_json({**EVENT, "comm": name}),
-                       Explanation(blockers, (f"stop {name}",), (f"note on {name}",)))
+                       ExplanationView(blockers, (f"stop {name}",), (f"note on {name}",)))
     model.add_conflict(event_from_json({**EVENT, "comm": name, "call": name, "result": name}),
-                       Explanation(error=f"gone: {name}"))
+                       ExplanationView(error=f"gone: {name}"))
     row = SocketRow.build(netns=1, protocol="tcp", family="ipv4", state="LISTEN",
                           local="0.0.0.0:8080", remote="0.0.0.0:0", port=8080, rqueue=0, wqueue=128,
                           timer=None, timer_ms=0, uid=0, inode=5, cookie=9,
@@ -254,7 +254,7 @@ def test_a_blocker_gone_since_is_named_safely(name: str) -> None:
     ev = event_from_json({**EVENT, "comm": name})
     ev = type(ev)(**{**{f: getattr(ev, f) for f in ev.__slots__},
                      "capture": Capture("refusal", 1, True, (held,))})
-    text = detail(Conflict(1, ev, Explanation((view,), rule="conflict"))).plain
+    text = detail(Conflict(1, ev, ExplanationView((view,), rule="conflict"))).plain
     assert_safe(text, "the conflict's detail") and "read in the kernel" in text
     out = io.StringIO()
     with redirect_stdout(out):

@@ -36,7 +36,7 @@ def make_journal(path: Path, events: int = 2000, start: float | None = None, ste
     w.add_events(rows)
     sock = jr.SnapshotSocket(EVENT.netns, "tcp", "ipv4", "LISTEN", "0.0.0.0", 8080, 0, 0, 7, 9,
                              "reuseport", 1, 1, 0, '[{"pid": 4242, "exe": "/usr/sbin/svc"}]')
-    w.add_snapshot(jr.Snapshot(t, 0.01, "periodic", [sock], {}))
+    w.add_snapshot(jr.RecordedSnapshot(t, 0.01, "periodic", [sock], {}))
     w.commit()
     return w
 

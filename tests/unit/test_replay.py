@@ -79,9 +79,9 @@ def build(path: Path) -> Path:
     w = jr.JournalWriter(str(path))
     try:
         w.start_session("tracepoint", 2.0)
-        w.add_snapshot(jr.Snapshot(T0 + 5, 0.01, "periodic", [SVC], {"namespaces": 1}))
+        w.add_snapshot(jr.RecordedSnapshot(T0 + 5, 0.01, "periodic", [SVC], {"namespaces": 1}))
         w.add_events([jr.event_row(w.session, ev, None, spot(b)) for ev, b in EVENTS])
-        w.add_snapshot(jr.Snapshot(T0 + 150, 0.01, "periodic", [SVC, *WORKERS],
+        w.add_snapshot(jr.RecordedSnapshot(T0 + 150, 0.01, "periodic", [SVC, *WORKERS],
                                    {"namespaces": 1}))
         w.commit()
         w.end_session()

@@ -19,7 +19,7 @@ from tracer.views import (
     timewait_to_json,
     timewait_view,
 )
-from tracer.state import BlockerView, Explanation, StateModel, matches
+from tracer.state import BlockerView, ExplanationView, StateModel, matches
 from tui.render import bar, sparkline
 from tui.table import Column, fit, layout
 
@@ -60,7 +60,7 @@ def test_explanations_from_json():
     x = explanation_from_json(listener)
     assert x is not None and x.blockers[0].rule == "listener" and x.fixes
     assert "listening" in x.blockers[0].why
-    assert explanation_from_json({"blockers": {"error": "gone"}}) == Explanation(error="gone")
+    assert explanation_from_json({"blockers": {"error": "gone"}}) == ExplanationView(error="gone")
     assert explanation_from_json({}) is None
 
 
@@ -124,10 +124,10 @@ def test_conflicts_are_a_bounded_window():
     snap = model.snapshot()
     assert len(snap.conflicts) == 10 and snap.conflicts_total == 25
     assert [c.seq for c in snap.conflicts] == seqs[-10:]
-    assert not model.explain(seqs[0], Explanation())  # left the window
-    assert model.explain(seqs[-1], Explanation(error="x"))
+    assert not model.explain(seqs[0], ExplanationView())  # left the window
+    assert model.explain(seqs[-1], ExplanationView(error="x"))
     last = model.snapshot().conflicts[-1]
-    assert last.explanation == Explanation(error="x") and not last.pending
+    assert last.explanation == ExplanationView(error="x") and not last.pending
 
 
 def test_writers_in_threads_and_a_reader():
@@ -169,10 +169,10 @@ def test_blocked_by_summary():
     listener = BlockerView((812,), "nginx", "LISTEN", "0.0.0.0:80", "listener")
     udp = BlockerView((9,), "dns", "CLOSE", "0.0.0.0:53", "no_reuse")
     tw = BlockerView((), None, "TIME_WAIT", "127.0.0.1:80", "time_wait")
-    assert Explanation((listener,)).summary() == "nginx[812] listener"
-    assert Explanation((udp, listener)).summary() == "dns[9] no_reuse (CLOSE) +1"
-    assert Explanation((tw, tw, tw)).summary() == "3 TIME_WAIT (time_wait)"
-    assert Explanation(error="gone").summary() == "? gone"
+    assert ExplanationView((listener,)).summary() == "nginx[812] listener"
+    assert ExplanationView((udp, listener)).summary() == "dns[9] no_reuse (CLOSE) +1"
+    assert ExplanationView((tw, tw, tw)).summary() == "3 TIME_WAIT (time_wait)"
+    assert ExplanationView(error="gone").summary() == "? gone"
 
 
 def test_filter_words_and_exact_ports():

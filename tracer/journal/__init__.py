@@ -39,20 +39,20 @@ database, or a newer schema than this portscope reads.
 
 from .reader import JournalReader
 from .schema import (
-                     APPLICATION_ID,
-                     COLUMNS,
-                     SCHEMA_VERSION,
-                     JournalBusy,
-                     JournalError,
-                     JournalIOError,
-                     Snapshot,
-                     SnapshotSocket,
-                     event_row,
-                     snapshot_socket,
-                     sql_text,
+    APPLICATION_ID,
+    COLUMNS,
+    SCHEMA_VERSION,
+    JournalBusy,
+    JournalError,
+    JournalIOError,
+    RecordedSnapshot,
+    SnapshotSocket,
+    event_row,
+    snapshot_socket,
+    sql_text,
 )
 from .writer import COMMIT_S, JournalWriter, check_target
 
 __all__ = ["APPLICATION_ID", "COLUMNS", "COMMIT_S", "SCHEMA_VERSION", "JournalBusy", "JournalError",
-           "JournalIOError", "JournalReader", "JournalWriter", "Snapshot", "SnapshotSocket",
+           "JournalIOError", "JournalReader", "JournalWriter", "RecordedSnapshot", "SnapshotSocket",
            "check_target", "event_row", "snapshot_socket", "sql_text"]

@@ -227,7 +227,7 @@ class SnapshotSocket:
 
 
 @dataclass
-class Snapshot:
+class RecordedSnapshot:
     time: float
     duration: float
     reason: str

@@ -23,7 +23,7 @@ from .schema import (
     SOCKET_COLUMNS,
     JournalBusy,
     JournalIOError,
-    Snapshot,
+    RecordedSnapshot,
     SnapshotSocket,
     check_file,
     check_integrity,
@@ -206,7 +206,7 @@ class JournalWriter:
             f"INSERT INTO events({', '.join(EVENT_COLUMNS)}) "
             f"VALUES ({', '.join('?' * len(EVENT_COLUMNS))})", rows))
 
-    def add_snapshot(self, snap: Snapshot) -> int:
+    def add_snapshot(self, snap: RecordedSnapshot) -> int:
         self._begin()
 
         def write() -> int:
