@@ -125,9 +125,16 @@ class OnTheSpot:
                                 notes=tuple(n.to_json() for n in notes))
 
     def close(self) -> None:
+        """Give back the shared iterators (safe twice)."""
         if self._iterators is not None:
             self._iterators.close()
             self._iterators = None
+
+    def __enter__(self) -> "OnTheSpot":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
 
 
 def _no_blocker_note(capture: Capture | None):  # type: ignore[no-untyped-def]

@@ -218,7 +218,8 @@ def test_a_blocker_that_lived_around_the_failure_is_still_named(tracer: EventCol
     event = refused_event(tracer, refused)
     assert view_of_kernel(netns, port, "tcp") == set(), "the blocker must be gone by now"
 
-    x = OnTheSpot().explain(event)
+    with OnTheSpot() as spot:
+        x = spot.explain(event)
     assert x is not None and x.error is None
     (b,) = x.blockers
     assert (b.pids, b.state, b.local, b.held, b.rule) == (
@@ -247,7 +248,8 @@ def test_a_blocker_is_named_even_when_its_namespace_is_gone(tracer: EventCollect
         refused = victim.bind(victim.socket("tcp", "ipv6"), "::", port)
         pid = blocker.pid
         event = refused_event(tracer, refused)
-    x = OnTheSpot().explain(event)  # the namespace is deleted by now
+    with OnTheSpot() as spot:
+        x = spot.explain(event)  # the namespace is deleted by now
     assert x is not None and x.error is None, x
     (b,) = x.blockers
     assert (b.pids, b.state, b.local, b.held, b.rule, b.overlap) == (

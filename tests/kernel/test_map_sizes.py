@@ -8,7 +8,9 @@ from __future__ import annotations
 
 import os
 import re
-import socket
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 
@@ -16,7 +18,6 @@ from tracer import elfmaps
 from tracer.engine import DEFAULT_OBJECT, EngineConfig, map_sizes
 from tracer.loader import open_engine
 from tracer.plans import GROUP_PROGRAMS, PLAN_PROGRAMS
-from tracer.sockflags import SharedIterators
 
 
 def kernel_view(fd: int) -> dict[str, int]:
@@ -57,31 +58,45 @@ def test_each_map_sized_as_configured_or_to_nothing(root: None, programs: str) -
         assert seen["ps_group_counts"]["max_entries"] == 65536
 
 
-def test_shared_iterators_load_once_and_close_with_the_last_handle(root: None) -> None:
-    def program_ids() -> set[int]:
-        found = set()
-        for fd in os.listdir("/proc/self/fd"):
-            try:
-                if os.readlink(f"/proc/self/fd/{fd}") == "anon_inode:bpf-prog":
-                    found.add(kernel_view(int(fd)).get("prog_id", -1))
-            except OSError:
-                continue
-        return found
+# Run in a fresh interpreter: in the test session another test's collector
+# may already hold the process's shared iterators, which would hide the load.
+SHARED_SCENARIO = r"""
+import os, re, socket, sys
+from tracer.sockflags import SharedIterators
 
-    before = program_ids()
-    first = SharedIterators()
-    loaded = program_ids() - before
-    second = SharedIterators()
-    assert program_ids() - before == loaded, "a second handle loaded the programs again"
-    assert len(loaded) == 3  # iter/tcp, iter/udp, iter/task_file
-    first.close()
-    first.close()  # safe twice: gives back one handle only
-    with socket.socket() as listener:
-        listener.bind(("127.0.0.1", 0))
-        listener.listen()
-        inode = os.fstat(listener.fileno()).st_ino
-        # the remaining handle still walks, and sees what is there
-        assert inode in {s.inode for s in second.sockets()}
-    assert program_ids() - before >= loaded, "closing one handle closed the shared programs"
-    second.close()
-    assert not (program_ids() & loaded), "the last handle left the programs loaded"
+def program_ids():
+    found = set()
+    for fd in os.listdir("/proc/self/fd"):
+        try:
+            if os.readlink(f"/proc/self/fd/{fd}") == "anon_inode:bpf-prog":
+                text = open(f"/proc/self/fdinfo/{fd}").read()
+                found.add(int(re.search(r"^prog_id:\s+(\d+)", text, re.M).group(1)))
+        except OSError:
+            continue
+    return found
+
+before = program_ids()
+first = SharedIterators()
+loaded = program_ids() - before
+second = SharedIterators()
+assert program_ids() - before == loaded, "a second handle loaded the programs again"
+assert len(loaded) == 3, loaded  # iter/tcp, iter/udp, iter/task_file
+first.close()
+first.close()  # safe twice: gives back one handle only
+with socket.socket() as listener:
+    listener.bind(("127.0.0.1", 0))
+    listener.listen()
+    inode = os.fstat(listener.fileno()).st_ino
+    # the remaining handle still walks, and sees what is there
+    assert inode in {s.inode for s in second.sockets()}, "the remaining handle does not walk"
+assert program_ids() - before >= loaded, "closing one handle closed the shared programs"
+second.close()
+assert not (program_ids() & loaded), "the last handle left the programs loaded"
+print("ok")
+"""
+
+
+def test_shared_iterators_load_once_and_close_with_the_last_handle(root: None) -> None:
+    result = subprocess.run([sys.executable, "-c", SHARED_SCENARIO], capture_output=True, text=True,
+                            timeout=120, cwd=Path(__file__).resolve().parents[2])
+    assert result.returncode == 0 and result.stdout.strip() == "ok", result.stderr
