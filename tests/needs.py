@@ -8,10 +8,25 @@ from __future__ import annotations
 
 import os
 import shutil
+from pathlib import Path
 
 import pytest
 
 IN_CI = os.environ.get("CI", "").lower() in ("1", "true", "yes")
+
+
+def _emulated() -> bool:
+    """Booted by scripts/vm-run (virtme-ng, software emulation: ~50x slower)."""
+    try:
+        return "virtme" in Path("/proc/cmdline").read_text()
+    except OSError:
+        return False
+
+
+# How much longer anything takes here than on the machine itself. Waits for
+# something that must happen are multiplied by it; a wait only lasts that long
+# when the thing never comes, so the claims stay as strict.
+SLOWDOWN = 50.0 if _emulated() else 1.0
 
 
 def missing(reason: str) -> None:

@@ -13,40 +13,36 @@ from typing import Callable
 
 import pytest
 
-from tests.needs import need_tool
+from tests.needs import SLOWDOWN, need_tool
 
 ROOT = Path(__file__).resolve().parents[2]
 
-
-def _emulated() -> bool:
-    """Booted by scripts/vm-run (virtme-ng, software emulation: ~50x slower)."""
-    try:
-        return "virtme" in Path("/proc/cmdline").read_text()
-    except OSError:
-        return False
-
-
-SLOWDOWN = 50.0 if _emulated() else 1.0
 DEADLINE_S = 2.0 * SLOWDOWN  # from the kernel event to the screen: the promise
 START_S = 60.0 * SLOWDOWN  # the app itself: probes loaded, first inventory read
 
 
 class Terminal:
-    """A tmux session running one command at 80x24 (or the size given)."""
+    """A tmux session running one command at 80x24 (or the size given).
+
+    Each terminal has its own tmux server (its own socket, no user config):
+    with one shared server, a new session started while the previous test's
+    last session was closing met a server on its way out ("server exited
+    unexpectedly")."""
 
     def __init__(self, command: str, width: int = 80, height: int = 24) -> None:
-        self.tmux = need_tool("tmux")
         self.name = f"portscope-e2e-{os.getpid()}-{time.monotonic_ns()}"
-        subprocess.run([self.tmux, "new-session", "-d", "-s", self.name, "-x", str(width),
+        self.tmux = need_tool("tmux")
+        self._server = [self.tmux, "-L", self.name, "-f", "/dev/null"]
+        subprocess.run([*self._server, "new-session", "-d", "-s", self.name, "-x", str(width),
                         "-y", str(height), command], check=True, cwd=ROOT)
 
     def screen(self) -> str:
-        out = subprocess.run([self.tmux, "capture-pane", "-p", "-t", self.name],
+        out = subprocess.run([*self._server, "capture-pane", "-p", "-t", self.name],
                              capture_output=True, text=True)
         return out.stdout
 
     def keys(self, *keys: str) -> None:
-        subprocess.run([self.tmux, "send-keys", "-t", self.name, *keys], check=True)
+        subprocess.run([*self._server, "send-keys", "-t", self.name, *keys], check=True)
 
     def wait_for(self, ready: Callable[[str], bool], timeout: float) -> tuple[float, str]:
         """Seconds until ``ready(screen)``; fails with the last screen."""
@@ -60,19 +56,19 @@ class Terminal:
             time.sleep(0.05)
 
     def close(self) -> None:
-        subprocess.run([self.tmux, "send-keys", "-t", self.name, "q"], capture_output=True)
+        subprocess.run([*self._server, "send-keys", "-t", self.name, "q"], capture_output=True)
         deadline = time.monotonic() + 10
         while time.monotonic() < deadline and subprocess.run(
-                [self.tmux, "has-session", "-t", self.name], capture_output=True).returncode == 0:
+                [*self._server, "has-session", "-t", self.name], capture_output=True).returncode == 0:
             time.sleep(0.1)
-        subprocess.run([self.tmux, "kill-session", "-t", self.name], capture_output=True)
+        subprocess.run([*self._server, "kill-session", "-t", self.name], capture_output=True)
 
     def state(self, what: str) -> str:
         """A pane variable: pane_title, alternate_on, mouse_any_flag, pane_pid, ..."""
-        out = subprocess.run([self.tmux, "display-message", "-p", "-t", self.name,
+        out = subprocess.run([*self._server, "display-message", "-p", "-t", self.name,
                               f"#{{{what}}}"], capture_output=True, text=True)
         return out.stdout.strip()
 
     def alive(self) -> bool:
-        return subprocess.run([self.tmux, "has-session", "-t", self.name],
+        return subprocess.run([*self._server, "has-session", "-t", self.name],
                               capture_output=True).returncode == 0

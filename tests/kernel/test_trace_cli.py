@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.needs import need_root, need_tool
+from tests.needs import SLOWDOWN, need_root, need_tool
 
 REPO = Path(__file__).resolve().parents[2]
 pytestmark = pytest.mark.kernel
@@ -46,7 +46,7 @@ class Tracer:
         )
         self.stderr_lines: list[str] = []
         self._pending = b""
-        self._wait_stderr("tracing with", timeout=10)
+        self._wait_stderr("tracing with", timeout=10 * SLOWDOWN)
 
     def _wait_stderr(self, needle: str, timeout: float) -> None:
         deadline = time.monotonic() + timeout
@@ -60,8 +60,11 @@ class Tracer:
         self.proc.kill()
         raise AssertionError(f"tracer never said {needle!r}: {''.join(self.stderr_lines)}")
 
-    def lines(self, count: int, timeout: float = 5) -> list[str]:
+    def lines(self, count: int, timeout: float = 5 * SLOWDOWN) -> list[str]:
         """The next ``count`` stdout lines (fewer if the timeout passes).
+
+        Under emulation a refused bind's line can come seconds late: the
+        first explained failure loads the socket iterators.
 
         Reads the raw pipe: a buffered reader would hide buffered lines
         from select()."""
