@@ -56,10 +56,14 @@ class Terminal:
             time.sleep(0.05)
 
     def close(self) -> None:
+        """Ask portscope to quit (q), give it 10 s to leave, then end the session.
+
+        The commands end in a shell's ``sleep``, so the session outlives the
+        program: waiting for the session itself would always take 10 s."""
         subprocess.run([*self._server, "send-keys", "-t", self.name, "q"], capture_output=True)
         deadline = time.monotonic() + 10
-        while time.monotonic() < deadline and subprocess.run(
-                [*self._server, "has-session", "-t", self.name], capture_output=True).returncode == 0:
+        while time.monotonic() < deadline and self.alive() and \
+                self.state("pane_current_command").startswith("python"):
             time.sleep(0.1)
         subprocess.run([*self._server, "kill-session", "-t", self.name], capture_output=True)
 
