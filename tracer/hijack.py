@@ -86,9 +86,10 @@ def row_evidence(row: Row, snap: Snap | None) -> dict[str, Any]:
         "type": "snapshot", "snapshot": snap.id if snap else row.first,
         "time": snap.time if snap else None, "protocol": row.protocol, "state": row.state,
         "local": row.local, "options": sorted(row.options) if row.options is not None else None,
-        "group": row.group, "group_size": row.group_size, "bpf": row.bpf, "uid": row.uid,
+        "group": row.group, "group_size": row.group_size, "bpf": bool(row.group_bpf), "uid": row.uid,
         "inode": row.inode,
-        "owners": [{k: o.get(k) for k in ("pid", "comm", "exe", "uid", "cgroup")} for o in row.owners],
+        "owners": [{"pid": o.pid, "comm": o.comm, "exe": o.exe, "uid": o.uid, "cgroup": o.cgroup}
+                   for o in row.owners],
     }
 
 
@@ -202,7 +203,7 @@ def find_foreign_members(h: History) -> list[Finding]:
             continue  # it founded the group
         exe, cgroup = h.ev_identity(ev)
         if exe is None and mine is not None:
-            mine_ids = [(o["exe"], o.get("cgroup")) for o in mine.owners if o["pid"] == ev.pid and o.get("exe")]
+            mine_ids = [(o.exe, o.cgroup) for o in mine.owners if o.pid == ev.pid and o.exe]
             exe, cgroup = mine_ids[0] if mine_ids else (None, None)
         known = frozenset().union(*(r.identities for r, _ in members))
         if exe is None or not known or (exe, cgroup) in known:
@@ -455,7 +456,7 @@ def find_bpf_attached(h: History) -> list[Finding]:
     """A reuseport group that had no BPF program in one snapshot and has one in the next."""
     out: dict[tuple[int, str, int, int], Finding] = {}
     for row in h.rows:
-        if not row.group or not row.bpf:
+        if not row.group or not row.group_bpf:
             continue
         snap = h.snap_by_id.get(row.first)
         prev = h.prev_of(row.first)
@@ -463,7 +464,7 @@ def find_bpf_attached(h: History) -> list[Finding]:
             continue
         members = [r for r in h.alive(snap.id, row.netns, row.protocol, row.port) if r.group == row.group]
         before = [r for m in members for r in [h.row_at(m.netns, m.inode, prev.id)] if r is not None]
-        if not before or any(r.bpf for r in before) or not any(r.group for r in before):
+        if not before or any(r.group_bpf for r in before) or not any(r.group for r in before):
             continue
         key = (row.netns, row.protocol, row.port, row.group)
         if key in out:

@@ -6,13 +6,13 @@ left out and counted like the reader's own damaged rows)."""
 from __future__ import annotations
 
 import bisect
-import ipaddress
 from dataclasses import dataclass
 from typing import Any
 
 from .bindrules import LISTEN, Sock
 from .events import format_addr
 from .journal import JournalReader
+from .records import SocketRecord, address_of_family
 from .text import clock_text
 
 CONTEXT_S = 300.0  # read this far before --since: the rules need what came before
@@ -30,49 +30,19 @@ class Snap:
     end: float  # and ended: what it saw existed somewhere in [time, end]
 
 
-@dataclass(eq=False)
-class Row:
-    """A socket state seen by the snapshots first..last (inclusive)."""
+@dataclass(frozen=True, eq=False)
+class Row(SocketRecord):
+    """A socket state (a SocketRecord) seen by the snapshots first..last
+    (inclusive). Rows are told apart by identity: the same state can be
+    seen in two sessions, and each is its own row."""
 
-    id: int
-    session: int
-    first: int
-    last: int
-    netns: int
-    protocol: str
-    family: str
-    state: str
-    addr: str
-    port: int
-    dev: int
-    uid: int
-    inode: int
-    options: frozenset[str] | None
-    group: int | None
-    group_size: int | None
-    bpf: bool
-    owners: list[dict[str, Any]]
+    id: int = 0
+    session: int = 0
+    first: int = 0
+    last: int = 0
 
-    @property
-    def pids(self) -> list[int]:
-        return sorted({o["pid"] for o in self.owners})
-
-    @property
-    def exes(self) -> frozenset[str]:
-        return frozenset(o["exe"] for o in self.owners if o.get("exe"))
-
-    @property
-    def identities(self) -> frozenset[tuple[str, str | None]]:
-        return frozenset((o["exe"], o.get("cgroup")) for o in self.owners if o.get("exe"))
-
-    @property
-    def local(self) -> str:
-        return format_addr(self.family, self.addr, self.port)
-
-    def sock(self) -> Sock:
-        opts = self.options or frozenset()
-        return Sock(self.protocol, self.family, self.addr, self.port, self.state,
-                    "reuseaddr" in opts, "reuseport" in opts, "v6only" in opts, self.dev, self.uid)
+    __eq__ = object.__eq__
+    __hash__ = object.__hash__
 
 
 @dataclass(eq=False)
@@ -182,8 +152,8 @@ class History:
         for row in self.rows:
             t = self.snap_by_id[row.first].time if row.first in self.snap_by_id else 0.0
             for o in row.owners:
-                if o.get("exe"):
-                    self._pid_seen.setdefault(o["pid"], []).append((t, o["exe"], o.get("cgroup"), o.get("uid")))
+                if o.exe:
+                    self._pid_seen.setdefault(o.pid, []).append((t, o.exe, o.cgroup, o.uid))
 
     # -- snapshots
 
@@ -245,35 +215,8 @@ class History:
         return exe, cgroup
 
 
-OWNER_TEXT = ("comm", "exe", "cmdline", "user", "cgroup", "unit", "container", "pod")
-
-
-def _address(family: str, addr: str) -> bool:
-    """An address the rules can compare: of its family, as the kernel writes it."""
-    try:
-        ip = ipaddress.ip_address(addr)
-    except ValueError:
-        return False
-    return family == ("ipv6" if ip.version == 6 else "ipv4")
-
-
 def _port(value: int) -> bool:
     return 0 <= value <= 0xFFFF
-
-
-def _owner_list(owners: list[Any]) -> list[dict[str, Any]] | None:
-    """Owners as recorded (a list of {pid, comm, exe, ...}), or None when
-    an entry is not one."""
-    out = []
-    for o in owners:
-        if not isinstance(o, dict) or type(o.get("pid")) is not int:
-            return None
-        if any(o.get(k) is not None and not isinstance(o.get(k), str) for k in OWNER_TEXT):
-            return None
-        if o.get("uid") is not None and type(o.get("uid")) is not int:
-            return None
-        out.append(o)
-    return out
 
 
 def _blockers(value: Any) -> Any:
@@ -294,16 +237,10 @@ def _blockers(value: Any) -> Any:
 
 def _row(r: dict[str, Any], last: int) -> Row | None:
     """A snapshot_sockets row for the rules, or None when it is damaged."""
-    if r["protocol"] not in ("tcp", "udp"):
+    fields = SocketRecord.row_fields(r)
+    if fields is None:
         return None
-    owners = _owner_list(r["owners"])
-    if owners is None or not _address(r["family"], r["addr"]) or not _port(r["port"]):
-        return None
-    return Row(
-        r["id"], r["session"], r["first_snapshot"], last, r["netns"], r["protocol"],
-        r["family"], r["state"], r["addr"], r["port"], r["bound_dev_if"], r["uid"], r["inode"],
-        None if r["options"] is None else frozenset(filter(None, r["options"].split(","))),
-        r["group_id"], r["group_size"], bool(r["group_bpf"]), owners)
+    return Row(**fields, id=r["id"], session=r["session"], first=r["first_snapshot"], last=last)
 
 
 EVENT_CALLS = frozenset({"bind", "listen", "connect", "get_port", "listen_close"})
@@ -313,9 +250,9 @@ def _event(r: dict[str, Any]) -> Ev | None:
     """An events row for the rules, or None when it is damaged."""
     if r["call"] not in EVENT_CALLS or r["protocol"] not in ("tcp", "udp"):
         return None
-    if not (_address(r["family"], r["bound_addr"]) and _port(r["port"]) and _port(r["bound_port"])):
+    if not (address_of_family(r["family"], r["bound_addr"]) and _port(r["port"]) and _port(r["bound_port"])):
         return None
-    if r["addr_family"] in ("ipv4", "ipv6") and not _address(r["addr_family"], r["addr"]):
+    if r["addr_family"] in ("ipv4", "ipv6") and not address_of_family(r["addr_family"], r["addr"]):
         return None
     try:
         blockers = _blockers(r["blockers"])

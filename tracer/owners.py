@@ -13,34 +13,9 @@ from dataclasses import dataclass, field
 import psutil
 
 from .cgroups import cgroup_of, identity_from_cgroup
+from .records import Owner
 
-@dataclass(frozen=True, slots=True)
-class Owner:
-    pid: int
-    comm: str
-    exe: str | None = None
-    cmdline: str | None = None
-    user: str | None = None
-    uid: int | None = None
-    cgroup: str | None = None
-    unit: str | None = None  # systemd unit, when the cgroup path names one
-    container: str | None = None  # container id (12 chars), when it does
-    pod: str | None = None  # Kubernetes pod uid
-    readable: bool = True  # False: the process vanished or could not be read
-    problem: str | None = None  # why not: "gone", "permission denied", ...
-
-    def label(self) -> str:
-        where = self.container and f"container {self.container}" or self.unit
-        return f"{self.comm}[{self.pid}]" + (f" ({where})" if where else "")
-
-    def to_json(self) -> dict[str, object]:
-        return {
-            "pid": self.pid, "comm": self.comm, "exe": self.exe, "cmdline": self.cmdline,
-            "user": self.user, "uid": self.uid, "cgroup": self.cgroup, "unit": self.unit,
-            "container": self.container, "pod": self.pod, "readable": self.readable,
-            "problem": self.problem,
-        }
-
+__all__ = ["Owner", "OwnerCache"]
 
 @dataclass
 class OwnerCache:

@@ -36,7 +36,7 @@ from .loader import open_engine
 from .errors import ExitStatus, OutputFailed, PortscopeError
 from .events import CallEvent, Clock, decode
 from .onthespot import OnTheSpot, explainable
-from .records import EventExplanation
+from .records import EventExplanation, SocketRecord
 from .cgroups import CgroupIdentities
 from .owners import Owner, OwnerCache
 from .plans import Plan
@@ -212,7 +212,7 @@ class Snapshotter:
         from .inventory import take
 
         inv = take(states=SNAPSHOT_STATES, iterators=iterators)  # type: ignore[arg-type]
-        sockets = [jr.snapshot_socket(s) for s in inv.sockets
+        sockets = [SocketRecord.of(s) for s in inv.sockets
                    if s.diag.local_port and not (s.diag.protocol == "udp" and s.diag.remote_port)]
         return jr.RecordedSnapshot(wall, 0.0, reason, sockets, inv.health())
 

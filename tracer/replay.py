@@ -35,6 +35,7 @@ from .events import CallEvent, Options, event_from_json, format_addr
 from .errors import ExitStatus, UsageError
 from .arguments import Invalid, point_in_time
 from .journal import JournalReader
+from .records import SocketRecord
 from .runtime import run_screen
 from .text import clock_text
 from .state import (
@@ -46,7 +47,6 @@ from .state import (
     Snapshot,
     SocketRow,
     StateModel,
-    owner_label,
 )
 
 # The health counts a snapshot carries (of its inventory), shown as they are.
@@ -289,50 +289,44 @@ class JournalReplay:
 
     def _read_snapshot(self, sid: int, session: int) -> tuple[tuple[SocketRow, ...],
                                                               tuple[GroupView, ...]]:
-        rows = self.reader.sockets_in(sid, session)
+        records = []
+        for r in self.reader.sockets_in(sid, session):
+            rec = SocketRecord.from_row(r)
+            if rec is None:  # damaged beyond use: left out, and counted
+                self.reader.damaged["snapshot_sockets"] = \
+                    self.reader.damaged.get("snapshot_sockets", 0) + 1
+                continue
+            records.append(rec)
         if self.reader.damaged.get("snapshot_sockets"):
             self.model.set_error("journal", self.reader.damage_note())
         sockets = []
-        groups: dict[tuple[int, str, str, int], list[Any]] = {}
-        for r in rows:
-            owners = [o for o in r["owners"] if isinstance(o, dict)]
-            family, protocol = r["family"], r["protocol"]
-            local = format_addr(family, r["addr"], r["port"])
-            wildcard = "::" if family == "ipv6" else "0.0.0.0"
-            options = None if r["options"] is None else [o for o in r["options"].split(",") if o]
+        groups: dict[tuple[int, str, str, int], list[tuple[SocketRow, SocketRecord]]] = {}
+        for rec in records:
+            wildcard = "::" if rec.family == "ipv6" else "0.0.0.0"
             row = SocketRow.build(
-                netns=r["netns"], protocol=protocol, family=family, state=r["state"],
-                local=local, remote=format_addr(family, wildcard, 0), port=r["port"], rqueue=0,
-                wqueue=0, timer=None, timer_ms=0, uid=r["uid"], inode=r["inode"],
-                cookie=r["cookie"], options=options, group=r["group_id"] or 0,
-                group_size=r["group_size"] or 0, group_bpf=bool(r["group_bpf"]),
-                owners=[(_int(o.get("pid")), owner_label(o), _text(o.get("user")))
-                        for o in owners])
+                netns=rec.netns, protocol=rec.protocol, family=rec.family, state=rec.state,
+                local=rec.local, remote=format_addr(rec.family, wildcard, 0), port=rec.port,
+                rqueue=0, wqueue=0, timer=None, timer_ms=0, uid=rec.uid, inode=rec.inode,
+                cookie=rec.cookie, options=rec.options, group=rec.group or 0,
+                group_size=rec.group_size or 0, group_bpf=bool(rec.group_bpf),
+                owners=[(o.pid, o.label(), o.user) for o in rec.owners])
             sockets.append(row)
-            if r["group_id"]:
-                key = (r["netns"], protocol, family, r["group_id"])
-                groups.setdefault(key, []).append((row, r))
+            if rec.group:
+                groups.setdefault((rec.netns, rec.protocol, rec.family, rec.group), []).append(
+                    (row, rec))
         views = []
         for (netns, protocol, family, gid), members in groups.items():
             first_row, first = members[0]
             views.append(GroupView(
                 key=f"{netns}/{protocol}/{gid}", netns=netns, proto=first_row.proto,
                 local=first_row.local, port=first_row.port,
-                size=max(r["group_size"] or 0 for _, r in members),
-                bpf=any(r["group_bpf"] for _, r in members),
+                size=max(r.group_size or 0 for _, r in members),
+                bpf=any(r.group_bpf for _, r in members),
                 members=tuple(MemberView(row.cookie, row.inode, row.owners, row.state, 0, None,
                                          None, 0, None) for row, _ in members),
                 rate=None, history=(), events=(), imbalance=None))
         views.sort(key=lambda g: (g.port, g.proto, g.local, g.key))
         return tuple(sort_rows(sockets)), tuple(views)
-
-
-def _int(value: object) -> int:
-    return value if type(value) is int else 0
-
-
-def _text(value: object) -> str | None:
-    return value if isinstance(value, str) else None
 
 
 def _damaged_event(t: float) -> CallEvent:

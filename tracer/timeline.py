@@ -48,10 +48,10 @@ def _row_changes(h: History, rows: list[Row]) -> list[dict[str, Any]]:
     calls = {e.call for e in events if e.ok}
 
     def entry(row: Row, snap: Snap | None, what: str, detail: str) -> dict[str, Any]:
-        owner = row.owners[0] if row.owners else {}
+        owner = row.owners[0] if row.owners else None
         return {"time": snap.time if snap else 0.0, "netns": row.netns, "protocol": row.protocol,
                 "port": row.port, "what": what, "call": None, "result": None, "local": row.local,
-                "pids": row.pids, "comm": owner.get("comm"), "exe": owner.get("exe"),
+                "pids": row.pids, "comm": owner and owner.comm, "exe": owner and owner.exe,
                 "uid": row.uid, "options": sorted(row.options or ()), "inode": row.inode,
                 "count": 1, "detail": detail, "state": row.state}
 
@@ -66,7 +66,7 @@ def _row_changes(h: History, rows: list[Row]) -> list[dict[str, Any]]:
         snap = h.snap_by_id.get(b.first)
         if a.pids != b.pids:
             out.append(entry(b, snap, "owners", f"held by {b.pids} instead of {a.pids}"))
-        if b.bpf and not a.bpf:
+        if b.group_bpf and not a.group_bpf:
             out.append(entry(b, snap, "bpf", "a reuseport BPF program now steers its group"))
         if a.group_size != b.group_size and b.group:
             out.append(entry(b, snap, "group", f"its reuseport group has {b.group_size} member(s) "

@@ -18,6 +18,7 @@ from tracer import arguments, cli
 from tracer import journal as jr
 from tracer.errors import ExitStatus
 from tracer.events import CallEvent, Options
+from tracer.records import Owner, SocketRecord
 
 EVENT = CallEvent(
     time=0.0, call="bind", pid=4242, tid=4242, uid=0, sock_uid=0, comm="svc", cgroup_id=1,
@@ -34,8 +35,9 @@ def make_journal(path: Path, events: int = 2000, start: float | None = None, ste
     rows = [jr.event_row(w.session, dataclasses.replace(EVENT, time=t + i * step, inode=1000 + i),
                          None, None) for i in range(events)]
     w.add_events(rows)
-    sock = jr.SnapshotSocket(EVENT.netns, "tcp", "ipv4", "LISTEN", "0.0.0.0", 8080, 0, 0, 7, 9,
-                             "reuseport", 1, 1, 0, '[{"pid": 4242, "exe": "/usr/sbin/svc"}]')
+    sock = SocketRecord(EVENT.netns, "tcp", "ipv4", "LISTEN", "0.0.0.0", 8080, 0, 0, 7, 9,
+                        frozenset({"reuseport"}), 1, 1, False,
+                        (Owner(4242, "svc", exe="/usr/sbin/svc"),))
     w.add_snapshot(jr.RecordedSnapshot(t, 0.01, "periodic", [sock], {}))
     w.commit()
     return w

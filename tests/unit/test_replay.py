@@ -19,7 +19,7 @@ from rich.console import Console
 from textual.widgets import Input, Static
 
 from tracer import cli
-from tracer.records import BlockerSummary, EventExplanation
+from tracer.records import BlockerSummary, EventExplanation, Owner, SocketRecord
 from tracer import journal as jr
 from tracer.errors import ExitStatus, UsageError
 from tracer.events import CallEvent, Options
@@ -53,14 +53,14 @@ EVENTS = [
 ]
 
 
-def owners(pid: int, comm: str) -> str:
-    return f'[{{"pid":{pid},"comm":"{comm}","exe":"/usr/bin/{comm}","uid":0,"user":"root"}}]'
+def owners(pid: int, comm: str) -> tuple[Owner, ...]:
+    return (Owner(pid, comm, f"/usr/bin/{comm}", uid=0, user="root"),)
 
 
-SVC = jr.SnapshotSocket(NETNS, "tcp", "ipv4", "LISTEN", "0.0.0.0", 8080, 0, 0, 7, 70, "", None,
-                        None, None, owners(100, "svc"))
-WORKERS = [jr.SnapshotSocket(NETNS, "tcp", "ipv4", "LISTEN", "0.0.0.0", 9090, 0, 0, 11 + i,
-                             110 + i, "reuseport", 5, 2, 0, owners(500 + i, "worker"))
+SVC = SocketRecord(NETNS, "tcp", "ipv4", "LISTEN", "0.0.0.0", 8080, 0, 0, 7, 70, frozenset(),
+                   None, None, None, owners(100, "svc"))
+WORKERS = [SocketRecord(NETNS, "tcp", "ipv4", "LISTEN", "0.0.0.0", 9090, 0, 0, 11 + i,
+                        110 + i, frozenset({"reuseport"}), 5, 2, False, owners(500 + i, "worker"))
            for i in range(2)]
 
 

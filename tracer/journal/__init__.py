@@ -46,13 +46,11 @@ from .schema import (
     JournalError,
     JournalIOError,
     RecordedSnapshot,
-    SnapshotSocket,
     event_row,
-    snapshot_socket,
     sql_text,
 )
 from .writer import COMMIT_S, JournalWriter, check_target
 
 __all__ = ["APPLICATION_ID", "COLUMNS", "COMMIT_S", "SCHEMA_VERSION", "JournalBusy", "JournalError",
-           "JournalIOError", "JournalReader", "JournalWriter", "RecordedSnapshot", "SnapshotSocket",
-           "check_target", "event_row", "snapshot_socket", "sql_text"]
+           "JournalIOError", "JournalReader", "JournalWriter", "RecordedSnapshot",
+           "check_target", "event_row", "sql_text"]

@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from typing import Any, Sequence
 
 from ..errors import ExitStatus, PermissionDenied, PortscopeError, UsageError
+from ..records import SocketRecord
 from ..text import system_text
 
 SCHEMA_VERSION = 2
@@ -71,11 +72,6 @@ EVENT_COLUMNS = (
     "cgroup_id", "netns", "family", "protocol", "addr_family", "addr", "port", "bound_addr",
     "bound_port", "options", "bound_dev_if", "inode", "plan", "addr_unreadable", "get_port",
     "exe", "cgroup", "cmdline", "owner_uid", "blockers", "explanation", "json",
-)
-
-SOCKET_COLUMNS = (
-    "netns", "protocol", "family", "state", "addr", "port", "bound_dev_if", "uid", "inode",
-    "cookie", "options", "group_id", "group_size", "group_bpf", "owners",
 )
 
 SCHEMA = """
@@ -202,44 +198,17 @@ JSON_COLUMNS = {("events", "json"): dict, ("events", "blockers"): (list, dict),
 # ---- what the recorder hands to the writer ------------------------------------
 
 
-@dataclass(frozen=True)
-class SnapshotSocket:
-    """One socket as a snapshot keeps it (hashable: equal rows are one state)."""
-
-    netns: int
-    protocol: str
-    family: str
-    state: str
-    addr: str
-    port: int
-    bound_dev_if: int
-    uid: int
-    inode: int
-    cookie: int
-    options: str | None
-    group_id: int | None
-    group_size: int | None
-    group_bpf: int | None
-    owners: str  # JSON
-
-    def values(self) -> tuple[Any, ...]:
-        return tuple(getattr(self, c) for c in SOCKET_COLUMNS)
-
-
 @dataclass
 class RecordedSnapshot:
     time: float
     duration: float
     reason: str
-    sockets: list[SnapshotSocket]
+    sockets: list[SocketRecord]
     health: dict[str, int]
 
 
 # Built once: json.dumps() with separators builds a new encoder on every call.
 _dumps = json.JSONEncoder(separators=(",", ":")).encode
-
-OWNER_KEYS = ("pid", "comm", "exe", "cmdline", "uid", "user", "cgroup", "unit", "container")
-
 
 def sql_text(value: str | None) -> str | bytes | None:
     """A text value as SQLite can store it exactly. Text read from the host
@@ -253,23 +222,6 @@ def sql_text(value: str | None) -> str | bytes | None:
     except UnicodeEncodeError:
         return value.encode("utf-8", "surrogateescape")
     return value
-
-
-def snapshot_socket(sock: Any) -> SnapshotSocket:
-    """From an inventory.Socket."""
-    d, f = sock.diag, sock.flags
-    owners = [{k: getattr(o, k) for k in OWNER_KEYS} for o in sorted(sock.owners, key=lambda o: o.pid)]
-    grouped = bool(f and f.group)
-    return SnapshotSocket(
-        netns=d.netns, protocol=d.protocol, family=d.family, state=d.state,
-        addr=d.local_addr, port=d.local_port, bound_dev_if=d.bound_dev_if, uid=d.uid,
-        inode=d.inode, cookie=d.cookie,
-        options=",".join(sorted(f.options)) if f else None,
-        group_id=f.group if grouped else None,
-        group_size=f.group_size if grouped else None,
-        group_bpf=int(f.group_bpf_prog) if grouped else None,
-        owners=json.dumps(owners, separators=(",", ":")),
-    )
 
 
 def event_row(session: int, ev: Any, owner: Any, explained: Any) -> tuple[Any, ...]:

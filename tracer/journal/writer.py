@@ -13,6 +13,7 @@ import threading
 import time
 from typing import Any, Sequence
 
+from ..records import SOCKET_COLUMNS, SocketRecord
 from .schema import (
     ADDED,
     APPLICATION_ID,
@@ -20,11 +21,9 @@ from .schema import (
     EVENT_COLUMNS,
     SCHEMA,
     SCHEMA_VERSION,
-    SOCKET_COLUMNS,
     JournalBusy,
     JournalIOError,
     RecordedSnapshot,
-    SnapshotSocket,
     check_file,
     check_integrity,
     check_schema,
@@ -32,6 +31,9 @@ from .schema import (
     describe_error,
     open_read_only,
 )
+
+# Built once: json.dumps() with separators builds a new encoder on every call.
+_DUMPS = json.JSONEncoder(separators=(",", ":")).encode
 
 COMMIT_S = 0.25  # the writer commits at least this often (a crash loses at most this, plus polling)
 CHECKPOINT_S = 1.0  # the WAL is copied into the file this often (by its own thread)
@@ -76,7 +78,7 @@ class JournalWriter:
         self.session = 0
         self._lock_fd = -1
         self._conn: sqlite3.Connection | None = None
-        self._open_rows: dict[SnapshotSocket, int] = {}  # this session's live socket states
+        self._open_rows: dict[SocketRecord, int] = {}  # this session's live socket states
         self._last_snapshot = 0
         self._in_tx = False
         self._checkpointer: _Checkpointer | None = None
@@ -215,8 +217,8 @@ class JournalWriter:
                 "INSERT INTO snapshots(session, time, duration, reason, sockets, health)"
                 " VALUES (?, ?, ?, ?, ?, ?)",
                 (self.session, snap.time, snap.duration, snap.reason, len(snap.sockets),
-                 json.dumps(snap.health, separators=(",", ":")))).lastrowid or 0)
-            still: dict[SnapshotSocket, int] = {}
+                 _DUMPS(snap.health))).lastrowid or 0)
+            still: dict[SocketRecord, int] = {}
             for s in snap.sockets:
                 if s in still:
                      continue
@@ -225,7 +227,7 @@ class JournalWriter:
                      row = int(db.execute(
                         f"INSERT INTO snapshot_sockets(session, first_snapshot, {', '.join(SOCKET_COLUMNS)})"
                         f" VALUES (?, ?, {', '.join('?' * len(SOCKET_COLUMNS))})",
-                        (self.session, sid, *s.values())).lastrowid or 0)
+                        (self.session, sid, *s.to_row(_DUMPS))).lastrowid or 0)
                 still[s] = row
             if self._open_rows:
                 db.executemany("UPDATE snapshot_sockets SET last_snapshot = ? WHERE id = ?",
