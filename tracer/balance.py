@@ -12,6 +12,7 @@ from dataclasses import dataclass
 # A p-value under this says "not noise" (1%: one false alarm in 100 reads
 # of a perfectly even group).
 ALPHA = 0.01
+VERDICTS = ("even", "uneven", "insufficient", "single", "idle")
 # Pearson's chi-square needs about 5 expected per member to be trusted.
 MIN_EXPECTED = 5.0
 
@@ -85,6 +86,26 @@ class Imbalance:
             "p_value": None if self.p_value is None else float(f"{self.p_value:.4g}"),
             "verdict": self.verdict,
         }
+
+    @classmethod
+    def from_json(cls, d: object) -> "Imbalance | None":
+        """The inverse of :meth:`to_json` (None stays None); ValueError when damaged."""
+        if d is None:
+            return None
+        if not isinstance(d, dict) or d.get("verdict") not in VERDICTS:
+            raise ValueError("an imbalance is not an object with a verdict")
+
+        def number(key: str) -> float | None:
+            v = d.get(key)
+            if v is not None and (isinstance(v, bool) or not isinstance(v, (int, float))):
+                raise ValueError(f"imbalance {key!r} is not a number")
+            return None if v is None else float(v)
+
+        counts = [d.get(k, 0) for k in ("members", "total", "dof")]
+        if not all(type(c) is int for c in counts):
+            raise ValueError("an imbalance's counts are not whole numbers")
+        return cls(counts[0], counts[1], number("seconds") or 0.0, number("max_min"),
+                   number("cv"), number("chi2"), counts[2], number("p_value"), d["verdict"])
 
     def text(self) -> str:
         if self.verdict in ("single", "idle"):

@@ -29,8 +29,9 @@ from . import libbpf
 from .engine import (
     Engine,
     EngineConfig,
-    first_plan_that_runs,
+    about,
     forced_plan,
+    open_parts,
     preflight,
     ring_size,
     success_mask,
@@ -40,11 +41,12 @@ from .errors import (
     ObjectInvalid,
     PermissionDenied,
     PlanUnavailable,
+    PortscopeError,
     ProbeError,
     Unsupported,
     VerifierRejected,
 )
-from .plans import KernelFacts, Plan
+from .plans import KernelFacts, Part, Plan, part_of, programs
 
 SOURCE = Path(__file__).resolve().parent.parent / "probes" / "portscope.bpf.c"
 # libbpf's CO-RE read macros, used by the source on both sides.
@@ -63,10 +65,14 @@ def open_bcc_engine(config: EngineConfig, facts: KernelFacts) -> Engine:
     bcc = _import_bcc()
     _check_headers(facts.release)
     sections = _sections(config.object_path)
-    return first_plan_that_runs(
-        [requested] if requested else list(PLANS), requested, facts,
-        lambda plan: _load_plan(bcc, config, plan, sections, facts.release), "bcc",
-        "with the bcc engine on this kernel")
+
+    def load(events: Plan | None, groups: Plan | None, _iterators: bool) -> "BccLoaded":
+        # No iterators here (they need BTF): the process loads them on their own.
+        return _load_plans(bcc, config, {Part.EVENTS: events, Part.GROUPS: groups}, sections,
+                           facts.release)
+
+    return open_parts(config, facts, list(PLANS), load, "bcc",
+                      "with the bcc engine on this kernel")
 
 
 # ---- what must be there -----------------------------------------------------
@@ -182,18 +188,20 @@ def cflags(config: EngineConfig, plan: Plan) -> list[str]:
     ]
 
 
-def _load_plan(bcc: Any, config: EngineConfig, plan: Plan, sections: dict[str, str],
-               release: str) -> "BccLoaded":
-    names = config.programs[plan]
+def _load_plans(bcc: Any, config: EngineConfig, plans: dict[Part, Plan | None],
+                sections: dict[str, str], release: str) -> "BccLoaded":
+    """Compile the source once and load and attach each part's programs."""
+    names = programs(plans.get(Part.EVENTS), plans.get(Part.GROUPS), False)
     hooks = {}
     for name in names:
         hook = _hook(sections.get(name, ""))
         if hook is None:
-            raise PlanUnavailable(
+            raise about(name, PlanUnavailable(
                 f"{name} ({sections.get(name, 'unknown hook')}) needs the kernel's BTF, which "
-                "the bcc engine does not use")
+                "the bcc engine does not use"))
         hooks[name] = hook
     text = bcc_source(SOURCE.read_text())
+    plan = plans.get(Part.EVENTS) or plans.get(Part.GROUPS) or Plan.KPROBE
     with _stderr_captured() as log:
         try:
             bpf = bcc.BPF(text=text.encode(), cflags=cflags(config, plan))
@@ -204,7 +212,8 @@ def _load_plan(bcc: Any, config: EngineConfig, plan: Plan, sections: dict[str, s
     loaded = BccLoaded(bpf)
     try:
         for name, (kind, target) in hooks.items():
-            _attach(bpf, bcc, name, kind, target, plan)
+            part_plan = plans.get(part_of(name)) or plan
+            _attach(bpf, bcc, name, kind, target, part_plan)
     except BaseException:
         loaded.close()
         raise
@@ -227,7 +236,7 @@ def _attach(bpf: Any, bcc: Any, name: str, kind: str, target: str, plan: Plan) -
         try:
             bpf.load_func(name.encode(), prog_type)
         except Exception as exc:
-            raise _load_error(name, str(exc), log(), plan) from None
+            raise about(name, _load_error(name, str(exc), log(), plan)) from None
         try:
             if kind == "tracepoint":
                 bpf.attach_tracepoint(tp=target.encode(), fn_name=name.encode())
@@ -237,11 +246,13 @@ def _attach(bpf: Any, bcc: Any, name: str, kind: str, target: str, plan: Plan) -
                 bpf.attach_kretprobe(event=target.encode(), fn_name=name.encode())
         except Exception:
             if kind == "tracepoint":
-                raise Unsupported(f"the tracepoint {target} does not exist on this kernel") from None
-            raise PlanUnavailable(f"attaching {name} ({kind} on {target}) failed") from None
+                raise about(name, Unsupported(
+                    f"the tracepoint {target} does not exist on this kernel")) from None
+            raise about(name, PlanUnavailable(
+                f"attaching {name} ({kind} on {target}) failed")) from None
 
 
-def _load_error(name: str, message: str, log: str, plan: Plan) -> Exception:
+def _load_error(name: str, message: str, log: str, plan: Plan) -> PortscopeError:
     if "processed " in log or "R1 " in log or re.search(r"^\d+: \(", log, re.M):
         return VerifierRejected(name, summarize_verifier_log(log), log)
     if "super-user" in message:
@@ -290,6 +301,9 @@ class BccLoaded:
     def __init__(self, bpf: Any) -> None:
         self._bpf: Any = bpf
         self._maps: dict[str, libbpf.FdMap] = {}
+
+    def has_map(self, name: str) -> bool:
+        return True  # bcc creates every map of the source
 
     def map(self, name: str) -> libbpf.FdMap:
         if name not in self._maps:

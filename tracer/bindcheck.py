@@ -36,7 +36,14 @@ import ipaddress
 from dataclasses import dataclass, field
 
 from .netns import PortRange
-from .rtnetlink import RT_SCOPE_HOST, RT_SCOPE_LINK, RT_TABLE_LOCAL, Address, Device, Route
+from .rtnetlink import (
+    RT_SCOPE_HOST,
+    RT_SCOPE_LINK,
+    RT_TABLE_LOCAL,
+    Address,
+    Device,
+    Route,
+)
 
 
 @dataclass(frozen=True)

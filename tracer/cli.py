@@ -20,6 +20,7 @@ from .commands.common import EPILOG
 from .errors import ExitStatus, PortscopeError
 from .text import printable
 
+
 class BadArguments(Exception):
     """What argparse would print before exiting; main() makes it one sentence."""
 

@@ -25,8 +25,9 @@ from dataclasses import dataclass, replace
 from typing import Iterable
 
 from . import libbpf
-from .events import TCP_STATES, Clock
+from .events import Clock
 from .layout import PsCloser, PsConnKey, PsProcArgs
+from .records import TCP_STATES
 from .text import system_text
 
 BPFFS = "/sys/fs/bpf"

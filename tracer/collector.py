@@ -29,24 +29,27 @@ from __future__ import annotations
 import threading
 import time
 from collections import deque
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Callable
 
-from .engine import Engine, EngineConfig
+from .closers import read_pinned
+from .engine import Engine, EngineConfig, Need
 from .errors import PortscopeError
-from .events import CallEvent, Clock, decode
+from .events import Clock, decode
+from .inventory import select_namespaces, take
 from .loader import open_engine
+from .netns import port_range
 from .onthespot import explainable
+from .records import CallEvent, EventExplanation
+from .reuseport import GroupWatcher
 from .runtime import POLL_MS
-from .state import (
-    ExplanationView,
-    StateModel,
-)
+from .sockflags import SharedIterators
+from .state import StateModel
+from .timewait import pressure
 from .views import (
     CALLS,
     NOT_FAILURES,
     GroupViews,
-    explanation_from_finding,
     socket_row,
     sort_rows,
     timewait_view,
@@ -83,7 +86,10 @@ class LiveCollector:
     def __init__(self, model: StateModel, config: EngineConfig | None = None,
                  intervals: Intervals | None = None, groups: bool = True) -> None:
         self.model = model
-        self.config = config or EngineConfig(errors_only=True)
+        # One object for the whole process: the events, the group counting
+        # (when the kernel allows a plan for it) and the iterators.
+        self.config = replace(config or EngineConfig(errors_only=True),
+                              groups=Need.OPTIONAL if groups else Need.OFF, iterators=True)
         self.intervals = intervals or Intervals()
         self.want_groups = groups
         self.engine: Engine | None = None
@@ -98,7 +104,7 @@ class LiveCollector:
     def start(self) -> None:
         self.engine = open_engine(self.config)
         skipped = tuple(f"{a.plan.value}: {a.reason}" for a in self.engine.attempts if not a.ok)
-        self.model.update_health(source="live", plan=self.engine.plan.value, plan_notes=skipped,
+        self.model.update_health(source="live", plan=self.engine.plan_name, plan_notes=skipped,
                                  started=time.time())
         for name, target in (("events", self._events_loop), ("explain", self._explain_loop),
                              ("refresh", self._refresh_loop)):
@@ -181,7 +187,7 @@ class LiveCollector:
             self._skipped += len(skipped)
             self.model.update_health(explain_skipped=self._skipped)
             for seq in skipped:
-                self.model.explain(seq, ExplanationView(
+                self.model.explain(seq, EventExplanation(
                     error="not explained: too many distinct failures at once"))
 
     # -- explanations
@@ -198,9 +204,7 @@ class LiveCollector:
                     if self._stop.is_set():
                         return
                     seq, ev = self._queue.popleft()
-                finding = spot.explain(ev)
-                self.model.explain(seq, None if finding is None
-                                   else explanation_from_finding(finding))
+                self.model.explain(seq, spot.explain(ev))
                 if spot.failures:
                     self.model.update_health(explain_failures=spot.failures)
         finally:
@@ -209,8 +213,6 @@ class LiveCollector:
     # -- periodic views
 
     def _refresh_loop(self) -> None:
-        from .sockflags import SharedIterators
-
         its = SharedIterators()
         watcher = self._open_watcher() if self.want_groups else None
         views = GroupViews()
@@ -246,35 +248,26 @@ class LiveCollector:
             if watcher is not None:
                 watcher.close()
 
-    def _open_watcher(self) -> object | None:
-        from .reuseport import GroupWatcher
-
+    def _open_watcher(self) -> GroupWatcher | None:
+        assert self.engine is not None, "the collector is not started"
         try:
-            return GroupWatcher(plan=self.config.plan, btf_path=self.config.btf_path)
+            return GroupWatcher(engine=self.engine)
         except PortscopeError as exc:
             self.model.set_error("groups", f"reuseport groups are not counted: {exc}")
             return None
 
-    def _refresh_ports(self, its: object) -> None:
-        from .inventory import take
-
-        inv = take(states=PORT_STATES, iterators=its)  # type: ignore[arg-type]
+    def _refresh_ports(self, its: SharedIterators) -> None:
+        inv = take(states=PORT_STATES, iterators=its)
         rows = sort_rows([socket_row(s) for s in inv.sockets])
         self.model.set_ports(rows)
         self.model.update_health(unreadable_processes=inv.unreadable_processes,
                                  flags_unknown=inv.flags_unknown, namespaces=inv.namespaces,
                                  namespaces_gone=inv.namespaces_gone)
 
-    def _refresh_groups(self, watcher: object, views: GroupViews) -> None:
-        snap = watcher.read()  # type: ignore[attr-defined]
-        self.model.set_groups(views.update(snap.to_json()))
+    def _refresh_groups(self, watcher: GroupWatcher, views: GroupViews) -> None:
+        self.model.set_groups(views.update(watcher.read()))
 
     def _refresh_timewait(self) -> None:
-        from .closers import read_pinned
-        from .inventory import select_namespaces, take
-        from .netns import port_range
-        from .timewait import pressure
-
         inv = take(protocols=("tcp",), details=False)
         closers, collectors = read_pinned()
         refs, _ = select_namespaces(None)

@@ -19,11 +19,10 @@ from __future__ import annotations
 
 from collections import Counter
 
-from .events import CallEvent, format_addr
 from .explain import Fix, Reason
 from .inventory import Socket, select_namespaces, take
 from .netns import port_range
-from .records import BlockerSummary, EventExplanation
+from .records import BlockerSummary, CallEvent, EventExplanation, format_addr
 
 TOP = 5
 
@@ -50,8 +49,7 @@ def _four_tuple(ev: CallEvent, towards: list[Socket]) -> EventExplanation:
                                           "for": "four_tuple_taken"}),
              Fix("port", "new_socket", {"value": 0, "for": "four_tuple_taken"})]
     blockers = tuple(_summary(s, "four_tuple") for s in holder)
-    return EventExplanation(blockers, reasons=(reason.to_json(),),
-                            fixes=tuple(f.to_json() for f in fixes))
+    return EventExplanation(blockers, reasons=(reason,), fixes=tuple(fixes))
 
 
 def _exhausted(ev: CallEvent, sockets: list[Socket], towards: list[Socket]) -> EventExplanation:
@@ -81,7 +79,7 @@ def _exhausted(ev: CallEvent, sockets: list[Socket], towards: list[Socket]) -> E
                                                  "for": rule}))
     fixes.append(Fix("source_address", "new_socket", {"destination": dest, "for": rule}))
     reason = Reason(ev.errno_name or "EADDRNOTAVAIL", rule, facts)
-    return EventExplanation(reasons=(reason.to_json(),), fixes=tuple(f.to_json() for f in fixes))
+    return EventExplanation(reasons=(reason,), fixes=tuple(fixes))
 
 
 def _summary(s: Socket, rule: str) -> BlockerSummary:

@@ -11,9 +11,16 @@ import json
 from dataclasses import asdict, dataclass
 
 from . import libbpf
-from .engine import EngineConfig, default_engine, forced_plan, preflight, verify_plan
-from .loader import open_engine
+from .engine import (
+    EngineConfig,
+    Need,
+    default_engine,
+    forced_plan,
+    preflight,
+    verify_plan,
+)
 from .errors import ExitStatus, PlanUnavailable, PortscopeError
+from .loader import open_engine
 from .plans import PREFERENCE, KernelFacts, Plan, kernel_facts
 from .text import printable
 
@@ -23,6 +30,7 @@ class PlanReport:
     plan: str
     verifier: str  # "passed" or why not
     attach: str  # "ok" or why not
+    groups: str = "not tried"  # reuseport counting with this plan: "ok" or why not
 
 
 def check_plan(config: EngineConfig, facts: KernelFacts, plan: Plan) -> PlanReport:
@@ -31,18 +39,25 @@ def check_plan(config: EngineConfig, facts: KernelFacts, plan: Plan) -> PlanRepo
         verifier = "passed"
     except PortscopeError as exc:
         return PlanReport(plan.value, str(exc), "not tried: the programs do not load")
+    groups = _try(EngineConfig(plan=plan, btf_path=config.btf_path, engine="libbpf",
+                               events=False, groups=Need.REQUIRED, iterators=False), facts)
     reason = facts.static_reason_against(plan)
     if reason:
-        return PlanReport(plan.value, verifier, reason)
+        return PlanReport(plan.value, verifier, reason, groups)
+    attach = _try(EngineConfig(plan=plan, btf_path=config.btf_path, engine="libbpf",
+                               iterators=False), facts)
+    return PlanReport(plan.value, verifier, attach, groups)
+
+
+def _try(config: EngineConfig, facts: KernelFacts) -> str:
+    """"ok" when the configuration's parts load and attach, else why not."""
     try:
-        engine = open_engine(EngineConfig(plan=plan, btf_path=config.btf_path, engine="libbpf"),
-                             facts)
+        open_engine(config, facts).close()
     except PlanUnavailable as exc:
-        return PlanReport(plan.value, verifier, str(exc).split(": ", 1)[-1])
+        return str(exc).split(": ", 1)[-1]
     except PortscopeError as exc:
-        return PlanReport(plan.value, verifier, str(exc))
-    engine.close()
-    return PlanReport(plan.value, verifier, "ok")
+        return str(exc)
+    return "ok"
 
 
 @dataclass
@@ -135,12 +150,16 @@ def _print_human(facts: KernelFacts, plans: list[PlanReport], chosen: PlanReport
     if blocker:
         _out(f"\nportscope cannot trace here: {blocker}")
         return
-    _out(f"\n{'plan':11} {'loads':6} {'attaches':9} why not")
+    _out(f"\n{'plan':11} {'loads':6} {'attaches':9} {'groups':7} why not")
     for p in plans:
         loads = p.verifier == "passed"
         attaches = p.attach == "ok"
+        counts = p.groups == "ok"
         why = "" if attaches else (p.attach if loads else p.verifier)
-        _out(f"{p.plan:11} {_yes(loads):6} {_yes(attaches) if loads else '-':9} {why}".rstrip())
+        if loads and not counts and p.groups != p.attach:
+            why = "; ".join(filter(None, (why, f"groups: {p.groups}")))
+        _out(f"{p.plan:11} {_yes(loads):6} {_yes(attaches) if loads else '-':9} "
+             f"{_yes(counts) if loads else '-':7} {why}".rstrip())
     if chosen:
         _out(f"\nportscope will use the {chosen.plan} plan: the first of "
               f"{', '.join(p.value for p in PREFERENCE)} that attaches here.")

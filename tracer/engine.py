@@ -14,11 +14,13 @@ tracer/loader.py chooses between them.
 from __future__ import annotations
 
 import ctypes
+import enum
 import errno
 import os
 import re
 import stat
 import struct
+import threading
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Protocol
@@ -29,6 +31,7 @@ from .errors import (
     ObjectInvalid,
     PermissionDenied,
     PlanUnavailable,
+    PortscopeError,
     ProbeError,
     Unsupported,
     UsageError,
@@ -36,7 +39,16 @@ from .errors import (
 )
 from .events import Clock
 from .layout import PsConfig, PsCounter, PsEvent, PsKind
-from .plans import GROUP_PROGRAMS, PLAN_PROGRAMS, PREFERENCE, KernelFacts, Plan
+from .plans import (
+    GROUP_PROGRAMS,
+    PLAN_PROGRAMS,
+    PREFERENCE,
+    KernelFacts,
+    Part,
+    Plan,
+    part_of,
+    programs,
+)
 
 DEFAULT_OBJECT = Path(__file__).resolve().parent.parent / "probes" / "portscope.bpf.o"
 DEFAULT_RING_BYTES = 8 << 20
@@ -93,6 +105,14 @@ def forced_plan() -> Plan | None:
         raise UsageError(f"{PLAN_VARIABLE}={value!r} is not a probe plan: use one of {names}") from None
 
 
+class Need(str, enum.Enum):
+    """How much a command needs a part that may not load on every kernel."""
+
+    OFF = "off"  # not loaded
+    OPTIONAL = "optional"  # loaded if a plan allows it; else the engine says why not
+    REQUIRED = "required"  # no plan for it: the command cannot run
+
+
 @dataclass
 class EngineConfig:
     plan: Plan | None = None  # None: the best one the kernel allows
@@ -118,10 +138,11 @@ class EngineConfig:
     closer_args_entries: int = 2048  # processes whose command line is kept (~210 B)
     btf_path: str | None = None  # a BTF file for kernels that expose none
     object_path: Path = field(default_factory=object_path)
-    # Which program set each plan loads: PLAN_PROGRAMS (bind/listen/connect
-    # events) or GROUP_PROGRAMS (reuseport group counters); the plan itself is
-    # still chosen here, by open_engine, the same way for both.
-    programs: dict[Plan, tuple[str, ...]] = field(default_factory=lambda: PLAN_PROGRAMS)
+    # The parts this process loads, all in one object (tracer/plans.Part):
+    # each command asks for what it reads, once, when it starts.
+    events: bool = True  # bind/listen/connect calls and TCP closes
+    groups: Need = field(default_factory=lambda: Need.OFF)  # reuseport counting
+    iterators: bool = True  # socket iterators (libbpf only; bcc has none)
     # "libbpf" (the CO-RE object) or "bcc" (the same source compiled here,
     # against this kernel's headers); None: $PORTSCOPE_ENGINE, else libbpf.
     engine: str | None = None
@@ -141,6 +162,7 @@ class PlanAttempt:
     plan: Plan
     ok: bool
     reason: str
+    part: Part = Part.EVENTS
 
 
 class Loaded(Protocol):
@@ -148,52 +170,115 @@ class Loaded(Protocol):
 
     def map(self, name: str) -> libbpf.Map | libbpf.FdMap: ...
 
+    def has_map(self, name: str) -> bool: ...
+
     def program_fds(self) -> list[tuple[str, int]]: ...
 
     def close(self) -> None: ...
 
 
 class LibbpfLoaded:
-    def __init__(self, obj: libbpf.BpfObject, links: list[libbpf.Link]) -> None:
-        self._obj = obj
+    """One loaded object and the links that attach its programs to hooks.
+
+    Shared by the engine and the socket iterators of the same process
+    (tracer/sockflags.py): :meth:`retain` takes a share, and each
+    :meth:`close` gives one back; the object goes with the last. The engine's
+    own links are destroyed at its close (tracing stops then), whoever still
+    reads the iterators."""
+
+    def __init__(self, obj: libbpf.BpfObject, links: list[libbpf.Link],
+                 created: frozenset[str]) -> None:
+        self._obj: libbpf.BpfObject | None = obj
         self._links = links
+        self._created = created  # the maps the kernel was asked to create
+        self._shares = 1
+        self._lock = threading.Lock()
 
     def map(self, name: str) -> libbpf.Map:
+        assert self._obj is not None, "object is closed"
         return self._obj.map(name)
 
+    def has_map(self, name: str) -> bool:
+        return name in self._created
+
+    def program(self, name: str) -> libbpf.Program:
+        assert self._obj is not None, "object is closed"
+        return next(p for p in self._obj.programs() if p.name == name)
+
     def program_fds(self) -> list[tuple[str, int]]:
+        assert self._obj is not None, "object is closed"
         return [(p.name, p.fd) for p in self._obj.programs() if p.autoload]
 
-    def close(self) -> None:
+    def retain(self) -> "LibbpfLoaded":
+        with self._lock:
+            assert self._shares > 0, "object is closed"
+            self._shares += 1
+        return self
+
+    def detach(self) -> None:
+        """Destroy the hook links (tracing stops); the object stays loaded."""
         for link in self._links:
             link.destroy()
         self._links = []
-        self._obj.close()
+
+    def close(self) -> None:
+        """Give one share back (the engine's also detaches its links)."""
+        self.detach()
+        with self._lock:
+            self._shares -= 1
+            last = self._shares == 0
+        if last and self._obj is not None:
+            self._obj.close()
+            self._obj = None
 
 
 class Engine:
-    """One loaded and attached plan. Create with :func:`open_engine`."""
+    """The process's one loaded object: its events (ring buffer, counters,
+    closers), its reuseport counting and its socket iterators, each part
+    with the plan that loaded it. Create with :func:`tracer.loader.open_engine`."""
 
-    def __init__(self, loaded: Loaded, plan: Plan, attempts: list[PlanAttempt],
-                 facts: KernelFacts, engine: str = "libbpf") -> None:
+    def __init__(self, loaded: Loaded, plans: "Plans", facts: KernelFacts,
+                 engine: str = "libbpf") -> None:
         self._loaded: Loaded | None = loaded
-        self.plan = plan
+        self.plan = plans.events  # None: no events loaded (portscope groups)
+        self.group_plan = plans.groups  # None: groups not counted (see groups_problem)
+        self.groups_problem = plans.groups_problem
         self.engine = engine
-        self.attempts = attempts
+        self.attempts = plans.attempts  # the events' plans tried, in order
+        self.group_attempts = plans.group_attempts
+        self.carries_iterators = plans.iterators
         self.facts = facts
-        self._counters = loaded.map("ps_counters")
+        self.iterators: "Closeable | None" = None  # the process's iterators, when they are ours
+        self._counters = loaded.map("ps_counters") if loaded.has_map("ps_counters") else None
         self._ncpus = libbpf.possible_cpus()
-        self._ring: libbpf.RingBuffer | None = None
         self._pending: list[bytes] = []
-        self._ring = libbpf.RingBuffer(loaded.map("ps_events"), self._pending.append)
-        self._closers = loaded.map("ps_closers")
-        self._closer_args = loaded.map("ps_closer_args")
+        self._ring: libbpf.RingBuffer | None = None
+        self._closers = self._closer_args = None
+        if self.plan is not None:
+            self._ring = libbpf.RingBuffer(loaded.map("ps_events"), self._pending.append)
+            self._closers = loaded.map("ps_closers")
+            self._closer_args = loaded.map("ps_closer_args")
         self._closers_pin: str | None = None
+
+    @property
+    def plan_name(self) -> str:
+        """The events' plan, as commands show it ("none": no events loaded)."""
+        return self.plan.value if self.plan else "none"
+
+    @property
+    def loaded(self) -> Loaded:
+        assert self._loaded is not None, "engine is closed"
+        return self._loaded
+
+    @property
+    def records_closes(self) -> bool:
+        """Whether this engine's programs record who closes connections."""
+        return self._closers is not None
 
     def publish_closers(self) -> None:
         """Pin the closers maps in bpffs (mounting it if need be) for other
         portscope processes (``portscope timewait``); withdrawn by close()."""
-        if self._closers_pin is None:
+        if self._closers_pin is None and self._closers is not None:
             self._closers_pin = closers.publish(self._closers, self._closer_args)
 
     def poll(self, timeout_ms: int = 100) -> list[bytes]:
@@ -211,18 +296,16 @@ class Engine:
         return out
 
     def counters(self) -> Counters:
-        values = {}
-        for idx in (PsCounter.EMITTED, PsCounter.LOST, PsCounter.INFLIGHT_FULL):
-            raw = self._counters.lookup(struct.pack("I", idx), 8 * self._ncpus) or b""
-            values[idx] = sum(struct.unpack(f"{len(raw) // 8}Q", raw))
         return Counters(
-            emitted=values[PsCounter.EMITTED],
-            lost=values[PsCounter.LOST],
-            inflight_full=values[PsCounter.INFLIGHT_FULL],
+            emitted=self.counter(PsCounter.EMITTED),
+            lost=self.counter(PsCounter.LOST),
+            inflight_full=self.counter(PsCounter.INFLIGHT_FULL),
         )
 
     def counter(self, idx: int) -> int:
         """One ps_counters slot, summed over CPUs."""
+        if self._counters is None:
+            return 0
         raw = self._counters.lookup(struct.pack("I", idx), 8 * self._ncpus) or b""
         return sum(struct.unpack(f"{len(raw) // 8}Q", raw))
 
@@ -230,11 +313,13 @@ class Engine:
         assert self._loaded is not None, "engine is closed"
         return self._loaded.map(name)
 
-    def recursion_misses(self) -> int:
+    def recursion_misses(self, part: Part | None = None) -> int:
         """Runs the kernel skipped because the same program was already
-        running on that CPU (a tracepoint hit from an interrupt)."""
+        running on that CPU (a tracepoint hit from an interrupt), of one
+        part's programs or of all."""
         assert self._loaded is not None, "engine is closed"
-        return sum(libbpf.recursion_misses(fd, name) for name, fd in self._loaded.program_fds())
+        return sum(libbpf.recursion_misses(fd, name) for name, fd in self._loaded.program_fds()
+                   if part is None or part_of(name) is part)
 
     def program_types(self) -> dict[str, int]:
         """Each attached program, with the type the kernel loaded it as
@@ -245,14 +330,19 @@ class Engine:
     def closers(self) -> dict[closers.ConnKey, closers.Closer]:
         """The closes this engine recorded (also readable by other processes
         through the pinned map: closers.read_pinned)."""
+        if self._closers is None or self._closer_args is None:
+            return {}
         return closers.read_fd(self._closers.fd, Clock(), self._closer_args.fd)
 
     def close(self) -> None:
-        if self._loaded:
+        if self._loaded and self._closers is not None:
             closers.withdraw(self._closers, self._closers_pin, self._closer_args)
         if self._ring:
             self._ring.free()
             self._ring = None
+        if self.iterators is not None:
+            self.iterators.close()
+            self.iterators = None
         if self._loaded:
             self._loaded.close()
             self._loaded = None
@@ -264,41 +354,110 @@ class Engine:
         self.close()
 
 
+class Closeable(Protocol):
+    def close(self) -> None: ...
+
+
+@dataclass
+class Plans:
+    """The plan each part of one object was loaded with, and what was tried."""
+
+    events: Plan | None
+    groups: Plan | None
+    groups_problem: str | None = None  # why groups are not counted, when asked for
+    iterators: bool = False  # the object carries the socket iterators
+    attempts: list[PlanAttempt] = field(default_factory=list)  # the events' plans
+    group_attempts: list[PlanAttempt] = field(default_factory=list)
+
+
+# A loader: load and attach the programs of these plans (None: the part is
+# not loaded) in one object, iterators included or not.
+Load = Callable[[Plan | None, Plan | None, bool], Loaded]
+
+
 def open_libbpf_engine(config: EngineConfig, facts: KernelFacts) -> Engine:
-    """Load and attach the requested plan from the CO-RE object, or the best
-    plan the kernel allows (tracer/loader.py chooses between the engines)."""
+    """Load and attach, in one object, the parts the configuration asks for,
+    each with the requested plan or the best one the kernel allows
+    (tracer/loader.py chooses between the engines)."""
     preflight(facts, config)
+
+    def load(events: Plan | None, groups: Plan | None, iterators: bool) -> Loaded:
+        return LibbpfLoaded(*load_object(config, {Part.EVENTS: events, Part.GROUPS: groups},
+                                        iterators))
+
+    return open_parts(config, facts, list(PREFERENCE), load, "libbpf", "on this kernel")
+
+
+def open_parts(config: EngineConfig, facts: KernelFacts, candidates: list[Plan], load: Load,
+               engine: str, where: str) -> Engine:
+    """Try the candidates in order for each part, in one object, until one
+    load carries every part that can run: a failing program names its part
+    (tracer/plans.part_of), and only that part moves on to its next plan.
+    A plan asked for by name that cannot run is an error for events and
+    for required groups; optional groups and the iterators are dropped,
+    with the reason kept (``Engine.groups_problem``)."""
     requested = config.plan or forced_plan()
+    order = [requested] if requested else candidates
+    events: list[Plan | None] = list(order) if config.events else [None]
+    groups: list[Plan | None] = list(order) if config.groups is not Need.OFF else [None]
+    iterators = config.iterators
+    chosen = Plans(None, None)
 
-    def load(plan: Plan) -> Loaded:
-        return LibbpfLoaded(*_load_plan(config, plan))
+    def give_up(part: Part, attempts: list[PlanAttempt], what: str) -> PortscopeError:
+        if requested:
+            return PlanUnavailable(f"the {requested.value} plan cannot {what} {where}: "
+                                   f"{attempts[-1].reason}")
+        tried = "; ".join(f"{a.plan.value}: {a.reason}" for a in attempts if a.part is part)
+        return Unsupported(f"no probe plan can {what} {where} ({tried})")
 
-    return first_plan_that_runs([requested] if requested else list(PREFERENCE), requested,
-                                facts, load, "libbpf", "on this kernel")
-
-
-def first_plan_that_runs(candidates: list[Plan], requested: Plan | None, facts: KernelFacts,
-                         load: Callable[[Plan], Loaded], engine: str, where: str) -> Engine:
-    """The first of ``candidates`` that ``load`` loads and attaches; a plan
-    that cannot run is an error only when it was asked for by name."""
-    attempts: list[PlanAttempt] = []
-    for plan in candidates:
-        reason = facts.static_reason_against(plan)
-        if reason is None:
+    while True:
+        ep, gp = events[0], (groups[0] if groups else None)
+        tried = {Part.EVENTS: ep, Part.GROUPS: gp}
+        refused: tuple[Part, Plan, str] | None = next(
+            ((part, plan, why) for part, plan in tried.items()
+             if plan is not None and (why := facts.static_reason_against(plan))), None)
+        if refused is None:
             try:
-                loaded = load(plan)
-            except PlanUnavailable as exc:
-                reason = str(exc)
+                loaded = load(ep, gp, iterators)
+            except PortscopeError as exc:
+                part = part_of(exc.program)
+                if part is Part.ITERATORS:
+                    iterators = False  # they load on their own, where needed, and say why not
+                    continue
+                if tried[part] is None:  # no program named: the one part that is loaded
+                    part = Part.GROUPS if ep is None else Part.EVENTS
+                plan = tried[part]
+                if plan is None or not isinstance(exc, PlanUnavailable) and (
+                        part is Part.EVENTS or config.groups is Need.REQUIRED):
+                    raise
+                if not isinstance(exc, PlanUnavailable):
+                    groups = [g for g in groups if g is None]  # other plans would fail alike
+                refused = (part, plan, str(exc))
             else:
-                attempts.append(PlanAttempt(plan, True, f"loaded and attached ({engine})"))
-                return Engine(loaded, plan, attempts, facts, engine=engine)
+                if ep:
+                    chosen.attempts.append(PlanAttempt(ep, True, f"loaded and attached ({engine})"))
+                if gp:
+                    chosen.group_attempts.append(
+                        PlanAttempt(gp, True, f"loaded and attached ({engine})", Part.GROUPS))
+                chosen.events, chosen.groups, chosen.iterators = ep, gp, iterators
+                return Engine(loaded, chosen, facts, engine=engine)
             finally:
                 libbpf.trim_heap()
-        attempts.append(PlanAttempt(plan, False, reason))
-        if requested:
-            raise PlanUnavailable(f"the {plan.value} plan cannot run {where}: {reason}")
-    tried = "; ".join(f"{a.plan.value}: {a.reason}" for a in attempts)
-    raise Unsupported(f"no probe plan can run {where} ({tried})")
+        part, plan, why = refused
+        if part is Part.GROUPS:
+            chosen.group_attempts.append(PlanAttempt(plan, False, why, Part.GROUPS))
+            groups = [g for g in groups[1:] if g is not None] if groups else []
+            if not groups:
+                error = give_up(Part.GROUPS, chosen.group_attempts, "count reuseport groups")
+                if config.groups is Need.REQUIRED:
+                    raise error
+                chosen.groups_problem = str(error)
+                groups = [None]
+        else:
+            chosen.attempts.append(PlanAttempt(plan, False, why))
+            events = events[1:]
+            if requested or not events:
+                raise give_up(Part.EVENTS, chosen.attempts, "run")
 
 
 def preflight(facts: KernelFacts, config: EngineConfig, need_btf: bool = True) -> None:
@@ -331,24 +490,30 @@ def preflight(facts: KernelFacts, config: EngineConfig, need_btf: bool = True) -
         )
 
 
-def verify_plan(config: EngineConfig, plan: Plan) -> None:
-    """Load the plan's programs (the verifier runs) without attaching them.
+def verify_plan(config: EngineConfig, plan: Plan, part: Part = Part.EVENTS) -> None:
+    """Load one part's programs of ``plan`` (the verifier runs) without
+    attaching them.
 
     This is how a plan that cannot attach here (kprobes without
     CONFIG_KPROBES) is still proven to pass this kernel's verifier."""
-    obj, _ = _load_plan(config, plan, attach=False)
+    plans: dict[Part, Plan | None] = {part: plan}
+    obj, _, _ = load_object(config, plans, attach=False)
     obj.close()
 
 
-def _load_plan(config: EngineConfig, plan: Plan,
-               attach: bool = True) -> tuple[libbpf.BpfObject, list[libbpf.Link]]:
-    obj = load_programs(config, plan, config.programs[plan])
+def load_object(config: EngineConfig, plans: dict[Part, Plan | None], iterators: bool = False,
+               attach: bool = True) -> tuple[libbpf.BpfObject, list[libbpf.Link], frozenset[str]]:
+    """Load the programs of each part's plan in one object, attach them to
+    their hooks (the iterators are attached by whoever walks them); the
+    object, its links and the maps it created."""
+    names = programs(plans.get(Part.EVENTS), plans.get(Part.GROUPS), iterators)
+    obj, created = load_programs(config, plans, names)
     links: list[libbpf.Link] = []
     try:
         for prog in obj.programs():
-            if attach and prog.autoload:
-                links.append(_attach(prog, plan))
-        return obj, links
+            if attach and prog.autoload and part_of(prog.name) is not Part.ITERATORS:
+                links.append(_attach(prog, plans[part_of(prog.name)]))
+        return obj, links, created
     except BaseException:
         for link in links:
             link.destroy()
@@ -356,15 +521,17 @@ def _load_plan(config: EngineConfig, plan: Plan,
         raise
 
 
-def load_programs(config: EngineConfig, plan: Plan, names: tuple[str, ...]) -> libbpf.BpfObject:
-    """Open the object, configure it, and load only the programs ``names``."""
+def load_programs(config: EngineConfig, plans: dict[Part, Plan | None],
+                  names: tuple[str, ...]) -> tuple[libbpf.BpfObject, frozenset[str]]:
+    """Open the object, configure it, and load only the programs ``names``;
+    the object and the maps the kernel created for them."""
     obj = _open(config)
     try:
-        _configure(obj, config, plan, names)
+        created = _configure(obj, config, plans.get(Part.EVENTS) or Plan.TRACEPOINT, names)
         for prog in obj.programs():
             prog.set_autoload(prog.name in names)
-        _load(obj, plan)
-        return obj
+        _load(obj, plans)
+        return obj, created
     except BaseException:
         obj.close()
         raise
@@ -417,11 +584,12 @@ def map_sizes(config: EngineConfig) -> dict[str, int]:
     }
 
 
-def _size_maps(obj: libbpf.BpfObject, config: EngineConfig, programs: tuple[str, ...]) -> None:
-    """Every map at its configured size, and every map none of ``programs``
-    uses (tracer/elfmaps.py) at the smallest the kernel allows: one entry,
-    one page for a ring buffer. The maps still exist (the engine reads a
-    few by name), but cost the kernel next to nothing."""
+def _size_maps(obj: libbpf.BpfObject, config: EngineConfig,
+               programs: tuple[str, ...]) -> frozenset[str]:
+    """Every map the loaded programs use at its configured size; every other
+    map not created at all (it costs the kernel nothing). Which program uses
+    which map is read from the object itself (tracer/elfmaps.py). Returns
+    the maps that will exist."""
     sizes = map_sizes(config)
     try:
         by_program = elfmaps.program_maps(config.object_path)
@@ -431,14 +599,15 @@ def _size_maps(obj: libbpf.BpfObject, config: EngineConfig, programs: tuple[str,
     for name in sorted(set().union(*by_program.values())):
         m = obj.map(name)
         if name not in used:
-            m.set_max_entries(os.sysconf("SC_PAGE_SIZE") if m.type == libbpf.BPF_MAP_TYPE_RINGBUF else 1)
+            m.set_autocreate(False)
         elif name in sizes:
             m.set_max_entries(sizes[name])
+    return frozenset(used)
 
 
 def _configure(obj: libbpf.BpfObject, config: EngineConfig, plan: Plan,
-               programs: tuple[str, ...]) -> None:
-    _size_maps(obj, config, programs)
+               programs: tuple[str, ...]) -> frozenset[str]:
+    created = _size_maps(obj, config, programs)
     cfg = PsConfig(
         target_tgid=config.pid,
         target_port=config.port,
@@ -451,6 +620,7 @@ def _configure(obj: libbpf.BpfObject, config: EngineConfig, plan: Plan,
     if var_size != ctypes.sizeof(cfg) or offset + var_size > size:
         raise ObjectInvalid(f"{obj.path}: ps_config in .rodata does not match tracer/layout.py")
     ctypes.memmove(addr + offset, ctypes.addressof(cfg), var_size)
+    return created
 
 
 def success_mask(config: EngineConfig) -> int:
@@ -484,30 +654,39 @@ def _var_offset(obj: libbpf.BpfObject, section: str, var: str) -> tuple[int, int
         raise ObjectInvalid(f"{obj.path} has no {var} in {section}: rebuild it") from None
 
 
-def _load(obj: libbpf.BpfObject, plan: Plan) -> None:
+def _load(obj: libbpf.BpfObject, plans: dict[Part, Plan | None]) -> None:
     try:
         obj.load()
     except OSError as exc:
         log = libbpf.take_log()
-        raise _load_error(exc, log, plan) from _Log(log)
+        raise _load_error(exc, log, plans) from _Log(log)
 
 
-def _attach(prog: libbpf.Program, plan: Plan) -> libbpf.Link:
+def _attach(prog: libbpf.Program, plan: Plan | None) -> libbpf.Link:
     try:
         return prog.attach()
     except OSError as exc:
         log = libbpf.take_log()
-        if exc.errno in (errno.ENOENT, errno.EOPNOTSUPP, errno.ENOTSUP, errno.EINVAL) and plan is not Plan.TRACEPOINT:
-            raise PlanUnavailable(
-                f"attaching {prog.name} ({prog.section}) failed: {libbpf.strerror(exc.errno)}"
-            ) from _Log(log)
-        if "tracepoint" in prog.section and exc.errno == errno.ENOENT:
-            raise Unsupported(
-                f"the tracepoint {prog.section.split('/', 1)[1]} does not exist on this kernel"
-            ) from _Log(log)
-        raise ProbeError(
-            f"attaching probe {prog.name} ({prog.section}) failed: {libbpf.strerror(exc.errno)}", log
-        ) from _Log(log)
+        raise about(prog.name, _attach_error(prog, plan, exc.errno, log)) from _Log(log)
+
+
+def _attach_error(prog: libbpf.Program, plan: Plan | None, err: int | None,
+                  log: str) -> PortscopeError:
+    if err in (errno.ENOENT, errno.EOPNOTSUPP, errno.ENOTSUP, errno.EINVAL) \
+            and plan is not Plan.TRACEPOINT:
+        return PlanUnavailable(f"attaching {prog.name} ({prog.section}) failed: "
+                               f"{libbpf.strerror(err or 0)}")
+    if "tracepoint" in prog.section and err == errno.ENOENT:
+        return Unsupported(
+            f"the tracepoint {prog.section.split('/', 1)[1]} does not exist on this kernel")
+    return ProbeError(
+        f"attaching probe {prog.name} ({prog.section}) failed: {libbpf.strerror(err or 0)}", log)
+
+
+def about(program: str | None, error: PortscopeError) -> PortscopeError:
+    """The error, marked with the program it is about (see plans.part_of)."""
+    error.program = program
+    return error
 
 
 _VERIFIER_LOG = re.compile(r"-- BEGIN PROG LOAD LOG --\n(.*?)-- END PROG LOAD LOG --", re.S)
@@ -515,10 +694,16 @@ _MISSING_HOOK = re.compile(r"failed to find kernel BTF type ID of '([^']+)'")
 _FAILED_PROG = re.compile(r"prog '([^']+)': (?:BPF program load failed|failed to load)")
 
 
-def _load_error(exc: OSError, log: str, plan: Plan) -> Exception:
-    """Turn a failed bpf_object__load into the one error that explains it."""
+def _load_error(exc: OSError, log: str, plans: dict[Part, Plan | None]) -> PortscopeError:
+    """Turn a failed bpf_object__load into the one error that explains it,
+    marked with the program that failed."""
     prog_match = _FAILED_PROG.search(log)
     prog = prog_match.group(1) if prog_match else None
+    plan = plans.get(part_of(prog)) or Plan.TRACEPOINT
+    return about(prog, _load_error_of(exc, log, prog, plan))
+
+
+def _load_error_of(exc: OSError, log: str, prog: str | None, plan: Plan) -> PortscopeError:
     what = f"probe {prog}" if prog else "portscope's BPF programs"
     verifier = _VERIFIER_LOG.search(log)
     if verifier and verifier.group(1).strip():

@@ -25,6 +25,9 @@ class PortscopeError(Exception):
     """Base class: ``str()`` is the one sentence shown to the user."""
 
     status = ExitStatus.ERROR
+    # The BPF program a loading or attaching error is about, when one is:
+    # the engine loads several parts in one object and must know whose it is.
+    program: str | None = None
 
 
 class UsageError(PortscopeError):

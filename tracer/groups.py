@@ -15,7 +15,7 @@ from .errors import ExitStatus
 from .inventory import select_namespaces
 from .owners import Owner
 from .plans import Plan
-from .reuseport import Group, GroupWatcher, MemberEvent, GroupsReading
+from .reuseport import Group, GroupsReading, GroupWatcher, MemberEvent
 from .runtime import StopSignal
 from .text import clock_text, printable
 
@@ -32,7 +32,7 @@ def run(args: argparse.Namespace) -> ExitStatus:
                            btf_path=args.btf)
     out = sys.stdout
     try:
-        skipped = "; ".join(f"{a.plan.value}: {a.reason}" for a in watcher.engine.attempts
+        skipped = "; ".join(f"{a.plan.value}: {a.reason}" for a in watcher.engine.group_attempts
                             if not a.ok) if watcher.engine else ""
         what = "Ctrl-C to stop" if args.watch else f"sampling for {args.interval:g} s"
         print(f"portscope: counting with the {watcher.plan.value} plan"

@@ -35,40 +35,15 @@ done to (``owners``), with the events and snapshot rows that show it.
 from __future__ import annotations
 
 import errno
-from dataclasses import dataclass, field
 from typing import Any, Iterable
 
 from .bindrules import LISTEN, Rule, Sock, overlap, tcp_rule, udp_rule
-from .history import WILDCARDS, Ev, History, Row, Snap, stamp
-
-KINDS = ("reuseport_other_uid", "reuseport_foreign_member", "udp_shared", "restart_race",
-         "wildcard_shadowed", "reuseport_bpf_attached")
-
-
-# ---- findings ------------------------------------------------------------------------
+from .history import WILDCARDS, History, Row, Snap, stamp
+from .records import Finding, RecordedCall
+from .records.findings import KINDS
 
 
-@dataclass
-class Finding:
-    kind: str
-    time: float
-    netns: int
-    protocol: str
-    port: int
-    pids: list[int]  # who did it
-    owners: list[int]  # whom it was done to
-    summary: str
-    evidence: list[dict[str, Any]] = field(default_factory=list)
-    notes: list[str] = field(default_factory=list)
-
-    def to_json(self) -> dict[str, Any]:
-        return {"kind": self.kind, "time": self.time, "netns": self.netns,
-                "protocol": self.protocol, "port": self.port, "pids": self.pids,
-                "owners": self.owners, "summary": self.summary, "evidence": self.evidence,
-                "notes": self.notes}
-
-
-def event_evidence(ev: Ev, h: History) -> dict[str, Any]:
+def event_evidence(ev: RecordedCall, h: History) -> dict[str, Any]:
     exe, cgroup = h.ev_identity(ev)
     out: dict[str, Any] = {
         "type": "event", "id": ev.id, "time": ev.time, "call": ev.call, "result": ev.result,
@@ -76,8 +51,8 @@ def event_evidence(ev: Ev, h: History) -> dict[str, Any]:
         "sock_uid": ev.sock_uid, "protocol": ev.protocol, "local": ev.local,
         "options": sorted(ev.options), "inode": ev.inode,
     }
-    if ev.blockers is not None:
-        out["blockers"] = ev.blockers
+    if ev.explanation is not None:
+        out["blockers"] = ev.explanation.blockers_json()
     return out
 
 
@@ -119,12 +94,12 @@ def find_reuseport_other_uid(h: History) -> list[Finding]:
         owners: list[int] = []
         evidence: list[dict[str, Any]] = []
         hits = []
-        if isinstance(ev.blockers, list):
-            hits = [b for b in ev.blockers if b.get("rule") == Rule.REUSEPORT_OTHER_UID.value]
+        if ev.blockers is not None:
+            hits = [b for b in ev.blockers if b.rule == Rule.REUSEPORT_OTHER_UID.value]
             if not hits and ev.blockers:
                 continue  # explained, and not by the uid check
             for b in hits:
-                owners += b.get("pids", [])
+                owners += b.pids
         if not hits:  # not explained on the spot: the snapshots around it
             new = ev.sock()
             for snap in filter(None, (h.before(ev.time), h.after(ev.time))):
@@ -379,7 +354,7 @@ def find_restart_races(h: History, window: float) -> list[Finding]:
     return out
 
 
-def _release_from_close(h: History, ev: Ev) -> dict[str, Any]:
+def _release_from_close(h: History, ev: RecordedCall) -> dict[str, Any]:
     """A listener's close, with whose socket it was: the owners the snapshots
     saw, or the process that listened on it, or (last) the closing task."""
     evidence: list[dict[str, Any]] = []

@@ -9,10 +9,8 @@ import bisect
 from dataclasses import dataclass
 from typing import Any
 
-from .bindrules import LISTEN, Sock
-from .events import format_addr
 from .journal import JournalReader
-from .records import SocketRecord, address_of_family
+from .records import EventExplanation, RecordedCall, SocketRecord
 from .text import clock_text
 
 CONTEXT_S = 300.0  # read this far before --since: the rules need what came before
@@ -43,57 +41,6 @@ class Row(SocketRecord):
 
     __eq__ = object.__eq__
     __hash__ = object.__hash__
-
-
-@dataclass(eq=False)
-class Ev:
-    id: int
-    session: int
-    time: float
-    call: str
-    result: str
-    errno: int
-    pid: int
-    uid: int
-    sock_uid: int
-    comm: str
-    netns: int
-    family: str
-    protocol: str
-    addr: str
-    port: int
-    bound_addr: str
-    bound_port: int
-    options: frozenset[str]
-    dev: int
-    inode: int
-    exe: str | None
-    cgroup: str | None
-    owner_uid: int | None
-    blockers: Any
-    explanation: Any = None  # the on-the-spot explanation (reasons, fixes, notes) or None
-
-    @property
-    def ok(self) -> bool:
-        return self.errno == 0
-
-    @property
-    def local_addr(self) -> str:
-        """The address the call concerns: what it got, or what it asked for."""
-        return self.bound_addr if self.ok and self.call != "connect" else self.addr
-
-    @property
-    def local_port(self) -> int:
-        return (self.bound_port or self.port) if self.ok and self.call != "connect" else self.port
-
-    @property
-    def local(self) -> str:
-        return format_addr(self.family, self.local_addr, self.local_port)
-
-    def sock(self) -> Sock:
-        return Sock(self.protocol, self.family, self.local_addr, self.local_port,
-                    LISTEN if self.call == "listen" else "CLOSE", "reuseaddr" in self.options,
-                    "reuseport" in self.options, "v6only" in self.options, self.dev, self.sock_uid)
 
 
 class History:
@@ -135,14 +82,14 @@ class History:
             if row.inode:
                 self.by_inode.setdefault((row.netns, row.inode), []).append(row)
 
-        self.events: list[Ev] = []
+        self.events: list[RecordedCall] = []
         for r in reader.events((start - CONTEXT_S) if start is not None else 0, port, netns):
-            ev = _event(r)
+            ev = RecordedCall.from_row(r)
             if ev is None:
                 reader.damaged["events"] = reader.damaged.get("events", 0) + 1
                 continue
             self.events.append(ev)
-        self.events_by_inode: dict[tuple[int, int], list[Ev]] = {}
+        self.events_by_inode: dict[tuple[int, int], list[RecordedCall]] = {}
         self._pid_seen: dict[int, list[tuple[float, str, str | None, int | None]]] = {}
         for ev in self.events:
             if ev.inode:
@@ -191,7 +138,7 @@ class History:
         rows = self.by_inode.get((netns, inode))
         return self.snap_by_id.get(rows[0].first) if rows else None
 
-    def took_at(self, netns: int, inode: int, calls: tuple[str, ...]) -> Ev | None:
+    def took_at(self, netns: int, inode: int, calls: tuple[str, ...]) -> RecordedCall | None:
         """The first successful call of ``calls`` on the socket, if recorded."""
         for ev in self.events_by_inode.get((netns, inode), ()):
             if ev.ok and ev.call in calls:
@@ -208,31 +155,11 @@ class History:
         best = min(seen, key=lambda s: abs(s[0] - t))
         return best[1], best[2], best[3]
 
-    def ev_identity(self, ev: Ev) -> tuple[str | None, str | None]:
+    def ev_identity(self, ev: RecordedCall) -> tuple[str | None, str | None]:
         if ev.exe:
             return ev.exe, ev.cgroup
         exe, cgroup, _ = self.identity(ev.pid, ev.time)
         return exe, cgroup
-
-
-def _port(value: int) -> bool:
-    return 0 <= value <= 0xFFFF
-
-
-def _blockers(value: Any) -> Any:
-    """An event's on-the-spot blockers: a list of {pids, comm, state, local,
-    rule}, or {"error": sentence}; ValueError when it is neither."""
-    if value is None:
-        return None
-    if isinstance(value, dict):
-        if not isinstance(value.get("error"), str):
-            raise ValueError("blockers")
-        return value
-    for b in value:
-        if not isinstance(b, dict) or not isinstance(b.get("pids", []), list) \
-                or not all(type(p) is int for p in b.get("pids", [])):
-            raise ValueError("blockers")
-    return value
 
 
 def _row(r: dict[str, Any], last: int) -> Row | None:
@@ -243,56 +170,12 @@ def _row(r: dict[str, Any], last: int) -> Row | None:
     return Row(**fields, id=r["id"], session=r["session"], first=r["first_snapshot"], last=last)
 
 
-EVENT_CALLS = frozenset({"bind", "listen", "connect", "get_port", "listen_close"})
-
-
-def _event(r: dict[str, Any]) -> Ev | None:
-    """An events row for the rules, or None when it is damaged."""
-    if r["call"] not in EVENT_CALLS or r["protocol"] not in ("tcp", "udp"):
-        return None
-    if not (address_of_family(r["family"], r["bound_addr"]) and _port(r["port"]) and _port(r["bound_port"])):
-        return None
-    if r["addr_family"] in ("ipv4", "ipv6") and not address_of_family(r["addr_family"], r["addr"]):
-        return None
-    try:
-        blockers = _blockers(r["blockers"])
-        explanation = _explanation(r.get("explanation"))
-    except ValueError:
-        return None
-    return Ev(
-        r["id"], r["session"], r["time"], r["call"], r["result"], r["errno"], r["pid"],
-        r["uid"], r["sock_uid"], r["comm"], r["netns"], r["family"], r["protocol"],
-        r["addr"], r["port"], r["bound_addr"], r["bound_port"],
-        frozenset(filter(None, r["options"].split(","))), r["bound_dev_if"], r["inode"],
-        r["exe"], r["cgroup"], r["owner_uid"], blockers, explanation)
-
-
-def _explanation(value: Any) -> Any:
-    """An event's explanation as the journal keeps it ({errno, reasons,
-    fixes, notes}, or {"error": sentence}); ValueError when it is neither."""
-    if value is None:
-        return None
-    if not isinstance(value, dict):
-        raise ValueError("explanation")
-    if "error" in value:
-        if not isinstance(value["error"], str):
-            raise ValueError("explanation")
-        return value
-    for key in ("reasons", "fixes", "notes"):
-        items = value.get(key, [])
-        if not isinstance(items, list) or not all(
-                isinstance(i, dict) and isinstance(i.get("text", ""), str) for i in items):
-            raise ValueError("explanation")
-    return value
-
-
-def first_reason(explanation: Any) -> dict[str, Any] | None:
+def first_reason(explanation: EventExplanation | None) -> dict[str, Any] | None:
     """{errno, rule, text} of the explanation's first reason, or None."""
-    reasons = explanation.get("reasons") if isinstance(explanation, dict) else None
-    if not reasons:
+    if explanation is None or not explanation.reasons:
         return None
-    r = reasons[0]
-    return {"errno": r.get("errno"), "rule": r.get("rule"), "text": r.get("text", "")}
+    r = explanation.reasons[0]
+    return {"errno": r.errno, "rule": r.rule, "text": r.text}
 
 
 def stamp(t: float | None) -> str:

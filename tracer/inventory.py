@@ -27,9 +27,9 @@ from dataclasses import dataclass, field
 from typing import Iterable
 
 from .errors import UsageError
-from .events import format_addr
 from .netns import NetnsRef, NetnsScan, dump_in, list_netns, open_netns
-from .owners import Owner, OwnerCache
+from .owners import OwnerCache
+from .records import Owner, SocketRecord, format_addr
 from .sockdiag import SockRecord, dump, state_mask
 from .sockflags import Holder, Iterators, SharedIterators, SockFlags
 
@@ -48,6 +48,19 @@ class Socket:
     @property
     def options(self) -> frozenset[str]:
         return self.flags.options if self.flags else frozenset()
+
+    def record(self) -> SocketRecord:
+        """The socket's state as a journal snapshot keeps it."""
+        d, f = self.diag, self.flags
+        grouped = bool(f and f.group)
+        return SocketRecord(
+            netns=d.netns, protocol=d.protocol, family=d.family, state=d.state,
+            addr=d.local_addr, port=d.local_port, dev=d.bound_dev_if, uid=d.uid,
+            inode=d.inode, cookie=d.cookie, options=frozenset(f.options) if f else None,
+            group=f.group if f and grouped else None,
+            group_size=f.group_size if f and grouped else None,
+            group_bpf=bool(f.group_bpf_prog) if f and grouped else None,
+            owners=tuple(o.kept() for o in sorted(self.owners, key=lambda o: o.pid)))
 
     def to_json(self) -> dict[str, object]:
         d = self.diag

@@ -95,6 +95,7 @@ _SIGNATURES: dict[str, tuple[object, list[object]]] = {
     "bpf_iter_create": (c_int, [c_int]),
     "bpf_map__fd": (c_int, [c_void_p]),
     "bpf_map__set_max_entries": (c_int, [c_void_p, c_uint32]),
+    "bpf_map__set_autocreate": (c_int, [c_void_p, c_bool]),
     "bpf_map__max_entries": (c_uint32, [c_void_p]),
     "bpf_map__type": (c_int, [c_void_p]),
     "bpf_map__key_size": (c_uint32, [c_void_p]),
@@ -479,6 +480,11 @@ class Map(MapOps):
 
     def set_max_entries(self, n: int) -> None:
         _check_ret(lib().bpf_map__set_max_entries(self.ptr, n), f"resize map {self.name}")
+
+    def set_autocreate(self, on: bool) -> None:
+        """Whether loading the object creates this map (before load only;
+        no loaded program may use a map that is not created)."""
+        _check_ret(lib().bpf_map__set_autocreate(self.ptr, on), f"autocreate map {self.name}")
 
     def initial_value(self) -> tuple[int, int]:
         """Address and size of the map's initial data (.rodata, .bss)."""

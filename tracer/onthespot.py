@@ -20,8 +20,14 @@ import errno
 import time
 
 from .errors import PortscopeError, UsageError
-from .events import CallEvent, Capture, Captured, format_addr
-from .records import BlockerSummary, EventExplanation
+from .records import (
+    BlockerSummary,
+    CallEvent,
+    Capture,
+    Captured,
+    EventExplanation,
+    format_addr,
+)
 
 TTL_S = 1.0
 BIND_ERRNOS = frozenset({errno.EADDRINUSE, errno.EACCES, errno.EADDRNOTAVAIL, errno.EINVAL,
@@ -120,9 +126,8 @@ class OnTheSpot:
                            b["held"], b["remote"],
                            b["closed_by"]["label"] if b.get("closed_by") else "")
             for (_, s), b in zip(result.blockers, result.to_json()["blockers"]))
-        return EventExplanation(blockers, reasons=tuple(r.to_json() for r in result.reasons),
-                                fixes=tuple(f.to_json() for f in result.fixes),
-                                notes=tuple(n.to_json() for n in notes))
+        return EventExplanation(blockers, reasons=tuple(result.reasons),
+                                fixes=tuple(result.fixes), notes=tuple(notes))
 
     def close(self) -> None:
         """Give back the shared iterators (safe twice)."""

@@ -72,6 +72,34 @@ GROUP_PROGRAMS: dict[Plan, tuple[str, ...]] = {
     Plan.TRACEPOINT: ("ps_group_data_ready",),
 }
 
+
+
+class Part(str, enum.Enum):
+    """What a process may load, all from one object (tracer/engine.py)."""
+
+    EVENTS = "events"  # bind/listen/connect calls and TCP closes: PLAN_PROGRAMS
+    GROUPS = "groups"  # reuseport deliveries: GROUP_PROGRAMS
+    ITERATORS = "iterators"  # socket and file tables, read on demand: ITERATOR_PROGRAMS
+
+
+def programs(events: Plan | None, groups: Plan | None, iterators: bool) -> tuple[str, ...]:
+    """The programs one object loads: the events of one plan, the group
+    counting of one plan (which may differ: tp_btf counting needs 6.6), the
+    iterators (no plan: they attach to no hook)."""
+    return ((PLAN_PROGRAMS[events] if events else ())
+            + (GROUP_PROGRAMS[groups] if groups else ())
+            + (ITERATOR_PROGRAMS if iterators else ()))
+
+
+def part_of(program: str | None) -> Part:
+    """Which part a program belongs to (names are unique across parts)."""
+    if program in ITERATOR_PROGRAMS:
+        return Part.ITERATORS
+    if any(program in names for names in GROUP_PROGRAMS.values()):
+        return Part.GROUPS
+    return Part.EVENTS
+
+
 # Preference order when the plan is chosen automatically: fentry is the
 # cheapest and sees arguments at exit; kprobes next; syscall tracepoints
 # alone miss refusals outside system calls (io_uring, kernel sockets).

@@ -31,16 +31,18 @@ import threading
 import time
 
 from . import journal as jr
-from .engine import Engine, EngineConfig
-from .loader import open_engine
-from .errors import ExitStatus, OutputFailed, PortscopeError
-from .events import CallEvent, Clock, decode
-from .onthespot import OnTheSpot, explainable
-from .records import EventExplanation, SocketRecord
 from .cgroups import CgroupIdentities
+from .engine import Engine, EngineConfig
+from .errors import ExitStatus, OutputFailed, PortscopeError
+from .events import Clock, decode
+from .inventory import take
+from .loader import open_engine
+from .onthespot import OnTheSpot, explainable
 from .owners import Owner, OwnerCache
 from .plans import Plan
+from .records import CallEvent, EventExplanation, RecordedSnapshot
 from .runtime import POLL_MS, Output, StopSignal, say
+from .sockflags import SharedIterators
 
 TRIGGER_DELAY_S = 0.2  # let a bind become a listen before looking
 MIN_GAP_S = 0.5  # at most two event-triggered snapshots a second
@@ -70,7 +72,7 @@ def run(args: argparse.Namespace) -> ExitStatus:
             jsonl = Output(args.jsonl) if getattr(args, "jsonl", None) else None
             recorder = Recorder(engine, writer, args.snapshot_interval, explain=not args.no_explain,
                                 jsonl=jsonl)
-            say(f"recording to {args.output} with the {engine.plan.value} plan"
+            say(f"recording to {args.output} with the {engine.plan_name} plan"
                 f"{' (bcc)' if engine.engine == 'bcc' else ''} "
                 f"(snapshot every {args.snapshot_interval:g}s{_limits(args)}); "
                 "SIGTERM or Ctrl-C to stop")
@@ -131,11 +133,11 @@ class Identities:
 
 class Snapshotter:
     """The inventory thread. ``trigger()`` asks for a snapshot soon; results
-    (jr.RecordedSnapshot, or an exception to report) arrive on ``results``."""
+    (RecordedSnapshot, or an exception to report) arrive on ``results``."""
 
     def __init__(self, interval: float) -> None:
         self.interval = interval
-        self.results: queue.Queue[jr.RecordedSnapshot | BaseException] = queue.Queue()
+        self.results: queue.Queue[RecordedSnapshot | BaseException] = queue.Queue()
         self._cond = threading.Condition()
         self._trigger_at: float | None = None
         self._stopping = False
@@ -157,8 +159,6 @@ class Snapshotter:
         self._thread.join(timeout)
 
     def _main(self) -> None:
-        from .sockflags import SharedIterators
-
         try:
             iterators = SharedIterators()
         except (PortscopeError, OSError) as exc:
@@ -208,13 +208,11 @@ class Snapshotter:
                 self._cond.wait(due - now)
 
     @staticmethod
-    def _take(iterators: object, wall: float, reason: str) -> jr.RecordedSnapshot:
-        from .inventory import take
-
-        inv = take(states=SNAPSHOT_STATES, iterators=iterators)  # type: ignore[arg-type]
-        sockets = [SocketRecord.of(s) for s in inv.sockets
+    def _take(iterators: SharedIterators, wall: float, reason: str) -> RecordedSnapshot:
+        inv = take(states=SNAPSHOT_STATES, iterators=iterators)
+        sockets = [s.record() for s in inv.sockets
                    if s.diag.local_port and not (s.diag.protocol == "udp" and s.diag.remote_port)]
-        return jr.RecordedSnapshot(wall, 0.0, reason, sockets, inv.health())
+        return RecordedSnapshot(wall, 0.0, reason, sockets, inv.health())
 
 
 class Recorder:
@@ -239,7 +237,7 @@ class Recorder:
         self._lost = 0
 
     def run(self, stop: StopSignal) -> None:
-        self.writer.start_session(self.engine.plan.value, self.interval)
+        self.writer.start_session(self.engine.plan_name, self.interval)
         self.snapshots.start()
         self._last_commit = time.monotonic()
         next_rotate = self._last_commit
@@ -285,31 +283,30 @@ class Recorder:
             self._maybe_commit()
 
     def _record_chunk(self, raws: list[bytes]) -> None:
-        rows = []
+        calls = []
         trigger = False
-        session = self.writer.session
         for raw in raws:
             ev = decode(raw, self.clock)
             owner = self.identities.get(ev.pid, ev.comm)
-            blockers = self._explain(ev)
-            rows.append(jr.event_row(session, ev, owner, blockers))
+            explained = self._explain(ev)
+            calls.append((ev, owner, explained))
             if self.jsonl is not None:
-                self._write_jsonl(ev, owner, blockers)
+                self._write_jsonl(ev, owner, explained)
             if ev.call in SUCCESSES and (ev.port or ev.bound_port):
                 trigger = True
-        self.writer.add_events(rows)
-        self.recorded += len(rows)
+        self.writer.add_calls(calls)
+        self.recorded += len(calls)
         if trigger:
             self.snapshots.trigger()
 
-    def _write_jsonl(self, ev: CallEvent, owner: Owner, blockers: EventExplanation | None) -> None:
+    def _write_jsonl(self, ev: CallEvent, owner: Owner, explained: EventExplanation | None) -> None:
         assert self.jsonl is not None
         doc = ev.to_json()
         # From the event's cgroup id: still known when the process is gone.
         doc.update(self.cgroups.get(ev.pid, ev.cgroup_id))
-        if blockers is not None:
-            doc["blockers"] = blockers.blockers_json()
-            doc["explanation"] = blockers.to_json()
+        if explained is not None:
+            doc["blockers"] = explained.blockers_json()
+            doc["explanation"] = explained.to_json()
         if self.jsonl_failed:
             return
         try:

@@ -11,13 +11,13 @@ import time
 from pathlib import Path
 
 from .errors import UsageError
-from .events import event_from_json
+from .records import CallEvent, EventExplanation, reading_from_json
 from .state import (
     Health,
     SocketRow,
     StateModel,
 )
-from .views import GroupViews, explanation_from_json, sort_rows, timewait_from_json
+from .views import GroupViews, sort_rows, timewait_from_json
 
 # ---- replay ----------------------------------------------------------------------
 
@@ -48,8 +48,8 @@ class Replay:
     def apply(self, doc: dict) -> None:
         kind = doc.get("record", "event")
         if kind == "event":
-            ev = event_from_json(doc)
-            self.model.add_conflict(ev, explanation_from_json(doc))
+            ev = CallEvent.from_json(doc)
+            self.model.add_conflict(ev, EventExplanation.from_event_json(doc))
         elif kind == "ports":
             self.model.set_ports(sort_rows([SocketRow.from_json(s) for s in doc["sockets"]]),
                                  doc.get("time"))
@@ -57,7 +57,7 @@ class Replay:
             self.model.update_health(**{k: v for k, v in health.items()
                                         if k in Health.__dataclass_fields__})
         elif kind == "groups":
-            self.model.set_groups(self._groups.update(doc))
+            self.model.set_groups(self._groups.update(reading_from_json(doc)))
         elif kind == "timewait":
             self.model.set_timewait(timewait_from_json(doc))
         elif kind == "health":

@@ -30,24 +30,22 @@ import time
 from dataclasses import dataclass
 from typing import Any
 
-from .views import CALLS, NOT_FAILURES, explanation_from_json, sort_rows
-from .events import CallEvent, Options, event_from_json, format_addr
-from .errors import ExitStatus, UsageError
 from .arguments import Invalid, point_in_time
+from .errors import ExitStatus, UsageError
 from .journal import JournalReader
-from .records import SocketRecord
+from .records import CallEvent, EventExplanation, Options, SocketRecord, format_addr
 from .runtime import run_screen
-from .text import clock_text
 from .state import (
     MAX_CONFLICTS,
     Conflict,
-    ExplanationView,
     GroupView,
     MemberView,
     Snapshot,
     SocketRow,
     StateModel,
 )
+from .text import clock_text
+from .views import CALLS, NOT_FAILURES, sort_rows
 
 # The health counts a snapshot carries (of its inventory), shown as they are.
 INVENTORY_HEALTH = ("namespaces", "namespaces_gone", "unreadable_processes", "flags_unknown")
@@ -258,15 +256,15 @@ class JournalReplay:
         try:
             if row is None:
                 raise ValueError("the row could not be read")
-            ev = event_from_json(row["json"])
-            return Conflict(seq, ev, explanation_from_json(
-                {"blockers": row["blockers"], "explanation": row["explanation"]}), False)
+            ev = CallEvent.from_json(row["json"])
+            return Conflict(seq, ev, EventExplanation.from_json(row["blockers"],
+                                                                row["explanation"]), False)
         except ValueError as exc:
             self._damaged_conflicts += 1
             self.model.set_error("journal", f"{self._damaged_conflicts} damaged event(s) in "
                                             f"{self.path} could not be shown ({exc})")
             return Conflict(seq, _damaged_event(self.times[self.failures[seq]]),
-                            ExplanationView(error=f"damaged in the journal: {exc}"), False)
+                            EventExplanation(error=f"damaged in the journal: {exc}"), False)
 
     def _apply_snapshot(self, i: int) -> None:
         if i < 0:

@@ -28,14 +28,14 @@ from dataclasses import dataclass
 from typing import Iterable
 
 from . import libbpf
-from .balance import Imbalance, imbalance, round_or_none
-from .engine import Engine, EngineConfig
-from .events import format_addr
+from .balance import imbalance
+from .engine import Engine, EngineConfig, Need
+from .errors import Unsupported
 from .inventory import Inventory, Socket, take
 from .layout import PsCounter, PsMemberCount
 from .loader import open_engine
-from .owners import Owner
-from .plans import GROUP_PROGRAMS, Plan
+from .plans import Part, Plan
+from .records import Group, GroupsReading, Member, MemberEvent
 from .sockflags import SharedIterators
 
 # A counter key no inventory has explained for this many reads belongs to a
@@ -46,130 +46,6 @@ UNKNOWN_READS = 2
 
 
 # ---- the state model ------------------------------------------------------
-
-
-@dataclass
-class Member:
-    """One socket of a group, with its figures at the time of the read."""
-
-    cookie: int
-    inode: int
-    state: str
-    owners: tuple[Owner, ...]
-    delivered: int  # since the watcher started, or since the member joined
-    rate: float | None  # per second over the last interval; None on the first read
-    window: int  # delivered since the group's membership last changed
-    share: float | None  # window / the group's window total
-    queue: int  # TCP: accept-queue depth; UDP: bytes waiting in the receive queue
-    backlog: int | None  # TCP: the listen() backlog; UDP: None
-
-    @property
-    def pids(self) -> list[int]:
-        return [o.pid for o in self.owners]
-
-    def to_json(self) -> dict[str, object]:
-        return {
-            "cookie": self.cookie, "inode": self.inode, "state": self.state,
-            "pids": self.pids, "owners": [o.to_json() for o in self.owners],
-            "delivered": self.delivered, "rate": round_or_none(self.rate, 3),
-            "window": self.window, "share": round_or_none(self.share, 6),
-            "queue": self.queue, "backlog": self.backlog,
-        }
-
-
-@dataclass
-class Group:
-    id: int  # opaque, stable while the kernel keeps the group
-    netns: int
-    protocol: str
-    family: str
-    addr: str
-    port: int
-    bound_dev_if: int
-    size: int  # sockets in the group, as the kernel counts them
-    bpf: bool  # a reuseport BPF program steers it
-    members: list[Member]
-    window_seconds: float
-    imbalance: Imbalance
-
-    @property
-    def local(self) -> str:
-        return format_addr(self.family, self.addr, self.port)
-
-    @property
-    def delivered(self) -> int:
-        return sum(m.delivered for m in self.members)
-
-    @property
-    def rate(self) -> float | None:
-        rates = [m.rate for m in self.members if m.rate is not None]
-        return sum(rates) if rates else None
-
-    def to_json(self) -> dict[str, object]:
-        return {
-            "id": f"{self.id:08x}", "netns": self.netns, "protocol": self.protocol,
-            "family": self.family, "local": self.local, "addr": self.addr, "port": self.port,
-            "bound_dev_if": self.bound_dev_if, "size": self.size, "bpf": self.bpf,
-            "delivered": self.delivered, "rate": round_or_none(self.rate, 3),
-            "members": [m.to_json() for m in self.members],
-            "imbalance": self.imbalance.to_json(),
-        }
-
-
-@dataclass
-class MemberEvent:
-    """A socket joined or left a group (seen between two reads)."""
-
-    time: float  # wall clock of the read that saw it
-    kind: str  # join or leave
-    group: int
-    netns: int
-    protocol: str
-    family: str
-    addr: str
-    port: int
-    cookie: int
-    inode: int
-    owners: tuple[Owner, ...]  # for a leave: the owners last seen
-    delivered: int  # for a leave: everything it received; for a join: so far
-
-    @property
-    def pids(self) -> list[int]:
-        return [o.pid for o in self.owners]
-
-    @property
-    def local(self) -> str:
-        return format_addr(self.family, self.addr, self.port)
-
-    def to_json(self) -> dict[str, object]:
-        return {
-            "time": round(self.time, 6), "event": self.kind, "group": f"{self.group:08x}",
-            "netns": self.netns, "protocol": self.protocol, "family": self.family,
-            "local": self.local, "cookie": self.cookie, "inode": self.inode,
-            "pids": self.pids, "owners": [o.to_json() for o in self.owners],
-            "delivered": self.delivered,
-        }
-
-
-@dataclass
-class GroupsReading:
-    time: float  # wall clock of the read
-    interval: float | None  # seconds since the previous read
-    plan: str
-    groups: list[Group]
-    events: list[MemberEvent]
-    health: dict[str, int]
-
-    def to_json(self) -> dict[str, object]:
-        return {
-            "time": round(self.time, 6),
-            "interval": None if self.interval is None else round(self.interval, 3),
-            "plan": self.plan,
-            "groups": [g.to_json() for g in self.groups],
-            "events": [e.to_json() for e in self.events],
-            "health": self.health,
-        }
-
 
 
 @dataclass
@@ -201,20 +77,27 @@ class GroupWatcher:
 
     def __init__(self, port: int | None = None, netns: str | None = None,
                  protocols: Iterable[str] = ("tcp", "udp"), plan: Plan | None = None,
-                 btf_path: str | None = None) -> None:
+                 btf_path: str | None = None, engine: Engine | None = None) -> None:
+        """Count with ``engine`` (the process's, opened with groups; it stays
+        the caller's), or with an engine of its own that loads only the
+        counting and the iterators (``portscope groups``)."""
         self.port = port
         self.netns = netns
         self.protocols = tuple(protocols)
-        config = EngineConfig(plan=plan, port=port or 0, btf_path=btf_path, ring_bytes=0,
-                              closer_entries=1, closer_args_entries=1, programs=GROUP_PROGRAMS)
-        self.engine: Engine | None = open_engine(config)
+        self._owns_engine = engine is None
+        if engine is None:
+            engine = open_engine(EngineConfig(
+                plan=plan, port=port or 0, btf_path=btf_path, events=False,
+                groups=Need.REQUIRED, ring_bytes=0))
+        if engine.group_plan is None:
+            raise Unsupported(engine.groups_problem or "this engine does not count groups")
+        self.engine: Engine | None = engine
         self.started = time.time()
         self._started_mono = time.monotonic()
         try:
-            self._iterators: SharedIterators | None = SharedIterators(
-                EngineConfig(btf_path=btf_path, closer_entries=1, closer_args_entries=1))
+            self._iterators: SharedIterators | None = SharedIterators(EngineConfig(btf_path=btf_path))
         except BaseException:
-            self.engine.close()
+            self.close()
             raise
         self._counts = self.engine.map("ps_group_counts")
         self._ncpus = libbpf.possible_cpus()
@@ -229,8 +112,8 @@ class GroupWatcher:
 
     @property
     def plan(self) -> Plan:
-        assert self.engine is not None, "watcher is closed"
-        return self.engine.plan
+        assert self.engine is not None and self.engine.group_plan, "watcher is closed"
+        return self.engine.group_plan
 
     # -- reading
 
@@ -369,7 +252,7 @@ class GroupWatcher:
         h = dict(self._inventory_health)
         h["map_full"] = self.engine.counter(PsCounter.GROUP_FULL)
         h["no_cookie"] = self.engine.counter(PsCounter.GROUP_NO_COOKIE)
-        h["missed"] = self.engine.recursion_misses()
+        h["missed"] = self.engine.recursion_misses(Part.GROUPS)
         h["unattributed"] = self._unattributed
         return h
 
@@ -377,9 +260,9 @@ class GroupWatcher:
         if self._iterators:
             self._iterators.close()
             self._iterators = None
-        if self.engine:
+        if self.engine and self._owns_engine:
             self.engine.close()
-            self.engine = None
+        self.engine = None
 
     def __enter__(self) -> "GroupWatcher":
         return self

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import signal
 import sys
-from typing import Callable, Protocol
+from typing import Callable, Protocol, Sequence
 
 from .text import printable
 
@@ -63,25 +63,41 @@ def say(sentence: str) -> None:
     print(f"portscope: {printable(sentence)}", file=sys.stderr, flush=True)
 
 
+class _Named(Protocol):
+    @property
+    def value(self) -> str: ...
+
+
 class _Attempt(Protocol):
-    plan: object
-    ok: bool
-    reason: str
+    @property
+    def plan(self) -> _Named: ...
+
+    @property
+    def ok(self) -> bool: ...
+
+    @property
+    def reason(self) -> str: ...
 
 
 class _Traced(Protocol):
-    attempts: list
-    plan: object
-    engine: str
+    """What announce() reads of an engine (tracer/engine.Engine)."""
+
+    @property
+    def attempts(self) -> Sequence[_Attempt]: ...
+
+    @property
+    def plan_name(self) -> str: ...
+
+    @property
+    def engine(self) -> str: ...
 
 
 def announce(engine: _Traced, verb: str = "tracing", tail: str = "Ctrl-C to stop") -> None:
     """Which plan runs, and why the better ones do not."""
-    skipped = "; ".join(f"{a.plan.value}: {a.reason}" for a in engine.attempts  # type: ignore[attr-defined]
-                        if not a.ok)
+    skipped = "; ".join(f"{a.plan.value}: {a.reason}" for a in engine.attempts if not a.ok)
     note = f" ({skipped})" if skipped else ""
     built = " (compiled here by bcc)" if engine.engine == "bcc" else ""
-    say(f"{verb} with the {engine.plan.value} plan{built}{note}; {tail}")  # type: ignore[attr-defined]
+    say(f"{verb} with the {engine.plan_name} plan{built}{note}; {tail}")
 
 
 class _Counters(Protocol):

@@ -40,8 +40,8 @@ from dataclasses import dataclass, fields, make_dataclass
 from typing import Iterable
 
 from .errors import Unsupported
-from .events import TCP_STATES
 from .nsenter import in_netns
+from .records import TCP_STATES
 
 # ---- kernel constants (linux/netlink.h, linux/sock_diag.h, linux/inet_diag.h)
 

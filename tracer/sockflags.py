@@ -16,14 +16,14 @@ import os
 import socket
 import struct
 import threading
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from . import libbpf
-from .engine import EngineConfig, load_programs
-from .events import FAMILIES, OPTION_NAMES, PROTOCOLS, TCP_STATES
+from .engine import EngineConfig, LibbpfLoaded, Need, load_object
 from .layout import PsFileinfo, PsGroupFlag, PsSockinfo
 from .nsenter import in_netns
-from .plans import ITERATOR_PROGRAMS, Plan
+from .plans import ITERATOR_PROGRAMS
+from .records import FAMILIES, OPTION_NAMES, PROTOCOLS, TCP_STATES
 from .text import system_text
 
 RECORD = ctypes.sizeof(PsSockinfo)
@@ -131,17 +131,27 @@ class SocketIterators:
     """The loaded iterator programs.
 
     ``sockets()`` walks one namespace's TCP and UDP tables; ``holders()``
-    walks every process's file table (all namespaces at once)."""
+    walks every process's file table (all namespaces at once). They come
+    from the process's engine object when it carries them (``loaded``, a
+    share of it is taken), else from an object of their own."""
 
-    def __init__(self, config: EngineConfig | None = None) -> None:
-        config = config or EngineConfig()
-        # The ring buffer is not used by iterators: keep it at one page.
-        config.ring_bytes = 0
-        self._obj: libbpf.BpfObject | None = load_programs(config, Plan.TRACEPOINT,
-                                                           ITERATOR_PROGRAMS)
-        self._links = {p.name: p.attach_iter() for p in self._obj.programs() if p.autoload}
+    def __init__(self, config: EngineConfig | None = None,
+                 loaded: LibbpfLoaded | None = None) -> None:
+        if loaded is None:
+            config = replace(config or EngineConfig(), events=False, groups=Need.OFF,
+                             iterators=True)
+            obj, _, created = load_object(config, {}, iterators=True)
+            loaded = LibbpfLoaded(obj, [], created)
+        else:
+            loaded.retain()
+        self._loaded: LibbpfLoaded | None = loaded
+        try:
+            self._links = {name: loaded.program(name).attach_iter() for name in ITERATOR_PROGRAMS}
+        except BaseException:
+            loaded.close()
+            raise
         libbpf.trim_heap()
-        self._port_map = self._obj.map("ps_iter_port")
+        self._port_map = loaded.map("ps_iter_port")
         # One walk at a time: the port filter is one map slot for all walks.
         self._lock = threading.Lock()
 
@@ -174,9 +184,9 @@ class SocketIterators:
         for link in self._links.values():
             link.destroy()
         self._links = {}
-        if self._obj:
-            self._obj.close()
-            self._obj = None
+        if self._loaded:
+            self._loaded.close()
+            self._loaded = None
 
     def __enter__(self) -> "SocketIterators":
         return self
@@ -188,21 +198,37 @@ class SocketIterators:
 class SharedIterators:
     """A handle on the process's one :class:`SocketIterators`: the collector's
     refresh, the on-the-spot explainer, the group watcher and the recorder
-    each open one, and the programs are loaded once, on the first open, and
-    closed with the last handle (an iterator is attached to no hook: idle,
-    it costs nothing but its few maps)."""
+    each open one. The programs are the engine's when it carries them
+    (tracer/loader.py adopts them), else loaded on the first open; they
+    are closed with the last handle (an iterator is attached to no hook:
+    idle, it costs nothing but its few maps)."""
 
     _lock = threading.Lock()
     _iterators: SocketIterators | None = None
     _handles = 0
 
-    def __init__(self, config: EngineConfig | None = None) -> None:
+    def __init__(self, config: EngineConfig | None = None,
+                 adopted: SocketIterators | None = None) -> None:
         cls = SharedIterators
         with cls._lock:
             if cls._iterators is None:
-                cls._iterators = SocketIterators(config)
+                cls._iterators = adopted or SocketIterators(config)
+            elif adopted is not None:
+                adopted.close()  # another handle was first: keep one set
             cls._handles += 1
             self._its: SocketIterators | None = cls._iterators
+
+    @classmethod
+    def adopt(cls, its: SocketIterators) -> "SharedIterators":
+        """Make ``its`` (loaded with the engine's object) the process's
+        iterators, unless the process has some already; a handle on them."""
+        return cls(adopted=its)
+
+    @classmethod
+    def loaded(cls) -> bool:
+        """Whether the process holds its iterators already."""
+        with cls._lock:
+            return cls._iterators is not None
 
     def sockets(self, netns_fd: int | None = None, port: int | None = None) -> list[SockFlags]:
         assert self._its is not None, "iterators are closed"

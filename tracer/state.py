@@ -17,7 +17,6 @@ Display strings that are costly to build (a socket's owners, a conflict's
 
 from __future__ import annotations
 
-import os
 import threading
 import time
 from collections import deque
@@ -25,7 +24,7 @@ from dataclasses import dataclass, replace
 from typing import Iterable, Sequence
 
 from . import text
-from .events import CallEvent
+from .records import CallEvent, EventExplanation, owner_label
 
 MAX_CONFLICTS = 1000
 MAX_GROUP_EVENTS = 50  # join/leave marks kept per group
@@ -38,86 +37,6 @@ def clock_text(t: float) -> str:
 
 
 # ---- conflicts ----------------------------------------------------------------
-
-
-@dataclass(frozen=True, slots=True)
-class BlockerView:
-    """One socket that blocks a failed call, and why."""
-
-    pids: tuple[int, ...]
-    comm: str | None
-    state: str
-    local: str
-    rule: str
-    overlap: str = ""
-    why: str = ""  # the rule as a sentence
-    closed_by: str = ""  # who left it, when no process holds it
-    held: str = "owners"  # owners | time_wait | orphan | hidden | unaccepted | gone
-
-    @property
-    def who(self) -> str:
-        gone = ", closed since" if self.held == "gone" else ""
-        if self.pids:
-            return f"{self.comm}[{','.join(map(str, self.pids))}]{gone}"
-        if self.closed_by:
-            return f"left by {self.closed_by}"
-        return HELD_WHO.get(self.held, "no visible process") + gone
-
-    def text(self) -> str:
-        return f"{self.who} {self.state} {self.local} ({self.rule})"
-
-    def to_json(self) -> dict[str, object]:
-        return {"pids": list(self.pids), "comm": self.comm, "state": self.state,
-                "local": self.local, "rule": self.rule, "overlap": self.overlap, "why": self.why,
-                "closed_by": self.closed_by, "held": self.held}
-
-    @classmethod
-    def from_json(cls, d: object) -> "BlockerView":
-        """ValueError when ``d`` is not a blocker as portscope writes it."""
-        if not isinstance(d, dict):
-            raise ValueError("a blocker is not a JSON object")
-        pids = d.get("pids") or []
-        texts = [d.get(k) for k in ("comm", "state", "local", "rule", "overlap", "why",
-                                    "closed_by", "held")]
-        if not isinstance(pids, list) or not all(type(p) is int for p in pids) \
-                or not all(t is None or isinstance(t, str) for t in texts):
-            raise ValueError("a blocker's pids or names have the wrong type")
-        return cls(tuple(pids), d.get("comm"), d.get("state") or "?", d.get("local") or "?",
-                   d.get("rule") or "?", d.get("overlap") or "", d.get("why") or "",
-                   d.get("closed_by") or "", d.get("held") or "owners")
-
-
-HELD_WHO = {"time_wait": "no process (TIME_WAIT)", "orphan": "no process (closing)",
-            "hidden": "an unseen process", "unaccepted": "its listener's queue",
-            "gone": "an unknown process"}
-
-
-@dataclass(frozen=True, slots=True)
-class ExplanationView:
-    """What the explainer said about one failed call."""
-
-    blockers: tuple[BlockerView, ...] = ()
-    fixes: tuple[str, ...] = ()
-    notes: tuple[str, ...] = ()
-    error: str | None = None  # the explanation could not be made: why
-    reasons: tuple[str, ...] = ()  # why the kernel refused, first the errno's own
-    rule: str = ""  # the first reason's rule (conflict, privileged_port, ...)
-    data: dict | None = None  # the explanation as its JSON (reasons, fixes, notes)
-
-    def summary(self) -> str:
-        if self.error:
-            return f"? {self.error}"
-        if not self.blockers and self.rule and self.rule != "conflict":
-            return self.rule.replace("_", " ")
-        if not self.blockers:
-            return "nothing left by the time we looked"
-        if all(b.state == "TIME_WAIT" for b in self.blockers):
-            return f"{len(self.blockers)} TIME_WAIT ({self.blockers[0].rule})"
-        first = self.blockers[0]
-        more = f" +{len(self.blockers) - 1}" if len(self.blockers) > 1 else ""
-        # The rule names the state for listeners; other states are worth saying.
-        state = "" if first.rule == "listener" else f" ({first.state})"
-        return f"{first.who} {first.rule}{state}{more}"
 
 
 # Shown for failures the explainer does not look into.
@@ -141,7 +60,7 @@ class Conflict:
 
     seq: int
     event: CallEvent
-    explanation: ExplanationView | None = None
+    explanation: EventExplanation | None = None
     pending: bool = False
 
     @property
@@ -176,11 +95,11 @@ class Conflict:
         doc = self.event.to_json()
         x = self.explanation
         if x is not None:
-            doc["blockers"] = {"error": x.error} if x.error else [b.to_json() for b in x.blockers]
-            doc["fixes"] = list(x.fixes)
-            doc["notes"] = list(x.notes)
-            if x.data is not None:
-                doc["explanation"] = x.data
+            doc["blockers"] = x.blockers_json()
+            doc["fixes"] = list(x.fix_texts)
+            doc["notes"] = list(x.note_texts)
+            if not x.error and x.reasons:
+                doc["explanation"] = x.to_json()
         return doc
 
 
@@ -266,20 +185,6 @@ def _flags_text(options: tuple[str, ...] | None, group: int, size: int, bpf: boo
     if group:
         text += f" g{group & 0xffff:04x}/{size}" + ("+bpf" if bpf else "")
     return text
-
-
-def owner_label(o: dict) -> str:
-    """``comm[pid] (unit)`` from an owner's JSON form (the journal's, the
-    collector's); tolerant of a damaged one, whose missing or mistyped
-    fields show as ``?``. Not escaped: the surface that shows it escapes."""
-    comm = _str(o.get("comm")) or os.path.basename(_str(o.get("exe")) or "") or "?"
-    where = _str(o.get("container")) and f"container {o['container']}" or _str(o.get("unit"))
-    pid = o.get("pid")
-    return f"{comm}[{pid if type(pid) is int else '?'}]" + (f" ({where})" if where else "")
-
-
-def _str(value: object) -> str | None:
-    return value if isinstance(value, str) else None
 
 
 def matches(search: str, query: str) -> bool:
@@ -471,7 +376,7 @@ class StateModel:
         self._versions = replace(self._versions, **{section: self._version})
         self._snapshot = None
 
-    def add_conflict(self, event: CallEvent, explanation: ExplanationView | None = None,
+    def add_conflict(self, event: CallEvent, explanation: EventExplanation | None = None,
                      pending: bool = False) -> int:
         """Record a failed call; returns its sequence number (for
         :meth:`explain`)."""
@@ -482,7 +387,7 @@ class StateModel:
             self._bump("conflicts")
             return seq
 
-    def add_conflicts(self, items: Iterable[tuple[CallEvent, ExplanationView | None, bool]]) -> list[int]:
+    def add_conflicts(self, items: Iterable[tuple[CallEvent, EventExplanation | None, bool]]) -> list[int]:
         """Several at once, one version (a burst read from the ring buffer)."""
         with self._lock:
             seqs = []
@@ -495,7 +400,7 @@ class StateModel:
                 self._bump("conflicts")
             return seqs
 
-    def explain(self, seq: int, explanation: ExplanationView | None) -> bool:
+    def explain(self, seq: int, explanation: EventExplanation | None) -> bool:
         """Attach the explainer's answer (None: it will not come); False if
         the conflict already left the window."""
         with self._lock:

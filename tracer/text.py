@@ -19,7 +19,7 @@ doubled, so that an escape in the output always means the byte was there.
 
 Machine formats keep the exact value instead, escaped as they require:
 ``--json`` and the journal through ``json`` (``\\u001b``, ``\\udcff``),
-metrics through Prometheus' own label escaping (tracer/export.py).
+metrics through Prometheus' own label escaping (tracer/series.py).
 """
 
 from __future__ import annotations
@@ -80,3 +80,17 @@ def clock_text(t: float, date: bool = True, digits: int = 3) -> str:
         return f"{t:.{digits}f}s"
     head = time.strftime("%Y-%m-%d %H:%M:%S" if date else "%H:%M:%S", whole)
     return head + (f".{fraction}" if digits else "")
+
+
+def sql_text(value: str | None) -> str | bytes | None:
+    """A text value as SQLite can store it exactly. Text read from the host
+    keeps bytes that are not UTF-8 as surrogates (tracer.text.system_text),
+    which SQLite's UTF-8 TEXT cannot hold: such a value is stored as a BLOB
+    of its exact bytes, and the reader turns it back into the same text."""
+    if value is None:
+        return None
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError:
+        return value.encode("utf-8", "surrogateescape")
+    return value

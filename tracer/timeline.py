@@ -21,11 +21,12 @@ def timeline(h: History) -> list[dict[str, Any]]:
             "result": ev.result, "local": ev.local, "pids": [ev.pid], "comm": ev.comm, "exe": exe,
             "uid": ev.uid, "options": sorted(ev.options), "inode": ev.inode, "count": 1,
         }
-        if not ev.ok and isinstance(ev.blockers, list):
-            entry["blockers"] = ev.blockers
-        if not ev.ok and ev.explanation is not None:
-            entry["reason"] = first_reason(ev.explanation)
-            entry["explanation"] = ev.explanation
+        x = ev.explanation
+        if not ev.ok and ev.blockers is not None:
+            entry["blockers"] = [b.to_json() for b in ev.blockers]
+        if not ev.ok and x is not None and (x.reasons or x.error):
+            entry["reason"] = first_reason(x)
+            entry["explanation"] = x.to_json()
         entries.append(entry)
     for key, rows in h.by_inode.items():
         entries += _row_changes(h, rows)

@@ -14,9 +14,9 @@ from dataclasses import dataclass, field
 from typing import Iterable
 
 from .closers import Closer, ConnKey, read_pinned
-from .events import format_addr
 from .inventory import Inventory, Socket, select_namespaces, take
 from .netns import PortRange, port_range
+from .records import format_addr
 from .text import printable
 
 HISTOGRAM_EDGES_S = (10, 20, 30, 40, 50, 60)
@@ -115,7 +115,7 @@ def report(port: int | None = None, by: str = "port", netns: str | None = None,
     return TimewaitReport(
         total=len(tw), attributed=attributed, collectors=collectors or 0,
         groups=sorted(groups.values(), key=lambda g: (-g.count, g.key)),
-        histogram=_histogram(s.diag.timer_ms for s in tw),
+        histogram=histogram(s.diag.timer_ms for s in tw),
         pressure=pressure(inv, netns), inventory=inv, notes=notes,
     )
 
@@ -130,7 +130,7 @@ def _group_name(s: Socket, by: str, closer: Closer | None) -> str:
     return f"{d.local_port}"
 
 
-def _histogram(left_ms: Iterable[int]) -> list[tuple[str, int]]:
+def histogram(left_ms: Iterable[int]) -> list[tuple[str, int]]:
     counts: Counter[int] = Counter()
     for ms in left_ms:
         counts[next((e for e in HISTOGRAM_EDGES_S if ms <= e * 1000), HISTOGRAM_EDGES_S[-1])] += 1
@@ -178,8 +178,8 @@ def run(args: "argparse.Namespace") -> "ExitStatus":  # noqa: F821
     import time
 
     from .engine import TIMEWAIT_CLOSERS, EngineConfig
-    from .loader import open_engine
     from .errors import ExitStatus
+    from .loader import open_engine
 
     engine = open_engine(EngineConfig(closer_entries=TIMEWAIT_CLOSERS)) if args.watch else None
     try:

@@ -6,14 +6,23 @@ import argparse
 import json
 import time
 
-from .engine import Counters, Engine, EngineConfig
-from .loader import open_engine
-from .errors import ExitStatus
-from .events import CallEvent, Clock, decode
-from .onthespot import OnTheSpot
 from .cgroups import CgroupIdentities
+from .engine import Counters, Engine, EngineConfig
+from .errors import ExitStatus
+from .events import Clock, decode
+from .loader import open_engine
+from .onthespot import OnTheSpot
 from .plans import Plan
-from .runtime import COALESCE_S, POLL_MS, Output, StopSignal, announce, report_losses, say
+from .records import CallEvent
+from .runtime import (
+    COALESCE_S,
+    POLL_MS,
+    Output,
+    StopSignal,
+    announce,
+    report_losses,
+    say,
+)
 from .text import clock_text, printable
 
 COUNTER_CHECK_S = 1.0
@@ -32,6 +41,8 @@ def config_from_args(args: argparse.Namespace) -> EngineConfig:
         port=args.port or 0,
         ring_bytes=args.ring_size,
         btf_path=args.btf,
+        # the on-the-spot explainer walks the sockets with the iterators
+        iterators=not getattr(args, "no_explain", False),
     )
 
 

@@ -64,7 +64,7 @@ def detail(c: Conflict) -> Text:
         return out
     if x.reasons:
         out.append("\nWhy\n", "bold")
-        for i, reason in enumerate(x.reasons):
+        for i, reason in enumerate(x.reason_texts):
             out.append(f"  {'•' if i == 0 else 'then:'} {s(reason)}\n")
     if x.blockers or x.rule in ("", "conflict"):
         out.append("\nBlocked by\n", "bold")
@@ -81,11 +81,11 @@ def detail(c: Conflict) -> Text:
         out.append(f"  {capture_line(ev.capture)}\n", "dim")
     if x.fixes:
         out.append("\nFixes\n", "bold")
-        for fix in x.fixes:
+        for fix in x.fix_texts:
             out.append(f"  • {s(fix)}\n", "green")
     if x.notes:
         out.append("\nNotes\n", "bold")
-        for note in x.notes:
+        for note in x.note_texts:
             out.append(f"  • {s(note)}\n")
     return out
 

@@ -9,7 +9,7 @@ from textual.app import ComposeResult
 from textual.binding import Binding
 from textual.widgets import Input, Static
 
-from tracer.state import SocketRow, Snapshot, matches
+from tracer.state import Snapshot, SocketRow, matches
 from tracer.text import clock_text
 
 from .base import Pane

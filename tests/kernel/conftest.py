@@ -14,8 +14,8 @@ from pathlib import Path
 from typing import Iterator
 
 import pytest
-
 from harness import EventCollector, Netns
+
 from tests.needs import missing
 
 KERNEL_TESTS = Path(__file__).resolve().parent
@@ -50,8 +50,8 @@ def root() -> None:
 def tracer(root: None) -> Iterator[EventCollector]:
     """One engine for the whole session, tracing every call, failed or not."""
     from tracer.engine import EngineConfig
-    from tracer.loader import open_engine
     from tracer.errors import PortscopeError
+    from tracer.loader import open_engine
 
     try:
         engine = open_engine(EngineConfig(errors_only=False))

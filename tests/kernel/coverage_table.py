@@ -17,6 +17,7 @@ HERE = Path(__file__).resolve().parent
 sys.path[:0] = [str(HERE), str(HERE.parents[1])]
 
 from test_explainer_matrix import CASES  # noqa: E402
+
 from tracer.bindrules import RULE_TEXT, Rule  # noqa: E402
 
 UNCOVERED = {

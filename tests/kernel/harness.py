@@ -38,7 +38,8 @@ from dataclasses import dataclass
 from multiprocessing.connection import Connection, Pipe
 from typing import Any, Callable, Iterable
 
-from tracer.events import CallEvent, Clock, decode
+from tracer.events import Clock, decode
+from tracer.records import CallEvent
 
 # ---- kernel constants Python 3.11 does not name ------------------------------
 

@@ -19,8 +19,8 @@ import time
 from pathlib import Path
 
 import pytest
-
 from harness import Actor, Netns
+
 from tests.needs import need_tool
 from tracer.closers import PIN_DIR
 from tracer.errors import ExitStatus

@@ -25,9 +25,9 @@ import time
 from pathlib import Path
 
 import pytest
-
 from harness import Actor, Netns, expect_outcome, pick_port
 from test_error_paths import assert_one_sentence, portscope
+
 from tests.needs import missing, need_root, need_tool
 from tracer.errors import ExitStatus
 

@@ -20,8 +20,8 @@ from pathlib import Path
 from typing import Iterator
 
 import pytest
-
 from harness import Actor, EventCollector, Netns
+
 from tests.needs import missing, need_tool
 from tracer.cgroups import cgroup2_root
 from tracer.onthespot import OnTheSpot
@@ -77,8 +77,8 @@ def test_a_refusing_program_is_named(denying_cgroup: str, netns: Netns,
         x = spot.explain(ev)
     finally:
         spot.close()
-    assert x is not None and [r["rule"] for r in x.reasons] == ["bind_hook"]
-    (hook,) = x.reasons[0]["facts"]["hooks"]
+    assert x is not None and [r.rule for r in x.reasons] == ["bind_hook"]
+    (hook,) = x.reasons[0].facts["hooks"]
     assert hook["hook"] == "bind4" and hook["cgroup"] == denying_cgroup
     assert hook["name"] == "ps_test_deny_77"  # the kernel keeps 15 characters of a name
     assert hook["program_id"] > 0

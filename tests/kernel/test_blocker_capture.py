@@ -23,14 +23,21 @@ import sys
 from typing import Callable
 
 import pytest
+from harness import (
+    Actor,
+    EventCollector,
+    Netns,
+    Truth,
+    expect_outcome,
+    pick_port,
+    second_listen_refused,
+)
 
-from harness import (Actor, EventCollector, Netns, Truth, expect_outcome, pick_port,
-                     second_listen_refused)
-from tracer.events import Capture, CallEvent
 from tracer.inventory import take
 from tracer.layout import PsBlockers
 from tracer.onthespot import OnTheSpot
 from tracer.plans import Plan
+from tracer.records import CallEvent, Capture
 
 pytestmark = pytest.mark.kernel
 
@@ -254,9 +261,9 @@ def test_a_blocker_is_named_even_when_its_namespace_is_gone(tracer: EventCollect
     (b,) = x.blockers
     assert (b.pids, b.state, b.local, b.held, b.rule, b.overlap) == (
         (pid,), "LISTEN", f"0.0.0.0:{port}", "gone", "listener", "dual_stack")
-    kinds = [n["kind"] for n in x.notes]
+    kinds = [n.kind for n in x.notes]
     assert "namespace_gone" in kinds and "closed_since" in kinds
-    assert x.fixes[0]["kind"] == "retry"
+    assert x.fixes[0].kind == "retry"
 
 
 # The whole incident in one short-lived process and namespace: a listener,

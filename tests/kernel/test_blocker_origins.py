@@ -20,6 +20,7 @@ import sys
 from pathlib import Path
 
 from harness import Actor, EventCollector, Netns, expect_outcome
+
 from tracer.explain import Request, explain
 
 PORT = 7100

@@ -14,6 +14,7 @@ from __future__ import annotations
 import errno
 
 from harness import Actor, EventCollector, Netns, expect_outcome
+
 from tracer.onthespot import OnTheSpot
 
 SERVER = ("127.0.0.1", 9000)
@@ -43,13 +44,13 @@ def test_no_port_left_towards_a_destination(netns: Netns, tracer: EventCollector
         spot.close()
     assert x is not None and x.error is None
     (reason,) = x.reasons
-    assert (reason["errno"], reason["rule"]) == ("EADDRNOTAVAIL", "ephemeral_exhausted")
-    facts = reason["facts"]
+    assert (reason.errno, reason.rule) == ("EADDRNOTAVAIL", "ephemeral_exhausted")
+    facts = reason.facts
     assert (facts["destination"], facts["in_use"], facts["capacity"]) == ("127.0.0.1:9000", 2, 2)
     assert facts["range"] == [40000, 40001]
     assert facts["top_holders"][0]["count"] == 2
     assert f"[{client.pid}]" in facts["top_holders"][0]["holder"]
-    kinds = {(f["kind"], f["params"].get("name")) for f in x.fixes}
+    kinds = {(f.kind, f.params.get("name")) for f in x.fixes}
     assert ("sysctl", "net.ipv4.ip_local_port_range") in kinds
     # The fix, applied: two more ports, and the same connect() succeeds.
     netns.sysctl("net/ipv4/ip_local_port_range", "40000 40003")
@@ -73,9 +74,9 @@ def test_a_repeated_four_tuple_names_its_connection(netns: Netns, tracer: EventC
     finally:
         spot.close()
     assert x is not None and x.error is None
-    assert [r["rule"] for r in x.reasons] == ["four_tuple_taken"]
-    assert x.reasons[0]["errno"] == ev.errno_name
+    assert [r.rule for r in x.reasons] == ["four_tuple_taken"]
+    assert x.reasons[0].errno == ev.errno_name
     (holder,) = x.blockers
     assert holder.pids == (first.pid,) and holder.local == "127.0.0.1:40500"
     assert holder.remote == "127.0.0.1:9000" and holder.state == "ESTABLISHED"
-    assert {f["kind"] for f in x.fixes} == {"option", "port"}
+    assert {f.kind for f in x.fixes} == {"option", "port"}

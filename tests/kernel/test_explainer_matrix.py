@@ -82,10 +82,11 @@ from itertools import product
 from typing import Callable, Iterator
 
 import pytest
-
 from harness import CAP_NET_BIND_SERVICE, Actor, Netns, Truth
-from tracer.explain import SPECIFIC_PROBES, Explanation, Fix, Request, explain
+
+from tracer.explain import SPECIFIC_PROBES, Explanation, Request, explain
 from tracer.inventory import Socket, take
+from tracer.records import Fix
 
 PORT = 7000
 EPHEMERAL_RANGE = (40000, 40001)

@@ -264,7 +264,7 @@ def test_series_are_bounded_whatever_the_label_combination(exporter) -> None:  #
 
 
 def test_folding_keeps_counters_monotonic_and_sums_exact() -> None:
-    from tracer.export import OTHER, FoldedCounter
+    from tracer.series import OTHER, FoldedCounter
 
     c = FoldedCounter(("port",), {"port": 2})
     for port, n in (("1", 5), ("2", 4), ("3", 1)):

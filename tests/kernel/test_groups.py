@@ -17,13 +17,14 @@ import time
 from pathlib import Path
 
 import pytest
-
 from harness import Netns, ServingActor
+
 from tracer import libbpf
 from tracer.engine import EngineConfig, verify_plan
 from tracer.errors import PlanUnavailable, Unsupported
-from tracer.reuseport import Group, GroupWatcher, GroupsReading
-from tracer.plans import BTF_PATH, GROUP_PROGRAMS, Plan
+from tracer.plans import BTF_PATH, Part, Plan
+from tracer.records import Group, GroupsReading
+from tracer.reuseport import GroupWatcher
 
 ROOT = Path(__file__).resolve().parents[2]
 PORT = 41000
@@ -124,12 +125,12 @@ def test_group_counters_pass_the_verifier(root: None, plan: Plan) -> None:
     """The kprobe counter must load even where it cannot attach (no
     CONFIG_KPROBES); the fentry one is refused before verification where
     BPF trampolines are. Before 6.6 the tracepoint plan has no hook."""
-    config = EngineConfig(programs=GROUP_PROGRAMS, ring_bytes=0, closer_entries=1)
+    config = EngineConfig(events=False, ring_bytes=0)
     if plan is Plan.TRACEPOINT and not has_sk_data_ready():
         with pytest.raises(PlanUnavailable, match="sk_data_ready"):
-            verify_plan(config, plan)
+            verify_plan(config, plan, Part.GROUPS)
         return
-    verify_plan(config, plan)
+    verify_plan(config, plan, Part.GROUPS)
 
 
 def test_tcp_counts_equal_what_each_process_accepted(netns: Netns, watcher: GroupWatcher) -> None:

@@ -25,9 +25,9 @@ from pathlib import Path
 from typing import Iterator
 
 import pytest
-
 from harness import Netns
 from terminal import START_S, Terminal
+
 from tests.hostile import NAMES, assert_safe, assert_safe_bytes
 from tests.needs import missing, need_tool
 from tracer.cgroups import cgroup2_root
@@ -209,7 +209,6 @@ def test_report_shows_the_journal_safely_and_its_json_exactly(hostiles: Hostiles
 
 def test_export_keeps_names_exact_in_its_labels(hostiles: Hostiles) -> None:
     from prometheus_client.parser import text_string_to_metric_families
-
     from test_export import free_port, http_get, stop, wait_for
 
     port = free_port()

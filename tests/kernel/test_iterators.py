@@ -14,8 +14,8 @@ from harness import Actor, Netns
 
 from tracer import libbpf
 from tracer.engine import EngineConfig
-from tracer.loader import open_engine
 from tracer.layout import PsCounter
+from tracer.loader import open_engine
 from tracer.sockflags import SocketIterators, SockFlags
 
 

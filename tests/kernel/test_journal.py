@@ -30,8 +30,8 @@ from pathlib import Path
 from typing import Any, Iterator
 
 import pytest
-
 from harness import Netns
+
 from tests.needs import missing
 
 REPO = Path(__file__).resolve().parents[2]
@@ -271,8 +271,8 @@ def programs() -> Iterator[Programs]:
 @pytest.fixture(scope="module")
 def can_record(root: None) -> None:
     from tracer.engine import EngineConfig
-    from tracer.loader import open_engine
     from tracer.errors import PortscopeError
+    from tracer.loader import open_engine
 
     try:
         open_engine(EngineConfig(successes=frozenset({"bind", "listen", "listen_close"}))).close()

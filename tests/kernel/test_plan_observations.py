@@ -15,9 +15,15 @@ from __future__ import annotations
 import errno
 
 import pytest
+from harness import (
+    Actor,
+    EventCollector,
+    Netns,
+    expect_outcome,
+    pick_port,
+    second_listen_refused,
+)
 
-from harness import (Actor, EventCollector, Netns, expect_outcome, pick_port,
-                     second_listen_refused)
 from tracer.plans import Plan
 
 pytestmark = pytest.mark.kernel

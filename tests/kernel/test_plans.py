@@ -9,8 +9,8 @@ import pytest
 
 from tests.needs import need_root
 from tracer.engine import EngineConfig, verify_plan
-from tracer.loader import open_engine
 from tracer.errors import PlanUnavailable, UsageError
+from tracer.loader import open_engine
 from tracer.plans import PREFERENCE, Plan, kernel_facts
 
 pytestmark = pytest.mark.kernel

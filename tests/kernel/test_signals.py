@@ -19,9 +19,9 @@ import time
 from pathlib import Path
 
 import pytest
-
 from terminal import START_S, Terminal
 from test_export import free_port
+
 from tracer.closers import PIN_DIR
 
 ROOT = Path(__file__).resolve().parents[2]

@@ -15,9 +15,18 @@ from __future__ import annotations
 import errno
 
 import pytest
-
-from harness import (Actor, EventCollector, HarnessError, Netns, Truth, candidates, expect_outcome, match,
-                     pick_port, second_listen_refused)
+from harness import (
+    Actor,
+    EventCollector,
+    HarnessError,
+    Netns,
+    Truth,
+    candidates,
+    expect_outcome,
+    match,
+    pick_port,
+    second_listen_refused,
+)
 
 pytestmark = pytest.mark.kernel
 

@@ -17,8 +17,8 @@ import subprocess
 from typing import Callable
 
 import pytest
-
 from harness import Actor, EventCollector, Netns, Truth, expect_outcome, pick_port
+
 from tracer.explain import explain
 from tracer.onthespot import OnTheSpot, request_of
 

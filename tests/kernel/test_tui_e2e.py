@@ -10,7 +10,6 @@ import time
 from pathlib import Path
 
 import pytest
-
 from harness import Actor, Netns
 from terminal import DEADLINE_S, START_S, Terminal
 

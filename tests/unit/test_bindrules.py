@@ -9,8 +9,18 @@ from __future__ import annotations
 
 import pytest
 
-from tracer.bindrules import (LISTEN, TIME_WAIT, Overlap, Rule, Sock, blockers,
-                              fast_path_candidates, overlap, tcp_rule, udp_rule)
+from tracer.bindrules import (
+    LISTEN,
+    TIME_WAIT,
+    Overlap,
+    Rule,
+    Sock,
+    blockers,
+    fast_path_candidates,
+    overlap,
+    tcp_rule,
+    udp_rule,
+)
 
 
 def sock(protocol: str, addr: str, **kw: object) -> Sock:

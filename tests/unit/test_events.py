@@ -6,9 +6,18 @@ import socket
 
 import pytest
 
-from tracer.events import Clock, capture_from_json, decode, event_from_json
-from tracer.layout import (PsBlocker, PsCapture, PsEvent, PsEventBlocked, PsKind, PsOpt,
-                           PsPlan, PsQuality)
+from tracer.events import Clock, decode
+from tracer.layout import (
+    PsBlocker,
+    PsCapture,
+    PsEvent,
+    PsEventBlocked,
+    PsKind,
+    PsOpt,
+    PsPlan,
+    PsQuality,
+)
+from tracer.records import CallEvent, Capture
 
 JSON_KEYS = {
     "time", "call", "result", "errno", "pid", "tid", "uid", "sock_uid", "comm", "cgroup_id",
@@ -150,7 +159,7 @@ def test_a_blocked_event_survives_its_json():
     ev = decode(blocked_record([dict(state=10, addr="0.0.0.0", binder_pid=3, binder_comm=b"x")],
                                [], seen=1), FixedClock())
     doc = json.loads(json.dumps(ev.to_json()))
-    assert event_from_json(doc) == ev
+    assert CallEvent.from_json(doc) == ev
     assert doc["at_failure"]["sockets"][0]["binder"] == {"pid": 3, "comm": "x"}
 
 
@@ -167,7 +176,7 @@ def test_plain_records_have_no_capture_and_unknown_captures_are_ignored():
 ])
 def test_a_damaged_capture_is_one_value_error(damage: object):
     with pytest.raises(ValueError):
-        capture_from_json(damage)
+        Capture.from_json(damage)
 
 
 def test_a_capture_with_a_bad_address_is_one_value_error():
@@ -175,7 +184,7 @@ def test_a_capture_with_a_bad_address_is_one_value_error():
     doc = ev.to_json()
     doc["at_failure"]["sockets"][0]["local"] = "nowhere"
     with pytest.raises(ValueError):
-        event_from_json(doc)
+        CallEvent.from_json(doc)
 
 
 def test_a_blocked_record_is_cut_after_its_last_socket():

@@ -7,7 +7,7 @@ from __future__ import annotations
 from hypothesis import given
 from hypothesis import strategies as st
 
-from tracer.export import OTHER, FoldedCounter, cap_series, label_value
+from tracer.series import OTHER, FoldedCounter, cap_series, label_value
 
 LABELS = ("call", "errno", "port", "comm", "netns")
 event = st.tuples(st.sampled_from(["bind", "connect"]), st.sampled_from(["EADDRINUSE", "EACCES"]),

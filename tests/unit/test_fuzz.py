@@ -31,10 +31,11 @@ from hypothesis import assume, given, settings
 from hypothesis import strategies as st
 
 from tests.hostile import assert_safe, hostile_text
-from tracer import cli, journal, sockdiag, sockflags, trace
+from tracer import cli, journal, sockdiag, sockflags, text, trace
 from tracer.errors import ExitStatus, PortscopeError, Unsupported
-from tracer.events import Clock, decode, event_from_json
+from tracer.events import Clock, decode
 from tracer.layout import PsEvent, PsEventBlocked
+from tracer.records import CallEvent
 
 FIXTURE = Path(__file__).resolve().parent.parent / "data" / "journal.db"
 CLOCK = Clock()
@@ -176,9 +177,9 @@ def mutate_rows(path: Path, data: st.DataObject) -> None:
             value = data.draw(ODD_VALUES, "value")
             # Text that is not UTF-8 goes in as TEXT holding those bytes
             # (what a forged file holds), or as the BLOB portscope writes.
-            as_text = isinstance(value, str) and journal.sql_text(value) != value
+            as_text = isinstance(value, str) and text.sql_text(value) != value
             if isinstance(value, str):
-                value = journal.sql_text(value)
+                value = text.sql_text(value)
             cast = "CAST(? AS TEXT)" if as_text or data.draw(st.booleans(), "cast") else "?"
             key = "key" if table == "meta" else "rowid"
             try:
@@ -307,7 +308,7 @@ def test_blocked_event_decoder(raw: bytes) -> None:
     ev = decode(raw, CLOCK)
     assert_safe(trace.human_line(ev))
     doc = json.loads(json.dumps(ev.to_json()))
-    again = event_from_json(doc)
+    again = CallEvent.from_json(doc)
     assert again.capture == ev.capture
 
 

@@ -13,7 +13,7 @@ import pytest
 
 from tracer.balance import Imbalance, chi_square_sf, gamma_q, imbalance
 from tracer.groups import group_lines
-from tracer.reuseport import Group, Member
+from tracer.records import Group, Member
 
 # (x, dof, P(X >= x)): the 5%, 1% and 0.1% critical values of standard tables.
 CRITICAL = [

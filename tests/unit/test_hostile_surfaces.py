@@ -21,17 +21,21 @@ from tests.hostile import NAMES, assert_safe, hostile_text
 from tracer import balance, groups, ports, report, reuseport, timewait, trace, why
 from tracer.bindcheck import NamespaceFacts
 from tracer.bindrules import Rule
-from tracer.netns import PortRange
-from tracer.events import event_from_json
 from tracer.explain import Request, explain
 from tracer.inventory import Inventory, Socket
-from tracer.records import BlockerSummary, EventExplanation
+from tracer.netns import PortRange
 from tracer.owners import Owner
+from tracer.records import (
+    BlockerSummary,
+    CallEvent,
+    EventExplanation,
+    Fix,
+    Note,
+    Reason,
+)
 from tracer.sockdiag import SockRecord
 from tracer.sockflags import SockFlags
 from tracer.state import (
-    BlockerView,
-    ExplanationView,
     GroupEvent,
     GroupView,
     MemberView,
@@ -74,7 +78,7 @@ def lines_of(text: str) -> list[str]:
 
 @given(hostile_text())
 def test_trace_prints_one_safe_line_per_event(name: str) -> None:
-    ev = event_from_json({**EVENT, "comm": name})
+    ev = CallEvent.from_json({**EVENT, "comm": name})
     line = trace.human_line(ev)
     assert_safe(line, "trace line")
     assert "\n" not in line
@@ -119,7 +123,7 @@ def test_ports_table_is_one_line_per_socket(name: str) -> None:
 @given(hostile_text())
 def test_timewait_groups_by_a_hostile_closer(name: str) -> None:
     r = timewait.TimewaitReport(3, 3, 1, [timewait.Group(f"{name}[812] uid 0", 3, 1000, 50000)],
-                                timewait._histogram([1000, 2000, 50000]), [], Inventory([]),
+                                timewait.histogram([1000, 2000, 50000]), [], Inventory([]),
                                 [f"closed by {name}"])
     text = timewait.render(r, "process")
     assert_safe(text, "timewait")
@@ -177,11 +181,13 @@ def test_report_prints_hostile_journal_contents_safely(name: str) -> None:
 
 def hostile_model(name: str) -> StateModel:
     model = StateModel()
-    blockers = (BlockerView((812,), name, "LISTEN", "0.0.0.0:8080", Rule.LISTENER.value, name, name),)
-    model.add_conflict(event_from_json({**EVENT, "comm": name}),
-                       ExplanationView(blockers, (f"stop {name}",), (f"note on {name}",)))
-    model.add_conflict(event_from_json({**EVENT, "comm": name, "call": name, "result": name}),
-                       ExplanationView(error=f"gone: {name}"))
+    blockers = (BlockerSummary((812,), name, "LISTEN", "0.0.0.0:8080", Rule.LISTENER.value,
+                               name, name),)
+    model.add_conflict(CallEvent.from_json({**EVENT, "comm": name}),
+                       EventExplanation(blockers, fixes=(Fix.from_json(f"stop {name}"),),
+                                        notes=(Note.from_json(f"note on {name}"),)))
+    model.add_conflict(CallEvent.from_json({**EVENT, "comm": name, "call": name, "result": name}),
+                       EventExplanation(error=f"gone: {name}"))
     row = SocketRow.build(netns=1, protocol="tcp", family="ipv4", state="LISTEN",
                           local="0.0.0.0:8080", remote="0.0.0.0:0", port=8080, rqueue=0, wqueue=128,
                           timer=None, timer_ms=0, uid=0, inode=5, cookie=9,
@@ -241,20 +247,21 @@ def test_a_blocker_gone_since_is_named_safely(name: str) -> None:
     """The process that bound a socket, as the probe kept it at the bind,
     reaches the trace line, the TUI's detail and `ports`' health line
     escaped."""
-    from tracer.events import Capture, Captured
+    from tracer.records import Capture, Captured
     from tracer.state import Conflict
     from tui.conflicts import detail
 
     gone = BlockerSummary((812,), name, "LISTEN", "0.0.0.0:8080", "listener", held="gone")
     line = EventExplanation((gone,)).text()
     assert_safe(line) and "\n" not in line and "closed since" in line
-    view = BlockerView((812,), name, "LISTEN", "0.0.0.0:8080", "listener", held="gone")
+    view = BlockerSummary((812,), name, "LISTEN", "0.0.0.0:8080", "listener", held="gone")
     held = Captured("tcp", "ipv4", "LISTEN", "0.0.0.0", 8080, "0.0.0.0", 0, 0, 5151, 0,
                     4026531840, frozenset(), 0, 812, name)
-    ev = event_from_json({**EVENT, "comm": name})
+    ev = CallEvent.from_json({**EVENT, "comm": name})
     ev = type(ev)(**{**{f: getattr(ev, f) for f in ev.__slots__},
                      "capture": Capture("refusal", 1, True, (held,))})
-    text = detail(Conflict(1, ev, ExplanationView((view,), rule="conflict"))).plain
+    text = detail(Conflict(1, ev, EventExplanation(
+        (view,), reasons=(Reason("EADDRINUSE", "conflict", {"blockers": 1}),)))).plain
     assert_safe(text, "the conflict's detail") and "read in the kernel" in text
     out = io.StringIO()
     with redirect_stdout(out):

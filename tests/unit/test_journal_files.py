@@ -17,8 +17,7 @@ import pytest
 from tracer import arguments, cli
 from tracer import journal as jr
 from tracer.errors import ExitStatus
-from tracer.events import CallEvent, Options
-from tracer.records import Owner, SocketRecord
+from tracer.records import CallEvent, Options, Owner, RecordedSnapshot, SocketRecord
 
 EVENT = CallEvent(
     time=0.0, call="bind", pid=4242, tid=4242, uid=0, sock_uid=0, comm="svc", cgroup_id=1,
@@ -32,13 +31,12 @@ def make_journal(path: Path, events: int = 2000, start: float | None = None, ste
     w = jr.JournalWriter(str(path), **limits)  # type: ignore[arg-type]
     w.start_session("tracepoint", 2.0)
     t = time.time() if start is None else start
-    rows = [jr.event_row(w.session, dataclasses.replace(EVENT, time=t + i * step, inode=1000 + i),
-                         None, None) for i in range(events)]
-    w.add_events(rows)
+    w.add_calls([(dataclasses.replace(EVENT, time=t + i * step, inode=1000 + i), None, None)
+                 for i in range(events)])
     sock = SocketRecord(EVENT.netns, "tcp", "ipv4", "LISTEN", "0.0.0.0", 8080, 0, 0, 7, 9,
                         frozenset({"reuseport"}), 1, 1, False,
                         (Owner(4242, "svc", exe="/usr/sbin/svc"),))
-    w.add_snapshot(jr.RecordedSnapshot(t, 0.01, "periodic", [sock], {}))
+    w.add_snapshot(RecordedSnapshot(t, 0.01, "periodic", [sock], {}))
     w.commit()
     return w
 
@@ -223,8 +221,8 @@ def test_size_rotation(tmp_path: Path) -> None:
     try:
         for _ in range(20):  # about 1.5 MiB of events, rotated as they come
             last = w._db.execute("SELECT max(time) FROM events").fetchone()[0]
-            w.add_events([jr.event_row(w.session, dataclasses.replace(EVENT, time=last + 0.001 * (i + 1)),
-                                       None, None) for i in range(100)])
+            w.add_calls([(dataclasses.replace(EVENT, time=last + 0.001 * (i + 1)), None, None)
+                         for i in range(100)])
             w.commit()
             w.rotate()
         for _ in range(10):
@@ -308,7 +306,7 @@ def test_names_that_are_not_utf8_are_kept_exactly(tmp_path: Path) -> None:
     w = jr.JournalWriter(str(tmp_path / "j.db"))
     w.start_session("tracepoint", 2.0)
     owner = Owner(pid=1, comm=comm, exe=exe, cmdline=exe, cgroup=exe, uid=0)
-    w.add_events([jr.event_row(w.session, dataclasses.replace(EVENT, comm=comm), owner, None)])
+    w.add_calls([(dataclasses.replace(EVENT, comm=comm), owner, None)])
     w.close()
     with jr.JournalReader(str(tmp_path / "j.db")) as r:
         (row,) = r.rows("events")

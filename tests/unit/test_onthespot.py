@@ -4,9 +4,9 @@ tests/kernel/test_blocker_capture.py; here the joining rules, case by case."""
 
 from __future__ import annotations
 
-from tracer.events import Capture, Captured
 from tracer.inventory import Inventory, Socket
 from tracer.onthespot import _no_blocker_note, with_capture
+from tracer.records import Capture, Captured
 from tracer.sockdiag import SockRecord
 
 NETNS = 4026531840

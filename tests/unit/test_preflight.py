@@ -4,7 +4,7 @@ import dataclasses
 
 import pytest
 
-from tracer.engine import EngineConfig, ring_size, preflight, summarize_verifier_log
+from tracer.engine import EngineConfig, preflight, ring_size, summarize_verifier_log
 from tracer.errors import ExitStatus, NoBTF, PermissionDenied, Unsupported
 from tracer.plans import KernelFacts, Plan
 

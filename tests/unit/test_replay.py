@@ -19,13 +19,20 @@ from rich.console import Console
 from textual.widgets import Input, Static
 
 from tracer import cli
-from tracer.records import BlockerSummary, EventExplanation, Owner, SocketRecord
 from tracer import journal as jr
 from tracer.errors import ExitStatus, UsageError
-from tracer.events import CallEvent, Options
+from tracer.records import (
+    BlockerSummary,
+    CallEvent,
+    EventExplanation,
+    Options,
+    Owner,
+    RecordedSnapshot,
+    SocketRecord,
+)
 from tracer.replay import JournalReplay, open_replay
-from tracer.text import clock_text
 from tracer.state import StateModel
+from tracer.text import clock_text
 from tui.app import make_app
 from tui.table import VirtualTable
 
@@ -79,9 +86,9 @@ def build(path: Path) -> Path:
     w = jr.JournalWriter(str(path))
     try:
         w.start_session("tracepoint", 2.0)
-        w.add_snapshot(jr.RecordedSnapshot(T0 + 5, 0.01, "periodic", [SVC], {"namespaces": 1}))
-        w.add_events([jr.event_row(w.session, ev, None, spot(b)) for ev, b in EVENTS])
-        w.add_snapshot(jr.RecordedSnapshot(T0 + 150, 0.01, "periodic", [SVC, *WORKERS],
+        w.add_snapshot(RecordedSnapshot(T0 + 5, 0.01, "periodic", [SVC], {"namespaces": 1}))
+        w.add_calls([(ev, None, spot(b)) for ev, b in EVENTS])
+        w.add_snapshot(RecordedSnapshot(T0 + 150, 0.01, "periodic", [SVC, *WORKERS],
                                    {"namespaces": 1}))
         w.commit()
         w.end_session()

@@ -13,7 +13,8 @@ from rich.console import Console
 from textual.widgets import Input, Static, TabbedContent
 
 from tracer.recording import load_recording
-from tracer.state import ExplanationView, StateModel
+from tracer.records import EventExplanation
+from tracer.state import StateModel
 from tui.app import make_app
 from tui.table import VirtualTable
 
@@ -148,7 +149,7 @@ async def test_conflicts_follow_new_ones_until_the_user_moves(model):
         await pilot.pause()
         assert t.cursor_key == seq and "explaining" in text_of(app, "#conflict-text")
         assert column(t, "BLOCKED BY")[-1] == "…explaining"
-        model.explain(seq, ExplanationView(error="the socket's namespace is gone"))
+        model.explain(seq, EventExplanation(error="the socket's namespace is gone"))
         app.pull()
         await pilot.pause()
         assert "namespace is gone" in text_of(app, "#conflict-text")

@@ -10,16 +10,20 @@ from types import SimpleNamespace
 
 import pytest
 
-from tracer.events import event_from_json
 from tracer.recording import Replay, load_recording
+from tracer.records import (
+    BlockerSummary,
+    CallEvent,
+    EventExplanation,
+    reading_from_json,
+)
+from tracer.state import StateModel, matches
 from tracer.views import (
     GroupViews,
-    explanation_from_json,
     timewait_from_json,
     timewait_to_json,
     timewait_view,
 )
-from tracer.state import BlockerView, ExplanationView, StateModel, matches
 from tui.render import bar, sparkline
 from tui.table import Column, fit, layout
 
@@ -32,7 +36,7 @@ def lines(kind: str) -> list[dict]:
 
 
 def an_event(**changes):
-    return event_from_json({**lines("event")[0], **changes})
+    return CallEvent.from_json({**lines("event")[0], **changes})
 
 
 # ---- the recording -----------------------------------------------------------
@@ -49,7 +53,7 @@ def test_recording_holds_every_kind_of_record():
 
 def test_events_round_trip_through_json():
     for doc in lines("event"):
-        ev = event_from_json(doc)
+        ev = CallEvent.from_json(doc)
         back = ev.to_json()
         # A recording made before a key existed reads it as null.
         assert {k: doc.get(k) for k in back} == back
@@ -57,11 +61,12 @@ def test_events_round_trip_through_json():
 
 def test_explanations_from_json():
     listener = next(d for d in lines("event") if d["port"] == 8080 and d["call"] == "bind")
-    x = explanation_from_json(listener)
+    x = EventExplanation.from_event_json(listener)
     assert x is not None and x.blockers[0].rule == "listener" and x.fixes
     assert "listening" in x.blockers[0].why
-    assert explanation_from_json({"blockers": {"error": "gone"}}) == ExplanationView(error="gone")
-    assert explanation_from_json({}) is None
+    gone = EventExplanation.from_event_json({"blockers": {"error": "gone"}})
+    assert gone == EventExplanation(error="gone")
+    assert EventExplanation.from_event_json({}) is None
 
 
 def test_replay_fills_every_part_of_the_model():
@@ -124,10 +129,10 @@ def test_conflicts_are_a_bounded_window():
     snap = model.snapshot()
     assert len(snap.conflicts) == 10 and snap.conflicts_total == 25
     assert [c.seq for c in snap.conflicts] == seqs[-10:]
-    assert not model.explain(seqs[0], ExplanationView())  # left the window
-    assert model.explain(seqs[-1], ExplanationView(error="x"))
+    assert not model.explain(seqs[0], EventExplanation())  # left the window
+    assert model.explain(seqs[-1], EventExplanation(error="x"))
     last = model.snapshot().conflicts[-1]
-    assert last.explanation == ExplanationView(error="x") and not last.pending
+    assert last.explanation == EventExplanation(error="x") and not last.pending
 
 
 def test_writers_in_threads_and_a_reader():
@@ -166,13 +171,13 @@ def test_one_standing_error_per_kind():
 
 
 def test_blocked_by_summary():
-    listener = BlockerView((812,), "nginx", "LISTEN", "0.0.0.0:80", "listener")
-    udp = BlockerView((9,), "dns", "CLOSE", "0.0.0.0:53", "no_reuse")
-    tw = BlockerView((), None, "TIME_WAIT", "127.0.0.1:80", "time_wait")
-    assert ExplanationView((listener,)).summary() == "nginx[812] listener"
-    assert ExplanationView((udp, listener)).summary() == "dns[9] no_reuse (CLOSE) +1"
-    assert ExplanationView((tw, tw, tw)).summary() == "3 TIME_WAIT (time_wait)"
-    assert ExplanationView(error="gone").summary() == "? gone"
+    listener = BlockerSummary((812,), "nginx", "LISTEN", "0.0.0.0:80", "listener")
+    udp = BlockerSummary((9,), "dns", "CLOSE", "0.0.0.0:53", "no_reuse")
+    tw = BlockerSummary((), None, "TIME_WAIT", "127.0.0.1:80", "time_wait")
+    assert EventExplanation((listener,)).summary() == "nginx[812] listener"
+    assert EventExplanation((udp, listener)).summary() == "dns[9] no_reuse (CLOSE) +1"
+    assert EventExplanation((tw, tw, tw)).summary() == "3 TIME_WAIT (time_wait)"
+    assert EventExplanation(error="gone").summary() == "? gone"
 
 
 def test_filter_words_and_exact_ports():
@@ -214,9 +219,9 @@ def test_group_views_forget_groups_that_are_gone():
     views = GroupViews()
     docs = lines("groups")
     for doc in docs:
-        views.update(doc)
+        views.update(reading_from_json(doc))
     assert views._history
-    assert views.update({"groups": [], "events": []}) == []
+    assert views.update(reading_from_json({"groups": [], "events": []})) == []
     assert not views._history and not views._events
 
 

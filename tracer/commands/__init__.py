@@ -6,7 +6,19 @@ tracer/why.py, ...), imported only when the command runs. The UI's command
 runs here (commands/ui.py): it only wires the collector to the screen.
 """
 
-from . import trace, ports, why, timewait, groups, export, ui, record, report, replay, doctor
+from . import (
+    doctor,
+    export,
+    groups,
+    ports,
+    record,
+    replay,
+    report,
+    timewait,
+    trace,
+    ui,
+    why,
+)
 
 # In the order ``portscope --help`` lists them.
 COMMANDS = (trace, ports, why, timewait, groups, export, ui, record, report, replay, doctor)

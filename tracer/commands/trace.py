@@ -4,7 +4,14 @@ from __future__ import annotations
 
 import argparse
 
-from ..arguments import comm_name, errno_code, pid_number, port_number, positive_int, run_time
+from ..arguments import (
+    comm_name,
+    errno_code,
+    pid_number,
+    port_number,
+    positive_int,
+    run_time,
+)
 from .common import add_engine_options
 
 

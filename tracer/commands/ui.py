@@ -5,9 +5,8 @@ from __future__ import annotations
 import argparse
 
 from .. import runtime
-from ..errors import ExitStatus
-
 from ..arguments import speed
+from ..errors import ExitStatus
 from .common import add_engine_options
 
 

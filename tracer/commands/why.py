@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import argparse
 
-from ..arguments import port_or_zero, port_range_value, text_value
 from ..arguments import address as ip_address
+from ..arguments import port_or_zero, port_range_value, text_value
 from .common import add_netns_option
 
 

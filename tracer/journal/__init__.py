@@ -45,12 +45,8 @@ from .schema import (
     JournalBusy,
     JournalError,
     JournalIOError,
-    RecordedSnapshot,
-    event_row,
-    sql_text,
 )
 from .writer import COMMIT_S, JournalWriter, check_target
 
 __all__ = ["APPLICATION_ID", "COLUMNS", "COMMIT_S", "SCHEMA_VERSION", "JournalBusy", "JournalError",
-           "JournalIOError", "JournalReader", "JournalWriter", "RecordedSnapshot",
-           "check_target", "event_row", "sql_text"]
+           "JournalIOError", "JournalReader", "JournalWriter", "check_target"]

@@ -10,11 +10,9 @@ import os
 import re
 import sqlite3
 import stat
-from dataclasses import dataclass
 from typing import Any, Sequence
 
 from ..errors import ExitStatus, PermissionDenied, PortscopeError, UsageError
-from ..records import SocketRecord
 from ..text import system_text
 
 SCHEMA_VERSION = 2
@@ -66,13 +64,6 @@ class JournalIOError(PortscopeError):
 
 
 # ---- schema ------------------------------------------------------------------
-
-EVENT_COLUMNS = (
-    "session", "time", "call", "result", "errno", "pid", "tid", "uid", "sock_uid", "comm",
-    "cgroup_id", "netns", "family", "protocol", "addr_family", "addr", "port", "bound_addr",
-    "bound_port", "options", "bound_dev_if", "inode", "plan", "addr_unreadable", "get_port",
-    "exe", "cgroup", "cmdline", "owner_uid", "blockers", "explanation", "json",
-)
 
 SCHEMA = """
 CREATE TABLE meta (
@@ -193,53 +184,6 @@ COLUMNS = _schema_columns(SCHEMA)
 JSON_COLUMNS = {("events", "json"): dict, ("events", "blockers"): (list, dict),
                 ("events", "explanation"): dict,
                 ("snapshot_sockets", "owners"): list, ("snapshots", "health"): dict}
-
-
-# ---- what the recorder hands to the writer ------------------------------------
-
-
-@dataclass
-class RecordedSnapshot:
-    time: float
-    duration: float
-    reason: str
-    sockets: list[SocketRecord]
-    health: dict[str, int]
-
-
-# Built once: json.dumps() with separators builds a new encoder on every call.
-_dumps = json.JSONEncoder(separators=(",", ":")).encode
-
-def sql_text(value: str | None) -> str | bytes | None:
-    """A text value as SQLite can store it exactly. Text read from the host
-    keeps bytes that are not UTF-8 as surrogates (tracer.text.system_text),
-    which SQLite's UTF-8 TEXT cannot hold: such a value is stored as a BLOB
-    of its exact bytes, and the reader turns it back into the same text."""
-    if value is None:
-        return None
-    try:
-        value.encode("utf-8")
-    except UnicodeEncodeError:
-        return value.encode("utf-8", "surrogateescape")
-    return value
-
-
-def event_row(session: int, ev: Any, owner: Any, explained: Any) -> tuple[Any, ...]:
-    """An ``events`` row from a CallEvent, the caller as owners.Owner (or None)
-    and the on-the-spot explanation (records.EventExplanation, or None)."""
-    doc = ev.to_json()
-    readable = owner is not None and owner.readable
-    return (
-        session, ev.time, ev.call, doc["result"], ev.errno, ev.pid, ev.tid, ev.uid, ev.sock_uid,
-        sql_text(ev.comm), ev.cgroup_id, ev.netns, ev.family, ev.protocol, ev.addr_family, ev.addr,
-        ev.port, ev.bound_addr, ev.bound_port, ",".join(doc["options"]), ev.options.bound_dev_if,
-        ev.inode, ev.plan, int(ev.addr_unreadable), ev.get_port,
-        sql_text(owner.exe) if readable else None, sql_text(owner.cgroup) if readable else None,
-        sql_text(owner.cmdline) if readable else None, owner.uid if readable else None,
-        None if explained is None else _dumps(explained.blockers_json()),
-        None if explained is None else _dumps(explained.to_json()),
-        _dumps(doc),
-    )
 
 
 # ---- validating a file ------------------------------------------------------

@@ -13,17 +13,23 @@ import threading
 import time
 from typing import Any, Sequence
 
-from ..records import SOCKET_COLUMNS, SocketRecord
+from ..records import (
+    EVENT_COLUMNS,
+    SOCKET_COLUMNS,
+    CallEvent,
+    EventExplanation,
+    Owner,
+    RecordedSnapshot,
+    SocketRecord,
+)
 from .schema import (
     ADDED,
     APPLICATION_ID,
     COLUMNS,
-    EVENT_COLUMNS,
     SCHEMA,
     SCHEMA_VERSION,
     JournalBusy,
     JournalIOError,
-    RecordedSnapshot,
     check_file,
     check_integrity,
     check_schema,
@@ -200,9 +206,14 @@ class JournalWriter:
 
     # -- data
 
-    def add_events(self, rows: Sequence[tuple[Any, ...]]) -> None:
-        if not rows:
+    def add_calls(self, calls: Sequence[tuple[CallEvent, Owner | None,
+                                              EventExplanation | None]]) -> None:
+        """Traced calls, each with its caller (as read when it was
+        recorded, or None) and what was said of it on the spot (or None)."""
+        if not calls:
             return
+        rows = [ev.to_row(self.session, caller, explained, _DUMPS)
+                for ev, caller, explained in calls]
         self._begin()
         self._guard(lambda: self._db.executemany(
             f"INSERT INTO events({', '.join(EVENT_COLUMNS)}) "

@@ -1,105 +1,17 @@
-"""The records that cross from one part of portscope to another.
-
-An explanation of a failed call is made in one place (tracer/onthespot.py
-for bind() and listen(), tracer/connects.py for connect()) and read in
-many (trace's lines and JSON, the journal, the UI's state): its shape lives
-here, apart from the code that makes it, so that its makers and its
-readers need not import each other.
-
-A socket as the journal keeps it (:class:`SocketRecord`, with its owners as
-:class:`Owner`) is made from the inventory by the recorder and read
-back by the report's rules and by replay: its one row codec is here, so
-the writer, the reader and the rules share one field list.
-"""
+"""A socket and the processes that own it, as the journal keeps them:
+:class:`SocketRecord` (one socket state, as a snapshot keeps it) with its
+owners as :class:`Owner`, each with its JSON codec and its row codec. The
+recorder makes them from the inventory; the writer writes them; the
+report's rules and replay read them back."""
 
 from __future__ import annotations
 
-import ipaddress
+import os
 from dataclasses import dataclass
-from typing import Any, Mapping
+from typing import Any, Callable, Mapping
 
-from .bindrules import Sock
-from .events import format_addr
-from .state import HELD_WHO, owner_label
-from .text import printable
-
-
-@dataclass(frozen=True)
-class BlockerSummary:
-    pids: tuple[int, ...]
-    comm: str | None
-    state: str
-    local: str
-    rule: str
-    overlap: str = ""  # how the addresses overlap (same_address, wildcard, dual_stack)
-    why: str = ""  # the rule as a sentence
-    held: str = "owners"  # owners | time_wait | orphan | hidden | unaccepted (explain.holding)
-    remote: str = ""
-    closed_by: str = ""  # who closed it, when no process holds it and that is known
-
-    def text(self) -> str:
-        """One line for a terminal (the process name escaped)."""
-        who = (f"{printable(self.comm)}[{','.join(map(str, self.pids))}]" if self.pids
-               else HELD_WHO.get(self.held, "no visible process"))
-        left = f", left by {printable(self.closed_by)}" if self.closed_by else ""
-        gone = ", closed since" if self.held == "gone" else ""
-        return f"{who} {self.state} {self.local} ({self.rule}){left}{gone}"
-
-    def to_json(self) -> dict[str, object]:
-        out: dict[str, object] = {"pids": list(self.pids), "comm": self.comm,
-                                  "state": self.state, "local": self.local,
-                                  "remote": self.remote, "rule": self.rule, "held": self.held}
-        if self.closed_by:
-            out["closed_by"] = self.closed_by
-        return out
-
-
-@dataclass(frozen=True)
-class EventExplanation:
-    """What the explainer says about one failed call, or why it could not
-    say anything. ``reasons``, ``fixes`` and ``notes`` are the explainer's
-    structured records (their JSON form: kind, parameters, sentence)."""
-
-    blockers: tuple[BlockerSummary, ...] = ()
-    error: str | None = None
-    reasons: tuple[dict, ...] = ()
-    fixes: tuple[dict, ...] = ()
-    notes: tuple[dict, ...] = ()
-
-    @property
-    def fix_texts(self) -> tuple[str, ...]:
-        return tuple(str(f["text"]) for f in self.fixes)
-
-    @property
-    def note_texts(self) -> tuple[str, ...]:
-        return tuple(str(n["text"]) for n in self.notes)
-
-    def text(self) -> str:
-        """One line: the blockers of a conflict, else the first reason."""
-        if self.error:
-            return f"unknown ({printable(self.error)})"
-        if self.blockers:
-            return "; ".join(b.text() for b in self.blockers)
-        if self.reasons and self.reasons[0]["rule"] != "conflict":
-            return printable(self.reasons[0]["text"])
-        gone = [n for n in self.notes if n["kind"] == "blocker_gone"]
-        return "nothing left by the time we looked" if gone or not self.notes else \
-            printable(self.notes[0]["text"])
-
-    def blockers_json(self) -> object:
-        """The ``blockers`` key of trace --json (a list, or {"error": ...})."""
-        if self.error:
-            return {"error": self.error}
-        return [b.to_json() for b in self.blockers]
-
-    def to_json(self) -> dict[str, object]:
-        """The ``explanation`` key of trace --json and the journal."""
-        if self.error:
-            return {"error": self.error}
-        return {"errno": self.reasons[0]["errno"] if self.reasons else None,
-                "reasons": list(self.reasons), "fixes": list(self.fixes),
-                "notes": list(self.notes)}
-
+from ..bindrules import Sock
+from .vocabulary import address_of_family, format_addr
 
 # ---- a socket and its owners, as the journal keeps them ----------------------------
 
@@ -141,6 +53,20 @@ class Owner:
             "problem": self.problem,
         }
 
+    @classmethod
+    def from_json(cls, d: object) -> "Owner":
+        """The inverse of :meth:`to_json`; ValueError when it is not one."""
+        if not isinstance(d, dict) or type(d.get("pid")) is not int:
+            raise ValueError("an owner is not an object with a pid")
+        texts = ("comm", "exe", "cmdline", "user", "cgroup", "unit", "container", "pod",
+                 "problem")
+        if any(d.get(k) is not None and not isinstance(d.get(k), str) for k in texts) \
+                or d.get("uid") is not None and type(d.get("uid")) is not int:
+            raise ValueError("an owner's fields have the wrong type")
+        return cls(d["pid"], d.get("comm") or "", d.get("exe"), d.get("cmdline"), d.get("user"),
+                   d.get("uid"), d.get("cgroup"), d.get("unit"), d.get("container"),
+                   d.get("pod"), bool(d.get("readable", True)), d.get("problem"))
+
     # -- the journal's codec (inside a snapshot socket's ``owners`` column)
 
     def journal_json(self) -> dict[str, object]:
@@ -149,7 +75,8 @@ class Owner:
     def kept(self) -> "Owner":
         """What the journal keeps of it (and gives back): no pod, nor how
         it was read, so that a socket state is one row however those change."""
-        return Owner(**self.journal_json())  # type: ignore[arg-type]
+        return Owner(self.pid, self.comm, self.exe, self.cmdline, self.user, self.uid,
+                     self.cgroup, self.unit, self.container)
 
     @classmethod
     def from_journal(cls, d: object) -> "Owner | None":
@@ -161,7 +88,8 @@ class Owner:
             return None
         if d.get("uid") is not None and type(d.get("uid")) is not int:
             return None
-        return cls(**{k: d.get(k) for k in JOURNAL_OWNER if k != "comm"}, comm=d.get("comm") or "")
+        return cls(d["pid"], d.get("comm") or "", d.get("exe"), d.get("cmdline"), d.get("user"),
+                   d.get("uid"), d.get("cgroup"), d.get("unit"), d.get("container"))
 
 
 # The journal's snapshot_sockets columns that hold a SocketRecord, in order.
@@ -192,22 +120,9 @@ class SocketRecord:
     group_bpf: bool | None
     owners: tuple[Owner, ...] = ()
 
-    @classmethod
-    def of(cls, sock: Any) -> "SocketRecord":
-        """From an inventory.Socket."""
-        d, f = sock.diag, sock.flags
-        grouped = bool(f and f.group)
-        return cls(
-            netns=d.netns, protocol=d.protocol, family=d.family, state=d.state,
-            addr=d.local_addr, port=d.local_port, dev=d.bound_dev_if, uid=d.uid,
-            inode=d.inode, cookie=d.cookie, options=frozenset(f.options) if f else None,
-            group=f.group if grouped else None, group_size=f.group_size if grouped else None,
-            group_bpf=bool(f.group_bpf_prog) if grouped else None,
-            owners=tuple(o.kept() for o in sorted(sock.owners, key=lambda o: o.pid)))
-
     # -- the journal's row codec
 
-    def to_row(self, dumps: Any) -> tuple[Any, ...]:
+    def to_row(self, dumps: Callable[[object], str]) -> tuple[Any, ...]:
         """The values of SOCKET_COLUMNS; ``dumps`` encodes the owners' JSON."""
         return (self.netns, self.protocol, self.family, self.state, self.addr, self.port,
                 self.dev, self.uid, self.inode, self.cookie,
@@ -271,12 +186,27 @@ class SocketRecord:
                     "reuseaddr" in opts, "reuseport" in opts, "v6only" in opts, self.dev, self.uid)
 
 
-def address_of_family(family: str, addr: object) -> bool:
-    """An address the rules can compare: of its family, as the kernel writes it."""
-    if not isinstance(addr, str):
-        return False
-    try:
-        ip = ipaddress.ip_address(addr)
-    except ValueError:
-        return False
-    return family == ("ipv6" if ip.version == 6 else "ipv4")
+def owner_label(o: Mapping[str, object]) -> str:
+    """``comm[pid] (unit)`` from an owner's JSON form (the journal's, the
+    collector's); tolerant of a damaged one, whose missing or mistyped
+    fields show as ``?``. Not escaped: the surface that shows it escapes."""
+    comm = _str(o.get("comm")) or os.path.basename(_str(o.get("exe")) or "") or "?"
+    where = _str(o.get("container")) and f"container {o['container']}" or _str(o.get("unit"))
+    pid = o.get("pid")
+    return f"{comm}[{pid if type(pid) is int else '?'}]" + (f" ({where})" if where else "")
+
+
+def _str(value: object) -> str | None:
+    return value if isinstance(value, str) else None
+
+
+@dataclass
+class RecordedSnapshot:
+    """One inventory as the journal keeps it: the sockets a snapshot saw,
+    when, how long it took, and what could not be read."""
+
+    time: float
+    duration: float
+    reason: str  # periodic | after a bind, listen or close
+    sockets: list[SocketRecord]
+    health: dict[str, int]
