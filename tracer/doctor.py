@@ -11,13 +11,13 @@ import json
 from dataclasses import asdict, dataclass
 
 from . import libbpf
+from .coreobject import verify_plan
 from .engine import (
     EngineConfig,
     Need,
     default_engine,
     forced_plan,
     preflight,
-    verify_plan,
 )
 from .errors import ExitStatus, PlanUnavailable, PortscopeError
 from .loader import open_engine

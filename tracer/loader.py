@@ -17,13 +17,8 @@ from __future__ import annotations
 from dataclasses import replace
 
 from .bcc_engine import open_bcc_engine
-from .engine import (
-    Engine,
-    EngineConfig,
-    LibbpfLoaded,
-    default_engine,
-    open_libbpf_engine,
-)
+from .coreobject import LibbpfLoaded, open_libbpf_engine
+from .engine import Engine, EngineConfig, default_engine
 from .plans import KernelFacts, kernel_facts
 from .sockflags import SharedIterators, SocketIterators
 

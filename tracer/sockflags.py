@@ -19,7 +19,8 @@ import threading
 from dataclasses import dataclass, replace
 
 from . import libbpf
-from .engine import EngineConfig, LibbpfLoaded, Need, load_object
+from .coreobject import LibbpfLoaded, load_object
+from .engine import EngineConfig, Need
 from .layout import PsFileinfo, PsGroupFlag, PsSockinfo
 from .nsenter import in_netns
 from .plans import ITERATOR_PROGRAMS

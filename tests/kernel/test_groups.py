@@ -20,7 +20,8 @@ import pytest
 from harness import Netns, ServingActor
 
 from tracer import libbpf
-from tracer.engine import EngineConfig, verify_plan
+from tracer.coreobject import verify_plan
+from tracer.engine import EngineConfig
 from tracer.errors import PlanUnavailable, Unsupported
 from tracer.plans import BTF_PATH, Part, Plan
 from tracer.records import Group, GroupsReading

@@ -16,7 +16,8 @@ from pathlib import Path
 import pytest
 
 from tracer import elfmaps
-from tracer.engine import DEFAULT_OBJECT, EngineConfig, Need, map_sizes
+from tracer.coreobject import map_sizes
+from tracer.engine import DEFAULT_OBJECT, EngineConfig, Need
 from tracer.loader import open_engine
 from tracer.plans import programs
 

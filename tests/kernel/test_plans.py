@@ -8,7 +8,8 @@ import os
 import pytest
 
 from tests.needs import need_root
-from tracer.engine import EngineConfig, verify_plan
+from tracer.coreobject import verify_plan
+from tracer.engine import EngineConfig
 from tracer.errors import PlanUnavailable, UsageError
 from tracer.loader import open_engine
 from tracer.plans import PREFERENCE, Plan, kernel_facts
