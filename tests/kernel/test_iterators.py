@@ -111,3 +111,39 @@ def test_counters_read_in_batch_equal_single_lookups(root: None) -> None:
     assert set(batch) == {int(c) for c in PsCounter if c != PsCounter.MAX}
     assert batch[PsCounter.EMITTED] == counters.emitted >= 1
     assert batch[PsCounter.LOST] == counters.lost
+
+
+def test_maps_are_read_key_by_key_where_the_kernel_has_no_batches(
+        root: None, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Debian 11's 5.10 answers ENOTSUPP (524) to a batched lookup of a
+    per-CPU array: the reader then walks the map one key at a time, and
+    gets what a batch would have given. Proven here on the running kernel's
+    counters and closers by making the batched call answer as 5.10 does."""
+    with open_engine(EngineConfig(errors_only=False)) as engine:
+        s = socket.socket()
+        s.bind(("127.0.0.1", 0))
+        s.close()
+        engine.poll(100)
+        cpus = libbpf.possible_cpus()
+        counters = engine._counters
+        batched = sorted(counters.lookup_batch(8 * cpus))
+        each = sorted(libbpf.lookup_each(counters.fd, 4, 8 * cpus, "ps_counters"))
+        handle = libbpf.lib()
+        real = handle.bpf_map_lookup_batch
+        calls = []
+
+        def refuse(*args: object) -> int:
+            calls.append(args)
+            return -524
+
+        monkeypatch.setattr(handle, "bpf_map_lookup_batch", refuse)
+        try:
+            fallen_back = sorted(counters.lookup_batch(8 * cpus))
+        finally:
+            monkeypatch.setattr(handle, "bpf_map_lookup_batch", real)
+    assert calls, "the batched call was not tried first"
+    assert len(each) == len(batched) > 1
+    assert [k for k, _ in each] == [k for k, _ in batched] == [k for k, _ in fallen_back]
+    # The counters move between reads only upward; the emitted one was read.
+    emitted = struct.pack("I", PsCounter.EMITTED)
+    assert sum(struct.unpack(f"{cpus}Q", dict(fallen_back)[emitted])) >= 1
