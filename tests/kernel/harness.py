@@ -38,8 +38,14 @@ from dataclasses import dataclass
 from multiprocessing.connection import Connection, Pipe
 from typing import Any, Callable, Iterable
 
+from tests.needs import SLOWDOWN
 from tracer.events import Clock, decode
 from tracer.records import CallEvent
+
+# A wait for something that must happen (a traced event, a TCP state) gets
+# the machine's slowdown: it only lasts that long when the
+# thing never comes, so the claims stay as strict under emulation.
+MUST_HAPPEN_S = 5.0 * SLOWDOWN
 
 # ---- kernel constants Python 3.11 does not name ------------------------------
 
@@ -281,7 +287,7 @@ class EventCollector:
             if until(self.events) or time.monotonic() >= deadline:
                 return list(self.events)
 
-    def wait_for(self, *truths: Truth, timeout: float = 5.0) -> list[CallEvent]:
+    def wait_for(self, *truths: Truth, timeout: float = MUST_HAPPEN_S) -> list[CallEvent]:
         """The traced event of every truth, in order; fails naming the missing ones."""
         events = self.collect(lambda evs: all(match(t, evs) for t in truths), timeout)
         missing = [t for t in truths if match(t, events) is None]
@@ -295,7 +301,7 @@ class EventCollector:
             )
         return [match(t, events) for t in truths]  # type: ignore[misc]
 
-    def verify(self, *truths: Truth, timeout: float = 5.0) -> list[CallEvent]:
+    def verify(self, *truths: Truth, timeout: float = MUST_HAPPEN_S) -> list[CallEvent]:
         """Wait for every truth's event and compare them field by field."""
         events = self.wait_for(*truths, timeout=timeout)
         failures = [mismatches(t, e) for t, e in zip(truths, events)]
@@ -493,7 +499,7 @@ class Actor:
         return self._call("tcp_states", port)
 
     def wait_tcp_states(self, port: int, ready: Callable[[list[str]], bool],
-                        timeout: float = 5.0) -> list[str]:
+                        timeout: float = MUST_HAPPEN_S) -> list[str]:
         """Poll :meth:`tcp_states` until ``ready`` holds; fail with what was seen."""
         deadline = time.monotonic() + timeout
         while True:
