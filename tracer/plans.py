@@ -3,7 +3,8 @@
 A plan is a set of programs from probes/portscope.bpf.o that fill the one
 event schema. ``kernel_facts()`` reads what can be read without loading
 anything; whether fentry or kprobes really work is only known by trying,
-which the engine does (``loader.open_engine``), falling back plan by plan.
+which the engine does (``engine.open_parts``), falling back plan by plan
+for each part a process loads (:class:`Part`).
 """
 
 from __future__ import annotations
@@ -62,9 +63,10 @@ PLAN_PROGRAMS: dict[Plan, tuple[str, ...]] = {
     Plan.TRACEPOINT: SYSCALL_TRACEPOINTS + STATE_PROGRAMS,
 }
 
-# Reuseport group counters (portscope groups): per-member deliveries in the
-# ps_group_counts map, one schema, each plan with its own hook. Loaded
-# instead of PLAN_PROGRAMS when EngineConfig.programs is GROUP_PROGRAMS.
+# Reuseport group counters (portscope groups, the UI, export): per-member
+# deliveries in the ps_group_counts map, one schema, each plan with its own
+# hook. Loaded beside PLAN_PROGRAMS, in the same object, when a command asks
+# for the groups part (EngineConfig.groups), with a plan of its own.
 GROUP_PROGRAMS: dict[Plan, tuple[str, ...]] = {
     Plan.FENTRY: ("ps_fexit_reuseport_select",),
     Plan.KPROBE: ("ps_kprobe_reuseport_select", "ps_kretprobe_reuseport_select"),
