@@ -522,9 +522,17 @@ def _fast_path_notes(new: Sock, pairs: list[tuple[Sock, Socket]]) -> list[Note]:
                      "inode": by_key[c.key].diag.inode} for c in candidates]})]
 
 
+# Where the other end of a TIME_WAIT or orphaned socket can be when it is on
+# this host: it has not closed (CLOSE_WAIT), or is closing too. TIME_WAIT is
+# left out: a busy host has 100,000s of them, and both ends in TIME_WAIT
+# (a simultaneous close) say nothing more about who holds the port.
+PEER_STATES = ("ESTABLISHED", "CLOSE_WAIT", "LAST_ACK", "FIN_WAIT1", "FIN_WAIT2", "CLOSING")
+
+
 def _holder_notes(blockers: list[tuple[Blocker, Socket]], inv: Inventory) -> list[Note]:
     """Blockers no process holds, or none that portscope can read."""
     out = []
+    peers = _local_peers([s for _, s in blockers if holding(s) in ("orphan", "time_wait")])
     for _, s in blockers:
         how = holding(s)
         d = s.diag
@@ -538,7 +546,7 @@ def _holder_notes(blockers: list[tuple[Blocker, Socket]], inv: Inventory) -> lis
         elif how == "unaccepted":
             out.append(Note("unaccepted", where))
         elif how in ("orphan", "time_wait"):
-            peer = _local_peer(s, inv)
+            peer = peers.get((d.netns, d.remote_addr, d.remote_port, d.local_addr, d.local_port))
             if peer is not None:
                 where["peer"] = peer
             if how == "orphan" or peer is not None:
@@ -546,27 +554,26 @@ def _holder_notes(blockers: list[tuple[Blocker, Socket]], inv: Inventory) -> lis
     return _unique_notes(out)
 
 
-def _local_peer(s: Socket, inv: Inventory) -> dict[str, object] | None:
-    """The other end of a connection when it is in this namespace too (a
-    client on the same host): its state (CLOSE_WAIT: it has not closed) and
-    who holds it. The inventory holds the port's sockets only, so the peer's
-    port is read apart."""
+def _local_peers(closing: list[Socket]) -> dict[tuple[int, str, int, str, int], dict[str, object]]:
+    """The other ends of these connections that are in their namespace too (a
+    client on the same host), keyed by (netns, local address and port, remote
+    address and port): state (CLOSE_WAIT: it has not closed) and who holds
+    it. One read per namespace of the states a peer can be in, whatever the
+    number of blockers (a busy port has 10,000s of TIME_WAIT sockets)."""
     from .inventory import take
 
-    d = s.diag
-    if not d.remote_port:
-        return None
-    try:
-        others = take(port=d.remote_port, protocols=("tcp",), netns=str(d.netns)).sockets
-    except Exception:  # noqa: BLE001 - the peer is extra information, never a failure
-        return None
-    for o in others:
-        od = o.diag
-        if (od.local_addr, od.local_port, od.remote_addr, od.remote_port) == \
-                (d.remote_addr, d.remote_port, d.local_addr, d.local_port):
-            return {"state": od.state, "local": format_addr(od.family, od.local_addr, od.local_port),
-                    "pids": [x.pid for x in o.owners], "owners": [x.label() for x in o.owners]}
-    return None
+    found: dict[tuple[int, str, int, str, int], dict[str, object]] = {}
+    for netns in sorted({s.diag.netns for s in closing if s.diag.remote_port}):
+        try:
+            others = take(protocols=("tcp",), states=PEER_STATES, netns=str(netns)).sockets
+        except Exception:  # noqa: BLE001 - the peer is extra information, never a failure
+            continue
+        for o in others:
+            od = o.diag
+            found[(netns, od.local_addr, od.local_port, od.remote_addr, od.remote_port)] = {
+                "state": od.state, "local": format_addr(od.family, od.local_addr, od.local_port),
+                "pids": [x.pid for x in o.owners], "owners": [x.label() for x in o.owners]}
+    return found
 
 
 def _unique_notes(notes: list[Note]) -> list[Note]:
