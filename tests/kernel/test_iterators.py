@@ -13,7 +13,7 @@ import pytest
 from harness import Actor, Netns
 
 from tracer import libbpf
-from tracer.engine import EngineConfig
+from tracer.engine import Engine, EngineConfig
 from tracer.layout import PsCounter
 from tracer.loader import open_engine
 from tracer.sockflags import SocketIterators, SockFlags
@@ -96,13 +96,19 @@ def test_time_wait_socket_keeps_its_reuseaddr_flag(iterators: SocketIterators,
     assert tw[0].options == frozenset({"reuseaddr"}), "inherited from the listener"
 
 
+def _engine_after_one_bind() -> Engine:
+    """An engine that has traced one successful bind (its counters moved)."""
+    engine = open_engine(EngineConfig(errors_only=False))
+    s = socket.socket()
+    s.bind(("127.0.0.1", 0))
+    s.close()
+    engine.poll(100)
+    return engine
+
+
 def test_counters_read_in_batch_equal_single_lookups(root: None) -> None:
     """Batched lookups over the per-CPU counter array agree with one-key reads."""
-    with open_engine(EngineConfig(errors_only=False)) as engine:
-        s = socket.socket()
-        s.bind(("127.0.0.1", 0))
-        s.close()
-        engine.poll(100)
+    with _engine_after_one_bind() as engine:
         counters = engine.counters()
         cpus = libbpf.possible_cpus()
         ring_map = engine._counters  # the per-CPU array of enum ps_counter
@@ -118,12 +124,9 @@ def test_maps_are_read_key_by_key_where_the_kernel_has_no_batches(
     """Debian 11's 5.10 answers ENOTSUPP (524) to a batched lookup of a
     per-CPU array: the reader then walks the map one key at a time, and
     gets what a batch would have given. Proven here on the running kernel's
-    counters and closers by making the batched call answer as 5.10 does."""
-    with open_engine(EngineConfig(errors_only=False)) as engine:
-        s = socket.socket()
-        s.bind(("127.0.0.1", 0))
-        s.close()
-        engine.poll(100)
+    counters by making the batched call answer as 5.10 does (5.10 itself is
+    not in the matrix yet)."""
+    with _engine_after_one_bind() as engine:
         cpus = libbpf.possible_cpus()
         counters = engine._counters
         batched = sorted(counters.lookup_batch(8 * cpus))
