@@ -36,8 +36,9 @@ from __future__ import annotations
 import enum
 import functools
 import ipaddress
-from dataclasses import dataclass
-from typing import Iterable, Iterator
+import operator
+from dataclasses import dataclass, fields
+from typing import Callable, Iterable, Iterator
 
 TIME_WAIT = "TIME_WAIT"
 LISTEN = "LISTEN"
@@ -67,6 +68,20 @@ class Sock:
     @property
     def ip(self) -> ipaddress.IPv4Address | ipaddress.IPv6Address:
         return _parse(self.addr)
+
+    def kind(self) -> tuple:
+        """Everything the rules look at: sockets of one kind get the same
+        verdict (a busy port's 10,000s of TIME_WAIT sockets are a few kinds)."""
+        return _kind_of(self)
+
+
+# Every field but the caller's handle, so that a field added to Sock counts.
+_kind_of = operator.attrgetter(*(f.name for f in fields(Sock) if f.name != "key"))
+
+
+def distinct(socks: Iterable[Sock]) -> list[Sock]:
+    """One socket of each kind: enough to ask whether anything refuses."""
+    return list({_kind_of(s): s for s in socks}.values())
 
 
 @functools.lru_cache(maxsize=65536)
@@ -308,16 +323,27 @@ def _blockers(new: Sock, existing: Iterable[Sock], ephemeral: bool | str) -> Ite
                    else _tcp_ephemeral_rule if ephemeral else tcp_rule)
     else:
         rule_of = udp_rule  # UDP picks a free port by the same rule (udp_lib_lport_inuse)
+    verdicts: dict[tuple, tuple[Rule, Overlap] | None] = {}
     for old in existing:
-        if old.protocol != new.protocol or old.port != new.port:
-            continue
-        if old.state in (NEW_SYN_RECV, SYN_RECV):
-            continue
-        if not _devices_overlap(new, old):
-            continue
-        how = overlap(new, old)
-        if how is None:
-            continue
-        rule = rule_of(new, old)
-        if rule is not None:
-            yield Blocker(old, rule, how)
+        kind = _kind_of(old)
+        if kind not in verdicts:
+            verdicts[kind] = _verdict(new, old, rule_of)
+        found = verdicts[kind]
+        if found is not None:
+            yield Blocker(old, *found)
+
+
+def _verdict(new: Sock, old: Sock, rule_of: Callable[[Sock, Sock], Rule | None],
+             ) -> tuple[Rule, Overlap] | None:
+    """Whether ``old`` blocks ``new``: the rule and how they overlap."""
+    if old.protocol != new.protocol or old.port != new.port:
+        return None
+    if old.state in (NEW_SYN_RECV, SYN_RECV):
+        return None
+    if not _devices_overlap(new, old):
+        return None
+    how = overlap(new, old)
+    if how is None:
+        return None
+    rule = rule_of(new, old)
+    return None if rule is None else (rule, how)

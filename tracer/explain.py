@@ -31,6 +31,7 @@ from .errors import UsageError
 from .inventory import Inventory, Socket, select_namespaces, take
 from .netns import PortRange, open_netns
 from .records import Fix, Note, Reason, format_addr
+from .sockflags import LoadingIterators
 
 WILDCARDS = {"ipv4": "0.0.0.0", "ipv6": "::"}
 # Stand-ins for "some specific address the blockers do not use" (TEST-NET).
@@ -92,6 +93,12 @@ def _family_of(addr: str | None) -> str:
 # ---- the answer, as data (its parts, Reason, Fix and Note, are records) ----------------
 
 
+# Blockers described one by one by default (``why --all``: every one); the
+# rest are counted in groups. A busy port has 10,000s of TIME_WAIT sockets,
+# and describing each (its closer, its JSON) is what made ``why`` slow there.
+LISTED = 100
+
+
 @dataclass
 class Explanation:
     request: Request
@@ -103,7 +110,37 @@ class Explanation:
     inventory: Inventory
     ephemeral: dict[str, object] | None = None  # port 0: the range and what is free
     facts: NamespaceFacts | None = None
-    closers: dict = field(default_factory=dict)  # who closed the blockers no process holds
+    closers: dict = field(default_factory=dict)  # who closed the listed blockers no process holds
+    listed: int | None = LISTED  # how many blockers are described one by one (None: all)
+
+    def shown(self) -> list[tuple[Blocker, Socket]]:
+        """The blockers described one by one: the first ``listed`` in the
+        order of :func:`_by_importance`; :meth:`groups` counts them all."""
+        return self.blockers if self.listed is None else self.blockers[:self.listed]
+
+    def groups(self) -> list[dict[str, object]]:
+        """Every blocker, counted by what tells them apart for a person (state,
+        address, owners, options, rule): a port's 24,500 TIME_WAIT sockets
+        are one line with a count and the range of their timers."""
+        out: dict[tuple, dict[str, object]] = {}
+        for b, s in self.blockers:
+            d = s.diag
+            key = (d.state, d.family, d.local_addr, d.local_port, s.options, s.owners, s.gone,
+                   d.timer, bool(d.inode), b.sock.uid, b.rule, b.overlap)
+            group = out.get(key)
+            if group is None:
+                out[key] = {"count": 1, "state": d.state,
+                            "local": format_addr(d.family, d.local_addr, d.local_port),
+                            "uid": b.sock.uid, "options": sorted(s.options),
+                            "pids": [o.pid for o in s.owners],
+                            "owners": [o.label() for o in s.owners], "held": holding(s),
+                            "rule": b.rule.value, "overlap": b.overlap.value, "why": b.sentence(),
+                            "timer_ms": [d.timer_ms, d.timer_ms]}
+            else:
+                group["count"] += 1  # type: ignore[operator]
+                span = group["timer_ms"]
+                span[0], span[1] = min(span[0], d.timer_ms), max(span[1], d.timer_ms)  # type: ignore[index]
+        return list(out.values())
 
     @property
     def verdict(self) -> str:
@@ -130,7 +167,9 @@ class Explanation:
                 "port_range": list(self.request.port_range) if self.request.port_range else None,
                 "call": "listen" if self.request.listen else "bind",
             },
-            "blockers": [blocker_json(b, s, self.closers.get(conn_of(s))) for b, s in self.blockers],
+            "blockers": [blocker_json(b, s, self.closers.get(conn_of(s))) for b, s in self.shown()],
+            "blockers_total": len(self.blockers),
+            "blocker_groups": self.groups(),
             "fixes": [f.to_json() for f in self.fixes],
             "notes": [n.to_json() for n in self.notes],
             "ephemeral": self.ephemeral,
@@ -216,8 +255,9 @@ def as_rule_sock(s: Socket) -> Sock:
 
 
 def explain(request: Request, netns: str | None = None, inventory: Inventory | None = None,
-            facts: NamespaceFacts | None = None) -> Explanation:
-    """Explain ``request`` in one namespace (default: ours)."""
+            facts: NamespaceFacts | None = None, listed: int | None = LISTED) -> Explanation:
+    """Explain ``request`` in one namespace (default: ours), describing the
+    first ``listed`` blockers one by one (None: all)."""
     if request.listen and request.protocol == "udp":
         raise UsageError("UDP sockets do not listen(): ask about the bind (without --listen)")
     netns = netns or str(os.stat("/proc/thread-self/ns/net").st_ino)
@@ -239,12 +279,15 @@ def explain(request: Request, netns: str | None = None, inventory: Inventory | N
         if lifted is None or len(reasons) > 4:
             return Explanation(request, new, reasons, [], fixes, [], Inventory([]), facts=facts)
         asked = lifted
-    inv = inventory or take(port=request.port or None, protocols=(request.protocol,),
-                            netns=netns)
-    if request.port == 0:
-        port_stage = _explain_ephemeral(request, new, inv, facts)
-    else:
-        port_stage = _explain_port(request, new, inv)
+    # One handle on the process's iterators for the port's sockets and, later,
+    # the blockers' local peers: they are loaded once.
+    with LoadingIterators() as its:
+        inv = inventory or take(port=request.port or None, protocols=(request.protocol,),
+                                netns=netns, iterators=its)
+        if request.port == 0:
+            port_stage = _explain_ephemeral(request, new, inv, facts)
+        else:
+            port_stage = _explain_port(request, new, inv, listed)
     e = port_stage
     e.reasons = reasons + e.reasons
     e.fixes = fixes + e.fixes
@@ -282,21 +325,32 @@ def namespace_facts(netns: str) -> NamespaceFacts:
         os.close(fd)
 
 
-def _explain_port(request: Request, new: Sock, inv: Inventory) -> Explanation:
+def _explain_port(request: Request, new: Sock, inv: Inventory,
+                  listed: int | None = LISTED) -> Explanation:
     pairs = _rule_pairs(inv, new, request.self_inode)
     found = bindrules.blockers(new, [r for r, _ in pairs])
     by_key = {r.key: s for r, s in pairs}
-    blockers = [(b, by_key[b.sock.key]) for b in found]
+    blockers = _by_importance([(b, by_key[b.sock.key]) for b in found])
     reasons = [Reason("EADDRINUSE", "conflict", {"blockers": len(blockers)})] if blockers else []
-    fixes, notes = _fixes(new, [r for r, _ in pairs], blockers)
-    found_closers: dict = {}
+    fixes, notes = _fixes(new, bindrules.distinct(r for r, _ in pairs), blockers)
+    e = Explanation(request, new, reasons, blockers, fixes, notes, inv, listed=listed)
     if blockers:
-        notes += _fast_path_notes(new, pairs)
-        notes += _holder_notes(blockers, inv)
-        found_closers, closer_notes = _closers_of(blockers)
-        notes += closer_notes
-    return Explanation(request, new, reasons, blockers, fixes, notes, inv,
-                       closers=found_closers)
+        e.notes += _fast_path_notes(new, pairs)
+        e.notes += _holder_notes(blockers, inv)
+        # Who left a blocker is read for the ones described one by one.
+        e.closers, closer_notes = _closers_of(e.shown())
+        e.notes += closer_notes
+    return e
+
+
+# Which blockers to describe first: the ones a process holds (stop it, or
+# ask it), then those no process can be asked about; among equals, the one
+# that holds the port longest.
+_HELD_ORDER = {"owners": 0, "hidden": 1, "unaccepted": 2, "gone": 3, "orphan": 4, "time_wait": 5}
+
+
+def _by_importance(blockers: list[tuple[Blocker, Socket]]) -> list[tuple[Blocker, Socket]]:
+    return sorted(blockers, key=lambda p: (_HELD_ORDER[holding(p[1])], -p[1].diag.timer_ms))
 
 
 def _closers_of(blockers: list[tuple[Blocker, Socket]]) -> tuple[dict, list[Note]]:
@@ -532,10 +586,15 @@ PEER_STATES = ("ESTABLISHED", "CLOSE_WAIT", "LAST_ACK", "FIN_WAIT1", "FIN_WAIT2"
 def _holder_notes(blockers: list[tuple[Blocker, Socket]], inv: Inventory) -> list[Note]:
     """Blockers no process holds, or none that portscope can read."""
     out = []
-    peers = _local_peers([s for _, s in blockers if holding(s) in ("orphan", "time_wait")])
-    for _, s in blockers:
-        how = holding(s)
+    held = [(holding(s), s) for _, s in blockers]
+    peers = _local_peers([s for how, s in held if how in ("orphan", "time_wait")])
+    for how, s in held:
+        if how == "owners" or (how == "time_wait" and not peers):
+            continue
         d = s.diag
+        peer = peers.get((d.netns, d.remote_addr, d.remote_port, d.local_addr, d.local_port))
+        if how == "time_wait" and peer is None:
+            continue  # TIME_WAIT alone needs no note: the reason says it
         where = {"state": d.state, "local": format_addr(d.family, d.local_addr, d.local_port),
                  "remote": format_addr(d.family, d.remote_addr, d.remote_port),
                  "inode": d.inode, "timer_ms": d.timer_ms, "timer": d.timer}
@@ -545,12 +604,10 @@ def _holder_notes(blockers: list[tuple[Blocker, Socket]], inv: Inventory) -> lis
             out.append(Note("hidden_owner", where))
         elif how == "unaccepted":
             out.append(Note("unaccepted", where))
-        elif how in ("orphan", "time_wait"):
-            peer = peers.get((d.netns, d.remote_addr, d.remote_port, d.local_addr, d.local_port))
+        else:
             if peer is not None:
                 where["peer"] = peer
-            if how == "orphan" or peer is not None:
-                out.append(Note("orphan" if how == "orphan" else "closed_on_this_side", where))
+            out.append(Note("orphan" if how == "orphan" else "closed_on_this_side", where))
     return _unique_notes(out)
 
 
@@ -558,14 +615,18 @@ def _local_peers(closing: list[Socket]) -> dict[tuple[int, str, int, str, int], 
     """The other ends of these connections that are in their namespace too (a
     client on the same host), keyed by (netns, local address and port, remote
     address and port): state (CLOSE_WAIT: it has not closed) and who holds
-    it. One read per namespace of the states a peer can be in, whatever the
-    number of blockers (a busy port has 10,000s of TIME_WAIT sockets)."""
+    it. One read per namespace and port of the sockets in the states a peer
+    can be in, whatever the number of blockers (a busy port has 10,000s of
+    TIME_WAIT sockets)."""
     from .inventory import take
 
     found: dict[tuple[int, str, int, str, int], dict[str, object]] = {}
-    for netns in sorted({s.diag.netns for s in closing if s.diag.remote_port}):
+    for netns, port in sorted({(s.diag.netns, s.diag.local_port) for s in closing if s.diag.remote_port}):
         try:
-            others = take(protocols=("tcp",), states=PEER_STATES, netns=str(netns)).sockets
+            # A peer's remote port is the blocker's port: sock_diag keeps only
+            # those, and peers need owners, not flags (no table walk).
+            others = take(protocols=("tcp",), states=PEER_STATES, netns=str(netns),
+                          remote_port=port, flags=False).sockets
         except Exception:  # noqa: BLE001 - the peer is extra information, never a failure
             continue
         for o in others:

@@ -31,7 +31,7 @@ from .netns import NetnsRef, NetnsScan, dump_in, list_netns, open_netns
 from .owners import OwnerCache
 from .records import Owner, SocketRecord, format_addr
 from .sockdiag import SockRecord, dump, state_mask
-from .sockflags import Holder, Iterators, SharedIterators, SockFlags
+from .sockflags import Holder, Iterators, LoadingIterators, SockFlags
 
 
 @dataclass(frozen=True, slots=True)
@@ -167,10 +167,12 @@ def network_namespace_inode(path: str) -> tuple[int | None, str]:
 
 def take(port: int | None = None, protocols: Iterable[str] = ("tcp", "udp"),
          states: Iterable[str] | None = None, netns: str | None = None,
-         iterators: Iterators | None = None, details: bool = True) -> Inventory:
-    """The inventory, optionally only ``port`` (local), ``protocols``,
-    ``states`` and one namespace (see :func:`select_namespaces`).
-    ``details=False``: sock_diag alone, no flags and no owners (cheaper)."""
+         iterators: Iterators | None = None, details: bool = True,
+         remote_port: int | None = None, flags: bool = True) -> Inventory:
+    """The inventory, optionally only ``port`` (local), ``remote_port``,
+    ``protocols``, ``states`` and one namespace (see :func:`select_namespaces`).
+    ``details=False``: sock_diag alone, no flags and no owners (cheaper);
+    ``flags=False``: owners but no flags (no walk of the socket tables)."""
     refs, scan = select_namespaces_scan(netns)
     protocols = tuple(protocols)
     states = None if states is None else tuple(states)
@@ -178,15 +180,16 @@ def take(port: int | None = None, protocols: Iterable[str] = ("tcp", "udp"),
                     problems=list(scan.problems))
     if not details:
         for ref in refs:
-            records = dump_in(ref, protocols, ("ipv4", "ipv6"), states, port)
+            records = dump_in(ref, protocols, ("ipv4", "ipv6"), states, port, remote_port)
             if records is None:
                 inv.namespaces_gone += 1
             inv.sockets.extend(Socket(rec, None, ()) for rec in records or ())
         return inv
     owned_here = iterators is None
-    its = iterators or SharedIterators()
+    its = iterators or LoadingIterators()  # loads while the namespaces are dumped
     try:
-        dumps = [(ref, _dump_one(ref, port, protocols, states, its)) for ref in refs]
+        dumps = [(ref, _dump_one(ref, port, remote_port, protocols, states, its if flags else None))
+                 for ref in refs]
         # Who holds each socket is read after the dumps: a socket bound
         # between an earlier walk and its dump would be shown with no owner.
         holders = _holders_by_inode(its.holders(port))
@@ -213,35 +216,44 @@ def _holders_by_inode(holders: list[Holder]) -> dict[int, list[Holder]]:
     return by_inode
 
 
-def _dump_one(ref: NetnsRef, port: int | None, protocols: tuple[str, ...],
-              states: tuple[str, ...] | None, its: Iterators,
-              ) -> tuple[list[SockRecord], dict[int, SockFlags]] | None:
+def _dump_one(ref: NetnsRef, port: int | None, remote_port: int | None,
+              protocols: tuple[str, ...], states: tuple[str, ...] | None,
+              its: Iterators | None,
+              ) -> tuple[list[SockRecord], dict[int, SockFlags] | None] | None:
     """One namespace's sockets (sock_diag) and their flags by cookie (the
-    iterators); None when the namespace is gone."""
+    iterators; None without ``its``); None when the namespace is gone."""
     fd = open_netns(ref)
     if fd is None:
         return None
     try:
-        records = dump(fd, protocols, ("ipv4", "ipv6"), states, port)
-        # After the dump: sock_diag gives every socket its cookie.
-        flags = {f.cookie: f for f in its.sockets(fd, port) if f.cookie}
+        records = dump(fd, protocols, ("ipv4", "ipv6"), states, port, remote_port)
+        if its is None:
+            return records, None
+        # After the dump: sock_diag gives every socket its cookie. Only the
+        # dumped sockets' flags are decoded (the walk is not filtered by state).
+        cookies = {rec.cookie for rec in records if rec.cookie}
+        flags = {f.cookie: f for f in its.sockets(fd, port, cookies)}
     finally:
         os.close(fd)
     return records, flags
 
 
-def _join(ref: NetnsRef, records: list[SockRecord], flags: dict[int, SockFlags],
+def _join(ref: NetnsRef, records: list[SockRecord], flags: dict[int, SockFlags] | None,
           states: tuple[str, ...] | None, holders: dict[int, list[Holder]],
           owners: OwnerCache, inv: Inventory) -> None:
-    """One namespace's sockets, with their flags and owners, into ``inv``."""
+    """One namespace's sockets, with their flags (unless not asked for:
+    ``flags`` None) and owners, into ``inv``."""
     records = records + bound_only_records(ref.inode, records, holders, states)
     for rec in records:
         held = holders.get(rec.inode, []) if rec.inode else []
-        flag = flags.get(rec.cookie) or (held[0].sock if held else None)
-        if flag is None:
+        flag = (flags or {}).get(rec.cookie) or (held[0].sock if held else None)
+        if flag is None and flags is not None:
             inv.flags_unknown += 1
-        pids = sorted({h.pid: h.comm for h in held}.items())
-        inv.sockets.append(Socket(rec, flag, tuple(owners.get(pid, comm) for pid, comm in pids)))
+        if held:
+            pids = sorted({h.pid: h.comm for h in held}.items())
+            inv.sockets.append(Socket(rec, flag, tuple(owners.get(pid, comm) for pid, comm in pids)))
+        else:  # most sockets of a busy port (TIME_WAIT): no process holds them
+            inv.sockets.append(Socket(rec, flag, ()))
 
 
 def bound_only_records(netns: int, records: list[SockRecord],

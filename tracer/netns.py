@@ -131,13 +131,13 @@ def open_netns(ref: NetnsRef) -> int | None:
 
 def dump_in(ref: NetnsRef, protocols: Iterable[str] = ("tcp", "udp"),
             families: Iterable[str] = ("ipv4", "ipv6"), states: Iterable[str] | None = None,
-            port: int | None = None) -> list[SockRecord] | None:
+            port: int | None = None, remote_port: int | None = None) -> list[SockRecord] | None:
     """``sockdiag.dump`` inside one namespace; None if the namespace is gone."""
     fd = open_netns(ref)
     if fd is None:
         return None
     try:
-        return dump(fd, protocols, families, states, port)
+        return dump(fd, protocols, families, states, port, remote_port)
     finally:
         os.close(fd)
 

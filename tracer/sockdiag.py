@@ -54,6 +54,7 @@ NLMSG_ERROR = 2
 NLMSG_DONE = 3
 INET_DIAG_REQ_BYTECODE = 1
 INET_DIAG_BC_S_EQ = 11
+INET_DIAG_BC_D_EQ = 12
 
 PROTOCOLS = {"tcp": socket.IPPROTO_TCP, "udp": socket.IPPROTO_UDP}
 FAMILIES = {"ipv4": socket.AF_INET, "ipv6": socket.AF_INET6}
@@ -127,16 +128,17 @@ _SockRecordBuilder = make_dataclass(
 
 def dump(netns_fd: int | None = None, protocols: Iterable[str] = ("tcp", "udp"),
          families: Iterable[str] = ("ipv4", "ipv6"), states: Iterable[str] | None = None,
-         port: int | None = None) -> list[SockRecord]:
+         port: int | None = None, remote_port: int | None = None) -> list[SockRecord]:
     """Every socket of the given protocols and families, optionally only
-    those in ``states`` (kernel state names) and on local ``port``.
+    those in ``states`` (kernel state names), on local ``port`` and with
+    ``remote_port``.
 
     ``netns_fd`` is an open network-namespace file (``/proc/PID/ns/net``,
     ``/run/netns/NAME``); None means the calling thread's own namespace.
     """
     queries = dump_queries(tuple(protocols), tuple(families))
     mask = state_mask(states)
-    bytecode = port_bytecode(port) if port is not None else b""
+    bytecode = port_bytecode(port, remote_port)
     if netns_fd is None:
         netns = os.stat("/proc/thread-self/ns/net").st_ino
         sock = _diag_socket()
@@ -193,17 +195,24 @@ def state_mask(states: Iterable[str] | None) -> int:
     return mask
 
 
-def port_bytecode(port: int) -> bytes:
-    """inet_diag bytecode that accepts a socket iff its local port is ``port``.
+def port_bytecode(port: int | None, remote_port: int | None = None) -> bytes:
+    """inet_diag bytecode that accepts a socket iff its local port is
+    ``port`` and its remote port is ``remote_port`` (None: any).
 
     Each op is (code, yes, no): the kernel jumps ``yes`` bytes forward when
     the condition holds, ``no`` bytes otherwise; landing exactly on the end
-    accepts, jumping past it (end + 4) rejects. S_EQ carries its operand in
-    the ``no`` field of a second op, which ``yes`` = 8 steps over.
+    accepts, jumping past it (end + 4) rejects. S_EQ and D_EQ carry their
+    operand in the ``no`` field of a second op, which ``yes`` = 8 steps over.
     """
-    if not 0 <= port <= 0xFFFF:
-        raise ValueError(f"port out of range: {port}")
-    return struct.pack("=BBHBBH", INET_DIAG_BC_S_EQ, 8, 12, 0, 0, port)
+    tests = [(code, p) for code, p in ((INET_DIAG_BC_S_EQ, port), (INET_DIAG_BC_D_EQ, remote_port))
+             if p is not None]
+    out = b""
+    for i, (code, p) in enumerate(tests):
+        if not 0 <= p <= 0xFFFF:
+            raise ValueError(f"port out of range: {p}")
+        left = 8 * (len(tests) - i)  # bytes from this op to the end
+        out += struct.pack("=BBHBBH", code, 8, left + 4, 0, 0, p)
+    return out
 
 
 def build_request(seq: int, kind: int, protocol: int, family: int, states: int, bytecode: bytes) -> bytes:

@@ -17,6 +17,7 @@ import socket
 import struct
 import threading
 from dataclasses import dataclass, replace
+from typing import Container, NamedTuple
 
 from . import libbpf
 from .coreobject import LibbpfLoaded, load_object
@@ -31,8 +32,11 @@ RECORD = ctypes.sizeof(PsSockinfo)
 FILE_RECORD = ctypes.sizeof(PsFileinfo)
 
 
-@dataclass(frozen=True, slots=True)
-class SockFlags:
+class SockFlags(NamedTuple):
+    """One socket as an iterator read it. A tuple, not a dataclass: a busy
+    port decodes 10,000s of them per question, and a tuple is built several
+    times faster than a frozen dataclass."""
+
     netns: int
     protocol: str
     family: str
@@ -60,9 +64,51 @@ class Holder:
     sock: SockFlags
 
 
-def decode_sockets(raw: bytes) -> list[SockFlags]:
-    """Records of the iter/tcp and iter/udp programs."""
-    return [_one(PsSockinfo.from_buffer_copy(raw, off)) for off in _offsets(raw, RECORD)]
+def decode_sockets(raw: bytes, cookies: Container[int] | None = None) -> list[SockFlags]:
+    """Records of the iter/tcp and iter/udp programs; with ``cookies``, only
+    the sockets that have one of them (the rest are not decoded at all)."""
+    _offsets(raw, RECORD)
+    out = []
+    # Field order of PsSockinfo (checked against the layout at import).
+    for (cookie, inode, group_key, netns, sock_uid, bound_dev_if, port, group_size, family,
+         protocol, state, opts, group_flags, addr) in _SOCKINFO_ROW.iter_unpack(raw):
+        if cookies is not None and cookie not in cookies:
+            continue
+        out.append(SockFlags(
+            netns, PROTOCOLS.get(protocol) or str(protocol), FAMILIES.get(family) or str(family),
+            TCP_STATES.get(state) or str(state), _ntop(family, addr), port, cookie, inode,
+            sock_uid, _options(opts), bound_dev_if, _opaque(group_key), group_size,
+            bool(group_flags & _BPF_PROG), bool(group_flags & _HAS_CONNS)))
+    return out
+
+
+def _row_struct(cls: type[ctypes.Structure], skip: tuple[str, ...]) -> struct.Struct:
+    """A struct.Struct that unpacks ``cls`` (little-endian, as the BPF side
+    writes it) into its scalar and byte-array fields in declaration order,
+    leaving out the ``skip`` fields: iter_unpack decodes a whole buffer in C."""
+    fmt, at = "<", 0
+    for name, ctype in cls._fields_:  # type: ignore[misc]
+        field = getattr(cls, name)
+        if field.offset > at:
+            fmt += f"{field.offset - at}x"
+        code = getattr(ctype, "_type_", None)
+        if name in skip:
+            fmt += f"{field.size}x"
+        elif isinstance(code, str) and len(code) == 1 and code in "bBhHiIlLqQ":
+            # By size: ctypes' "L" is 8 bytes here, struct's standard "L" is 4.
+            letter = {1: "b", 2: "h", 4: "i", 8: "q"}[field.size]
+            fmt += letter.upper() if code.isupper() else letter
+        else:
+            fmt += f"{field.size}s"  # arrays: raw bytes
+        at = field.offset + field.size
+    fmt += f"{ctypes.sizeof(cls) - at}x" if ctypes.sizeof(cls) > at else ""
+    row = struct.Struct(fmt)
+    if row.size != ctypes.sizeof(cls):
+        raise ImportError(f"{cls.__name__}: {fmt} is {row.size} bytes, not {ctypes.sizeof(cls)}")
+    return row
+
+
+_SOCKINFO_ROW = _row_struct(PsSockinfo, skip=("pad",))
 
 
 def decode_holders(raw: bytes) -> list[Holder]:
@@ -156,10 +202,12 @@ class SocketIterators:
         # One walk at a time: the port filter is one map slot for all walks.
         self._lock = threading.Lock()
 
-    def sockets(self, netns_fd: int | None = None, port: int | None = None) -> list[SockFlags]:
+    def sockets(self, netns_fd: int | None = None, port: int | None = None,
+                cookies: Container[int] | None = None) -> list[SockFlags]:
         """Every TCP and UDP socket of the namespace (default: our own), or
         only those on local ``port`` (filtered in the kernel: the walk covers
-        the host's whole tables, 100,000s of TIME_WAIT sockets on a busy host)."""
+        the host's whole tables, 100,000s of TIME_WAIT sockets on a busy host),
+        or only those with one of ``cookies`` (filtered here, before decoding)."""
 
         def walk() -> bytes:
             return (libbpf.run_iterator(self._links["ps_iter_tcp"])
@@ -168,7 +216,7 @@ class SocketIterators:
         with self._lock:
             self._set_port(port)
             raw = walk() if netns_fd is None else in_netns(netns_fd, walk)
-        return decode_sockets(raw)
+        return decode_sockets(raw, cookies)
 
     def holders(self, port: int | None = None) -> list[Holder]:
         """Every IPv4/IPv6 socket held by a process (or only those on local
@@ -231,9 +279,10 @@ class SharedIterators:
         with cls._lock:
             return cls._iterators is not None
 
-    def sockets(self, netns_fd: int | None = None, port: int | None = None) -> list[SockFlags]:
+    def sockets(self, netns_fd: int | None = None, port: int | None = None,
+                cookies: Container[int] | None = None) -> list[SockFlags]:
         assert self._its is not None, "iterators are closed"
-        return self._its.sockets(netns_fd, port)
+        return self._its.sockets(netns_fd, port, cookies)
 
     def holders(self, port: int | None = None) -> list[Holder]:
         assert self._its is not None, "iterators are closed"
@@ -258,4 +307,52 @@ class SharedIterators:
         self.close()
 
 
-Iterators = SocketIterators | SharedIterators  # what a walk needs: sockets() and holders()
+class LoadingIterators:
+    """A :class:`SharedIterators` handle opened on a thread of its own, so
+    that loading the programs (about 40 ms when the process has none yet)
+    overlaps with the sock_diag dump that has to come before the first walk
+    anyway (the walk reads the cookies the dump assigns). The first walk
+    waits for the load, and raises what the load raised."""
+
+    def __init__(self, config: EngineConfig | None = None) -> None:
+        self._handle: SharedIterators | None = None
+        self._error: BaseException | None = None
+        self._thread = threading.Thread(target=self._open, args=(config,), daemon=True,
+                                        name="portscope-iterators-load")
+        self._thread.start()
+
+    def _open(self, config: EngineConfig | None) -> None:
+        try:
+            self._handle = SharedIterators(config)
+        except BaseException as exc:  # noqa: BLE001 - raised again by ready()
+            self._error = exc
+
+    def ready(self) -> SharedIterators:
+        self._thread.join()
+        if self._error is not None:
+            raise self._error
+        assert self._handle is not None, "iterators are closed"
+        return self._handle
+
+    def sockets(self, netns_fd: int | None = None, port: int | None = None,
+                cookies: Container[int] | None = None) -> list[SockFlags]:
+        return self.ready().sockets(netns_fd, port, cookies)
+
+    def holders(self, port: int | None = None) -> list[Holder]:
+        return self.ready().holders(port)
+
+    def close(self) -> None:
+        self._thread.join()
+        if self._handle is not None:
+            self._handle.close()
+            self._handle = None
+
+    def __enter__(self) -> "LoadingIterators":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+# What a walk needs: sockets() and holders().
+Iterators = SocketIterators | SharedIterators | LoadingIterators

@@ -9,7 +9,7 @@ import pwd
 
 from .bindcheck import NamespaceFacts
 from .errors import ExitStatus, UsageError
-from .explain import Explanation, Request, explain, namespace_facts
+from .explain import LISTED, Explanation, Request, explain, namespace_facts
 from .text import printable
 
 
@@ -68,22 +68,13 @@ def run(args: argparse.Namespace) -> ExitStatus:
         raise UsageError("UDP sockets do not listen(): ask about the bind (without --listen)")
     netns = args.netns or str(os.stat("/proc/thread-self/ns/net").st_ino)
     facts = namespace_facts(netns)
-    result = explain(request_from_args(args, facts), netns=netns, facts=facts)
+    result = explain(request_from_args(args, facts), netns=netns, facts=facts,
+                     listed=None if args.all else LISTED)
     if args.json:
         print(json.dumps(result.to_json()))
     else:
         print(render(result))
     return ExitStatus.OK if result.verdict == "free" else ExitStatus.CONFLICT
-
-
-def _grouped(blockers: list[dict]) -> list[list[dict]]:
-    """Blockers that differ only by their peer (thousands of TIME_WAIT
-    sockets on one port) are shown as one line with a count."""
-    groups: dict[tuple, list[dict]] = {}
-    for b in blockers:
-        key = (b["state"], b["local"], b["uid"], tuple(b["options"]), tuple(b["pids"]), b["why"])
-        groups.setdefault(key, []).append(b)
-    return list(groups.values())
 
 
 HELD = {"time_wait": "no process (TIME_WAIT outlives its socket)",
@@ -92,10 +83,42 @@ HELD = {"time_wait": "no process (TIME_WAIT outlives its socket)",
         "unaccepted": "its listener (not accepted yet)"}
 
 
+def _in_group(b: dict, group: dict) -> bool:
+    return all(b[k] == group[k] for k in ("state", "local", "uid", "options", "pids", "held", "rule"))
+
+
+def _group_lines(group: dict, members: list[dict]) -> list[str]:
+    """One group of blockers: what they are, who holds them, the rule; the
+    peers and closers of the members described one by one."""
+    count = group["count"]
+    owners = ", ".join(group["owners"]) or HELD[group["held"]]
+    closers = sorted({b["closed_by"]["label"] for b in members if b.get("closed_by")})
+    if closers:
+        owners += ", left by " + ", ".join(closers[:3]) + (
+            f" and {len(closers) - 3} more" if len(closers) > 3 else "")
+    many = f"{count} x " if count > 1 else ""
+    peers = ""
+    if group["state"] not in ("LISTEN", "CLOSE") and members:
+        remotes = [b["remote"] for b in members]
+        peers = " <-> " + ", ".join(remotes[:3]) + (f" and {count - 3} more" if count > 3 else "")
+    low, high = group["timer_ms"]
+    timer = ""
+    if group["held"] in ("time_wait", "orphan") and high:
+        timer = f"  frees in {_seconds(high)}" if count == 1 else \
+            f"  free in {_seconds(low)} to {_seconds(high)}"
+    return [f"  blocked by {many}{group['state']} {group['local']}{peers}  uid {group['uid']}  "
+            f"options [{', '.join(group['options']) or '-'}]  held by {owners}{timer}",
+            f"    rule: {group['why']}"]
+
+
+def _seconds(ms: int) -> str:
+    return f"{ms / 1000:.0f} s" if ms >= 1000 else f"{ms} ms"
+
+
 def render(e: Explanation) -> str:
     """The answer as lines for a terminal: every line escaped (an owner's
     name, a path in a fix), blank lines between the parts."""
-    doc = e.to_json()
+    doc: dict = e.to_json()  # read back as plain JSON values
     req = doc["request"]
     opts = ", ".join(req["options"]) or "no options"
     call = "listen() on" if e.request.listen else "bind() to"
@@ -108,19 +131,12 @@ def render(e: Explanation) -> str:
         lo, hi = e.ephemeral["range"]
         lines.append(f"  port range {lo}-{hi}: {e.ephemeral['free']} port(s) free, "
                      f"{e.ephemeral['in_use']} in use, {e.ephemeral['reserved']} reserved")
-    for group in _grouped(doc["blockers"]):
-        b, count = group[0], len(group)
-        owners = ", ".join(f"{o['comm']}[{o['pid']}]" for o in b["owners"]) or HELD[b["held"]]
-        if b.get("closed_by"):
-            owners += f", left by {b['closed_by']['label']}"
-        many = f"{count} x " if count > 1 else ""
-        peers = ""
-        if b["state"] not in ("LISTEN", "CLOSE"):
-            remotes = [g["remote"] for g in group]
-            peers = " <-> " + ", ".join(remotes[:3]) + (f" and {count - 3} more" if count > 3 else "")
-        lines += ["", f"  blocked by {many}{b['state']} {b['local']}{peers}  uid {b['uid']}  "
-                      f"options [{', '.join(b['options']) or '-'}]  held by {owners}",
-                  f"    rule: {b['why']}"]
+    shown = doc["blockers"]
+    for group in doc["blocker_groups"]:
+        lines += [""] + _group_lines(group, [b for b in shown if _in_group(b, group)])
+    if len(shown) < doc["blockers_total"]:
+        lines += ["", f"  ({len(shown)} of {doc['blockers_total']} blockers described one by one;"
+                      " --all for every one)"]
     for rule in dict.fromkeys(str(f.params.get("for")) for f in e.fixes):
         fixes = [f for f in e.fixes if str(f.params.get("for")) == rule]
         errno = next((r.errno for r in e.reasons if r.rule == rule), "")

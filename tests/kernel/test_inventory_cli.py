@@ -123,6 +123,7 @@ def test_a_socket_bound_while_the_inventory_is_taken_keeps_its_owner(netns: Netn
     Here a real process binds right after the first of the two reads; every
     socket the inventory then shows on the port names that process."""
     from tracer import inventory
+    from tracer.sockflags import SharedIterators
 
     actor = Actor(netns)
     port = random.randint(20000, 29999)
@@ -138,7 +139,7 @@ def test_a_socket_bound_while_the_inventory_is_taken_keeps_its_owner(netns: Netn
             return out
         return wrapped
 
-    its = inventory.SharedIterators()
+    its = SharedIterators()
     original_dump = inventory.dump
     its.holders = bind_after(its.holders)  # type: ignore[method-assign]
     inventory.dump = bind_after(original_dump)  # type: ignore[assignment]
@@ -152,3 +153,67 @@ def test_a_socket_bound_while_the_inventory_is_taken_keeps_its_owner(netns: Netn
     assert taken.sockets, "the first socket was bound before the inventory began"
     for sock in taken.sockets:
         assert [o.pid for o in sock.owners] == [actor.pid], sock
+
+
+# A listener, and CROWD connections to it that its side closed first: the
+# crowd is left in TIME_WAIT on the listener's port (the server's end of a
+# connection ends in TIME_WAIT when it closes first).
+CROWD = 150
+CROWD_MAKER = """
+import socket, sys
+port, n = int(sys.argv[1]), int(sys.argv[2])
+listener = socket.socket()
+listener.bind(("127.0.0.1", port))
+listener.listen(n)
+for _ in range(n):
+    client = socket.create_connection(("127.0.0.1", port))
+    served, _ = listener.accept()
+    served.close()
+    client.close()
+print("ready", flush=True)
+sys.stdin.read()
+"""
+
+
+def test_why_on_a_crowded_port_describes_the_first_and_counts_all(netns: Netns) -> None:
+    port = random.randint(20000, 29999)
+    maker = subprocess.Popen(["ip", "netns", "exec", netns.name, sys.executable, "-c", CROWD_MAKER,
+                              str(port), str(CROWD)],
+                             stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    try:
+        assert maker.stdout is not None and maker.stdout.readline().strip() == "ready"
+        # The kernel's own count of what holds the port (ss, not portscope).
+        ss = subprocess.run(["ip", "netns", "exec", netns.name, "ss", "-tanH", "state", "time-wait",
+                             "sport", "=", f":{port}"], capture_output=True, text=True, check=True)
+        time_waits = len(ss.stdout.splitlines())
+        assert time_waits == CROWD, ss.stdout
+
+        default = portscope("why", str(port), "--netns", netns.name, "--json")
+        assert default.returncode == 5, default.stderr
+        doc = json.loads(default.stdout)
+        assert doc["blockers_total"] == CROWD + 1
+        assert len(doc["blockers"]) == 100, "the first 100 are described one by one"
+        # The one a process holds comes first; the TIME_WAIT sockets after it,
+        # the one that holds the port longest first.
+        # (ip netns exec execs the maker: its pid is the maker's.)
+        assert doc["blockers"][0]["state"] == "LISTEN" and doc["blockers"][0]["pids"] == [maker.pid]
+        timers = [b["timer_ms"] for b in doc["blockers"][1:]]
+        assert all(b["held"] == "time_wait" for b in doc["blockers"][1:])
+        assert timers == sorted(timers, reverse=True)
+        # Every blocker is counted in a group, and the groups are what the kernel has.
+        groups = {g["state"]: g for g in doc["blocker_groups"]}
+        assert sum(g["count"] for g in doc["blocker_groups"]) == CROWD + 1
+        assert groups["TIME_WAIT"]["count"] == time_waits and groups["LISTEN"]["count"] == 1
+        low, high = groups["TIME_WAIT"]["timer_ms"]
+        assert 0 < low <= high <= 60000
+
+        every = json.loads(portscope("why", str(port), "--netns", netns.name, "--json", "--all").stdout)
+        assert len(every["blockers"]) == CROWD + 1 == every["blockers_total"]
+
+        human = portscope("why", str(port), "--netns", netns.name)
+        assert f"{time_waits} x TIME_WAIT 127.0.0.1:{port}" in human.stdout, human.stdout
+        assert f"100 of {CROWD + 1} blockers described one by one" in human.stdout
+    finally:
+        if maker.stdin:
+            maker.stdin.close()
+        maker.wait(timeout=30)

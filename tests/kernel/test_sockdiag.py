@@ -464,6 +464,21 @@ def test_port_filter_returns_exactly_the_sockets_on_that_local_port(world: World
     assert len(got) == len(expected)
 
 
+@pytest.mark.parametrize("remote", ALL_PORTS)
+def test_remote_port_filter_alone_and_with_the_local_port(world: World, remote: int) -> None:
+    full = dump(world.fd)
+    assert {r.cookie for r in dump(world.fd, remote_port=remote)} == {
+        r.cookie for r in full if r.remote_port == remote}
+    for local in {r.local_port for r in full}:
+        assert {r.cookie for r in dump(world.fd, port=local, remote_port=remote)} == {
+            r.cookie for r in full if r.local_port == local and r.remote_port == remote}, local
+
+
+def test_remote_port_filter_finds_the_clients_of_a_port(world: World) -> None:
+    clients = dump(world.fd, protocols=["tcp"], remote_port=LISTEN_PORT)
+    assert len(clients) == PENDING and {r.state for r in clients} == {"ESTABLISHED"}
+
+
 def test_port_filter_covers_both_protocols(world: World) -> None:
     got = dump(world.fd, port=TW_PORT)
     assert {(r.protocol, r.state) for r in got} == {("tcp", "LISTEN"), ("tcp", "TIME_WAIT"), ("udp", "CLOSE")}
@@ -482,7 +497,8 @@ def test_state_filter(world: World) -> None:
     assert {r.state for r in closed.values()} == {"CLOSE"}
 
 
-@pytest.mark.parametrize("bad", [{"states": ["ESTAB"]}, {"port": 65536}, {"protocols": ["sctp"]},
+@pytest.mark.parametrize("bad", [{"states": ["ESTAB"]}, {"port": 65536}, {"remote_port": -1},
+                                 {"protocols": ["sctp"]},
                                  {"families": ["inet"]}])
 def test_bad_arguments_are_refused_before_asking_the_kernel(world: World, bad: dict) -> None:
     with pytest.raises(ValueError):

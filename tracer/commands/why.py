@@ -61,8 +61,11 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                      default=None, help="whether the process has CAP_NET_BIND_SERVICE (default: "
                      "root has it, other users do not); matters below "
                      "net.ipv4.ip_unprivileged_port_start")
+    why.add_argument("--all", action="store_true",
+                     help="describe every blocker one by one (default: the first 100, the ones "
+                          "processes hold first; all of them are counted in groups)")
     add_netns_option(why, default="portscope's own")
     why.add_argument("--json", action="store_true", help='{"verdict": "free"|"conflict"|'
-                     '"refused", "errno", "reasons": [...], "blockers": [...], "fixes": [...], '
-                     '"notes": [...]}: each reason, fix and note has a kind and its parameters '
+                     '"refused", "errno", "reasons": [...], "blockers": [...], "blockers_total", '
+                     '"blocker_groups": [...], "fixes": [...], "notes": [...]}: each reason, fix and note has a kind and its parameters '
                      'beside its sentence')
