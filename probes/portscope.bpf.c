@@ -773,6 +773,96 @@ int ps_exit_connect(struct trace_event_raw_sys_exit *ctx)
 	return on_exit(ctx->ret, PS_KIND_CONNECT);
 }
 
+/* ---- 32-bit callers: kprobe plan ------------------------------------------
+ * x86's system-call tracepoints do not fire for 32-bit (compat) system calls,
+ * so the kprobe plan probes their entry points as well. Only 32-bit callers
+ * reach these functions: 64-bit calls pay nothing for them. bind, listen and
+ * connect have entries of their own; socketcall(2) multiplexes them for C
+ * libraries that still use it. Each entry takes the caller's registers,
+ * where ebx, ecx and edx hold the first three arguments. The fentry plan
+ * needs none of this: __sys_bind and the others are reached from every
+ * entry. (x86 only: another architecture's compat entries have other names,
+ * and attaching these programs is optional, see tracer/plans.py.) */
+#if defined(__TARGET_ARCH_x86) || defined(PS_BCC)
+#define PS_SYS_BIND 2 /* socketcall numbers, include/uapi/linux/net.h */
+#define PS_SYS_CONNECT 3
+#define PS_SYS_LISTEN 4
+
+static __always_inline __u32 compat_arg(struct pt_regs *ctx, int n)
+{
+	struct pt_regs *regs = (struct pt_regs *)PT_REGS_PARM1(ctx);
+
+	return n == 0 ? (__u32)BPF_CORE_READ(regs, bx)
+	     : n == 1 ? (__u32)BPF_CORE_READ(regs, cx) : (__u32)BPF_CORE_READ(regs, dx);
+}
+
+SEC("kprobe/__ia32_sys_bind")
+int ps_kprobe_compat_bind(struct pt_regs *ctx)
+{
+	return on_enter(PS_KIND_BIND, (int)compat_arg(ctx, 0), compat_arg(ctx, 1));
+}
+
+SEC("kretprobe/__ia32_sys_bind")
+int ps_kretprobe_compat_bind(struct pt_regs *ctx)
+{
+	return on_exit((int)PT_REGS_RC(ctx), PS_KIND_BIND);
+}
+
+SEC("kprobe/__ia32_sys_listen")
+int ps_kprobe_compat_listen(struct pt_regs *ctx)
+{
+	return on_enter(PS_KIND_LISTEN, (int)compat_arg(ctx, 0), 0);
+}
+
+SEC("kretprobe/__ia32_sys_listen")
+int ps_kretprobe_compat_listen(struct pt_regs *ctx)
+{
+	return on_exit((int)PT_REGS_RC(ctx), PS_KIND_LISTEN);
+}
+
+SEC("kprobe/__ia32_sys_connect")
+int ps_kprobe_compat_connect(struct pt_regs *ctx)
+{
+	return on_enter(PS_KIND_CONNECT, (int)compat_arg(ctx, 0), compat_arg(ctx, 1));
+}
+
+SEC("kretprobe/__ia32_sys_connect")
+int ps_kretprobe_compat_connect(struct pt_regs *ctx)
+{
+	return on_exit((int)PT_REGS_RC(ctx), PS_KIND_CONNECT);
+}
+
+/* socketcall(call, args): args points to the call's arguments, 32-bit words. */
+SEC("kprobe/__ia32_compat_sys_socketcall")
+int ps_kprobe_compat_socketcall(struct pt_regs *ctx)
+{
+	__u32 call = compat_arg(ctx, 0), args[2] = {};
+	__u8 kind = call == PS_SYS_BIND ? PS_KIND_BIND
+		  : call == PS_SYS_CONNECT ? PS_KIND_CONNECT
+		  : call == PS_SYS_LISTEN ? PS_KIND_LISTEN : 0;
+
+	if (!kind || bpf_probe_read_user(args, sizeof(args), (void *)(__u64)compat_arg(ctx, 1)))
+		return 0;
+	return on_enter(kind, (int)args[0], kind == PS_KIND_LISTEN ? 0 : args[1]);
+}
+
+SEC("kretprobe/__ia32_compat_sys_socketcall")
+int ps_kretprobe_compat_socketcall(struct pt_regs *ctx)
+{
+	__u64 id = bpf_get_current_pid_tgid();
+	struct inflight *in = PS_LOOKUP(ps_inflight, &id);
+	int ret = (int)PT_REGS_RC(ctx);
+
+	if (!in) /* not one of the three calls, or not a socket portscope follows */
+		return 0;
+	if (in->kind == PS_KIND_BIND)
+		return on_exit(ret, PS_KIND_BIND);
+	if (in->kind == PS_KIND_LISTEN)
+		return on_exit(ret, PS_KIND_LISTEN);
+	return on_exit(ret, PS_KIND_CONNECT);
+}
+#endif /* x86 */
+
 /* ---- the same three calls from BPF trampolines: fentry plan --------------- */
 
 #ifndef PS_BCC /* fentry/fexit need BTF at load time: libbpf only */

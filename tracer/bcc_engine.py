@@ -46,7 +46,7 @@ from .errors import (
     Unsupported,
     VerifierRejected,
 )
-from .plans import KernelFacts, Part, Plan, part_of, programs
+from .plans import OPTIONAL_PROGRAMS, KernelFacts, Part, Plan, part_of, programs
 
 SOURCE = Path(__file__).resolve().parent.parent / "probes" / "portscope.bpf.c"
 # libbpf's CO-RE read macros, used by the source on both sides.
@@ -213,7 +213,12 @@ def _load_plans(bcc: Any, config: EngineConfig, plans: dict[Part, Plan | None],
     try:
         for name, (kind, target) in hooks.items():
             part_plan = plans.get(part_of(name)) or plan
-            _attach(bpf, bcc, name, kind, target, part_plan)
+            try:
+                _attach(bpf, bcc, name, kind, target, part_plan)
+            except PortscopeError as exc:
+                if name not in OPTIONAL_PROGRAMS:
+                    raise
+                loaded.unattached[name] = str(exc)
     except BaseException:
         loaded.close()
         raise
@@ -301,6 +306,7 @@ class BccLoaded:
     def __init__(self, bpf: Any) -> None:
         self._bpf: Any = bpf
         self._maps: dict[str, libbpf.FdMap] = {}
+        self.unattached: dict[str, str] = {}  # optional programs that did not attach: why
 
     def has_map(self, name: str) -> bool:
         return True  # bcc creates every map of the source

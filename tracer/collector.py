@@ -104,6 +104,8 @@ class LiveCollector:
     def start(self) -> None:
         self.engine = open_engine(self.config)
         skipped = tuple(f"{a.plan.value}: {a.reason}" for a in self.engine.attempts if not a.ok)
+        if self.engine.compat_callers.startswith("no: "):  # said where the plan is shown
+            skipped += (f"32-bit programs not seen: {self.engine.compat_callers.removeprefix('no: ')}",)
         self.model.update_health(source="live", plan=self.engine.plan_name, plan_notes=skipped,
                                  started=time.time())
         for name, target in (("events", self._events_loop), ("explain", self._explain_loop),

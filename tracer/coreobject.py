@@ -37,6 +37,7 @@ from .layout import PsConfig
 from .plans import (
     GROUP_PROGRAMS,
     PLAN_PROGRAMS,
+    OPTIONAL_PROGRAMS,
     PREFERENCE,
     KernelFacts,
     Part,
@@ -56,10 +57,11 @@ class LibbpfLoaded:
     reads the iterators."""
 
     def __init__(self, obj: libbpf.BpfObject, links: list[libbpf.Link],
-                 created: frozenset[str]) -> None:
+                 created: frozenset[str], unattached: dict[str, str] | None = None) -> None:
         self._obj: libbpf.BpfObject | None = obj
         self._links = links
         self._created = created  # the maps the kernel was asked to create
+        self.unattached = unattached or {}  # optional programs that did not attach: why
         self._shares = 1
         self._lock = threading.Lock()
 
@@ -123,23 +125,34 @@ def verify_plan(config: EngineConfig, plan: Plan, part: Part = Part.EVENTS) -> N
     This is how a plan that cannot attach here (kprobes without
     CONFIG_KPROBES) is still proven to pass this kernel's verifier."""
     plans: dict[Part, Plan | None] = {part: plan}
-    obj, _, _ = load_object(config, plans, attach=False)
+    obj, _, _, _ = load_object(config, plans, attach=False)
     obj.close()
 
 
 def load_object(config: EngineConfig, plans: dict[Part, Plan | None], iterators: bool = False,
-               attach: bool = True) -> tuple[libbpf.BpfObject, list[libbpf.Link], frozenset[str]]:
+               attach: bool = True,
+               ) -> tuple[libbpf.BpfObject, list[libbpf.Link], frozenset[str], dict[str, str]]:
     """Load the programs of each part's plan in one object, attach them to
     their hooks (the iterators are attached by whoever walks them); the
-    object, its links and the maps it created."""
+    object, its links, the maps it created, and the optional programs that
+    did not attach, with why (plans.OPTIONAL_PROGRAMS)."""
     names = programs(plans.get(Part.EVENTS), plans.get(Part.GROUPS), iterators)
     obj, created = load_programs(config, plans, names)
     links: list[libbpf.Link] = []
+    unattached: dict[str, str] = {}
     try:
         for prog in obj.programs():
-            if attach and prog.autoload and part_of(prog.name) is not Part.ITERATORS:
-                links.append(_attach(prog, plans[part_of(prog.name)]))
-        return obj, links, created
+            if not (attach and prog.autoload and part_of(prog.name) is not Part.ITERATORS):
+                continue
+            if prog.name in OPTIONAL_PROGRAMS:
+                try:
+                    links.append(prog.attach())
+                except OSError as exc:
+                    libbpf.take_log()
+                    unattached[prog.name] = libbpf.strerror(exc.errno or 0)
+                continue
+            links.append(_attach(prog, plans[part_of(prog.name)]))
+        return obj, links, created, unattached
     except BaseException:
         for link in links:
             link.destroy()

@@ -31,6 +31,7 @@ class PlanReport:
     verifier: str  # "passed" or why not
     attach: str  # "ok" or why not
     groups: str = "not tried"  # reuseport counting with this plan: "ok" or why not
+    compat: str = "not tried"  # 32-bit callers traced: "yes" or why not
 
 
 def check_plan(config: EngineConfig, facts: KernelFacts, plan: Plan) -> PlanReport:
@@ -39,25 +40,29 @@ def check_plan(config: EngineConfig, facts: KernelFacts, plan: Plan) -> PlanRepo
         verifier = "passed"
     except PortscopeError as exc:
         return PlanReport(plan.value, str(exc), "not tried: the programs do not load")
-    groups = _try(EngineConfig(plan=plan, btf_path=config.btf_path, engine="libbpf",
-                               events=False, groups=Need.REQUIRED, iterators=False), facts)
+    groups, _ = _try(EngineConfig(plan=plan, btf_path=config.btf_path, engine="libbpf",
+                                  events=False, groups=Need.REQUIRED, iterators=False), facts)
     reason = facts.static_reason_against(plan)
     if reason:
-        return PlanReport(plan.value, verifier, reason, groups)
-    attach = _try(EngineConfig(plan=plan, btf_path=config.btf_path, engine="libbpf",
-                               iterators=False), facts)
-    return PlanReport(plan.value, verifier, attach, groups)
+        return PlanReport(plan.value, verifier, reason, groups, f"no: {reason}")
+    attach, compat = _try(EngineConfig(plan=plan, btf_path=config.btf_path, engine="libbpf",
+                                       iterators=False), facts)
+    return PlanReport(plan.value, verifier, attach, groups, compat)
 
 
-def _try(config: EngineConfig, facts: KernelFacts) -> str:
-    """"ok" when the configuration's parts load and attach, else why not."""
+def _try(config: EngineConfig, facts: KernelFacts) -> tuple[str, str]:
+    """"ok" when the configuration's parts load and attach, else why not;
+    and whether 32-bit callers are traced then."""
     try:
-        open_engine(config, facts).close()
+        engine = open_engine(config, facts)
     except PlanUnavailable as exc:
-        return str(exc).split(": ", 1)[-1]
+        why = str(exc).split(": ", 1)[-1]
+        return why, f"no: {why}"
     except PortscopeError as exc:
-        return str(exc)
-    return "ok"
+        return str(exc), f"no: {exc}"
+    compat = engine.compat_callers
+    engine.close()
+    return "ok", compat
 
 
 @dataclass
@@ -150,16 +155,21 @@ def _print_human(facts: KernelFacts, plans: list[PlanReport], chosen: PlanReport
     if blocker:
         _out(f"\nportscope cannot trace here: {blocker}")
         return
-    _out(f"\n{'plan':11} {'loads':6} {'attaches':9} {'groups':7} why not")
+    _out(f"\n{'plan':11} {'loads':6} {'attaches':9} {'groups':7} {'32-bit':7} why not")
     for p in plans:
         loads = p.verifier == "passed"
         attaches = p.attach == "ok"
         counts = p.groups == "ok"
+        compat = p.compat == "yes"
         why = "" if attaches else (p.attach if loads else p.verifier)
         if loads and not counts and p.groups != p.attach:
             why = "; ".join(filter(None, (why, f"groups: {p.groups}")))
+        shown = _yes(compat) if attaches and not p.compat.startswith("n/a") else "-"
+        if attaches and p.compat.startswith("no: "):
+            why = "; ".join(filter(None, (why, f"32-bit callers: {p.compat.removeprefix('no: ')}")))
         _out(f"{p.plan:11} {_yes(loads):6} {_yes(attaches) if loads else '-':9} "
-             f"{_yes(counts) if loads else '-':7} {why}".rstrip())
+             f"{_yes(counts) if loads else '-':7} {shown:7} "
+             f"{why}".rstrip())
     if chosen:
         _out(f"\nportscope will use the {chosen.plan} plan: the first of "
               f"{', '.join(p.value for p in PREFERENCE)} that attaches here.")

@@ -41,6 +41,7 @@ from .plans import (
     KernelFacts,
     Part,
     Plan,
+    compat_callers,
     part_of,
 )
 
@@ -170,6 +171,9 @@ class Loaded(Protocol):
 
     def close(self) -> None: ...
 
+    # Optional programs (plans.OPTIONAL_PROGRAMS) that did not attach: why.
+    unattached: dict[str, str]
+
 
 class Engine:
     """The process's one loaded object: its events (ring buffer, counters,
@@ -198,6 +202,11 @@ class Engine:
             self._closers = loaded.map("ps_closers")
             self._closer_args = loaded.map("ps_closer_args")
         self._closers_pin: str | None = None
+
+    @property
+    def compat_callers(self) -> str:
+        """Whether 32-bit callers' calls are traced: "yes", or why not."""
+        return compat_callers(self.plan, self.loaded.unattached, self.facts.compat_abi)
 
     @property
     def plan_name(self) -> str:

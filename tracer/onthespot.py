@@ -168,16 +168,26 @@ def with_capture(inv, capture: Capture | None):  # type: ignore[no-untyped-def]
 
     if capture is None or not capture.sockets:
         return inv
-    live = set()
-    for s in inv.sockets:
-        live.update(_identities(s.diag.protocol, s.diag.cookie, s.diag.inode, s.diag.family,
-                                s.diag.local_addr, s.diag.local_port, s.diag.remote_addr,
-                                s.diag.remote_port, s.diag.state))
+    captured = {c: _identities(c.protocol, c.cookie, c.inode, c.family, c.addr, c.port,
+                               c.remote_addr, c.remote_port, c.state) for c in capture.sockets}
+    live: set[tuple] = set()
     owners = OwnerCache()
-    gone = [_gone_socket(c, owners) for c in capture.sockets
-            if not live & _identities(c.protocol, c.cookie, c.inode, c.family, c.addr, c.port,
-                                      c.remote_addr, c.remote_port, c.state)]
-    return replace(inv, sockets=inv.sockets + gone) if gone else inv
+    sockets = []
+    for s in inv.sockets:
+        ids = _identities(s.diag.protocol, s.diag.cookie, s.diag.inode, s.diag.family,
+                          s.diag.local_addr, s.diag.local_port, s.diag.remote_addr,
+                          s.diag.remote_port, s.diag.state)
+        live |= ids
+        if not s.owners and s.diag.inode:
+            # Still there but held by no process now: it closed between the
+            # inventory's two reads (sockets, then who holds them), or its
+            # holder cannot be read. Who bound it, as the probe knew, says more.
+            binder = next((c for c, cids in captured.items() if c.binder_pid and ids & cids), None)
+            if binder is not None:
+                s = replace(s, owners=_gone_socket(binder, owners).owners)
+        sockets.append(s)
+    gone = [_gone_socket(c, owners) for c, cids in captured.items() if not live & cids]
+    return replace(inv, sockets=sockets + gone)
 
 
 def _identities(protocol: str, cookie: int, inode: int, family: str, addr: str, port: int,

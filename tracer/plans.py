@@ -49,6 +49,27 @@ SYSCALL_TRAMPOLINES = (
     "ps_fentry_connect",
     "ps_fexit_connect",
 )
+# 32-bit callers (x86): the system-call tracepoints do not fire for compat
+# system calls, so the kprobe plan also probes the compat entry points, which
+# only 32-bit callers reach. The fentry plan sees them at __sys_bind and the
+# others already; the tracepoint plan cannot (raw_syscalls would run a program
+# on every system call of the host): 32-bit callers are invisible there.
+COMPAT_KPROBES = (
+    "ps_kprobe_compat_bind",
+    "ps_kretprobe_compat_bind",
+    "ps_kprobe_compat_listen",
+    "ps_kretprobe_compat_listen",
+    "ps_kprobe_compat_connect",
+    "ps_kretprobe_compat_connect",
+    "ps_kprobe_compat_socketcall",
+    "ps_kretprobe_compat_socketcall",
+)
+# Programs a plan attaches where the kernel has their hook and goes on
+# without where it has not (a kernel without IA32 emulation has no compat
+# entries): what did not attach is kept and shown (Engine.unattached,
+# portscope doctor), never raised.
+OPTIONAL_PROGRAMS = frozenset(COMPAT_KPROBES)
+
 # Not a system call, but in every plan: who closes TCP connections first
 # (sock:inet_sock_set_state), for the TIME_WAIT holders.
 STATE_PROGRAMS = ("ps_state_change",)
@@ -59,7 +80,7 @@ ITERATOR_PROGRAMS = ("ps_iter_tcp", "ps_iter_udp", "ps_iter_task_file")
 PLAN_PROGRAMS: dict[Plan, tuple[str, ...]] = {
     Plan.FENTRY: SYSCALL_TRAMPOLINES + STATE_PROGRAMS + ("ps_fexit_get_port",),
     Plan.KPROBE: SYSCALL_TRACEPOINTS + STATE_PROGRAMS
-    + ("ps_kprobe_get_port", "ps_kretprobe_get_port"),
+    + ("ps_kprobe_get_port", "ps_kretprobe_get_port") + COMPAT_KPROBES,
     Plan.TRACEPOINT: SYSCALL_TRACEPOINTS + STATE_PROGRAMS,
 }
 
@@ -74,6 +95,26 @@ GROUP_PROGRAMS: dict[Plan, tuple[str, ...]] = {
     Plan.TRACEPOINT: ("ps_group_data_ready",),
 }
 
+
+
+def compat_callers(plan: Plan | None, unattached: dict[str, str], compat_abi: bool) -> str:
+    """Whether 32-bit callers' bind/listen/connect are traced under ``plan``:
+    "yes"; "n/a: ..." on a kernel that runs no 32-bit programs (``compat_abi``
+    false); else "no: " and why (``unattached``: optional programs that did
+    not attach)."""
+    if not compat_abi:
+        return "n/a: this kernel runs no 32-bit programs (no IA32 emulation)"
+    if plan is Plan.FENTRY:
+        return "yes"
+    if plan is Plan.KPROBE:
+        missing = {name: why for name, why in unattached.items() if name in COMPAT_KPROBES}
+        if not missing:
+            return "yes"
+        name, why = next(iter(missing.items()))
+        return f"no: {len(missing)} compat entry probe(s) did not attach ({name}: {why})"
+    if plan is Plan.TRACEPOINT:
+        return "no: system-call tracepoints do not fire for 32-bit system calls"
+    return "no: no events loaded"
 
 
 class Part(str, enum.Enum):
@@ -131,6 +172,8 @@ class KernelFacts:
     kprobe_pmu: bool
     lockdown: str | None
     notes: list[str] = field(default_factory=list)
+    # 32-bit programs can run (x86's IA32 emulation: /proc/sys/abi/vsyscall32).
+    compat_abi: bool = False
 
     def static_reason_against(self, plan: Plan) -> str | None:
         """Why ``plan`` cannot work, as far as files tell; None if it might."""
@@ -160,6 +203,7 @@ def kernel_facts(btf_path: str | None = None, mount_tracefs: bool = False) -> Ke
         kprobe_pmu=os.path.exists(KPROBE_PMU),
         lockdown=_lockdown(),
         notes=notes,
+        compat_abi=os.path.exists("/proc/sys/abi/vsyscall32"),
     )
 
 

@@ -91,13 +91,18 @@ class _Traced(Protocol):
     @property
     def engine(self) -> str: ...
 
+    @property
+    def compat_callers(self) -> str: ...
+
 
 def announce(engine: _Traced, verb: str = "tracing", tail: str = "Ctrl-C to stop") -> None:
-    """Which plan runs, and why the better ones do not."""
+    """Which plan runs, and why the better ones do not; and what it cannot see."""
     skipped = "; ".join(f"{a.plan.value}: {a.reason}" for a in engine.attempts if not a.ok)
     note = f" ({skipped})" if skipped else ""
     built = " (compiled here by bcc)" if engine.engine == "bcc" else ""
     say(f"{verb} with the {engine.plan_name} plan{built}{note}; {tail}")
+    if engine.compat_callers.startswith("no: "):
+        say(f"32-bit programs' calls are not seen: {engine.compat_callers.removeprefix('no: ')}")
 
 
 class _Counters(Protocol):

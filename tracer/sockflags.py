@@ -187,7 +187,7 @@ class SocketIterators:
         if loaded is None:
             config = replace(config or EngineConfig(), events=False, groups=Need.OFF,
                              iterators=True)
-            obj, _, created = load_object(config, {}, iterators=True)
+            obj, _, created, _ = load_object(config, {}, iterators=True)
             loaded = LibbpfLoaded(obj, [], created)
         else:
             loaded.retain()

@@ -35,6 +35,7 @@ def portscope(*args: str, timeout: float = 60, **kw: object) -> subprocess.Compl
 
 
 STATUS_LINES = ("portscope: tracing with", "portscope: recording to", "portscope: counting with",
+                "portscope: 32-bit programs' calls are not seen",
                 "portscope: 0 events")
 
 

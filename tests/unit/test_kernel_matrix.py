@@ -80,19 +80,57 @@ def test_tests_line_counts_a_failing_cell_without_tests(km: ModuleType) -> None:
     assert km.tests_line(cells[:1]) == "kernel-matrix: 298 passed, 0 failed, 3 skipped"
 
 
-def test_a_silent_guest_is_a_stall_named_by_its_cell(km: ModuleType, capsys) -> None:
+def test_a_silent_guest_is_a_stall_named_by_its_cell(km: ModuleType, capsys, tmp_path: Path) -> None:
     """run_vm's watchdog, on a stand-in for vm-run that prints a cell's
-    header and then nothing: killed after the stall time, with the cell."""
+    header, a kernel message and then nothing: killed after the stall time,
+    with the cell; the kernel's line is in the console file, not echoed."""
     import time
 
-    script = "echo '=== kernel-matrix: 6.1.0-57-amd64, kprobe: -m pytest'; echo ....; sleep 60"
+    script = ("echo '=== kernel-matrix: 6.1.0-57-amd64, kprobe: -m pytest'; echo ....; "
+              "echo '[  123.456789] rcu: INFO: rcu_preempt self-detected stall'; sleep 60")
+    console = tmp_path / "console.log"
     start = time.monotonic()
-    code, cell = km.run_vm(["sh", "-c", script], {"PATH": "/usr/bin:/bin"}, stall=1.0)
+    code, cell = km.run_vm(["sh", "-c", script], {"PATH": "/usr/bin:/bin"}, stall=1.0,
+                           console=console, tag="[6.1] ")
     assert (code, cell) == (-1, "kprobe")
     assert time.monotonic() - start < 30
-    assert "...." in capsys.readouterr().out  # the guest's output is passed on
+    out = capsys.readouterr().out
+    assert "[6.1] ....\n" in out  # the guest's output is passed on, tagged
+    assert "rcu_preempt" not in out and "rcu_preempt self-detected" in km.console_tail(console)
+    assert "...." in console.read_text()
 
 
-def test_a_guest_that_finishes_is_not_a_stall(km: ModuleType) -> None:
-    code, cell = km.run_vm(["sh", "-c", "echo done; exit 3"], {"PATH": "/usr/bin:/bin"}, stall=5.0)
+def test_a_guest_that_finishes_is_not_a_stall(km: ModuleType, tmp_path: Path) -> None:
+    code, cell = km.run_vm(["sh", "-c", "printf 'done\\nno newline'; exit 3"],
+                           {"PATH": "/usr/bin:/bin"}, stall=5.0, console=tmp_path / "c.log")
     assert (code, cell) == (3, None)
+    assert (tmp_path / "c.log").read_text() == "done\nno newline"
+
+
+def test_kernels_boot_side_by_side_and_report_in_order(km: ModuleType, monkeypatch: pytest.MonkeyPatch,
+                                                       tmp_path: Path) -> None:
+    import threading
+    import time
+
+    running, most = set(), [0]
+    lock = threading.Lock()
+
+    def fake_booted(image, outdir, extra, covered, tag=""):  # type: ignore[no-untyped-def]
+        with lock:
+            running.add(image)
+            most[0] = max(most[0], len(running))
+        time.sleep(0.3 if image.endswith("a") else 0.1)
+        with lock:
+            running.discard(image)
+        return [km.Cell(image, "fentry", f"tag {tag!r}", True)]
+
+    monkeypatch.setattr(km, "run_booted", fake_booted)
+    monkeypatch.setenv("KERNEL_MATRIX_LANES", "2")
+    cells = km.run_side_by_side(["/boot/vmlinuz-a", "/boot/vmlinuz-b", "/boot/vmlinuz-c"],
+                                tmp_path, [], [])
+    assert [c.kernel for c in cells] == ["/boot/vmlinuz-a", "/boot/vmlinuz-b", "/boot/vmlinuz-c"]
+    assert most[0] == 2 and cells[0].result == "tag '[a] '"
+    monkeypatch.setenv("KERNEL_MATRIX_LANES", "1")
+    most[0] = 0
+    cells = km.run_side_by_side(["/boot/vmlinuz-a", "/boot/vmlinuz-b"], tmp_path, [], [])
+    assert most[0] == 1 and cells[0].result == "tag ''"

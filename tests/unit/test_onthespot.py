@@ -57,6 +57,20 @@ def test_a_socket_gone_since_is_added_with_the_process_that_bound_it() -> None:
         2 ** 22 - 1, "old", False, "gone")
 
 
+def test_a_socket_nobody_holds_any_more_is_named_by_its_binder() -> None:
+    # Its holder closed it between the inventory's two reads (the sockets,
+    # then who holds them): still there, no process; the probe knew who bound it.
+    got = with_capture(Inventory([live(cookie=7, inode=70)]),
+                       capture(captured(cookie=7, inode=70, pid=2 ** 22 - 1)))
+    (s,) = got.sockets
+    assert not s.gone and [o.pid for o in s.owners] == [2 ** 22 - 1]
+    # A socket whose holder was read keeps it; one without a binder stays unowned.
+    held = Socket(live(cookie=8, inode=80).diag, None, got.sockets[0].owners)
+    got = with_capture(Inventory([held, live(cookie=9, inode=90)]),
+                       capture(captured(cookie=8, inode=80, pid=5), captured(cookie=9, inode=90)))
+    assert [[o.pid for o in s.owners] for s in got.sockets] == [[2 ** 22 - 1], []]
+
+
 def test_a_time_wait_gone_since_keeps_its_kind() -> None:
     (s,) = with_capture(Inventory([]), capture(captured("FIN_WAIT2", rport=5000,
                                                         timewait=True))).sockets

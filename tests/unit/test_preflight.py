@@ -62,3 +62,22 @@ processed 63 insns (limit 1000000) max_states_per_insn 0 total_states 4 peak_sta
 """
     assert summarize_verifier_log(log) == (
         "R9 unbounded memory access, make sure to bounds check any such access")
+
+
+def test_which_plans_see_32bit_callers():
+    from tracer.plans import COMPAT_KPROBES, OPTIONAL_PROGRAMS, PLAN_PROGRAMS, compat_callers
+
+    assert compat_callers(Plan.FENTRY, {}, True) == "yes"
+    assert compat_callers(Plan.KPROBE, {}, True) == "yes"
+    # A compat entry the kernel does not have is said, with the error.
+    missing = compat_callers(Plan.KPROBE, {COMPAT_KPROBES[0]: "No such file or directory"}, True)
+    assert missing.startswith("no: ") and "No such file or directory" in missing
+    # An optional program of another kind that failed does not count.
+    assert compat_callers(Plan.KPROBE, {"ps_something_else": "gone"}, True) == "yes"
+    assert compat_callers(Plan.TRACEPOINT, {}, True).startswith("no: ")
+    assert compat_callers(None, {}, True).startswith("no: ")
+    # A kernel without 32-bit programs misses nothing.
+    assert all(compat_callers(p, {}, False).startswith("n/a: ") for p in Plan)
+    # Only the kprobe plan carries them, and only they are optional.
+    assert set(COMPAT_KPROBES) <= set(PLAN_PROGRAMS[Plan.KPROBE]) and OPTIONAL_PROGRAMS == set(COMPAT_KPROBES)
+    assert not set(COMPAT_KPROBES) & set(PLAN_PROGRAMS[Plan.FENTRY] + PLAN_PROGRAMS[Plan.TRACEPOINT])
