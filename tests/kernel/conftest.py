@@ -10,15 +10,50 @@ from __future__ import annotations
 
 import os
 import shutil
+import subprocess
+import threading
 from pathlib import Path
 from typing import Iterator
 
 import pytest
 from harness import EventCollector, Netns
 
-from tests.needs import missing
+from tests.needs import SLOWDOWN, missing
 
 KERNEL_TESTS = Path(__file__).resolve().parent
+
+
+def _stretch_subprocess_deadlines(factor: float) -> None:
+    """Under software emulation, every deadline a test gives a command it runs
+    (subprocess.run, Popen.wait and communicate: ``portscope doctor`` must
+    finish within 30 s, and so on) is ``factor`` times longer. A deadline
+    there bounds how long a command may take, which emulation stretches; none
+    is a claim about speed (those are the benchmarks'), and one that would
+    never end still fails."""
+    communicate, wait = subprocess.Popen.communicate, subprocess.Popen.wait
+    inside = threading.local()  # communicate() waits through wait(): stretch once
+
+    def stretched(call, self, timeout, *args):  # type: ignore[no-untyped-def]
+        if getattr(inside, "depth", 0) or timeout is None:
+            return call(self, *args, timeout=timeout)
+        inside.depth = 1
+        try:
+            return call(self, *args, timeout=timeout * factor)
+        finally:
+            inside.depth = 0
+
+    def patient_communicate(self, input=None, timeout=None):  # type: ignore[no-untyped-def]
+        return stretched(communicate, self, timeout, input)
+
+    def patient_wait(self, timeout=None):  # type: ignore[no-untyped-def]
+        return stretched(wait, self, timeout)
+
+    subprocess.Popen.communicate = patient_communicate  # type: ignore[method-assign]
+    subprocess.Popen.wait = patient_wait  # type: ignore[method-assign]
+
+
+if SLOWDOWN > 1:
+    _stretch_subprocess_deadlines(SLOWDOWN)
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:

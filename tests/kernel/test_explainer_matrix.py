@@ -88,6 +88,7 @@ from harness import CAP_NET_BIND_SERVICE, Actor, Netns, Truth
 from tracer.explain import SPECIFIC_PROBES, Explanation, Request, explain
 from tracer.inventory import Socket, take
 from tracer.records import Fix
+from tracer.sockflags import SharedIterators
 
 PORT = 7000
 EPHEMERAL_RANGE = (40000, 40001)
@@ -954,6 +955,16 @@ def prove_ephemeral(sc: Scenario, ex: Explanation, truth: Truth) -> None:
 
 
 # ---- the test ---------------------------------------------------------------
+
+
+@pytest.fixture(scope="module", autouse=True)
+def iterators_loaded_once(root: None) -> Iterator[None]:
+    """The explainer walks the socket tables with the process's shared
+    iterators, which are loaded by the first handle and closed with the last:
+    held here, they are loaded once for the module, not once per question
+    (each load runs the verifier: seconds under emulation)."""
+    with SharedIterators():
+        yield
 
 
 @pytest.fixture

@@ -115,7 +115,7 @@ def test_kernels_boot_side_by_side_and_report_in_order(km: ModuleType, monkeypat
     running, most = set(), [0]
     lock = threading.Lock()
 
-    def fake_booted(image, outdir, extra, covered, tag=""):  # type: ignore[no-untyped-def]
+    def fake_booted(image, outdir, extra, covered, tag="", cpus=1):  # type: ignore[no-untyped-def]
         with lock:
             running.add(image)
             most[0] = max(most[0], len(running))
