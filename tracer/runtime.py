@@ -198,7 +198,40 @@ def run_screen(source: object) -> int:
     except ImportError as exc:
         raise PortscopeError(f"the terminal UI needs the textual package ({exc}): "
                              "install portscope with scripts/setup") from exc
-    stop = StopSignal()  # SIGTERM, SIGHUP (the ssh session closed) and SIGINT end it as q does
+    # SIGTERM, SIGHUP (the ssh session closed) and SIGINT end it as q does.
+    stop = StopSignal(on_stop=lambda: _give_up_later(stop))
     app = make_app(source, should_stop=lambda: stop.requested)
-    app.run()
+    # Textual's job-control handlers outlive the app: a SIGCONT that comes
+    # after it (the kernel sends one with SIGHUP when the terminal goes away)
+    # would try to take the terminal again, in the middle of the clean-up.
+    kept = {sig: signal.getsignal(sig) for sig in (signal.SIGCONT, signal.SIGTSTP)}
+    try:
+        app.run()
+    finally:
+        for sig, handler in kept.items():
+            signal.signal(sig, handler)
     return 1 if app.return_code else 0
+
+
+# How long the UI may take to end after a stop signal. Ending writes to the
+# terminal (leave the alternate screen, mouse reporting off); when the
+# terminal is gone (the ssh session dropped during a q), Textual's writer
+# thread dies on the first write and its shutdown then waits for it for ever,
+# with the probes still attached. After this long the signal is sent again,
+# which gives up (StopSignal: KeyboardInterrupt), so that the command's own
+# clean-up (probes detached, pinned map removed, journal closed) still runs.
+GIVE_UP_S = 5.0
+
+
+def _give_up_later(stop: StopSignal) -> None:
+    import threading
+    import time
+
+    def later() -> None:
+        time.sleep(GIVE_UP_S)
+        if stop.signal is not None:
+            signal.pthread_kill(main, stop.signal)
+
+    main = threading.main_thread().ident
+    assert main is not None
+    threading.Thread(target=later, name="portscope-give-up", daemon=True).start()
