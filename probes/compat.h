@@ -90,6 +90,26 @@
 /* bcc has already included its helpers (bpf_probe_read_kernel, bpf_ntohs,
  * BPF_TABLE...) and the kernel's basic headers. */
 #include <linux/version.h>
+#include <linux/types.h>
+#if LINUX_VERSION_CODE >= KERNEL_VERSION(6, 2, 0)
+/* bcc compiles with its own copy of the BPF UAPI header, which in Debian
+ * 12's bcc 0.26 predates these structs (Linux 6.3 to 6.10); the kernel's
+ * own headers take their sizes, and nothing compiles without them (bcc
+ * issues 5444 and 5451 are the same with later ones). Their UAPI layouts,
+ * for the kernels whose headers need them; none is used here. */
+struct bpf_rb_root {
+	__u64 __opaque[2];
+} __attribute__((aligned(8)));
+struct bpf_rb_node {
+	__u64 __opaque[4];
+} __attribute__((aligned(8)));
+struct bpf_refcount {
+	__u32 __opaque[1];
+} __attribute__((aligned(4)));
+struct bpf_wq {
+	__u64 __opaque[2];
+} __attribute__((aligned(8)));
+#endif
 #include <linux/fs.h>
 #include <linux/fdtable.h>
 #include <linux/net.h>

@@ -140,7 +140,7 @@ def test_count_stops_by_itself():
     proc = subprocess.Popen([sys.executable, "-m", "tracer.cli", "trace", "--json", "--count", "1",
                              "--port", str(port)], cwd=REPO, stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True)
-    deadline = time.monotonic() + 10
+    deadline = time.monotonic() + 10 * SLOWDOWN  # the probes load first (a while, emulated)
     while proc.poll() is None and time.monotonic() < deadline:
         provoke_conflict(port)
         time.sleep(0.1)
