@@ -199,39 +199,100 @@ def run_screen(source: object) -> int:
         raise PortscopeError(f"the terminal UI needs the textual package ({exc}): "
                              "install portscope with scripts/setup") from exc
     # SIGTERM, SIGHUP (the ssh session closed) and SIGINT end it as q does.
-    stop = StopSignal(on_stop=lambda: _give_up_later(stop))
+    ending = _Ending()
+    stop = StopSignal(on_stop=ending.arm)
+    ending.stop = stop
     app = make_app(source, should_stop=lambda: stop.requested)
     # Textual's job-control handlers outlive the app: a SIGCONT that comes
     # after it (the kernel sends one with SIGHUP when the terminal goes away)
     # would try to take the terminal again, in the middle of the clean-up.
     kept = {sig: signal.getsignal(sig) for sig in (signal.SIGCONT, signal.SIGTSTP)}
+    ending.watch_terminal()
     try:
         app.run()
     finally:
+        ending.done.set()
         for sig, handler in kept.items():
             signal.signal(sig, handler)
     return 1 if app.return_code else 0
 
 
-# How long the UI may take to end after a stop signal. Ending writes to the
+# How long the UI may take to end once it must. Ending writes to the
 # terminal (leave the alternate screen, mouse reporting off); when the
-# terminal is gone (the ssh session dropped during a q), Textual's writer
-# thread dies on the first write and its shutdown then waits for it for ever,
-# with the probes still attached. After this long the signal is sent again,
-# which gives up (StopSignal: KeyboardInterrupt), so that the command's own
-# clean-up (probes detached, pinned map removed, journal closed) still runs.
+# terminal is gone (the ssh session dropped, perhaps during a q), Textual's
+# writer thread dies on the first write and its shutdown then waits for it
+# for ever, with the probes still attached. And the process is not always
+# told: the kernel hangs up the terminal's session leader (the shell), not
+# always the program in it. So the terminal itself is watched, and from a
+# hang-up or a stop signal on, the UI has this long to end: then the stop is
+# signalled again, which gives up (StopSignal: KeyboardInterrupt) so that the
+# command's own clean-up (probes detached, pinned map removed, journal
+# closed) still runs; and if even that does not end it, the process exits.
 GIVE_UP_S = 5.0
 
 
-def _give_up_later(stop: StopSignal) -> None:
-    import threading
-    import time
+class _Ending:
+    """The UI's way out when its terminal is gone (see GIVE_UP_S)."""
 
-    def later() -> None:
-        time.sleep(GIVE_UP_S)
-        if stop.signal is not None:
-            signal.pthread_kill(main, stop.signal)
+    def __init__(self) -> None:
+        import threading
 
-    main = threading.main_thread().ident
-    assert main is not None
-    threading.Thread(target=later, name="portscope-give-up", daemon=True).start()
+        self.done = threading.Event()  # the app has returned
+        self.stop: StopSignal | None = None
+        self._armed = threading.Lock()
+        self._main = threading.main_thread().ident
+
+    def watch_terminal(self) -> None:
+        """A hang-up of the terminal (stdin) counts as SIGHUP."""
+        import os
+        import threading
+
+        if os.isatty(0):
+            threading.Thread(target=self._watch, name="portscope-hangup", daemon=True).start()
+
+    def _watch(self) -> None:
+        """Until the process exits: a hang-up while the UI runs asks it to
+        stop; one after it (Textual's input thread, not a daemon, then spins
+        on the dead terminal and the interpreter waits for it at exit) gives
+        the process GIVE_UP_S to be gone."""
+        import os
+        import select
+        import time
+
+        poll = select.poll()
+        poll.register(0, select.POLLHUP)
+        while True:
+            try:
+                events = poll.poll(500)
+            except OSError:
+                return
+            if any(ev & (select.POLLHUP | select.POLLERR | select.POLLNVAL) for _, ev in events):
+                break
+        if not self.done.is_set():
+            if self.stop is not None and not self.stop.requested:
+                self.stop.requested, self.stop.signal = True, signal.SIGHUP
+            self.arm()
+        self.done.wait()
+        # The command's clean-up runs after the app (probes detached, pinned
+        # map removed); then nothing is left to wait for.
+        time.sleep(2 * GIVE_UP_S)
+        os._exit(128 + signal.SIGHUP)
+
+    def arm(self) -> None:
+        """From now on the UI has GIVE_UP_S to end (once, however often asked)."""
+        import threading
+
+        if self._armed.acquire(blocking=False):
+            threading.Thread(target=self._give_up, name="portscope-give-up", daemon=True).start()
+
+    def _give_up(self) -> None:
+        import os
+
+        signum = (self.stop.signal if self.stop else None) or signal.SIGHUP
+        if self.done.wait(GIVE_UP_S):
+            return
+        assert self._main is not None
+        signal.pthread_kill(self._main, signum)  # StopSignal: KeyboardInterrupt, clean-up runs
+        if self.done.wait(GIVE_UP_S):
+            return
+        os._exit(128 + signum)  # not even that: at least do not stay
