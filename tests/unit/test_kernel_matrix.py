@@ -87,6 +87,7 @@ def test_a_silent_guest_is_a_stall_named_by_its_cell(km: ModuleType, capsys, tmp
     import time
 
     script = ("echo '=== kernel-matrix: 6.1.0-57-amd64, kprobe: -m pytest'; echo ....; "
+              "echo '..[  444.721153] IPv6: ADDRCONF(NETDEV_CHANGE): v0: link becomes ready'; "
               "echo '[  123.456789] rcu: INFO: rcu_preempt self-detected stall'; sleep 60")
     console = tmp_path / "console.log"
     start = time.monotonic()
@@ -97,6 +98,7 @@ def test_a_silent_guest_is_a_stall_named_by_its_cell(km: ModuleType, capsys, tmp
     out = capsys.readouterr().out
     assert "[6.1] ....\n" in out  # the guest's output is passed on, tagged
     assert "rcu_preempt" not in out and "rcu_preempt self-detected" in km.console_tail(console)
+    assert "[6.1] ..\n" in out and "IPv6" not in out  # one in the middle of the tests' line
     assert "...." in console.read_text()
 
 
