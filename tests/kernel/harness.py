@@ -659,7 +659,7 @@ class _ActorServer:
         self.sockets: dict[int, socket.socket] = {}
         self.options: dict[int, set[str]] = {}
         self.devices: dict[int, int] = {}
-        self.calls: dict[tuple[int, str], int] = {}
+        self.calls: dict[tuple[int, int, str], int] = {}
         self.netns = os.stat("/proc/self/ns/net").st_ino
 
     def serve(self) -> None:
@@ -818,9 +818,12 @@ class _ActorServer:
         except OSError as exc:
             err = exc.errno or 0
         bound_addr, bound_port = _sockaddr_str(sock.family, sock.getsockname())
-        seq = self.calls.get((fd, call), 0)
-        self.calls[(fd, call)] = seq + 1
         stat = os.fstat(fd)
+        # Per socket, not per fd: a closed socket's fd number is given to the
+        # next one (a scenario that builds its TIME_WAIT again, for example).
+        key = (fd, stat.st_ino, call)
+        seq = self.calls.get(key, 0)
+        self.calls[key] = seq + 1
         return Truth(
             call=call,
             pid=os.getpid(),
