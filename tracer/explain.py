@@ -24,7 +24,7 @@ import ipaddress
 import os
 from dataclasses import dataclass, field, replace
 
-from . import bindcheck, bindrules
+from . import bindcheck, bindrules, sockdestroy
 from .bindcheck import NamespaceFacts, Question, Refusal
 from .bindrules import Blocker, Rule, Sock
 from .errors import UsageError
@@ -501,7 +501,9 @@ def _fixes(new: Sock, existing: list[Sock],
     if all(b.sock.bound_dev_if for b, _ in blockers) and not new.bound_dev_if:
         fixes.append(Fix("other_device", "new_socket", {"used": sorted(
             {b.sock.bound_dev_if for b, _ in blockers}), **tag}))
-    fixes.extend(_wait_fixes(blockers))
+    waits, wait_notes = _wait_fixes(blockers)
+    fixes.extend(waits)
+    notes.extend(wait_notes)
     fixes.extend(_holder_fixes(blockers))
     return fixes, notes
 
@@ -517,21 +519,28 @@ def _option_changes(new: Sock) -> list[tuple[dict[str, object], str]]:
     return out
 
 
-def _wait_fixes(blockers: list[tuple[Blocker, Socket]]) -> list[Fix]:
+def _wait_fixes(blockers: list[tuple[Blocker, Socket]]) -> tuple[list[Fix], list[Note]]:
     """When every blocker is one no process holds (TIME_WAIT, an orphan
     finishing its close), waiting frees the port: for as long as the
-    longest timer; SOCK_DESTROY (``ss -K``) frees it at once."""
-    if not all(holding(s) in ("time_wait", "orphan") for _, s in blockers):
-        return []
+    longest timer. SOCK_DESTROY (``ss -K``) frees it at once, on a kernel
+    that can destroy those sockets (``sockdestroy`` asks it; when it cannot
+    be asked, the fix is offered with its condition)."""
+    held = {holding(s) for _, s in blockers}
+    if not held <= {"time_wait", "orphan"}:
+        return [], []
     wait = max((s.diag.timer_ms for _, s in blockers), default=0)
     states = sorted({s.diag.state for _, s in blockers})
     out = [Fix("wait", "kernel", {"seconds": round(wait / 1000), "states": states,
                                   "for": "conflict"})]
+    able = sockdestroy.destroyable()
+    if able is not None and not all(able.frees(h) for h in held):
+        kept = sorted({s.diag.state for _, s in blockers if not able.frees(holding(s))})
+        return out, [Note("destroy_keeps", {"states": kept})]
     out += [Fix("destroy_socket", "kernel", {
         "local": format_addr(s.diag.family, s.diag.local_addr, s.diag.local_port),
         "remote": format_addr(s.diag.family, s.diag.remote_addr, s.diag.remote_port),
         "state": s.diag.state, "for": "conflict"}) for _, s in blockers[:3]]
-    return out
+    return out, []
 
 
 def _holder_fixes(blockers: list[tuple[Blocker, Socket]]) -> list[Fix]:

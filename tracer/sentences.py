@@ -133,6 +133,10 @@ FIX_TEXT = {
 }
 
 NOTE_TEXT = {
+    "destroy_keeps": lambda p: (
+        "this kernel cannot destroy " + "/".join(map(str, p["states"])) + " sockets: it keeps "  # type: ignore[arg-type]
+        "them after SOCK_DESTROY (ss -K), as portscope saw when it asked it; waiting is the "
+        "way"),
     "reuseaddr_alone_vs_time_wait": lambda p: (
         "SO_REUSEADDR on the new socket alone does not help here: the kernel also needs it on "
         "the socket that left the TIME_WAIT (Linux, unlike BSD)"),

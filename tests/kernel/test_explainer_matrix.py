@@ -27,8 +27,10 @@ Every case runs in a fresh private network namespace:
    * TIME_WAIT sockets, which no process holds. First the other blockers are
      closed and the bind must still fail (the TIME_WAIT socket alone blocks
      it); then the TIME_WAIT socket is destroyed with SOCK_DESTROY (``ss -K``
-     on its exact port pair; 6.18 supports it for TIME_WAIT sockets, and its
-     disappearance is checked in the inventory), and the bind must succeed.
+     on its exact port pair; its disappearance is checked in the inventory),
+     and the bind must succeed. A kernel that keeps the socket after
+     SOCK_DESTROY (5.10 keeps TIME_WAIT sockets and orphans) must see the
+     explainer not offer it and say so, and the bind must still fail.
      The blocker is also checked to be TIME_WAIT in the explainer's own
      inventory, with no inode and no owner. The TIME_WAIT rows where the
      options do match (both SO_REUSEADDR, both SO_REUSEPORT, another uid)
@@ -76,6 +78,7 @@ from __future__ import annotations
 import errno
 import json
 import re
+import socket
 import subprocess
 import time
 from dataclasses import dataclass, replace
@@ -83,9 +86,11 @@ from itertools import product
 from typing import Callable, Iterator
 
 import pytest
-from harness import CAP_NET_BIND_SERVICE, Actor, Netns, Truth
+from harness import CAP_NET_BIND_SERVICE, Actor, ActorError, Netns, Truth
 
-from tracer.explain import SPECIFIC_PROBES, Explanation, Request, explain
+from tracer.bindcheck import IP_LOCAL_PORT_RANGE
+from tracer.errors import UsageError
+from tracer.explain import SPECIFIC_PROBES, Explanation, Request, explain, holding
 from tracer.inventory import Socket, take
 from tracer.records import Fix
 from tracer.sockflags import SharedIterators
@@ -729,33 +734,42 @@ class Scenario:
     # -- removing
 
     def remove(self, h: Held) -> None:
-        if h.fd is None:  # TIME_WAIT or an orphan: nobody holds it; SOCK_DESTROY
-            assert h.ports is not None
-            r = subprocess.run(
-                ["ip", "netns", "exec", self.ns.name, "ss", "-K", "-tna",
-                 f"( sport = :{h.ports[0]} and dport = :{h.ports[1]} )"],
-                capture_output=True, text=True, timeout=30)
-            assert r.returncode == 0, f"ss -K: {r.stderr}"
-        else:
-            if h.peer is not None:  # the peer first, so that the connection ends
-                h.actor.close(h.peer)
-            h.actor.close(h.fd)
-        self.wait_gone(h)
+        if h.fd is None:  # TIME_WAIT or an orphan: nobody holds it
+            assert self.destroy(h), (f"existing socket {h.index} still there after "
+                                     "SOCK_DESTROY (ss -K)")
+            return
+        if h.peer is not None:  # the peer first, so that the connection ends
+            h.actor.close(h.peer)
+        h.actor.close(h.fd)
+        assert self.gone(h), (f"existing socket {h.index} still there after its removal: "
+                              f"{self.states_of(h)}")
         self.held.remove(h)
 
-    def wait_gone(self, h: Held, timeout: float = 3.0) -> None:
+    def destroy(self, h: Held) -> bool:
+        """SOCK_DESTROY (``ss -K`` on the socket's exact port pair) for a
+        socket no process holds: whether the kernel freed it (5.10 keeps
+        TIME_WAIT sockets and orphans; 6.1 frees both)."""
+        assert h.fd is None and h.ports is not None
+        r = subprocess.run(
+            ["ip", "netns", "exec", self.ns.name, "ss", "-K", "-tna",
+             f"( sport = :{h.ports[0]} and dport = :{h.ports[1]} )"],
+            capture_output=True, text=True, timeout=30)
+        assert r.returncode == 0, f"ss -K: {r.stderr}"
+        if not self.gone(h):
+            return False
+        self.held.remove(h)
+        return True
+
+    def states_of(self, h: Held) -> list[str]:
+        return [s.diag.state for s in self.sockets_on(h.spec.port) if h.is_(s)]
+
+    def gone(self, h: Held, timeout: float = 3.0) -> bool:
         deadline = time.monotonic() + timeout
-        while True:
-            left = [s for s in self.sockets_on(h.spec.port) if h.is_(s)]
-            if not left:
-                return
+        while self.states_of(h):
             if time.monotonic() > deadline:
-                raise AssertionError(
-                    f"existing socket {h.index} still there after its removal: "
-                    f"{[s.diag.state for s in left]}"
-                    + (" (does this kernel support SOCK_DESTROY of TIME_WAIT sockets?)"
-                       if h.fd is None else ""))
+                return False
             time.sleep(0.02)
+        return True
 
 
 # ---- fixes: which can be applied, and how --------------------------------
@@ -850,6 +864,7 @@ NAMESPACE_FIXES = {"sysctl", "add_address", "wait_dad"}
 # SOCK_DESTROY stands in for).
 PROVEN_BY_REMOVAL = {"stop_holder", "close_connection", "wait", "destroy_socket"}
 TIME_WAIT_NOTE = "reuseaddr_alone_vs_time_wait"
+DESTROY_NOTE = "destroy_keeps"
 
 
 def prove_fixes(sc: Scenario, ex: Explanation) -> None:
@@ -927,10 +942,32 @@ def prove_blockers(sc: Scenario, ex: Explanation) -> None:
         t = sc.attempt(sc.case.new)
         assert t.errno == errno.EADDRINUSE, \
             f"only TIME_WAIT blockers left, yet the kernel says {t.errno_name}"
-        for h in waiting:
-            sc.remove(h)
+        if not destroys_all(sc, ex, waiting):
+            return  # waiting, the one fix left, is proven where the kernel destroys them
     t = sc.attempt(sc.case.new)
     assert t.errno == 0, f"every blocker removed, yet the kernel says {t.describe()}"
+
+
+def destroys_all(sc: Scenario, ex: Explanation, waiting: list[Held]) -> bool:
+    """SOCK_DESTROY on every blocker no process holds. Where they were all
+    the blockers, the explainer offers it exactly when the kernel frees them
+    all; when the kernel keeps some, it says which states instead, and the
+    port stays refused."""
+    kept = {h.index: sc.states_of(h) for h in waiting if not sc.destroy(h)}
+    offered = [f for f in ex.fixes if f.kind == "destroy_socket"]
+    only_waiting = all(holding(s) in ("time_wait", "orphan") for _, s in ex.blockers)
+    if not kept:
+        assert offered or not only_waiting, \
+            "the kernel destroyed the blockers, but the explainer did not offer it"
+        return True
+    assert not offered, f"destroy offered, but the kernel kept {kept} after SOCK_DESTROY"
+    said = [n.params["states"] for n in ex.notes if n.kind == DESTROY_NOTE]
+    if only_waiting:
+        assert said and set(said[0]) == {st for states in kept.values() for st in states}, \
+            f"the kernel kept {kept} after SOCK_DESTROY; the explainer's notes: {ex.notes}"
+    t = sc.attempt(sc.case.new)
+    assert t.errno == errno.EADDRINUSE, f"blockers kept, yet the kernel says {t.describe()}"
+    return False
 
 
 def prove_ephemeral(sc: Scenario, ex: Explanation, truth: Truth) -> None:
@@ -949,7 +986,14 @@ def prove_ephemeral(sc: Scenario, ex: Explanation, truth: Truth) -> None:
         return
     assert ex.ephemeral["free"] == 0
     prove_fixes(sc, ex)
-    sc.remove(sc.held[0])  # one occupant gone: one port free again
+    # One occupant gone, one port free again: one a process holds, if any;
+    # else a TIME_WAIT one, where the kernel can destroy it (the explainer
+    # offers no destroying for port 0, only the free-port count).
+    occupant = sorted(sc.held, key=lambda h: h.fd is None)[0]
+    if occupant.fd is not None:
+        sc.remove(occupant)
+    elif not sc.destroy(occupant):
+        return
     t = sc.attempt(sc.case.new)
     assert t.errno == 0, f"a port was freed, yet the kernel says {t.describe()}"
 
@@ -976,6 +1020,9 @@ def scenario(netns: Netns, request: pytest.FixtureRequest) -> Iterator[Scenario]
 def test_explainer_matches_kernel(scenario: Scenario) -> None:
     sc, case_ = scenario, scenario.case
     sc.build()
+    if case_.new.port_range and not kernel_has_socket_port_range():
+        prove_no_socket_port_range(sc)
+        return
     ex = sc.explain()
     truth = sc.decide()
 
@@ -1001,6 +1048,26 @@ def test_explainer_matches_kernel(scenario: Scenario) -> None:
         json.dumps(ex.to_json()["blockers"], indent=1)
     prove_fixes(sc, ex)
     prove_blockers(sc, ex)
+
+
+def kernel_has_socket_port_range() -> bool:
+    """IP_LOCAL_PORT_RANGE (6.3+): asked of the kernel with a setsockopt."""
+    with socket.socket() as s:
+        try:
+            s.setsockopt(socket.IPPROTO_IP, IP_LOCAL_PORT_RANGE, 0)
+        except OSError as exc:
+            assert exc.errno == errno.ENOPROTOOPT, exc
+            return False
+    return True
+
+
+def prove_no_socket_port_range(sc: Scenario) -> None:
+    """A question about a socket this kernel cannot make: the explainer
+    refuses it in one sentence, and the kernel refuses the option."""
+    with pytest.raises(UsageError, match="no IP_LOCAL_PORT_RANGE"):
+        sc.explain()
+    with pytest.raises(ActorError, match="Protocol not available"):
+        sc.socket(sc.actor("new", sc.case.new.uid, sc.case.new.caps), sc.case.new)
 
 
 def rules_as_built(sc: Scenario) -> frozenset[str]:
