@@ -67,6 +67,11 @@ class Terminal:
             time.sleep(0.1)
         subprocess.run([*self._server, "kill-session", "-t", self.name], capture_output=True)
 
+    def hang_up(self) -> None:
+        """End the session at once, as a dropped ssh connection does: the
+        terminal goes away under whatever runs in it."""
+        subprocess.run([*self._server, "kill-session", "-t", self.name], capture_output=True)
+
     def state(self, what: str) -> str:
         """A pane variable: pane_title, alternate_on, mouse_any_flag, pane_pid, ..."""
         out = subprocess.run([*self._server, "display-message", "-p", "-t", self.name,

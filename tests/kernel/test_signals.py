@@ -115,3 +115,50 @@ def test_the_ui_gives_the_terminal_back(root: None, sig: int) -> None:
     finally:
         term.close()
 
+
+@pytest.mark.parametrize("command", ["ui", "replay tests/data/journal.db --speed 100"],
+                         ids=["ui", "replay"])
+def test_a_terminal_that_goes_away_while_the_ui_quits_leaves_nothing_behind(
+        root: None, command: str) -> None:
+    """q, and the terminal closes while the UI is leaving it (an ssh session
+    dropped as one quits). It used to leave the process running for ever,
+    probes attached (Textual's writer died on the closed terminal and its
+    shutdown waited for it), or end it half-way through its clean-up (a
+    SIGCONT from the kernel woke Textual's handler after the app had ended).
+    Each round: the process ends, and the live UI's pinned map goes with it."""
+    from tracer.runtime import GIVE_UP_S
+
+    for delay in (0.1, 0.2, 0.3):
+        term = Terminal(f"{sys.executable} -m tracer.cli {command}; sleep 30")
+        try:
+            term.wait_for(lambda s: "portscope" in s, START_S)
+            pid = _ui_pid(term)
+            term.keys("q")
+            time.sleep(delay)
+        finally:
+            term.hang_up()
+        deadline = time.monotonic() + 3 * GIVE_UP_S + 5  # runtime._Ending: at most 2 x, then 2 x
+        while not _ended(pid) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert _ended(pid), f"left running (after q, {delay} s): {_stat(pid)}"
+        assert not os.path.exists(f"{PIN_DIR}/closers-{pid}"), "the pinned map was left behind"
+
+
+def _stat(pid: int) -> str:
+    try:
+        return Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return "gone"
+
+
+def _ended(pid: int) -> bool:
+    """Whether the process has exited. Its shell died with the terminal, so
+    it was re-parented: to PID 1, or to this test process once an actor has
+    made it a child subreaper (harness._become_subreaper), and then it waits
+    here as a zombie until reaped."""
+    try:
+        os.waitpid(pid, os.WNOHANG)
+    except ChildProcessError:
+        pass  # not ours: PID 1 reaps it
+    stat = _stat(pid)
+    return stat == "gone" or stat.rsplit(")", 1)[1].split()[0] == "Z"
