@@ -292,6 +292,7 @@ def _attach_error(prog: libbpf.Program, plan: Plan | None, err: int | None,
 
 _VERIFIER_LOG = re.compile(r"-- BEGIN PROG LOAD LOG --\n(.*?)-- END PROG LOAD LOG --", re.S)
 _MISSING_HOOK = re.compile(r"failed to find kernel BTF type ID of '([^']+)'")
+_UNKNOWN_HELPER = re.compile(r"^unknown func (\w+)#\d+$", re.M)
 _FAILED_PROG = re.compile(r"prog '([^']+)': (?:BPF program load failed|failed to load)")
 
 
@@ -307,6 +308,13 @@ def _load_error(exc: OSError, log: str, plans: dict[Part, Plan | None]) -> Ports
 def _load_error_of(exc: OSError, log: str, prog: str | None, plan: Plan) -> PortscopeError:
     what = f"probe {prog}" if prog else "portscope's BPF programs"
     verifier = _VERIFIER_LOG.search(log)
+    helper = _UNKNOWN_HELPER.search(verifier.group(1)) if verifier else None
+    if helper and prog:
+        # The verifier's own answer that this kernel does not give the helper
+        # to this kind of program (5.10: bpf_get_socket_cookie in fentry
+        # programs): the plan cannot run here, another may.
+        return PlanUnavailable(f"{prog} calls the BPF helper {helper.group(1)}, which this "
+                               f"kernel does not offer to {plan.value} programs")
     if verifier and verifier.group(1).strip():
         return VerifierRejected(prog or "(unnamed)", summarize_verifier_log(verifier.group(1)),
                                 verifier.group(1))

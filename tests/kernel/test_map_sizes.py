@@ -46,7 +46,7 @@ def map_ids() -> set[int]:
     return found
 
 
-@pytest.mark.parametrize("part", ["events", "groups"])
+@pytest.mark.parametrize("part", ["events", pytest.param("groups", marks=pytest.mark.counts_groups)])
 def test_each_map_sized_as_configured_or_not_created(root: None, part: str) -> None:
     config = EngineConfig(engine="libbpf", inflight_entries=2048, binder_entries=1024,
                           closer_entries=4096, closer_args_entries=512, get_port_entries=1024,
@@ -98,9 +98,10 @@ before_progs, before_maps = ids("prog"), ids("map")
 engine = open_engine(EngineConfig(groups=Need.OPTIONAL))
 progs, maps = ids("prog") - before_progs, ids("map") - before_maps
 assert engine.carries_iterators and SharedIterators.loaded()
-# Counting needs a plan of its own (tp_btf/sk_data_ready came in 6.6).
+# Some plans cannot count on some kernels (tp_btf/sk_data_ready came in 6.6;
+# 5.10 does not give fentry programs bpf_get_socket_cookie): then it says why.
 counting = engine.group_plan is not None
-assert counting or "sk_data_ready" in engine.groups_problem, engine.groups_problem
+assert counting or "count reuseport groups" in engine.groups_problem, engine.groups_problem
 # Every other user of the probes in the process takes what is loaded.
 its = SharedIterators()
 watcher = GroupWatcher(engine=engine) if counting else None

@@ -50,6 +50,19 @@ def test_keyword_expressions_are_combined(km: ModuleType) -> None:
     assert km.with_keyword(["-kc"], "not a") == ["-k", "(c) and not a"]
 
 
+def test_marker_expressions_are_combined_apart_from_keywords(km: ModuleType) -> None:
+    assert km.with_keyword(["-k", "b"], "not g", "-m") == ["-k", "b", "-m", "not g"]
+    assert km.with_keyword(["-m", "h"], "not g", "-m") == ["-m", "(h) and not g"]
+
+
+def test_a_plan_that_cannot_count_groups_runs_without_the_counting_tests(
+        km: ModuleType) -> None:
+    assert km.without_group_counting(["-q"], {"groups": "ok"}) == (["-q"], "")
+    extra, note = km.without_group_counting(["-q"], {"groups": "ps_x calls the BPF helper y"})
+    assert extra == ["-q", "-m", "not counts_groups"]
+    assert note == "groups not counted with this plan here: ps_x calls the BPF helper y"
+
+
 def test_junit_counts(km: ModuleType, tmp_path: Path) -> None:
     report = tmp_path / "j.xml"
     report.write_text('<testsuites><testsuite tests="10" failures="2" errors="1" skipped="3"/>'
