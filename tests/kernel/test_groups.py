@@ -29,8 +29,6 @@ from tracer.plans import BTF_PATH, Part, Plan
 from tracer.records import Group, GroupsReading
 from tracer.reuseport import GroupWatcher
 
-pytestmark = pytest.mark.counts_groups
-
 ROOT = Path(__file__).resolve().parents[2]
 PORT = 41000
 BACKLOG = 4096
@@ -140,6 +138,7 @@ def test_group_counters_pass_the_verifier(root: None, plan: Plan) -> None:
     verify_plan(config, plan, Part.GROUPS)
 
 
+@pytest.mark.counts_groups
 def test_tcp_counts_equal_what_each_process_accepted(netns: Netns, watcher: GroupWatcher) -> None:
     servers = members(netns, 4)
     client = ServingActor(netns, timeout=STEP_TIMEOUT)
@@ -166,6 +165,7 @@ def test_tcp_counts_equal_what_each_process_accepted(netns: Netns, watcher: Grou
     assert watcher.health()["map_full"] == 0
 
 
+@pytest.mark.counts_groups
 def test_udp_counts_equal_what_each_process_received(netns: Netns, watcher: GroupWatcher) -> None:
     servers = members(netns, 4, protocol="udp", family="ipv6", addr="::1")
     client = ServingActor(netns, timeout=STEP_TIMEOUT)
@@ -185,6 +185,7 @@ def test_udp_counts_equal_what_each_process_received(netns: Netns, watcher: Grou
     assert all(m.backlog is None for m in group.members)
 
 
+@pytest.mark.counts_groups
 def test_member_that_stops_accepting_shows_its_queue_growing(netns: Netns,
                                                            watcher: GroupWatcher) -> None:
     servers = members(netns, 4)
@@ -223,6 +224,7 @@ def test_member_that_stops_accepting_shows_its_queue_growing(netns: Netns,
     assert 0 < queues[0] < queues[1], queues
 
 
+@pytest.mark.counts_groups
 @pytest.mark.parametrize("protocol", ["tcp", "udp"])
 def test_join_and_leave_are_events_with_the_right_pid(netns: Netns, watcher: GroupWatcher,
                                                       protocol: str) -> None:
@@ -258,6 +260,7 @@ def test_join_and_leave_are_events_with_the_right_pid(netns: Netns, watcher: Gro
     assert leaves[0].cookie not in watcher.counts()
 
 
+@pytest.mark.counts_groups
 def test_reuseport_bpf_program_is_shown(netns: Netns, watcher: GroupWatcher) -> None:
     servers = members(netns, 3)
     servers[0][0].steer_to(servers[0][1], 1)  # every connection to the second member
@@ -274,6 +277,7 @@ def test_reuseport_bpf_program_is_shown(netns: Netns, watcher: GroupWatcher) -> 
     assert group.imbalance.verdict == "uneven" and group.imbalance.max_min is None
 
 
+@pytest.mark.counts_groups
 def test_cli_json(netns: Netns) -> None:
     open_watcher().close()  # skips where this plan cannot count here
     servers = members(netns, 2)
