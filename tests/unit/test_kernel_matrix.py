@@ -149,3 +149,7 @@ def test_kernels_boot_side_by_side_and_report_in_order(km: ModuleType, monkeypat
     most[0] = 0
     cells = km.run_side_by_side(["/boot/vmlinuz-a", "/boot/vmlinuz-b"], tmp_path, [], [])
     assert most[0] == 1 and cells[0].result == "tag ''"
+    monkeypatch.delenv("KERNEL_MATRIX_LANES")  # by default all at once
+    most[0] = 0
+    km.run_side_by_side(["/boot/vmlinuz-a", "/boot/vmlinuz-b", "/boot/vmlinuz-c"], tmp_path, [], [])
+    assert most[0] == 3
