@@ -27,6 +27,7 @@ import functools
 import os
 import socket
 import struct
+from typing import Callable
 import threading
 import time
 from dataclasses import dataclass
@@ -134,7 +135,7 @@ def _orphan() -> tuple[int, int, list[socket.socket]]:
     return port, client.getsockname()[1], [client]  # the client stays open
 
 
-def _frees(make) -> bool:  # type: ignore[no-untyped-def]
+def _frees(make: Callable[[], tuple[int, int, list[socket.socket]]]) -> bool:
     port, client_port, keep = make()
     try:
         if _the_socket(port, client_port) is None:
@@ -156,8 +157,8 @@ def _the_socket(port: int, client_port: int) -> sockdiag.SockRecord | None:
     close passes through on its way (FIN_WAIT2 before TIME_WAIT)."""
     deadline = time.monotonic() + SETTLE_S
     while True:
-        found = [r for r in sockdiag.dump(protocols=("tcp",), families=("ipv4",),
-                                          port=port, remote_port=client_port)]
+        found = sockdiag.dump(protocols=("tcp",), families=("ipv4",),
+                              port=port, remote_port=client_port)
         if not found or found[0].state in ("TIME_WAIT", "FIN_WAIT1") \
                 or time.monotonic() > deadline:
             return found[0] if found else None
@@ -165,18 +166,18 @@ def _the_socket(port: int, client_port: int) -> sockdiag.SockRecord | None:
 
 
 def _send_destroy(port: int, client_port: int) -> None:
-    """SOCK_DESTROY for the TCP socket 127.0.0.1:port <-> 127.0.0.1:client_port.
-    The kernel's reply is read but not trusted: 5.10 acknowledges an orphan
-    it then keeps. The dump after it says what happened."""
+    """SOCK_DESTROY for the TCP socket 127.0.0.1:port <-> 127.0.0.1:client_port,
+    in the inet_diag_req_v2 layout a dump request uses (sockdiag), with the
+    exact socket id instead of bytecode. The kernel's reply is read but not
+    trusted: 5.10 acknowledges an orphan it then keeps. The dump after it
+    says what happened."""
     loopback = socket.inet_aton("127.0.0.1") + bytes(12)
-    body = struct.pack("=BBBBI", socket.AF_INET, socket.IPPROTO_TCP, 0, 0, 0xFFFFFFFF) + \
-        struct.pack("=HH16s16sIII", socket.htons(port), socket.htons(client_port), loopback,
-                    loopback, 0, INET_DIAG_NOCOOKIE, INET_DIAG_NOCOOKIE)
-    header = struct.pack("=IHHII", 16 + len(body), SOCK_DESTROY,
-                         sockdiag.NLM_F_REQUEST | NLM_F_ACK, 1, 0)
-    with socket.socket(socket.AF_NETLINK, socket.SOCK_RAW | socket.SOCK_CLOEXEC,
-                       sockdiag.NETLINK_SOCK_DIAG) as nl:
-        nl.bind((0, 0))
-        nl.send(header + body)
+    request = sockdiag._REQUEST_V2.pack(
+        sockdiag._REQUEST_V2.size, SOCK_DESTROY, sockdiag.NLM_F_REQUEST | NLM_F_ACK, 1, 0,
+        socket.AF_INET, socket.IPPROTO_TCP, 0, 0, 0xFFFFFFFF,
+        socket.htons(port), socket.htons(client_port), loopback, loopback, 0,
+        INET_DIAG_NOCOOKIE, INET_DIAG_NOCOOKIE)
+    with sockdiag._diag_socket() as nl:
+        nl.send(request)
         nl.settimeout(SETTLE_S)
         nl.recv(4096)
