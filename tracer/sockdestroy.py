@@ -27,10 +27,10 @@ import functools
 import os
 import socket
 import struct
-from typing import Callable
 import threading
 import time
 from dataclasses import dataclass
+from typing import Callable
 
 from . import sockdiag
 from .nsenter import CLONE_NEWNET, setns_net
