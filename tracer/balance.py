@@ -77,6 +77,8 @@ class Imbalance:
     dof: int
     p_value: float | None  # chance of a split at least this uneven if it were even
     verdict: str  # even, uneven, insufficient (too little traffic), single, idle
+    most: int | None = None  # index of the member that got the most (first of equals)
+    least: int | None = None  # and of the one that got the least
 
     def to_json(self) -> dict[str, object]:
         return {
@@ -84,7 +86,7 @@ class Imbalance:
             "max_min": round_or_none(self.max_min, 4), "cv": round_or_none(self.cv, 4),
             "chi2": round_or_none(self.chi2, 4), "dof": self.dof,
             "p_value": None if self.p_value is None else float(f"{self.p_value:.4g}"),
-            "verdict": self.verdict,
+            "verdict": self.verdict, "most": self.most, "least": self.least,
         }
 
     @classmethod
@@ -104,8 +106,10 @@ class Imbalance:
         counts = [d.get(k, 0) for k in ("members", "total", "dof")]
         if not all(type(c) is int for c in counts):
             raise ValueError("an imbalance's counts are not whole numbers")
+        most, least = d.get("most"), d.get("least")
         return cls(counts[0], counts[1], number("seconds") or 0.0, number("max_min"),
-                   number("cv"), number("chi2"), counts[2], number("p_value"), d["verdict"])
+                   number("cv"), number("chi2"), counts[2], number("p_value"), d["verdict"],
+                   most if type(most) is int else None, least if type(least) is int else None)
 
     def text(self) -> str:
         if self.verdict in ("single", "idle"):
@@ -140,7 +144,9 @@ def imbalance(counts: list[int], seconds: float) -> Imbalance:
         verdict = "insufficient"
     else:
         verdict = "uneven" if p < ALPHA else "even"
-    return Imbalance(k, total, seconds, max_min, cv, chi2, k - 1, p, verdict)
+    most = max(range(k), key=lambda i: counts[i])
+    least = min(range(k), key=lambda i: counts[i])
+    return Imbalance(k, total, seconds, max_min, cv, chi2, k - 1, p, verdict, most, least)
 
 
 def round_or_none(value: float | None, digits: int) -> float | None:

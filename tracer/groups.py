@@ -15,6 +15,7 @@ from .errors import ExitStatus
 from .inventory import select_namespaces
 from .owners import Owner
 from .plans import Plan
+from .records import Member
 from .reuseport import Group, GroupsReading, GroupWatcher, MemberEvent
 from .runtime import StopSignal
 from .text import clock_text, printable
@@ -92,8 +93,8 @@ class _Screen:
         self.out.flush()
 
 
-MEMBER_COLUMNS = (("OWNERS", 26), ("INODE", 9), ("DELIVERED", 10), ("RATE/s", 9),
-                  ("SHARE", 7), ("QUEUE", 0))
+MEMBER_COLUMNS = (("SERVED BY", 26), ("INODE", 9), ("DELIVERED", 10), ("RATE/s", 9),
+                  ("SHARE", 7), ("QUEUE", 11), ("DROPS", 6), ("STATUS", 0))
 
 
 def render(snap: GroupsReading) -> str:
@@ -120,15 +121,35 @@ def group_lines(g: Group) -> list[str]:
     head = (f"{proto} {g.local}  netns {g.netns}  group {g.id:08x}  {g.size} socket(s)  "
             f"{steer}{dev}  ({unit})")
     rows = [tuple(name for name, _ in MEMBER_COLUMNS)]
+    unseen = False
     for m in g.members:
-        owners = owner_labels(m.owners)
+        served = served_label(m)
+        unseen = unseen or not m.acceptors
         queue = f"{m.queue}/{m.backlog}" if m.backlog is not None else f"{m.queue}B"
-        rows.append((owners, str(m.inode), str(m.delivered), _rate(m.rate),
-                     "-" if m.share is None else f"{m.share * 100:.1f}%", queue))
-    rows.append(("total", "", str(g.delivered), _rate(g.rate), "", ""))
+        rows.append((served, str(m.inode), str(m.delivered), _rate(m.rate),
+                     "-" if m.share is None else f"{m.share * 100:.1f}%", queue,
+                     "-" if m.drops is None else str(m.drops), m.status.replace("_", " ")))
+    rows.append(("total", "", str(g.delivered), _rate(g.rate), "", "", "", ""))
     lines = [head] + ["  " + _columns(r) for r in rows]
-    lines.append("  imbalance " + g.imbalance.text())
+    for m in g.flagged:
+        for problem in m.problems:
+            lines.append(f"  ! inode {m.inode}: {printable(problem)}")
+    holders = {o.pid: o for m in g.members for o in m.owners}
+    takers = {o.pid for m in g.members for o in m.served_by} if not unseen else set()
+    if set(holders) != takers:
+        lines.append("  held by (fds): " + owner_labels(sorted(holders.values(), key=lambda o: o.pid)))
+    if unseen:
+        lines.append("  * no process was seen waiting on this socket: its holders are shown")
+    lines.append("  balance " + printable(g.balance_text()))
     return lines
+
+
+def served_label(m: Member) -> str:
+    """Who takes the member's connections (``*``: not seen; its holders)."""
+    if m.acceptors:
+        labels = dict.fromkeys(a.label() for a in m.acceptors)
+        return printable(" ".join(labels))
+    return owner_labels(m.owners) + " *"
 
 
 def _columns(values: tuple[str, ...]) -> str:
@@ -136,7 +157,7 @@ def _columns(values: tuple[str, ...]) -> str:
     for v, (name, width) in zip(values, MEMBER_COLUMNS):
         if not width:
             cells.append(v)
-        elif name in ("OWNERS",):
+        elif name in ("SERVED BY",):
             cells.append(v.ljust(width))
         else:
             cells.append(v.rjust(width))
@@ -170,6 +191,8 @@ HEALTH_WORDS = {
     "missed": "counting-program runs skipped by the kernel (nested on one CPU)",
     "unattributed": "deliveries to sockets not shown (another namespace, or a member "
                     "that came and went between two reads)",
+    "acceptors_unread": "process(es) whose waits could not be read (who accepts unknown)",
+    "drops_unread": "namespace(s) whose drop counters could not be read",
 }
 
 

@@ -44,6 +44,7 @@ class Socket:
     # Seen by the probe on a refused port at the moment of the refusal, and
     # closed before the inventory was taken (onthespot.with_capture).
     gone: bool = False
+    fds: tuple[tuple[int, int], ...] = ()  # (pid, fd) of every descriptor holding it
 
     @property
     def options(self) -> frozenset[str]:
@@ -251,7 +252,8 @@ def _join(ref: NetnsRef, records: list[SockRecord], flags: dict[int, SockFlags] 
             inv.flags_unknown += 1
         if held:
             pids = sorted({h.pid: h.comm for h in held}.items())
-            inv.sockets.append(Socket(rec, flag, tuple(owners.get(pid, comm) for pid, comm in pids)))
+            inv.sockets.append(Socket(rec, flag, tuple(owners.get(pid, comm) for pid, comm in pids),
+                                      fds=tuple((h.pid, h.fd) for h in held)))
         else:  # most sockets of a busy port (TIME_WAIT): no process holds them
             inv.sockets.append(Socket(rec, flag, ()))
 

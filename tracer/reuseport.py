@@ -17,25 +17,38 @@ Successive reads give rates, and membership diffs give join and leave
 events (stamped with the time of the read that saw them, so within one
 interval). Imbalance is measured over the time since the group's membership
 last changed (tracer/balance.py).
+
+Each member is also named by who takes its connections (tracer/acceptors.py:
+the thread blocked in accept() on it, or the epoll set that waits for it),
+not only by every process that inherited it, and judged between two reads
+(:func:`member_status`): its process stopped, connections dropped for a full
+queue (the kernel's per-socket ``sk_drops``, from a sock_diag dump), or
+connections waiting that nobody took.
 """
 
 from __future__ import annotations
 
 import ctypes
+import dataclasses
+import os
 import struct
 import time
 from dataclasses import dataclass
 from typing import Iterable
 
 from . import libbpf
+from .acceptors import TakerFinder, Takers
 from .balance import imbalance
 from .engine import Engine, EngineConfig, Need
 from .errors import Unsupported
 from .inventory import Inventory, Socket, take
 from .layout import PsCounter, PsMemberCount
 from .loader import open_engine
+from .netns import NetnsRef, open_netns
 from .plans import Part, Plan
-from .records import Group, GroupsReading, Member, MemberEvent
+from .records import Acceptor, Group, GroupsReading, Member, MemberEvent, Owner
+from .records.groups import STATUSES
+from .sockdiag import drops
 from .sockflags import SharedIterators
 
 # A counter key no inventory has explained for this many reads belongs to a
@@ -55,6 +68,8 @@ class _Seen:
     group: Group
     sock: Socket
     delivered: int
+    queue: int = 0
+    drops: int | None = None
 
 
 @dataclass
@@ -109,6 +124,9 @@ class GroupWatcher:
         self._unattributed = 0
         self._last_mono: float | None = None
         self._inventory_health: dict[str, int] = {}
+        self._takers = TakerFinder()
+        self._unseen = 0  # holder processes whose waits could not be read, last read
+        self._drops_unread = 0  # namespaces whose drop counters could not be read, last read
 
     @property
     def plan(self) -> Plan:
@@ -148,6 +166,10 @@ class GroupWatcher:
         now, mono = time.time(), time.monotonic()
         sockets = self.inventory()
         counts = self.counts()  # after the inventory: every member seen has its key
+        takers = self._takers.find((s.diag.inode, pid, fd) for s in sockets for pid, fd in s.fds)
+        self._unseen = takers.unseen
+        dropped = self._drops(sockets)
+        stopped = _stopped({o.pid for s in sockets for o in s.owners})
         interval = None if self._last_mono is None else mono - self._last_mono
         first = self._members is None
         previous = self._members or {}
@@ -158,11 +180,13 @@ class GroupWatcher:
         groups: list[Group] = []
         current: dict[int, _Seen] = {}
         for gid, socks in by_group.items():
-            group = self._group(gid, socks, counts, previous, interval, mono, first)
+            group = self._group(gid, socks, counts, previous, interval, mono, first,
+                                _Facts(takers, dropped, stopped))
             groups.append(group)
             by_cookie = {s.diag.cookie: s for s in socks}
             for m in group.members:
-                current[m.cookie] = _Seen(group, by_cookie[m.cookie], m.delivered)
+                current[m.cookie] = _Seen(group, by_cookie[m.cookie], m.delivered, m.queue,
+                                          m.drops)
         groups.sort(key=lambda g: (g.netns, g.port, g.protocol, g.family, g.addr, g.id))
 
         events = [] if first else self._events(now, previous, current, counts)
@@ -172,9 +196,35 @@ class GroupWatcher:
         self._last_mono = mono
         return GroupsReading(now, interval, self.plan.value, groups, events, self.health())
 
+    def _drops(self, sockets: list[Socket]) -> dict[int, int]:
+        """sk_drops of every member, by cookie: one sock_diag dump per
+        namespace and protocol, entered through a holder's namespace file."""
+        wanted: dict[tuple[int, str], set[int]] = {}
+        pids: dict[int, set[int]] = {}
+        for s in sockets:
+            wanted.setdefault((s.diag.netns, s.diag.protocol), set()).add(s.diag.local_port)
+            pids.setdefault(s.diag.netns, set()).update(o.pid for o in s.owners)
+        out: dict[int, int] = {}
+        self._drops_unread = 0
+        for (netns, protocol), ports in wanted.items():
+            ref = NetnsRef(netns, f"/proc/{min(pids[netns] or {0})}/ns/net",
+                           tuple(sorted(pids[netns])))
+            fd = open_netns(ref)
+            if fd is None:
+                self._drops_unread += 1
+                continue
+            try:
+                port = next(iter(ports)) if len(ports) == 1 else None
+                out.update(drops(fd, protocol, ("LISTEN",) if protocol == "tcp" else None, port))
+            except OSError:
+                self._drops_unread += 1
+            finally:
+                os.close(fd)
+        return out
+
     def _group(self, gid: int, socks: list[Socket], counts: dict[int, int],
                previous: dict[int, _Seen], interval: float | None, mono: float,
-               first: bool) -> Group:
+               first: bool, facts: "_Facts") -> Group:
         socks = _ordered(socks)
         delivered = {s.diag.cookie: counts.get(s.diag.cookie, 0) for s in socks}
         cookies = frozenset(delivered)
@@ -196,23 +246,28 @@ class GroupWatcher:
                 before = previous[cookie].delivered if cookie in previous else 0
                 rate = (n - before) / interval
             tcp = s.diag.protocol == "tcp"
-            members.append(Member(
+            member = Member(
                 cookie=cookie, inode=s.diag.inode, state=s.diag.state, owners=s.owners,
                 delivered=n, rate=rate, window=in_window[cookie],
                 share=in_window[cookie] / window_total if window_total else None,
                 queue=s.diag.rqueue, backlog=s.diag.wqueue if tcp else None,
-            ))
+                acceptors=_acceptors(facts.takers, s), drops=facts.drops.get(cookie),
+            )
+            status, problems = member_status(member, previous.get(cookie), interval,
+                                             facts.stopped)
+            members.append(dataclasses.replace(member, status=status, problems=problems))
         head = socks[0]
         flags = head.flags
         assert flags is not None
         seconds = mono - window.since
+        bpf = any(s.flags.group_bpf_prog for s in socks if s.flags)
         return Group(
             id=gid, netns=head.diag.netns, protocol=head.diag.protocol, family=head.diag.family,
             addr=head.diag.local_addr, port=head.diag.local_port,
             bound_dev_if=head.diag.bound_dev_if, size=flags.group_size,
-            bpf=any(s.flags.group_bpf_prog for s in socks if s.flags),
-            members=members, window_seconds=seconds,
+            bpf=bpf, members=members, window_seconds=seconds,
             imbalance=imbalance([m.window for m in members], seconds),
+            causes=_causes(bpf, members),
         )
 
     def _events(self, now: float, previous: dict[int, _Seen], current: dict[int, _Seen],
@@ -254,6 +309,8 @@ class GroupWatcher:
         h["no_cookie"] = self.engine.counter(PsCounter.GROUP_NO_COOKIE)
         h["missed"] = self.engine.recursion_misses(Part.GROUPS)
         h["unattributed"] = self._unattributed
+        h["acceptors_unread"] = self._unseen
+        h["drops_unread"] = self._drops_unread
         return h
 
     def close(self) -> None:
@@ -269,6 +326,86 @@ class GroupWatcher:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+@dataclass
+class _Facts:
+    """What one read learnt beside the inventory and the counters."""
+
+    takers: Takers
+    drops: dict[int, int]  # cookie -> sk_drops
+    stopped: set[int]  # pids stopped by a signal or a debugger
+
+
+def _acceptors(takers: Takers, s: Socket) -> tuple[Acceptor, ...]:
+    owners = {o.pid: o for o in s.owners}
+    return tuple(Acceptor(owners.get(t.pid) or Owner(t.pid, "?", readable=False), t.tid, t.how)
+                 for t in takers.of(s.diag.inode))
+
+
+def _stopped(pids: set[int]) -> set[int]:
+    """The pids in state T (stopped) or t (stopped by a debugger)."""
+    out = set()
+    for pid in pids:
+        try:
+            with open(f"/proc/{pid}/stat", "rb") as f:
+                state = f.read().rpartition(b")")[2].split()[0]
+        except (OSError, IndexError):
+            continue
+        if state in (b"T", b"t"):
+            out.add(pid)
+    return out
+
+
+def member_status(m: Member, before: _Seen | None, interval: float | None,
+                  stopped: set[int]) -> tuple[str, tuple[str, ...]]:
+    """Is the member served? The worst of: its processes stopped; connections
+    (datagrams) dropped since the last read; connections that waited in its
+    accept queue through the whole interval while none left it."""
+    problems: list[tuple[str, str]] = []
+    served = m.served_by
+    tcp = m.backlog is not None
+    waiting = (f"{m.queue} connection(s) wait in its accept queue" if tcp
+               else f"{m.queue} bytes wait in its receive queue")
+    if served and all(o.pid in stopped for o in served):
+        who = " ".join(o.label() for o in served)
+        problems.append(("stopped", f"{who} is stopped (SIGSTOP or a debugger); {waiting}"))
+    seconds = f"{interval:.1f} s" if interval else "the last interval"
+    if before is not None and m.drops is not None and before.drops is not None             and m.drops > before.drops:
+        n = m.drops - before.drops
+        text = (f"refused {n} connection(s) in the last {seconds}: its accept queue is full "
+                f"({m.queue}/{m.backlog})" if tcp else
+                f"dropped {n} datagram(s) in the last {seconds}: its receive buffer is full")
+        problems.append(("dropping", text))
+    elif tcp and m.backlog and m.queue >= m.backlog:
+        text = f"its accept queue is full ({m.queue}/{m.backlog}): the next connections are refused"
+        problems.append(("dropping", text))
+    if tcp and before is not None and interval and before.queue > 0 and m.queue > 0:
+        arrived = m.delivered - before.delivered - max((m.drops or 0) - (before.drops or 0), 0)
+        if before.queue + arrived - m.queue <= 0:
+            text = f"accepted nothing in the last {seconds} while {waiting}"
+            problems.append(("not_accepting", text))
+    if not problems:
+        return "ok", ()
+    problems.sort(key=lambda p: STATUSES.index(p[0]))
+    return problems[0][0], tuple(text for _, text in problems)
+
+
+def _causes(bpf: bool, members: list[Member]) -> tuple[str, ...]:
+    """What in a group's make-up, not its traffic, decides its split."""
+    out = []
+    if bpf:
+        out.append("a reuseport BPF program chooses the member, not the kernel's hash")
+    for m in members:
+        if m.status != "ok":
+            who = " ".join(o.label() for o in m.served_by) or f"inode {m.inode}"
+            out.append(f"{who} (inode {m.inode}) is {m.status.replace('_', ' ')}: its share is "
+                       "delivered but not served")
+    backlogs = {m.backlog for m in members if m.backlog is not None}
+    if len(backlogs) > 1 and any(m.status == "dropping" for m in members):
+        out.append(f"members have different backlogs ({min(backlogs)} to {max(backlogs)}): the "
+                   "smaller queues fill and refuse first")
+    return tuple(out)
 
 
 def _ordered(socks: list[Socket]) -> list[Socket]:

@@ -12,7 +12,6 @@ from __future__ import annotations
 import ctypes
 import functools
 import hashlib
-import os
 import socket
 import struct
 import threading
@@ -77,7 +76,9 @@ def decode_sockets(raw: bytes, cookies: Container[int] | None = None) -> list[So
         out.append(SockFlags(
             netns, PROTOCOLS.get(protocol) or str(protocol), FAMILIES.get(family) or str(family),
             TCP_STATES.get(state) or str(state), _ntop(family, addr), port, cookie, inode,
-            sock_uid, _options(opts), bound_dev_if, _opaque(group_key), group_size,
+            sock_uid, _options(opts), bound_dev_if,
+            group_id(netns, protocol, family, addr, port, bound_dev_if, sock_uid)
+            if group_key else 0, group_size,
             bool(group_flags & _BPF_PROG), bool(group_flags & _HAS_CONNS)))
     return out
 
@@ -139,7 +140,8 @@ def _one(r: PsSockinfo) -> SockFlags:
         sock_uid=r.sock_uid,
         options=_options(r.opts),
         bound_dev_if=r.bound_dev_if,
-        group=_opaque(r.group_key),
+        group=group_id(r.netns, r.protocol, r.family, bytes(r.addr), r.port, r.bound_dev_if,
+                       r.sock_uid) if r.group_key else 0,
         group_size=r.group_size,
         group_bpf_prog=bool(r.group_flags & _BPF_PROG),
         group_has_conns=bool(r.group_flags & _HAS_CONNS),
@@ -162,15 +164,20 @@ def _ntop(family: int, raw: bytes) -> str:
     return socket.inet_ntop(socket.AF_INET, raw[:4])
 
 
-_GROUP_SALT = os.urandom(8)
-
-
 @functools.lru_cache(maxsize=65536)
-def _opaque(key: int) -> int:
-    """A stable, short id for a kernel address, which is not shown as such."""
-    if not key:
-        return 0
-    digest = hashlib.blake2b(key.to_bytes(8, "little"), digest_size=4, key=_GROUP_SALT).digest()
+def group_id(netns: int, protocol: int, family: int, addr: bytes, port: int, bound_dev_if: int,
+             uid: int) -> int:
+    """The id of a reuseport group, from what makes a group in the kernel: a
+    socket joins the group of the sockets with the same namespace, protocol,
+    family, address, port, device and owning uid (inet_reuseport_add_sock,
+    udp_reuseport_add_sock). So the id is the same across runs of portscope,
+    restarts of the server and hosts (not the kernel's address of the group,
+    which changes with every run of the server and must not be shown), and an
+    exporter's series and a journal's groups keep their identity."""
+    if family != socket.AF_INET6:
+        addr = addr[:4]
+    text = f"{netns} {protocol} {family} {addr.hex()} {port} {bound_dev_if} {uid}"
+    digest = hashlib.blake2b(text.encode(), digest_size=4, person=b"ps-reuseport").digest()
     return int.from_bytes(digest, "little") or 1
 
 

@@ -21,7 +21,7 @@ module                    records
                           state as a snapshot keeps it), :class:`RecordedSnapshot`
 ``explanations``          :class:`Reason`, :class:`Fix`, :class:`Note`,
                           :class:`BlockerSummary`, :class:`EventExplanation`
-``groups``                :class:`Group`, :class:`Member`,
+``groups``                :class:`Group`, :class:`Member`, :class:`Acceptor`,
                           :class:`MemberEvent`, :class:`GroupsReading`
 ``findings``              :class:`Finding` (what the hijack rules found)
 ========================  =====================================================
@@ -30,7 +30,7 @@ module                    records
 from .calls import EVENT_COLUMNS, CallEvent, Capture, Captured, Options, RecordedCall
 from .explanations import HELD_WHO, BlockerSummary, EventExplanation, Fix, Note, Reason
 from .findings import Finding
-from .groups import Group, GroupsReading, Member, MemberEvent, reading_from_json
+from .groups import Acceptor, Group, GroupsReading, Member, MemberEvent, reading_from_json
 from .sockets import SOCKET_COLUMNS, Owner, RecordedSnapshot, SocketRecord, owner_label
 from .vocabulary import (
     FAMILIES,
@@ -45,7 +45,7 @@ from .vocabulary import (
 
 __all__ = [
     "EVENT_COLUMNS", "FAMILIES", "HELD_WHO", "OPTION_NAMES", "PROTOCOLS", "SOCKET_COLUMNS",
-    "TCP_STATES", "BlockerSummary", "CallEvent", "Capture", "Captured", "EventExplanation",
+    "TCP_STATES", "Acceptor", "BlockerSummary", "CallEvent", "Capture", "Captured", "EventExplanation",
     "Finding", "Fix", "Group", "GroupsReading", "Member", "MemberEvent", "Note", "Options",
     "Owner", "Reason", "RecordedCall", "RecordedSnapshot", "SocketRecord", "address_of_family",
     "errno_name", "format_addr", "owner_label", "reading_from_json", "split_endpoint",

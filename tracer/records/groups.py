@@ -14,6 +14,38 @@ from .sockets import Owner
 from .vocabulary import format_addr, split_endpoint
 
 
+@dataclass(frozen=True)
+class Acceptor:
+    """A process (a thread of it, when ``tid`` is not 0) that takes
+    connections from a member socket, and how it was seen waiting on it:
+    ``accept`` (blocked in accept()), ``poll``, ``select``, or ``epoll`` (an
+    epoll set of its that waits for the socket to be readable). See
+    tracer/acceptors.py."""
+
+    owner: Owner
+    tid: int
+    how: str
+
+    def label(self) -> str:
+        """``nginx[812]``, ``haproxy[900] thread 903``: not escaped."""
+        thread = f" thread {self.tid}" if self.tid and self.tid != self.owner.pid else ""
+        return f"{self.owner.comm}[{self.owner.pid}]{thread}"
+
+    def to_json(self) -> dict[str, object]:
+        return {**self.owner.to_json(), "tid": self.tid or None, "how": self.how}
+
+    @classmethod
+    def from_json(cls, d: object) -> "Acceptor":
+        if not isinstance(d, dict) or not isinstance(d.get("how"), str):
+            raise ValueError("an acceptor is not an object with 'how'")
+        tid = d.get("tid")
+        return cls(Owner.from_json(d), tid if type(tid) is int else 0, d["how"])
+
+
+# A member's health, worst first: what an operator must act on.
+STATUSES = ("stopped", "dropping", "not_accepting", "ok")
+
+
 @dataclass
 class Member:
     """One socket of a group, with its figures at the time of the read."""
@@ -28,18 +60,33 @@ class Member:
     share: float | None  # window / the group's window total
     queue: int  # TCP: accept-queue depth; UDP: bytes waiting in the receive queue
     backlog: int | None  # TCP: the listen() backlog; UDP: None
+    # Who takes its connections; ``owners`` are every process holding it.
+    acceptors: tuple[Acceptor, ...] = ()
+    drops: int | None = None  # the kernel's sk_drops: refused for a full queue (TCP), no room (UDP)
+    status: str = "ok"  # one of STATUSES
+    problems: tuple[str, ...] = ()  # why the status is not ok, one sentence each
 
     @property
     def pids(self) -> list[int]:
         return [o.pid for o in self.owners]
 
+    @property
+    def served_by(self) -> tuple[Owner, ...]:
+        """The processes that take its connections when they are known, else
+        every holder."""
+        if not self.acceptors:
+            return self.owners
+        return tuple({a.owner.pid: a.owner for a in self.acceptors}.values())
+
     def to_json(self) -> dict[str, object]:
         return {
             "cookie": self.cookie, "inode": self.inode, "state": self.state,
+            "acceptors": [a.to_json() for a in self.acceptors],
             "pids": self.pids, "owners": [o.to_json() for o in self.owners],
             "delivered": self.delivered, "rate": round_or_none(self.rate, 3),
             "window": self.window, "share": round_or_none(self.share, 6),
-            "queue": self.queue, "backlog": self.backlog,
+            "queue": self.queue, "backlog": self.backlog, "drops": self.drops,
+            "status": self.status, "problems": list(self.problems),
         }
 
 
@@ -57,6 +104,9 @@ class Group:
     members: list[Member]
     window_seconds: float
     imbalance: Imbalance | None  # None: read from a recording that had none
+    # What in the group's make-up can make its split uneven whatever the
+    # traffic (a BPF selector, members not served); empty: only the hash.
+    causes: tuple[str, ...] = ()
 
     @property
     def local(self) -> str:
@@ -79,7 +129,64 @@ class Group:
             "delivered": self.delivered, "rate": round_or_none(self.rate, 3),
             "members": [m.to_json() for m in self.members],
             "imbalance": self.imbalance.to_json() if self.imbalance else None,
+            "balance": self.balance(),
         }
+
+    @property
+    def flagged(self) -> list[Member]:
+        """Members whose status is not ok, worst first."""
+        return sorted((m for m in self.members if m.status != "ok"),
+                      key=lambda m: STATUSES.index(m.status))
+
+    def balance(self) -> dict[str, object]:
+        """What the split means: who gets too much and too little, and
+        whether that is chance or the group's make-up (``groups --json``)."""
+        imb = self.imbalance
+        out: dict[str, object] = {"verdict": imb.verdict if imb else None,
+                                  "cause": None, "causes": list(self.causes),
+                                  "most": None, "least": None}
+        if imb is None or imb.verdict in ("single", "idle"):
+            return out
+        out["cause"] = ("structure" if self.causes else
+                        "chance" if imb.verdict in ("even", "insufficient") else "unexplained")
+        for key, index in (("most", imb.most), ("least", imb.least)):
+            if index is not None and index < len(self.members):
+                m = self.members[index]
+                out[key] = {"inode": m.inode, "window": m.window,
+                            "share": round_or_none(m.share, 6),
+                            "of_even": round_or_none(_of_even(m, len(self.members)), 4),
+                            "served_by": [o.pid for o in m.served_by]}
+        return out
+
+    def balance_text(self) -> str:
+        """The verdict, then for an uneven split which member gets too much
+        and too little, by how much, and why (or that nothing explains it)."""
+        imb = self.imbalance
+        if imb is None:
+            return "not measured"
+        text = imb.text()
+        if imb.verdict != "uneven":
+            if self.causes:
+                text += "; but " + "; ".join(self.causes)
+            return text
+        k = len(self.members)
+        for word, index in (("most", imb.most), ("least", imb.least)):
+            if index is None or index >= k:
+                continue
+            m = self.members[index]
+            who = " ".join(o.label() for o in m.served_by) or "-"
+            ratio = _of_even(m, k)
+            text += f"; {word}: {who} (inode {m.inode}) got {m.window}"
+            text += f", {ratio:.2f}x its even share" if ratio is not None else ""
+        if self.causes:
+            return text + "; structure: " + "; ".join(self.causes)
+        return (text + "; no structural cause seen (the kernel's hash, no BPF program, every "
+                "member served): few distinct clients or source ports hash unevenly")
+
+
+def _of_even(m: Member, members: int) -> float | None:
+    """A member's share over the share an even split would give it."""
+    return None if m.share is None else m.share * members
 
 
 @dataclass
@@ -177,23 +284,35 @@ def _hex(d: dict, key: str) -> int:
 def member_from_json(d: object) -> Member:
     if not isinstance(d, dict):
         raise ValueError("a member is not an object")
-    backlog = d.get("backlog")
+    backlog, drops, acceptors = d.get("backlog"), d.get("drops"), d.get("acceptors", [])
+    problems = d.get("problems", [])
+    if not isinstance(acceptors, list) or not isinstance(problems, list) \
+            or not all(isinstance(p, str) for p in problems):
+        raise ValueError("a member's acceptors or problems are not lists")
+    status = d.get("status", "ok")
     return Member(_int(d, "cookie"), _int(d, "inode"), _text(d, "state"),
                   _owners(d.get("owners", [])), _int(d, "delivered"), _number(d, "rate"),
                   d.get("window", 0) if type(d.get("window", 0)) is int else 0,
                   _number(d, "share"), _int(d, "queue"),
-                  backlog if type(backlog) is int else None)
+                  backlog if type(backlog) is int else None,
+                  tuple(Acceptor.from_json(a) for a in acceptors),
+                  drops if type(drops) is int else None,
+                  status if status in STATUSES else "ok", tuple(problems))
 
 
 def group_from_json(d: object) -> Group:
     if not isinstance(d, dict) or not isinstance(d.get("members"), list):
         raise ValueError("a group is not an object with members")
     imbalance = Imbalance.from_json(d.get("imbalance"))
+    balance = d.get("balance")
+    causes = balance.get("causes", []) if isinstance(balance, dict) else []
+    if not isinstance(causes, list) or not all(isinstance(c, str) for c in causes):
+        raise ValueError("a group's balance causes are not a list of strings")
     return Group(_hex(d, "id"), _int(d, "netns"), _text(d, "protocol"), _text(d, "family"),
                  _text(d, "addr"), _int(d, "port"), d.get("bound_dev_if", 0) or 0,
                  _int(d, "size"), bool(d.get("bpf")),
                  [member_from_json(m) for m in d["members"]],
-                 imbalance.seconds if imbalance else 0.0, imbalance)
+                 imbalance.seconds if imbalance else 0.0, imbalance, tuple(causes))
 
 
 def member_event_from_json(d: object) -> MemberEvent:
