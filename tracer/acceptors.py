@@ -75,6 +75,10 @@ class TakerFinder:
     def __init__(self) -> None:
         self.calls = _CALLS.get(platform.machine(), {})
         self._waits_on: dict[tuple[int, int], int] = {}  # (pid, tid) -> epoll fd
+        # (pid, tid) -> what it was last seen waiting on in accept, poll or
+        # select: a thread busy with a connection at the moment of a read
+        # (running, or in another call) is still the one that takes them.
+        self._took: dict[tuple[int, int], list[tuple[Taker, int]]] = {}
 
     def find(self, held: Iterable[tuple[int, int, int]]) -> Takers:
         """``held``: (inode, pid, fd) for every fd holding a socket of interest."""
@@ -91,6 +95,7 @@ class TakerFinder:
             except OSError:
                 out.unseen += 1  # gone since the inventory, or not readable
         self._waits_on = {k: v for k, v in self._waits_on.items() if k[0] in fds}
+        self._took = {k: v for k, v in self._took.items() if k[0] in fds}
         out.by_inode = {inode: tuple(sorted(t)) for inode, t in found.items()}
         return out
 
@@ -98,21 +103,14 @@ class TakerFinder:
                  wanted: set[int]) -> list[tuple[Taker, int]]:
         found: list[tuple[Taker, int]] = []
         epoll_waiters: dict[int, list[int]] = {}  # epoll fd -> tids blocked on it
-        for tid in _tids(pid):
-            call = _syscall(pid, tid)
-            if call is None:
-                continue
-            nr, args = call
-            if nr in self.calls.get("accept", ()) and args[0] in table:
-                found.append((Taker(pid, tid, "accept"), table[args[0]]))
-            elif nr in self.calls.get("epoll", ()):
-                self._waits_on[(pid, tid)] = args[0]
-            elif nr in self.calls.get("poll", ()):
-                found += [(Taker(pid, tid, "poll"), table[fd])
-                          for fd in _polled(pid, args[0], args[1]) if fd in table]
-            elif nr in self.calls.get("select", ()):
-                found += [(Taker(pid, tid, "select"), table[fd])
-                          for fd in _selected(pid, args[1], args[0]) if fd in table]
+        tids = _tids(pid)
+        for tid in tids:
+            took = self._waits(pid, tid, table)
+            if took is not None:
+                self._took[(pid, tid)] = took
+            found += self._took.get((pid, tid), [])
+        for key in [k for k in self._took if k[0] == pid and k[1] not in tids]:
+            del self._took[key]  # the thread exited
         for (p, tid), epfd in self._waits_on.items():
             if p == pid:
                 epoll_waiters.setdefault(epfd, []).append(tid)
@@ -122,6 +120,28 @@ class TakerFinder:
             for inode in inodes & wanted:
                 found += [(Taker(pid, tid, "epoll"), inode) for tid in tids]
         return found
+
+    def _waits(self, pid: int, tid: int, table: dict[int, int]) -> list[tuple[Taker, int]] | None:
+        """What the thread waits on now in accept, poll or select (a list,
+        maybe empty); None when it is in none of them (running, or in
+        another call), so that what it last waited on stands. A thread in
+        epoll_wait is remembered with its epoll set instead."""
+        call = _syscall(pid, tid)
+        if call is None:
+            return None
+        nr, args = call
+        if nr in self.calls.get("accept", ()):
+            return [(Taker(pid, tid, "accept"), table[args[0]])] if args[0] in table else []
+        if nr in self.calls.get("poll", ()):
+            return [(Taker(pid, tid, "poll"), table[fd])
+                    for fd in _polled(pid, args[0], args[1]) if fd in table]
+        if nr in self.calls.get("select", ()):
+            return [(Taker(pid, tid, "select"), table[fd])
+                    for fd in _selected(pid, args[1], args[0]) if fd in table]
+        if nr in self.calls.get("epoll", ()):
+            self._waits_on[(pid, tid)] = args[0]
+            return []
+        return None
 
     def _epoll_sets(self, pid: int, waiters: dict[int, list[int]]) -> dict[int, set[int]]:
         """The inodes each epoll set of ``pid`` waits to read: the sets its

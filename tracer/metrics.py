@@ -133,19 +133,46 @@ class Metrics:
             "portscope_reuseport_delivered", "Connections (TCP) or datagrams (UDP) delivered to "
             "each member since the exporter started or the member joined",
             labels=[*glabels, "inode", "comm"])
-        sizes, members = [], []
+        served = GaugeMetricFamily(
+            "portscope_reuseport_member_served", "1 while the member's connections are taken; "
+            "0 when its process is stopped, it refuses connections for a full queue, or "
+            "connections wait that nobody takes (status says which, acceptor who)",
+            labels=[*glabels, "inode", "acceptor", "status"])
+        queue = GaugeMetricFamily("portscope_reuseport_member_queue",
+                                  "Connections waiting in the member's accept queue (TCP) or "
+                                  "bytes in its receive queue (UDP)", labels=[*glabels, "inode"])
+        drops = CounterMetricFamily("portscope_reuseport_member_drops",
+                                    "Connections (TCP, accept queue full) or datagrams (UDP, "
+                                    "buffer full) the member dropped: the kernel's sk_drops",
+                                    labels=[*glabels, "inode"])
+        sizes, members, states, queues, dropped = [], [], [], [], []
         for g in groups:
             key = (str(g.netns), g.protocol, g.local, f"{g.id:08x}")
             sizes.append((key, float(g.size)))
             for m in g.members:
                 comm = label_value(",".join(sorted({o.comm for o in m.owners})) or "?")
                 members.append(((*key, str(m.inode), comm), float(m.delivered)))
+                taker = label_value(" ".join(dict.fromkeys(a.label() for a in m.acceptors))
+                                    or "unknown")
+                states.append(((*key, str(m.inode), taker, m.status),
+                               1.0 if m.status == "ok" else 0.0))
+                queues.append(((*key, str(m.inode)), float(m.queue)))
+                if m.drops is not None:
+                    dropped.append(((*key, str(m.inode)), float(m.drops)))
         for key, n in cap_series(sizes, self.max_series):
             size.add_metric(list(key), n)
-        for key, n in cap_series(members, self.max_series):
-            delivered.add_metric(list(key), n)
+        for family, series in ((delivered, members), (queue, queues), (drops, dropped)):
+            for key, n in cap_series(series, self.max_series):
+                family.add_metric(list(key), n)
+        # A 0/1 gauge has no "other" to sum into: the members not served come
+        # first, so that a cap never hides one.
+        for key, n in sorted(states, key=lambda kv: (kv[1], kv[0]))[:self.max_series]:
+            served.add_metric(list(key), n)
         yield size
         yield delivered
+        yield served
+        yield queue
+        yield drops
 
         dur = GaugeMetricFamily("portscope_refresh_duration_seconds",
                                 "Time the last TIME_WAIT / groups refresh took", labels=["what"])

@@ -302,6 +302,13 @@ def test_cli_json(netns: Netns) -> None:
     assert sum(m["delivered"] for m in group["members"]) == 50
     assert {m["pids"][0] for m in group["members"]} == {a.pid for a, _ in servers}
     assert set(group["imbalance"]) == {"members", "total", "seconds", "max_min", "cv", "chi2",
-                                       "dof", "p_value", "verdict"}
+                                       "dof", "p_value", "verdict", "most", "least"}
+    assert set(group["balance"]) == {"verdict", "cause", "causes", "most", "least"}
+    # Each actor serves its socket from a thread of its own, which waits
+    # for connections in select() before accept() (harness._Server).
+    for m in group["members"]:
+        assert [(a["pid"], a["how"]) for a in m["acceptors"]] == [(m["pids"][0], "select")], m
+        assert m["acceptors"][0]["tid"] != m["pids"][0]
+        assert m["status"] == "ok" and m["drops"] == 0
     for key in ("map_full", "missed", "unattributed", "no_cookie"):
         assert last["health"][key] == 0
