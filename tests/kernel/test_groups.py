@@ -10,7 +10,10 @@ network namespace with actors in separate processes.
 from __future__ import annotations
 
 import json
+import os
+import re
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -19,12 +22,13 @@ from pathlib import Path
 import pytest
 from harness import Netns, ServingActor
 
-from tests.needs import missing
+from tests.needs import SLOWDOWN, missing
 
 from tracer import libbpf
 from tracer.coreobject import verify_plan
 from tracer.engine import EngineConfig
 from tracer.errors import PlanUnavailable
+from tracer.nsenter import in_netns
 from tracer.plans import BTF_PATH, Part, Plan
 from tracer.records import Group, GroupsReading
 from tracer.reuseport import GroupWatcher
@@ -221,6 +225,12 @@ def test_member_that_stops_accepting_shows_its_queue_growing(netns: Netns,
         assert stuck.queue == stuck.delivered - accepted_before
         assert all(member[a.pid].queue == 0 for a, _ in others)
         queues.append(stuck.queue)
+        if len(queues) == 2:
+            # Connections waited through the last interval and none left
+            # its queue: flagged, and only it.
+            assert stuck.status == "not_accepting", stuck
+            assert "accepted nothing" in stuck.problems[0]
+            assert all(member[a.pid].status == "ok" for a, _ in others)
     assert 0 < queues[0] < queues[1], queues
 
 
@@ -312,3 +322,48 @@ def test_cli_json(netns: Netns) -> None:
         assert m["status"] == "ok" and m["drops"] == 0
     for key in ("map_full", "missed", "unattributed", "no_cookie"):
         assert last["health"][key] == 0
+
+
+@pytest.mark.counts_groups
+def test_full_queue_drops_are_counted_per_member(netns: Netns, watcher: GroupWatcher) -> None:
+    """A member whose accept queue is full refuses connections: its count
+    is the kernel's sk_drops for that socket, as ``ss -tm`` shows it, and
+    it is flagged as dropping; the other member is not."""
+    (full, full_fd), (fine, fine_fd) = (members(netns, 1)[0], members(netns, 1)[0])
+    # Relisten with a backlog of 1 (a queue of 2 on Linux) and never accept.
+    assert full.listen(full_fd, 1).ok
+    fine.serve(fine_fd)
+    watcher.read()
+    fd = os.open(netns.path, os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        clients = in_netns(fd, lambda: [_nonblocking_connect(PORT) for _ in range(40)])
+    finally:
+        os.close(fd)
+    try:
+        def dropped(snap: GroupsReading) -> bool:
+            m = {mm.pids[0]: mm for mm in the_group(snap).members}[full.pid]
+            return bool(m.drops) and m.status == "dropping"
+
+        watcher.read()
+        snap = read_until(watcher, dropped, timeout=10.0 * SLOWDOWN)
+        by_pid = {m.pids[0]: m for m in the_group(snap).members}
+        assert dropped(snap), snap.to_json()
+        assert by_pid[fine.pid].status == "ok" and by_pid[fine.pid].drops == 0
+        ss = subprocess.run(["ip", "netns", "exec", netns.name, "ss", "-tlmnH",
+                             f"sport = :{PORT}"], capture_output=True, text=True,
+                            check=True).stdout
+        kernel = sorted(int(d) for d in re.findall(r",d(\d+)\)", ss))
+        assert sorted(m.drops for m in the_group(watcher.read()).members) == kernel, ss
+    finally:
+        for c in clients:
+            c.close()
+
+
+def _nonblocking_connect(port: int) -> socket.socket:
+    s = socket.socket()
+    s.setblocking(False)
+    try:
+        s.connect(("127.0.0.1", port))
+    except BlockingIOError:
+        pass
+    return s
