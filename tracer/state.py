@@ -213,6 +213,10 @@ class MemberView:
     share: float | None  # of the group's deliveries since its membership last changed
     queue: int  # TCP: accept-queue depth; UDP: bytes waiting
     backlog: int | None  # TCP: listen() backlog; UDP: None
+    holders: str = ""  # every process holding it, when ``owner`` names who takes from it
+    drops: int | None = None  # the kernel's sk_drops for it
+    status: str = "ok"  # ok, stopped, dropping, not_accepting
+    problems: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True, slots=True)
@@ -247,6 +251,11 @@ class GroupView:
     history: tuple[float, ...]  # total rate per read, oldest first (sparkline)
     events: tuple[GroupEvent, ...]  # join/leave, oldest first
     imbalance: ImbalanceView | None
+    balance: str = ""  # the verdict with who gets most and least, and why
+
+    @property
+    def flagged(self) -> tuple[MemberView, ...]:
+        return tuple(m for m in self.members if m.status != "ok")
 
     @property
     def owners(self) -> str:

@@ -13,7 +13,7 @@ from .balance import Imbalance
 from .closers import Closer, ConnKey
 from .inventory import Socket
 from .netns import PortRange
-from .records import GroupsReading, format_addr
+from .records import GroupsReading, Member, format_addr
 from .state import (
     MAX_GROUP_EVENTS,
     RATE_HISTORY,
@@ -88,19 +88,28 @@ class GroupViews:
             if g.rate is not None:
                 hist.append(round(g.rate, 3))
             members = tuple(
-                MemberView(m.cookie, m.inode, " ".join(o.label() for o in m.owners) or "-",
-                           m.state, m.delivered, m.rate, m.share, m.queue, m.backlog)
+                MemberView(m.cookie, m.inode, _taker(m), m.state, m.delivered, m.rate, m.share,
+                           m.queue, m.backlog, " ".join(o.label() for o in m.owners),
+                           m.drops, m.status, m.problems)
                 for m in g.members)
             views.append(GroupView(
                 key=key, netns=g.netns, proto=g.protocol + ("6" if g.family == "ipv6" else "4"),
                 local=g.local, port=g.port, size=g.size, bpf=g.bpf, members=members,
                 rate=g.rate, history=tuple(hist), events=tuple(self._events.get(key, ())),
-                imbalance=_imbalance_view(g.imbalance)))
+                imbalance=_imbalance_view(g.imbalance), balance=g.balance_text()))
         present = {v.key for v in views}
         for table in (self._history, self._events):
             for key in [k for k in table if k not in present]:
                 del table[key]
         return views
+
+
+def _taker(m: Member) -> str:
+    """Who takes the member's connections; its holders, marked, when no
+    process was seen waiting on it."""
+    if m.acceptors:
+        return " ".join(dict.fromkeys(a.label() for a in m.acceptors))
+    return (" ".join(o.label() for o in m.owners) or "-") + " *"
 
 
 def _imbalance_view(imb: Imbalance | None) -> ImbalanceView | None:

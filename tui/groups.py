@@ -33,9 +33,13 @@ def group_row(g: GroupView) -> Row:
     verdict = g.imbalance.verdict if g.imbalance else "-"
     if verdict == "insufficient":
         verdict = "too little"
+    style = VERDICT_STYLE.get(g.imbalance.verdict if g.imbalance else "", "")
+    if g.flagged:  # a member not served outranks any balance
+        verdict = f"{len(g.flagged)} {g.flagged[0].status.replace('_', ' ')}"
+        style = "error"
     members = str(len(g.members)) if len(g.members) == g.size else f"{len(g.members)}/{g.size}"
     return Row(g.key, (g.local, g.proto, members, rate(g.rate), verdict, str(g.netns), g.owners),
-               VERDICT_STYLE.get(g.imbalance.verdict if g.imbalance else "", ""))
+               style)
 
 
 def detail(g: GroupView, width: int) -> Text:
@@ -54,9 +58,13 @@ def detail(g: GroupView, width: int) -> Text:
         out.append(f" {rate(g.history[-1])}")
     out.append("\n")
     if g.imbalance:
-        out.append("imbalance ", "bold")
-        out.append(g.imbalance.text + "\n",
+        out.append("balance   ", "bold")
+        out.append(s(g.balance or g.imbalance.text) + "\n",
                    "yellow" if g.imbalance.verdict == "uneven" else "")
+    for m in g.flagged:
+        for problem in m.problems:
+            out.append(f"! inode {m.inode} {m.status.replace('_', ' ')}: ", "bold red")
+            out.append(s(problem) + "\n", "red")
     # A bar per member: its share of the deliveries since membership last
     # changed (what the imbalance is measured on), else of all it received.
     owners = [s(m.owner) for m in g.members]
@@ -65,14 +73,20 @@ def detail(g: GroupView, width: int) -> Text:
     bar_w = max(width - name_w - figures_w - 2, 6)
     values = [m.share if m.share is not None else float(m.delivered) for m in g.members]
     peak = max(values, default=0)
-    out.append(f"{'MEMBER'.ljust(name_w)} {'SHARE'.ljust(bar_w)}"
+    out.append(f"{'SERVED BY'.ljust(name_w)} {'SHARE'.ljust(bar_w)}"
                f" {'DELIVERED':>9} {'%':>4} {'RATE':>8} {'QUEUE':>9}\n", "bold")
     for m, v, name in zip(g.members, values, owners):
         owner = name if len(name) <= name_w else name[: name_w - 1] + "…"
         queue = f"{m.queue}/{m.backlog}" if m.backlog is not None else str(m.queue)
-        out.append(owner.ljust(name_w) + " ")
-        out.append(bar(v, peak, bar_w), "green")
+        out.append(owner.ljust(name_w) + " ", "bold red" if m.status != "ok" else "")
+        out.append(bar(v, peak, bar_w), "green" if m.status == "ok" else "red")
         out.append(f" {m.delivered:>9,} {share(m.share):>4} {rate(m.rate):>8} {queue:>9}\n")
+    holders = dict.fromkeys(h for m in g.members for h in m.holders.split() if m.holders)
+    if holders:
+        out.append("held by   ", "bold")
+        out.append(s(" ".join(holders)) + "\n", "dim")
+    if any(m.owner.endswith(" *") for m in g.members):
+        out.append("* no process was seen waiting on it: its holders are shown\n", "dim")
     if g.events:
         out.append("joined and left\n", "bold")
         for e in reversed(g.events[-8:]):

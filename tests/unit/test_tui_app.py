@@ -231,7 +231,7 @@ async def test_groups_show_member_bars_rate_imbalance_and_marks(model):
         assert "0.0.0.0:9443 tcp4" in detail and "3 members" in detail
         assert "█" in detail  # member bars
         assert any(ch in detail for ch in "▁▂▃▄▅▆▇")  # the rate sparkline
-        assert "imbalance over" in detail and "join" in detail and "leave" in detail
+        assert "balance   over" in detail and "join" in detail and "leave" in detail
 
 
 @aio
