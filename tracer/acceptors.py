@@ -42,7 +42,8 @@ _CALLS = {
 EPOLLIN = 0x1
 POLLIN = 0x1
 MAX_POLL_FDS = 4096  # a poll() over more fds than this is not read
-MAX_FD_SCAN = 65536  # a process holding more fds than this is not searched for epoll sets
+MAX_FD_SCAN = 4096  # a process holding more fds is not searched for epoll sets (its
+# threads seen in epoll_wait still name theirs): an inventory stays cheap on a busy host
 _POLLFD = struct.Struct("=ihh")
 
 
@@ -94,8 +95,11 @@ class TakerFinder:
                     found.setdefault(inode, set()).add(taker)
             except OSError:
                 out.unseen += 1  # gone since the inventory, or not readable
-        self._waits_on = {k: v for k, v in self._waits_on.items() if k[0] in fds}
-        self._took = {k: v for k, v in self._took.items() if k[0] in fds}
+        # Forget the threads of processes that exited (not of the ones only
+        # absent from this call: one finder serves several inventories).
+        alive = {pid for pid, _ in [*self._waits_on, *self._took] if os.path.exists(f"/proc/{pid}")}
+        self._waits_on = {k: v for k, v in self._waits_on.items() if k[0] in alive}
+        self._took = {k: v for k, v in self._took.items() if k[0] in alive}
         out.by_inode = {inode: tuple(sorted(t)) for inode, t in found.items()}
         return out
 

@@ -134,6 +134,7 @@ class Explanation:
                             "uid": b.sock.uid, "options": sorted(s.options),
                             "pids": [o.pid for o in s.owners],
                             "owners": [o.label() for o in s.owners], "held": holding(s),
+                            "accepting": [o.pid for o in s.owners if o.accepts],
                             "rule": b.rule.value, "overlap": b.overlap.value, "why": b.sentence(),
                             "timer_ms": [d.timer_ms, d.timer_ms]}
             else:

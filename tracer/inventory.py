@@ -23,9 +23,10 @@ a socket with no flags) is counted in the result, never raised.
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Iterable
 
+from .acceptors import TakerFinder, Takers
 from .errors import UsageError
 from .netns import NetnsRef, NetnsScan, dump_in, list_netns, open_netns
 from .owners import OwnerCache
@@ -169,11 +170,15 @@ def network_namespace_inode(path: str) -> tuple[int | None, str]:
 def take(port: int | None = None, protocols: Iterable[str] = ("tcp", "udp"),
          states: Iterable[str] | None = None, netns: str | None = None,
          iterators: Iterators | None = None, details: bool = True,
-         remote_port: int | None = None, flags: bool = True) -> Inventory:
+         remote_port: int | None = None, flags: bool = True,
+         takers: bool = True) -> Inventory:
     """The inventory, optionally only ``port`` (local), ``remote_port``,
     ``protocols``, ``states`` and one namespace (see :func:`select_namespaces`).
     ``details=False``: sock_diag alone, no flags and no owners (cheaper);
-    ``flags=False``: owners but no flags (no walk of the socket tables)."""
+    ``flags=False``: owners but no flags (no walk of the socket tables);
+    ``takers=False``: the owners of a listener several processes hold are not
+    marked by who accepts (:func:`mark_takers`; the group watcher does it
+    with a finder of its own)."""
     refs, scan = select_namespaces_scan(netns)
     protocols = tuple(protocols)
     states = None if states is None else tuple(states)
@@ -203,10 +208,39 @@ def take(port: int | None = None, protocols: Iterable[str] = ("tcp", "udp"),
             _join(ref, records, flags, states, holders, owners, inv)
         inv.unreadable_processes += owners.unreadable
         inv.problems += owners.problems
+        if takers:
+            inv.sockets = mark_takers(inv.sockets)
         return inv
     finally:
         if owned_here:
             its.close()
+
+
+def mark_takers(sockets: list[Socket], finder: TakerFinder | None = None,
+                found: Takers | None = None, every: bool = False) -> list[Socket]:
+    """Of each listening socket (a TCP listener, an unconnected UDP socket)
+    that several processes hold, mark the owners that take its connections
+    (``accepts``) and put them first (tracer/acceptors.py); the others only
+    inherited it. Left unmarked when no holder was seen waiting on it.
+    ``found``: takers already found (by the group watcher); ``every``: look
+    at sockets held by one process too."""
+    shared = [i for i, s in enumerate(sockets)
+              if s.diag.state in ("LISTEN", "CLOSE")
+              and len({pid for pid, _ in s.fds}) > (0 if every else 1)]
+    if not shared:
+        return sockets
+    if found is None:
+        found = (finder or TakerFinder()).find(
+            (sockets[i].diag.inode, pid, fd) for i in shared for pid, fd in sockets[i].fds)
+    out = list(sockets)
+    for i in shared:
+        s = sockets[i]
+        pids = {t.pid for t in found.of(s.diag.inode)}
+        if pids:
+            marked = [replace(o, accepts=o.pid in pids) for o in s.owners]
+            marked.sort(key=lambda o: not o.accepts)
+            out[i] = replace(s, owners=tuple(marked))
+    return out
 
 
 def _holders_by_inode(holders: list[Holder]) -> dict[int, list[Holder]]:

@@ -145,7 +145,12 @@ class Metrics:
                                     "Connections (TCP, accept queue full) or datagrams (UDP, "
                                     "buffer full) the member dropped: the kernel's sk_drops",
                                     labels=[*glabels, "inode"])
-        sizes, members, states, queues, dropped = [], [], [], [], []
+        Series = list[tuple[tuple[str, ...], float]]
+        sizes: Series = []
+        members: Series = []
+        states: Series = []
+        queues: Series = []
+        dropped: Series = []
         for g in groups:
             key = (str(g.netns), g.protocol, g.local, f"{g.id:08x}")
             sizes.append((key, float(g.size)))
@@ -159,15 +164,15 @@ class Metrics:
                 queues.append(((*key, str(m.inode)), float(m.queue)))
                 if m.drops is not None:
                     dropped.append(((*key, str(m.inode)), float(m.drops)))
-        for key, n in cap_series(sizes, self.max_series):
-            size.add_metric(list(key), n)
-        for family, series in ((delivered, members), (queue, queues), (drops, dropped)):
-            for key, n in cap_series(series, self.max_series):
-                family.add_metric(list(key), n)
+        families: list[tuple[GaugeMetricFamily | CounterMetricFamily, Series]] = [
+            (size, sizes), (delivered, members), (queue, queues), (drops, dropped)]
+        for family, series in families:
+            for labels, amount in cap_series(series, self.max_series):
+                family.add_metric(list(labels), amount)
         # A 0/1 gauge has no "other" to sum into: the members not served come
         # first, so that a cap never hides one.
-        for key, n in sorted(states, key=lambda kv: (kv[1], kv[0]))[:self.max_series]:
-            served.add_metric(list(key), n)
+        for labels, amount in sorted(states, key=lambda kv: (kv[1], kv[0]))[:self.max_series]:
+            served.add_metric(list(labels), amount)
         yield size
         yield delivered
         yield served

@@ -8,6 +8,7 @@ import json
 from .errors import ExitStatus
 from .explain import conn_of, holding
 from .inventory import Inventory, Socket, take
+from .records import owners_text
 from .text import printable
 
 HEADER = ("NETNS", "PROTO", "STATE", "LOCAL", "REMOTE", "QUEUE", "TIMER", "UID", "INODE",
@@ -63,7 +64,7 @@ def row(s: Socket, closer: object = None) -> tuple[str, ...]:
         flags += f" group={s.flags.group:08x}/{s.flags.group_size}"
         if s.flags.group_bpf_prog:
             flags += "+bpf"
-    owners = " ".join(o.label() for o in s.owners) or (
+    owners = owners_text(s.owners) or (
         f"left by {closer.label()}" if closer else "-")  # type: ignore[attr-defined]
     return (str(d.netns), proto, d.state, local, remote, queue, timer, str(d.uid), str(d.inode),
             flags or "-", owners)

@@ -41,7 +41,7 @@ from .acceptors import TakerFinder, Takers
 from .balance import imbalance
 from .engine import Engine, EngineConfig, Need
 from .errors import Unsupported
-from .inventory import Inventory, Socket, take
+from .inventory import Inventory, Socket, mark_takers, take
 from .layout import PsCounter, PsMemberCount
 from .loader import open_engine
 from .netns import NetnsRef, open_netns
@@ -149,11 +149,11 @@ class GroupWatcher:
         sockets: list[Socket] = []
         health: dict[str, int] = {}
         if "tcp" in self.protocols:
-            inv = take(self.port, ("tcp",), ("LISTEN",), self.netns, self._iterators)
+            inv = take(self.port, ("tcp",), ("LISTEN",), self.netns, self._iterators, takers=False)
             sockets += inv.sockets
             health = _add(health, inv)
         if "udp" in self.protocols:
-            inv = take(self.port, ("udp",), None, self.netns, self._iterators)
+            inv = take(self.port, ("udp",), None, self.netns, self._iterators, takers=False)
             sockets += inv.sockets
             health = _add(health, inv)
         self._inventory_health = health
@@ -168,6 +168,8 @@ class GroupWatcher:
         counts = self.counts()  # after the inventory: every member seen has its key
         takers = self._takers.find((s.diag.inode, pid, fd) for s in sockets for pid, fd in s.fds)
         self._unseen = takers.unseen
+        # Owners marked as every inventory marks them: who accepts, first.
+        sockets = mark_takers(sockets, found=takers, every=True)
         dropped = self._drops(sockets)
         stopped = _stopped({o.pid for s in sockets for o in s.owners})
         interval = None if self._last_mono is None else mono - self._last_mono

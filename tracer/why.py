@@ -92,6 +92,11 @@ def _group_lines(group: dict, members: list[dict]) -> list[str]:
     peers and closers of the members described one by one."""
     count = group["count"]
     owners = ", ".join(group["owners"]) or HELD[group["held"]]
+    accepting = set(group.get("accepting") or ())
+    if accepting:  # a listener inherited by several processes: who serves it first
+        takers = [label for pid, label in zip(group["pids"], group["owners"]) if pid in accepting]
+        rest = len(group["owners"]) - len(takers)
+        owners = ", ".join(takers) + " accepting" + (f" (+{rest} holding)" if rest else "")
     closers = sorted({b["closed_by"]["label"] for b in members if b.get("closed_by")})
     if closers:
         owners += ", left by " + ", ".join(closers[:3]) + (

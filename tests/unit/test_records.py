@@ -74,7 +74,12 @@ def test_the_record_keeps_what_the_journal_keeps() -> None:
     gone = Owner(9, "svc", readable=False, problem="gone", pod="p0d")
     assert gone.kept() == Owner(9, "svc")
     assert list(gone.journal_json()) == ["pid", "comm", "exe", "cmdline", "uid", "user",
-                                         "cgroup", "unit", "container"]
+                                         "cgroup", "unit", "container", "accepts"]
+    # Who accepts on a shared listener is kept; a journal without it reads as unknown.
+    taker = Owner(9, "nginx", accepts=True)
+    assert taker.kept().accepts is True
+    assert Owner.from_journal(taker.journal_json()) == taker
+    assert Owner.from_journal({"pid": 9, "comm": "nginx"}).accepts is None
 
 
 def test_equal_states_are_one_record_and_rows_stay_apart() -> None:

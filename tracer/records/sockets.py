@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
-from typing import Any, Callable, Mapping
+from typing import Any, Callable, Mapping, Sequence
 
 from ..bindrules import Sock
 from .vocabulary import address_of_family, format_addr
@@ -18,7 +18,8 @@ from .vocabulary import address_of_family, format_addr
 
 OWNER_TEXT = ("comm", "exe", "cmdline", "user", "cgroup", "unit", "container")
 # What the journal keeps of an owner, in this order (its JSON there).
-JOURNAL_OWNER = ("pid", "comm", "exe", "cmdline", "uid", "user", "cgroup", "unit", "container")
+JOURNAL_OWNER = ("pid", "comm", "exe", "cmdline", "uid", "user", "cgroup", "unit", "container",
+                 "accepts")
 
 
 @dataclass(frozen=True, slots=True)
@@ -38,6 +39,10 @@ class Owner:
     pod: str | None = None  # Kubernetes pod uid
     readable: bool = True  # False: the process vanished or could not be read
     problem: str | None = None  # why not: "gone", "permission denied", ...
+    # Of a listening socket several processes hold (after fork): True for
+    # the ones seen waiting for its connections (tracer/acceptors.py), False
+    # for the ones that only hold it; None when not asked or not seen.
+    accepts: bool | None = None
 
     def label(self) -> str:
         """``comm[pid] (unit)``, not escaped (the surface showing it escapes)."""
@@ -50,7 +55,7 @@ class Owner:
             "pid": self.pid, "comm": self.comm, "exe": self.exe, "cmdline": self.cmdline,
             "user": self.user, "uid": self.uid, "cgroup": self.cgroup, "unit": self.unit,
             "container": self.container, "pod": self.pod, "readable": self.readable,
-            "problem": self.problem,
+            "problem": self.problem, "accepts": self.accepts,
         }
 
     @classmethod
@@ -65,7 +70,8 @@ class Owner:
             raise ValueError("an owner's fields have the wrong type")
         return cls(d["pid"], d.get("comm") or "", d.get("exe"), d.get("cmdline"), d.get("user"),
                    d.get("uid"), d.get("cgroup"), d.get("unit"), d.get("container"),
-                   d.get("pod"), bool(d.get("readable", True)), d.get("problem"))
+                   d.get("pod"), bool(d.get("readable", True)), d.get("problem"),
+                   _accepts(d.get("accepts")))
 
     # -- the journal's codec (inside a snapshot socket's ``owners`` column)
 
@@ -76,7 +82,7 @@ class Owner:
         """What the journal keeps of it (and gives back): no pod, nor how
         it was read, so that a socket state is one row however those change."""
         return Owner(self.pid, self.comm, self.exe, self.cmdline, self.user, self.uid,
-                     self.cgroup, self.unit, self.container)
+                     self.cgroup, self.unit, self.container, accepts=self.accepts)
 
     @classmethod
     def from_journal(cls, d: object) -> "Owner | None":
@@ -89,7 +95,8 @@ class Owner:
         if d.get("uid") is not None and type(d.get("uid")) is not int:
             return None
         return cls(d["pid"], d.get("comm") or "", d.get("exe"), d.get("cmdline"), d.get("user"),
-                   d.get("uid"), d.get("cgroup"), d.get("unit"), d.get("container"))
+                   d.get("uid"), d.get("cgroup"), d.get("unit"), d.get("container"),
+                   accepts=_accepts(d.get("accepts")))
 
 
 # The journal's snapshot_sockets columns that hold a SocketRecord, in order.
@@ -194,6 +201,21 @@ def owner_label(o: Mapping[str, object]) -> str:
     where = _str(o.get("container")) and f"container {o['container']}" or _str(o.get("unit"))
     pid = o.get("pid")
     return f"{comm}[{pid if type(pid) is int else '?'}]" + (f" ({where})" if where else "")
+
+
+def owners_text(owners: Sequence[Owner]) -> str:
+    """Who holds a socket, in words: ``nginx[812] (+4 holding)`` when the
+    ones that take its connections are known (the others only inherited
+    it), else every holder. Not escaped."""
+    takers = [o for o in owners if o.accepts]
+    if not takers:
+        return " ".join(o.label() for o in owners)
+    rest = len(owners) - len(takers)
+    return " ".join(o.label() for o in takers) + (f" (+{rest} holding)" if rest else "")
+
+
+def _accepts(value: object) -> bool | None:
+    return value if isinstance(value, bool) else None
 
 
 def _str(value: object) -> str | None:
