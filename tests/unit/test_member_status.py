@@ -158,3 +158,20 @@ def test_epoll_fdinfo_lines_are_read_by_name() -> None:
     line = b"tfd:        5 events:       19 data:                5  pos:0 ino:6f2a sdev:8"
     fields = dict(_pairs(line))
     assert fields[b"tfd"] == b"5" and fields[b"events"] == b"19" and fields[b"ino"] == b"6f2a"
+
+
+def test_the_ui_flags_a_member_not_served_in_its_row_and_detail() -> None:
+    from tracer.views import GroupViews
+    from tui.groups import detail, group_row
+
+    ms = [member(inode=70, window=300, owners=(MASTER, WORKER)),
+          member(inode=71, window=280, status="stopped", acceptors=(Acceptor(MASTER, 800, "epoll"),),
+                 problems=("nginx[800] is stopped (SIGSTOP or a debugger); 9 wait",))]
+    reading = GroupsReading(1.7e9, 1.0, "fentry", [group(ms)], [], {})
+    (view,) = GroupViews().update(reading)
+    row = group_row(view)
+    assert "1 stopped" in row.cells and row.style == "error"
+    text = detail(view, 100).plain
+    assert "! inode 71 stopped: nginx[800] is stopped (SIGSTOP or a debugger); 9 wait" in text
+    assert "SERVED BY" in text and "held by   nginx[800] nginx[812]" in text
+    assert "balance   over" in text
