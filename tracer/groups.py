@@ -134,9 +134,10 @@ def group_lines(g: Group) -> list[str]:
     for m in g.flagged:
         for problem in m.problems:
             lines.append(f"  ! inode {m.inode}: {printable(problem)}")
+    # The holders as a second fact, where they are not what SERVED BY shows.
     holders = {o.pid: o for m in g.members for o in m.owners}
-    takers = {o.pid for m in g.members for o in m.served_by} if not unseen else set()
-    if set(holders) != takers:
+    takers = {a.owner.pid for m in g.members for a in m.acceptors}
+    if takers and set(holders) != takers:
         lines.append("  held by (fds): " + owner_labels(sorted(holders.values(), key=lambda o: o.pid)))
     if unseen:
         lines.append("  * no process was seen waiting on this socket: its holders are shown")
