@@ -116,7 +116,7 @@ class TakerFinder:
         for key in [k for k in self._took if k[0] == pid and k[1] not in tids]:
             del self._took[key]  # the thread exited
         for (p, tid), epfd in self._waits_on.items():
-            if p == pid:
+            if p == pid and tid in tids:  # not a thread that exited since
                 epoll_waiters.setdefault(epfd, []).append(tid)
         sets = self._epoll_sets(pid, epoll_waiters)
         for epfd, inodes in sets.items():

@@ -15,7 +15,6 @@ from .errors import ExitStatus
 from .inventory import select_namespaces
 from .owners import Owner
 from .plans import Plan
-from .records import Member
 from .reuseport import Group, GroupsReading, GroupWatcher, MemberEvent
 from .runtime import StopSignal
 from .text import clock_text, printable
@@ -123,7 +122,7 @@ def group_lines(g: Group) -> list[str]:
     rows = [tuple(name for name, _ in MEMBER_COLUMNS)]
     unseen = False
     for m in g.members:
-        served = served_label(m)
+        served = printable(m.taker_label())
         unseen = unseen or not m.acceptors
         queue = f"{m.queue}/{m.backlog}" if m.backlog is not None else f"{m.queue}B"
         rows.append((served, str(m.inode), str(m.delivered), _rate(m.rate),
@@ -143,14 +142,6 @@ def group_lines(g: Group) -> list[str]:
         lines.append("  * no process was seen waiting on this socket: its holders are shown")
     lines.append("  balance " + printable(g.balance_text()))
     return lines
-
-
-def served_label(m: Member) -> str:
-    """Who takes the member's connections (``*``: not seen; its holders)."""
-    if m.acceptors:
-        labels = dict.fromkeys(a.label() for a in m.acceptors)
-        return printable(" ".join(labels))
-    return owner_labels(m.owners) + " *"
 
 
 def _columns(values: tuple[str, ...]) -> str:

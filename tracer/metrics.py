@@ -157,8 +157,7 @@ class Metrics:
             for m in g.members:
                 comm = label_value(",".join(sorted({o.comm for o in m.owners})) or "?")
                 members.append(((*key, str(m.inode), comm), float(m.delivered)))
-                taker = label_value(" ".join(dict.fromkeys(a.label() for a in m.acceptors))
-                                    or "unknown")
+                taker = label_value(m.taker_label() if m.acceptors else "unknown")
                 states.append(((*key, str(m.inode), taker, m.status),
                                1.0 if m.status == "ok" else 0.0))
                 queues.append(((*key, str(m.inode)), float(m.queue)))

@@ -370,7 +370,7 @@ def member_status(m: Member, before: _Seen | None, interval: float | None,
     waiting = (f"{m.queue} connection(s) wait in its accept queue" if tcp
                else f"{m.queue} bytes wait in its receive queue")
     if served and all(o.pid in stopped for o in served):
-        who = " ".join(o.label() for o in served)
+        who = m.served_text()
         problems.append(("stopped", f"{who} is stopped (SIGSTOP or a debugger); {waiting}"))
     seconds = f"{interval:.1f} s" if interval else "the last interval"
     if before is not None and m.drops is not None and before.drops is not None             and m.drops > before.drops:
@@ -400,7 +400,7 @@ def _causes(bpf: bool, members: list[Member]) -> tuple[str, ...]:
         out.append("a reuseport BPF program chooses the member, not the kernel's hash")
     for m in members:
         if m.status != "ok":
-            who = " ".join(o.label() for o in m.served_by) or f"inode {m.inode}"
+            who = m.served_text() or f"inode {m.inode}"
             out.append(f"{who} (inode {m.inode}) is {m.status.replace('_', ' ')}: its share is "
                        "delivered but not served")
     backlogs = {m.backlog for m in members if m.backlog is not None}

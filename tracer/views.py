@@ -13,7 +13,7 @@ from .balance import Imbalance
 from .closers import Closer, ConnKey
 from .inventory import Socket
 from .netns import PortRange
-from .records import GroupsReading, Member, format_addr
+from .records import GroupsReading, format_addr
 from .state import (
     MAX_GROUP_EVENTS,
     RATE_HISTORY,
@@ -88,8 +88,8 @@ class GroupViews:
             if g.rate is not None:
                 hist.append(round(g.rate, 3))
             members = tuple(
-                MemberView(m.cookie, m.inode, _taker(m), m.state, m.delivered, m.rate, m.share,
-                           m.queue, m.backlog, " ".join(o.label() for o in m.owners),
+                MemberView(m.cookie, m.inode, m.taker_label(), m.state, m.delivered, m.rate,
+                           m.share, m.queue, m.backlog, " ".join(o.label() for o in m.owners),
                            m.drops, m.status, m.problems)
                 for m in g.members)
             views.append(GroupView(
@@ -102,14 +102,6 @@ class GroupViews:
             for key in [k for k in table if k not in present]:
                 del table[key]
         return views
-
-
-def _taker(m: Member) -> str:
-    """Who takes the member's connections; its holders, marked, when no
-    process was seen waiting on it."""
-    if m.acceptors:
-        return " ".join(dict.fromkeys(a.label() for a in m.acceptors))
-    return (" ".join(o.label() for o in m.owners) or "-") + " *"
 
 
 def _imbalance_view(imb: Imbalance | None) -> ImbalanceView | None:

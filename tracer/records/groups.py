@@ -78,6 +78,17 @@ class Member:
             return self.owners
         return tuple({a.owner.pid: a.owner for a in self.acceptors}.values())
 
+    def served_text(self) -> str:
+        """``nginx[812]``: the processes in :attr:`served_by`. Not escaped."""
+        return " ".join(o.label() for o in self.served_by)
+
+    def taker_label(self) -> str:
+        """Who takes its connections (threads named); when nobody was seen
+        waiting on it, its holders marked ``*``. Not escaped."""
+        if self.acceptors:
+            return " ".join(dict.fromkeys(a.label() for a in self.acceptors))
+        return (" ".join(o.label() for o in self.owners) or "-") + " *"
+
     def to_json(self) -> dict[str, object]:
         return {
             "cookie": self.cookie, "inode": self.inode, "state": self.state,
@@ -174,7 +185,7 @@ class Group:
             if index is None or index >= k:
                 continue
             m = self.members[index]
-            who = " ".join(o.label() for o in m.served_by) or "-"
+            who = m.served_text() or "-"
             ratio = _of_even(m, k)
             text += f"; {word}: {who} (inode {m.inode}) got {m.window}"
             text += f", {ratio:.2f}x its even share" if ratio is not None else ""
