@@ -184,7 +184,7 @@ HEALTH_WORDS = {
     "unattributed": "deliveries to sockets not shown (another namespace, or a member "
                     "that came and went between two reads)",
     "acceptors_unread": "process(es) whose waits could not be read (who accepts unknown)",
-    "drops_unread": "namespace(s) whose drop counters could not be read",
+    "drops_unread": "member(s) the kernel gave no drop counter",
 }
 
 

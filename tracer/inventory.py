@@ -6,15 +6,17 @@ Three sources, joined:
 
 * ``sockdiag``: state, addresses, queues, timers, uid, inode, cookie, one
   namespace at a time, filtered by port in the kernel;
-* ``sockflags`` iter/tcp and iter/udp: SO_REUSEADDR, SO_REUSEPORT, V6ONLY,
-  reuseport group, matched by cookie (sock_diag assigns the cookie, so the
-  dump runs first);
 * ``sockflags`` iter/task_file: which process holds which socket inode, and
-  the flags of sockets iter/tcp does not walk (bound-only TCP). Kernels
+  the flags of each socket held: SO_REUSEADDR, SO_REUSEPORT, V6ONLY,
+  reuseport group (read after the dumps, which assign the cookies). Kernels
   before TCP_BOUND_INACTIVE (6.1 among them) leave bound-only TCP sockets
   out of sock_diag altogether: those the walk finds held in the namespace
   are added from it (:func:`bound_only_records`), so that the explainer sees
-  every socket that holds a port on every kernel.
+  every socket that holds a port on every kernel;
+* ``sockflags`` iter/tcp and iter/udp: the same flags for the sockets no
+  process holds (TIME_WAIT, request sockets), matched by cookie; walked only
+  when the dump found such sockets, since the walk covers the host's whole
+  tables.
 
 What could not be read (a namespace that vanished, a process that exited,
 a socket with no flags) is counted in the result, never raised.
@@ -24,14 +26,14 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass, field, replace
-from typing import Iterable
+from typing import Iterable, Mapping
 
 from .acceptors import TakerFinder, Takers
 from .errors import UsageError
 from .netns import NetnsRef, NetnsScan, dump_in, list_netns, open_netns
 from .owners import OwnerCache
 from .records import Owner, SocketRecord, format_addr
-from .sockdiag import SockRecord, dump, state_mask
+from .sockdiag import SockRecord, StateFilter, state_mask, states_of
 from .sockflags import Holder, Iterators, LoadingIterators, SockFlags
 
 
@@ -168,25 +170,27 @@ def network_namespace_inode(path: str) -> tuple[int | None, str]:
 
 
 def take(port: int | None = None, protocols: Iterable[str] = ("tcp", "udp"),
-         states: Iterable[str] | None = None, netns: str | None = None,
+         states: StateFilter = None, netns: str | None = None,
          iterators: Iterators | None = None, details: bool = True,
          remote_port: int | None = None, flags: bool = True,
-         takers: bool = True) -> Inventory:
+         takers: bool = True, memory: bool = False) -> Inventory:
     """The inventory, optionally only ``port`` (local), ``remote_port``,
-    ``protocols``, ``states`` and one namespace (see :func:`select_namespaces`).
+    ``protocols``, ``states`` (for all protocols, or per protocol) and one
+    namespace (see :func:`select_namespaces`).
     ``details=False``: sock_diag alone, no flags and no owners (cheaper);
     ``flags=False``: owners but no flags (no walk of the socket tables);
     ``takers=False``: the owners of a listener several processes hold are not
     marked by who accepts (:func:`mark_takers`; the group watcher does it
-    with a finder of its own)."""
+    with a finder of its own); ``memory``: each socket's drops too."""
     refs, scan = select_namespaces_scan(netns)
     protocols = tuple(protocols)
-    states = None if states is None else tuple(states)
+    if states is not None and not isinstance(states, Mapping):
+        states = tuple(states)
     inv = Inventory(sockets=[], namespaces=len(refs), unreadable_processes=scan.unreadable,
                     problems=list(scan.problems))
     if not details:
         for ref in refs:
-            records = dump_in(ref, protocols, ("ipv4", "ipv6"), states, port, remote_port)
+            records = dump_in(ref, protocols, ("ipv4", "ipv6"), states, port, remote_port, memory)
             if records is None:
                 inv.namespaces_gone += 1
             inv.sockets.extend(Socket(rec, None, ()) for rec in records or ())
@@ -194,18 +198,20 @@ def take(port: int | None = None, protocols: Iterable[str] = ("tcp", "udp"),
     owned_here = iterators is None
     its = iterators or LoadingIterators()  # loads while the namespaces are dumped
     try:
-        dumps = [(ref, _dump_one(ref, port, remote_port, protocols, states, its if flags else None))
+        dumps = [(ref, dump_in(ref, protocols, ("ipv4", "ipv6"), states, port, remote_port, memory))
                  for ref in refs]
         # Who holds each socket is read after the dumps: a socket bound
         # between an earlier walk and its dump would be shown with no owner.
         holders = _holders_by_inode(its.holders(port))
         owners = OwnerCache()
-        for ref, dumped in dumps:
-            if dumped is None:
+        for ref, records in dumps:
+            if records is None:
                 inv.namespaces_gone += 1
                 continue
-            records, flags = dumped
-            _join(ref, records, flags, states, holders, owners, inv)
+            walked = _walk_tables(ref, records, holders, its, port) if flags else None
+            bound_only = bound_only_records(ref.inode, records, holders, states_of(states, "tcp")) \
+                if "tcp" in protocols else []
+            _join(records + bound_only, walked, holders, owners, inv)
         inv.unreadable_processes += owners.unreadable
         inv.problems += owners.problems
         if takers:
@@ -251,38 +257,34 @@ def _holders_by_inode(holders: list[Holder]) -> dict[int, list[Holder]]:
     return by_inode
 
 
-def _dump_one(ref: NetnsRef, port: int | None, remote_port: int | None,
-              protocols: tuple[str, ...], states: tuple[str, ...] | None,
-              its: Iterators | None,
-              ) -> tuple[list[SockRecord], dict[int, SockFlags] | None] | None:
-    """One namespace's sockets (sock_diag) and their flags by cookie (the
-    iterators; None without ``its``); None when the namespace is gone."""
+def _walk_tables(ref: NetnsRef, records: list[SockRecord], holders: dict[int, list[Holder]],
+                 its: Iterators, port: int | None) -> dict[int, SockFlags]:
+    """The flags of the dumped sockets no process holds (TIME_WAIT, request
+    sockets, a socket in flight), by cookie, from a walk of the socket
+    tables; None when the namespace is gone. A held socket's flags come
+    with its holder (iter/task_file reads the same fields), so when every
+    dumped socket is held there is no walk: on a host with a big TCP table,
+    the walk, not the matching sockets, is what it costs."""
+    cookies = {rec.cookie for rec in records if rec.cookie and not holders.get(rec.inode)}
+    if not cookies:
+        return {}
     fd = open_netns(ref)
     if fd is None:
-        return None
+        return {}
     try:
-        records = dump(fd, protocols, ("ipv4", "ipv6"), states, port, remote_port)
-        if its is None:
-            return records, None
-        # After the dump: sock_diag gives every socket its cookie. Only the
-        # dumped sockets' flags are decoded (the walk is not filtered by state).
-        cookies = {rec.cookie for rec in records if rec.cookie}
-        flags = {f.cookie: f for f in its.sockets(fd, port, cookies)}
+        return {f.cookie: f for f in its.sockets(fd, port, cookies)}
     finally:
         os.close(fd)
-    return records, flags
 
 
-def _join(ref: NetnsRef, records: list[SockRecord], flags: dict[int, SockFlags] | None,
-          states: tuple[str, ...] | None, holders: dict[int, list[Holder]],
-          owners: OwnerCache, inv: Inventory) -> None:
-    """One namespace's sockets, with their flags (unless not asked for:
-    ``flags`` None) and owners, into ``inv``."""
-    records = records + bound_only_records(ref.inode, records, holders, states)
+def _join(records: list[SockRecord], walked: dict[int, SockFlags] | None,
+          holders: dict[int, list[Holder]], owners: OwnerCache, inv: Inventory) -> None:
+    """One namespace's sockets, with their flags (from their holder or the
+    table walk; ``walked`` None: flags not asked for) and owners, into ``inv``."""
     for rec in records:
         held = holders.get(rec.inode, []) if rec.inode else []
-        flag = (flags or {}).get(rec.cookie) or (held[0].sock if held else None)
-        if flag is None and flags is not None:
+        flag = held[0].sock if held else (walked or {}).get(rec.cookie)
+        if flag is None and walked is not None:
             inv.flags_unknown += 1
         if held:
             pids = sorted({h.pid: h.comm for h in held}.items())

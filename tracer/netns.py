@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from typing import Iterable
 
 from .nsenter import in_netns
-from .sockdiag import SockRecord, dump
+from .sockdiag import SockRecord, StateFilter, dump
 
 PROC = "/proc"
 RUN_NETNS = "/run/netns"
@@ -130,14 +130,15 @@ def open_netns(ref: NetnsRef) -> int | None:
 
 
 def dump_in(ref: NetnsRef, protocols: Iterable[str] = ("tcp", "udp"),
-            families: Iterable[str] = ("ipv4", "ipv6"), states: Iterable[str] | None = None,
-            port: int | None = None, remote_port: int | None = None) -> list[SockRecord] | None:
+            families: Iterable[str] = ("ipv4", "ipv6"), states: StateFilter = None,
+            port: int | None = None, remote_port: int | None = None,
+            memory: bool = False) -> list[SockRecord] | None:
     """``sockdiag.dump`` inside one namespace; None if the namespace is gone."""
     fd = open_netns(ref)
     if fd is None:
         return None
     try:
-        return dump(fd, protocols, families, states, port, remote_port)
+        return dump(fd, protocols, families, states, port, remote_port, memory)
     finally:
         os.close(fd)
 

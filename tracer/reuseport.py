@@ -30,7 +30,6 @@ from __future__ import annotations
 
 import ctypes
 import dataclasses
-import os
 import struct
 import time
 from dataclasses import dataclass
@@ -41,14 +40,12 @@ from .acceptors import TakerFinder, Takers
 from .balance import imbalance
 from .engine import Engine, EngineConfig, Need
 from .errors import Unsupported
-from .inventory import Inventory, Socket, mark_takers, take
+from .inventory import Socket, mark_takers, take
 from .layout import PsCounter, PsMemberCount
 from .loader import open_engine
-from .netns import NetnsRef, open_netns
 from .plans import Part, Plan
 from .records import Acceptor, Group, GroupsReading, Member, MemberEvent, Owner
 from .records.groups import STATUSES
-from .sockdiag import drops
 from .sockflags import SharedIterators
 
 # A counter key no inventory has explained for this many reads belongs to a
@@ -126,7 +123,7 @@ class GroupWatcher:
         self._inventory_health: dict[str, int] = {}
         self._takers = TakerFinder()
         self._unseen = 0  # holder processes whose waits could not be read, last read
-        self._drops_unread = 0  # namespaces whose drop counters could not be read, last read
+        self._drops_unread = 0  # members the kernel gave no drop counter, last read
 
     @property
     def plan(self) -> Plan:
@@ -145,19 +142,12 @@ class GroupWatcher:
         return out
 
     def inventory(self) -> list[Socket]:
-        """Every socket that may be in a group: TCP listeners, UDP sockets."""
-        sockets: list[Socket] = []
-        health: dict[str, int] = {}
-        if "tcp" in self.protocols:
-            inv = take(self.port, ("tcp",), ("LISTEN",), self.netns, self._iterators, takers=False)
-            sockets += inv.sockets
-            health = _add(health, inv)
-        if "udp" in self.protocols:
-            inv = take(self.port, ("udp",), None, self.netns, self._iterators, takers=False)
-            sockets += inv.sockets
-            health = _add(health, inv)
-        self._inventory_health = health
-        return [s for s in sockets if s.flags is not None and s.flags.group]
+        """Every socket that may be in a group: TCP listeners, UDP sockets
+        (in any state: a connected one stays in its group), with their drops."""
+        inv = take(self.port, self.protocols, {"tcp": ("LISTEN",), "udp": None}, self.netns,
+                   self._iterators, takers=False, memory=True)
+        self._inventory_health = inv.health()
+        return [s for s in inv.sockets if s.flags is not None and s.flags.group]
 
     def read(self) -> GroupsReading:
         """The groups now, with rates since the previous read and the members
@@ -199,30 +189,9 @@ class GroupWatcher:
         return GroupsReading(now, interval, self.plan.value, groups, events, self.health())
 
     def _drops(self, sockets: list[Socket]) -> dict[int, int]:
-        """sk_drops of every member, by cookie: one sock_diag dump per
-        namespace and protocol, entered through a holder's namespace file."""
-        wanted: dict[tuple[int, str], set[int]] = {}
-        pids: dict[int, set[int]] = {}
-        for s in sockets:
-            wanted.setdefault((s.diag.netns, s.diag.protocol), set()).add(s.diag.local_port)
-            pids.setdefault(s.diag.netns, set()).update(o.pid for o in s.owners)
-        out: dict[int, int] = {}
-        self._drops_unread = 0
-        for (netns, protocol), ports in wanted.items():
-            ref = NetnsRef(netns, f"/proc/{min(pids[netns] or {0})}/ns/net",
-                           tuple(sorted(pids[netns])))
-            fd = open_netns(ref)
-            if fd is None:
-                self._drops_unread += 1
-                continue
-            try:
-                port = next(iter(ports)) if len(ports) == 1 else None
-                out.update(drops(fd, protocol, ("LISTEN",) if protocol == "tcp" else None, port))
-            except OSError:
-                self._drops_unread += 1
-            finally:
-                os.close(fd)
-        return out
+        """sk_drops of every member, by cookie (read with the inventory)."""
+        self._drops_unread = sum(1 for s in sockets if s.diag.drops is None)
+        return {s.diag.cookie: s.diag.drops for s in sockets if s.diag.drops is not None}
 
     def _group(self, gid: int, socks: list[Socket], counts: dict[int, int],
                previous: dict[int, _Seen], interval: float | None, mono: float,
@@ -423,12 +392,3 @@ def _event(now: float, kind: str, seen: _Seen, delivered: int) -> MemberEvent:
         addr=g.addr, port=g.port, cookie=s.diag.cookie, inode=s.diag.inode, owners=s.owners,
         delivered=delivered,
     )
-
-
-def _add(health: dict[str, int], inv: Inventory) -> dict[str, int]:
-    """Health of two inventories (TCP, UDP) of the same namespaces and
-    processes: what both scanned counts once, unknown flags add up."""
-    out = dict(health)
-    for key, value in inv.health().items():
-        out[key] = out.get(key, 0) + value if key == "flags_unknown" else max(out.get(key, 0), value)
-    return out

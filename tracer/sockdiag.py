@@ -36,8 +36,9 @@ import errno
 import os
 import socket
 import struct
+import sys
 from dataclasses import dataclass, fields, make_dataclass
-from typing import Iterable
+from typing import Iterable, Mapping
 
 from .errors import Unsupported
 from .nsenter import in_netns
@@ -116,6 +117,11 @@ class SockRecord:
     inode: int  # 0 for TIME_WAIT, SYN_RECV and not yet accepted connections
     cookie: int  # the kernel's unique socket id (ss -e "sk:")
     bound_dev_if: int  # SO_BINDTODEVICE interface index, 0 if none
+    # sk_drops (ss -m's "d"), when the dump asked for it (``memory=True``):
+    # for a listener, connections refused because its accept queue was full
+    # (tcp_listendrop); for a UDP socket, datagrams its buffer could not take.
+    # None for TIME_WAIT and request sockets: the kernel has none to send.
+    drops: int | None = None
 
 
 # The decoder builds each record as this mutable twin and then gives it the
@@ -128,19 +134,36 @@ _SockRecordBuilder = make_dataclass(
     "_SockRecordBuilder", [(f.name, f.type) for f in fields(SockRecord)], slots=True)
 
 
+# Which states to ask for: one filter for every protocol (None: every
+# state), or one per protocol name (a protocol the mapping leaves out: every
+# state). A group watcher wants TCP listeners but UDP sockets in any state.
+StateFilter = Iterable[str] | Mapping[str, Iterable[str] | None] | None
+
+
+def states_of(states: StateFilter, protocol: str) -> tuple[str, ...] | None:
+    """The states ``states`` asks of ``protocol`` (None: every state)."""
+    if isinstance(states, Mapping):
+        states = states.get(protocol)
+    return None if states is None else tuple(states)
+
+
 def dump(netns_fd: int | None = None, protocols: Iterable[str] = ("tcp", "udp"),
-         families: Iterable[str] = ("ipv4", "ipv6"), states: Iterable[str] | None = None,
-         port: int | None = None, remote_port: int | None = None) -> list[SockRecord]:
+         families: Iterable[str] = ("ipv4", "ipv6"), states: StateFilter = None,
+         port: int | None = None, remote_port: int | None = None,
+         memory: bool = False) -> list[SockRecord]:
     """Every socket of the given protocols and families, optionally only
     those in ``states`` (kernel state names), on local ``port`` and with
-    ``remote_port``.
+    ``remote_port``; ``memory``: with each socket's ``drops`` (the kernel
+    then adds its memory counters to every message, which a big dump does
+    not need).
 
     ``netns_fd`` is an open network-namespace file (``/proc/PID/ns/net``,
     ``/run/netns/NAME``); None means the calling thread's own namespace.
     """
     queries = dump_queries(tuple(protocols), tuple(families))
-    mask = state_mask(states)
+    masks = {name: state_mask(states_of(states, name)) for name in PROTOCOLS}
     bytecode = port_bytecode(port, remote_port)
+    ext = 1 << (INET_DIAG_SKMEMINFO - 1) if memory else 0
     if netns_fd is None:
         netns = os.stat("/proc/thread-self/ns/net").st_ino
         sock = _diag_socket()
@@ -150,57 +173,10 @@ def dump(netns_fd: int | None = None, protocols: Iterable[str] = ("tcp", "udp"),
     with sock:
         records: list[SockRecord] = []
         for seq, (kind, protocol, family) in enumerate(queries, start=1):
-            sock.send(build_request(seq, kind, protocol, family, mask, bytecode))
-            records.extend(_receive(sock, netns, kind, protocol))
+            mask = masks["tcp" if protocol == socket.IPPROTO_TCP else "udp"]
+            sock.send(build_request(seq, kind, protocol, family, mask, bytecode, ext))
+            records.extend(_receive(sock, netns, kind, protocol, memory))
         return records
-
-
-def drops(netns_fd: int, protocol: str, states: Iterable[str] | None,
-          port: int | None) -> dict[int, int]:
-    """Packets each socket dropped (``sk_drops``, ``ss -m``'s ``d``), by
-    cookie: for a listener, the connections refused because its accept queue
-    was full (tcp_listendrop); for a UDP socket, datagrams that did not fit
-    its receive buffer. A dump of its own, asking for the SK_MEMINFO
-    attribute, which the ordinary dumps leave out to stay cheap."""
-    sock = in_netns(netns_fd, _diag_socket)
-    out: dict[int, int] = {}
-    ext = 1 << (INET_DIAG_SKMEMINFO - 1)
-    with sock:
-        for seq, (kind, proto, family) in enumerate(dump_queries((protocol,), tuple(FAMILIES)), 1):
-            sock.send(build_request(seq, kind, proto, family, state_mask(states),
-                                    port_bytecode(port), ext))
-            buf = bytearray(RECV_BUFFER)
-            while True:
-                size = sock.recv_into(buf, RECV_BUFFER)
-                if _meminfo_drops(buf, size, kind, out):
-                    break
-    return out
-
-
-def _meminfo_drops(buf: bytearray, size: int, kind: int, out: dict[int, int]) -> bool:
-    """Add the drops of each message in ``buf[:size]`` to ``out``; True at
-    the end of the dump."""
-    offset = 0
-    while offset + _NLMSGHDR.size <= size:
-        length, msg_kind = _NLMSGHDR.unpack_from(buf, offset)[:2]
-        if length < _NLMSGHDR.size or offset + length > size:
-            raise OSError(errno.EPROTO, "malformed sock_diag message")
-        if msg_kind != kind:
-            _check_end(msg_kind, buf, offset, "sock_diag")
-            return True
-        body = offset + _NLMSGHDR.size
-        fields = _DIAG_MSG.unpack_from(buf, body)
-        cookie = fields[9] | fields[10] << 32
-        at, end = body + _DIAG_MSG.size, offset + length
-        while at + _NLATTR.size <= end:
-            attr_len, attr_type = _NLATTR.unpack_from(buf, at)
-            if attr_len < _NLATTR.size:
-                break
-            if attr_type == INET_DIAG_SKMEMINFO and attr_len >= _NLATTR.size + 4 * (SK_MEMINFO_DROPS + 1):
-                out[cookie] = struct.unpack_from("=I", buf, at + _NLATTR.size + 4 * SK_MEMINFO_DROPS)[0]
-            at += (attr_len + 3) & ~3
-        offset += (length + 3) & ~3
-    return False
 
 
 def dump_queries(protocols: tuple[str, ...], families: tuple[str, ...]) -> list[tuple[int, int, int]]:
@@ -295,9 +271,10 @@ def _diag_socket() -> socket.socket:
     return sock
 
 
-def _receive(sock: socket.socket, netns: int, kind: int, protocol: int) -> list[SockRecord]:
+def _receive(sock: socket.socket, netns: int, kind: int, protocol: int,
+             memory: bool = False) -> list[SockRecord]:
     """Read one dump to its end, decoding each inet_diag_msg."""
-    parser = DumpParser(netns, kind, protocol)
+    parser = DumpParser(netns, kind, protocol, memory)
     buf = bytearray(RECV_BUFFER)
     while True:
         size = sock.recv_into(buf, RECV_BUFFER, socket.MSG_TRUNC)
@@ -314,10 +291,11 @@ class DumpParser:
 
     ``feed`` is the cost of a 100k-socket dump, so it binds what it calls to
     locals, decodes with a single unpack per socket, and formats each
-    distinct address once."""
+    distinct address once. ``memory``: the dump asked for SK_MEMINFO, whose
+    drops counter each record gets (the only attribute read)."""
 
-    def __init__(self, netns: int, kind: int, protocol: int) -> None:
-        self.netns, self.kind = netns, kind
+    def __init__(self, netns: int, kind: int, protocol: int, memory: bool = False) -> None:
+        self.netns, self.kind, self.memory = netns, kind, memory
         self.proto_name = "tcp" if protocol == socket.IPPROTO_TCP else "udp"
         self.records: list[SockRecord] = []
         self._addresses: dict[int, dict[bytes, str]] = {socket.AF_INET: {}, socket.AF_INET6: {}}
@@ -338,7 +316,7 @@ class DumpParser:
         state_by_code, timer_by_code, family_names = _STATE_BY_CODE, _TIMER_BY_CODE, _FAMILY_NAMES
         addresses = self._addresses
         builder, frozen = _SockRecordBuilder, SockRecord
-        netns, kind, proto_name = self.netns, self.kind, self.proto_name
+        netns, kind, proto_name, memory = self.netns, self.kind, self.proto_name, self.memory
         append = self.records.append
         offset = 0
         while offset < size:
@@ -357,11 +335,25 @@ class DumpParser:
                              known.get(src) or _learn(known, family, src), ntohs(sport),
                              known.get(dst) or _learn(known, family, dst), ntohs(dport),
                              rqueue, wqueue, timer_by_code[timer], expires,
-                             uid, inode, cookie_lo | cookie_hi << 32, ifindex)
+                             uid, inode, cookie_lo | cookie_hi << 32, ifindex,
+                             _drops(buf, offset + msg_size, offset + length) if memory else None)
             record.__class__ = frozen
             append(record)
             offset += (length + 3) & ~3
         return False
+
+
+def _drops(buf: bytearray | bytes, at: int, end: int) -> int | None:
+    """sk_drops from the SK_MEMINFO attribute among a message's attributes
+    (``buf[at:end]``); None when the kernel sent none."""
+    while at + _NLATTR.size <= end:
+        attr_len, attr_type = _NLATTR.unpack_from(buf, at)
+        if attr_len < _NLATTR.size:
+            raise ValueError(f"attribute of {attr_len} bytes")
+        if attr_type == INET_DIAG_SKMEMINFO and attr_len >= _NLATTR.size + 4 * (SK_MEMINFO_DROPS + 1):
+            return int.from_bytes(buf[at + _NLATTR.size + 4 * SK_MEMINFO_DROPS:][:4], sys.byteorder)
+        at += (attr_len + 3) & ~3
+    return None
 
 
 def _learn(known: dict[bytes, str], family: int, raw: bytes) -> str:
@@ -371,7 +363,7 @@ def _learn(known: dict[bytes, str], family: int, raw: bytes) -> str:
     return text
 
 
-def _check_end(kind: int, buf: bytearray, offset: int, proto_name: str) -> None:
+def _check_end(kind: int, buf: bytearray | bytes, offset: int, proto_name: str) -> None:
     """A dump ends with NLMSG_DONE; NLMSG_ERROR carries a negative errno.
     Both carry an int status: non-zero means the dump failed."""
     if kind not in (NLMSG_DONE, NLMSG_ERROR):

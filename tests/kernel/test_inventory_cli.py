@@ -140,19 +140,91 @@ def test_a_socket_bound_while_the_inventory_is_taken_keeps_its_owner(netns: Netn
         return wrapped
 
     its = SharedIterators()
-    original_dump = inventory.dump
+    original_dump = inventory.dump_in
     its.holders = bind_after(its.holders)  # type: ignore[method-assign]
-    inventory.dump = bind_after(original_dump)  # type: ignore[assignment]
+    inventory.dump_in = bind_after(original_dump)  # type: ignore[assignment]
     try:
         taken = inventory.take(port=port, protocols=("udp",), netns=str(netns.inode),
                                iterators=its)
     finally:
-        inventory.dump = original_dump  # type: ignore[assignment]
+        inventory.dump_in = original_dump  # type: ignore[assignment]
         its.close()
     assert bound_late and bound_late[0].errno == 0  # SO_REUSEADDR on both: shared
     assert taken.sockets, "the first socket was bound before the inventory began"
     for sock in taken.sockets:
         assert [o.pid for o in sock.owners] == [actor.pid], sock
+
+
+def test_flags_come_from_holders_and_the_tables_are_walked_only_for_sockets_nobody_holds(
+        netns: Netns) -> None:
+    """A held socket's flags are read through its holder (iter/task_file);
+    the walk of the host's socket tables runs only when the dump found
+    sockets no process holds (TIME_WAIT here), and then gives theirs. The
+    two readings of a held socket are the same, field by field."""
+    from tracer import inventory
+    from tracer.sockflags import SharedIterators
+
+    a, b = Actor(netns), Actor(netns)
+    port = random.randint(20000, 29999)
+    for actor in (a, a, b):
+        fd = actor.socket("tcp", reuseport=True)
+        assert actor.bind(fd, "127.0.0.1", port).ok
+        assert actor.listen(fd).ok
+    udp = a.socket("udp", "ipv6", v6only=True, bindtodevice="lo", reuseaddr=True)
+    assert a.bind(udp, "::1", port).ok
+    tw_port = port + 1  # a connection whose server side closed first: TIME_WAIT
+    listener = b.socket("tcp", reuseaddr=True)
+    assert b.bind(listener, "127.0.0.1", tw_port).ok and b.listen(listener).ok
+    client = a.socket("tcp")
+    assert a.connect(client, "127.0.0.1", tw_port).ok
+    b.close(b.accept(listener))
+    a.close(client)
+    b.wait_tcp_states(tw_port, lambda states: "TIME_WAIT" in states)
+
+    its = SharedIterators()
+    walks: list[int | None] = []
+    walk = its.sockets
+
+    def counted(netns_fd=None, port=None, cookies=None):  # type: ignore[no-untyped-def]
+        walks.append(port)
+        return walk(netns_fd, port, cookies)
+
+    its.sockets = counted  # type: ignore[method-assign]
+    try:
+        held = inventory.take(port=port, netns=str(netns.inode), iterators=its)
+        assert walks == [], "every socket on the port is held: no walk"
+        with_tw = inventory.take(port=tw_port, netns=str(netns.inode), iterators=its)
+        assert walks == [tw_port], "a TIME_WAIT socket on the port: one walk"
+        fd = os.open(netns.path, os.O_RDONLY | os.O_CLOEXEC)
+        try:
+            walked = {f.cookie: f for f in walk(fd, port)}
+        finally:
+            os.close(fd)
+    finally:
+        its.close()
+    assert len(held.sockets) == 4 and held.flags_unknown == 0
+    for sock in held.sockets:
+        assert sock.owners and sock.flags == walked[sock.diag.cookie], sock
+    groups = {s.flags.group for s in held.sockets if s.diag.protocol == "tcp"}  # type: ignore[union-attr]
+    assert len(groups) == 1 and 0 not in groups
+    tw = [s for s in with_tw.sockets if s.diag.state == "TIME_WAIT"]
+    assert tw and with_tw.flags_unknown == 0
+    assert all(s.flags and s.flags.options == frozenset({"reuseaddr"}) for s in tw)
+
+
+def test_a_udp_inventory_has_no_tcp_socket_in_it(netns: Netns) -> None:
+    """Bound-only TCP sockets, rebuilt from their holders on kernels that do
+    not dump them, belong to a TCP inventory only."""
+    from tracer import inventory
+
+    actor = Actor(netns)
+    port = random.randint(20000, 29999)
+    assert actor.bind(actor.socket("tcp"), "127.0.0.1", port).ok  # bound, never listening
+    assert actor.bind(actor.socket("udp"), "127.0.0.1", port).ok
+    udp = inventory.take(port=port, protocols=("udp",), netns=str(netns.inode))
+    tcp = inventory.take(port=port, protocols=("tcp",), netns=str(netns.inode))
+    assert [s.diag.protocol for s in udp.sockets] == ["udp"]
+    assert [(s.diag.protocol, s.diag.state) for s in tcp.sockets] == [("tcp", "CLOSE")]
 
 
 # A listener, and CROWD connections to it that its side closed first: the
