@@ -21,7 +21,7 @@ from typing import Container, NamedTuple
 from . import libbpf
 from .coreobject import LibbpfLoaded, load_object
 from .engine import EngineConfig, Need
-from .layout import PsFileinfo, PsGroupFlag, PsSockinfo
+from .layout import PsFileinfo, PsGroupFlag, PsOpt, PsSockinfo
 from .nsenter import in_netns
 from .plans import ITERATOR_PROGRAMS
 from .records import FAMILIES, OPTION_NAMES, PROTOCOLS, TCP_STATES
@@ -77,8 +77,8 @@ def decode_sockets(raw: bytes, cookies: Container[int] | None = None) -> list[So
             netns, PROTOCOLS.get(protocol) or str(protocol), FAMILIES.get(family) or str(family),
             TCP_STATES.get(state) or str(state), _ntop(family, addr), port, cookie, inode,
             sock_uid, _options(opts), bound_dev_if,
-            group_id(netns, protocol, family, addr, port, bound_dev_if, sock_uid)
-            if group_key else 0, group_size,
+            group_id(netns, protocol, family, addr, port, bound_dev_if, sock_uid,
+                     bool(opts & _V6ONLY)) if group_key else 0, group_size,
             bool(group_flags & _BPF_PROG), bool(group_flags & _HAS_CONNS)))
     return out
 
@@ -141,7 +141,7 @@ def _one(r: PsSockinfo) -> SockFlags:
         options=_options(r.opts),
         bound_dev_if=r.bound_dev_if,
         group=group_id(r.netns, r.protocol, r.family, bytes(r.addr), r.port, r.bound_dev_if,
-                       r.sock_uid) if r.group_key else 0,
+                       r.sock_uid, bool(r.opts & _V6ONLY)) if r.group_key else 0,
         group_size=r.group_size,
         group_bpf_prog=bool(r.group_flags & _BPF_PROG),
         group_has_conns=bool(r.group_flags & _HAS_CONNS),
@@ -150,6 +150,7 @@ def _one(r: PsSockinfo) -> SockFlags:
 
 # Cached: a busy port repeats a few addresses and option sets many times.
 _BPF_PROG, _HAS_CONNS = int(PsGroupFlag.BPF_PROG), int(PsGroupFlag.HAS_CONNS)
+_V6ONLY = int(PsOpt.V6ONLY)
 
 
 @functools.lru_cache(maxsize=256)
@@ -166,17 +167,20 @@ def _ntop(family: int, raw: bytes) -> str:
 
 @functools.lru_cache(maxsize=65536)
 def group_id(netns: int, protocol: int, family: int, addr: bytes, port: int, bound_dev_if: int,
-             uid: int) -> int:
+             uid: int, v6only: bool) -> int:
     """The id of a reuseport group, from what makes a group in the kernel: a
     socket joins the group of the sockets with the same namespace, protocol,
-    family, address, port, device and owning uid (inet_reuseport_add_sock,
-    udp_reuseport_add_sock). So the id is the same across runs of portscope,
+    family, address, port, device, owning uid and IPV6_V6ONLY setting
+    (inet_reuseport_add_sock, udp_reuseport_add_sock), and starts a group
+    of its own otherwise: UDP sockets that share a port through SO_REUSEADDR
+    form one group per uid, and a v6-only [::]:P group can sit beside a
+    dual-stack one (tests/kernel/test_iterators.py makes both). So the id is the same across runs of portscope,
     restarts of the server and hosts (not the kernel's address of the group,
     which changes with every run of the server and must not be shown), and an
     exporter's series and a journal's groups keep their identity."""
     if family != socket.AF_INET6:
         addr = addr[:4]
-    text = f"{netns} {protocol} {family} {addr.hex()} {port} {bound_dev_if} {uid}"
+    text = f"{netns} {protocol} {family} {addr.hex()} {port} {bound_dev_if} {uid} {int(v6only)}"
     digest = hashlib.blake2b(text.encode(), digest_size=4, person=b"ps-reuseport").digest()
     return int.from_bytes(digest, "little") or 1
 

@@ -75,6 +75,37 @@ def test_flags_and_reuseport_groups(iterators: SocketIterators, netns: Netns) ->
     assert bound_only.ok and bound_only.inode not in seen
 
 
+def test_groups_the_kernel_keeps_apart_have_different_ids(iterators: SocketIterators,
+                                                         netns: Netns) -> None:
+    """Sockets that share an address and port through SO_REUSEADDR but not
+    a uid form one UDP group per uid; a v6-only [::]:P group sits beside a
+    dual-stack [::]:P group. The kernel makes each; each group has its own
+    id, the same for all its members (sockflags.group_id hashes the uid and
+    the v6-only setting for this)."""
+    port = random.randint(20000, 30000)
+    root, nobody = Actor(netns), Actor(netns, uid=65534)
+    udp: dict[str, list[int]] = {"root": [], "nobody": []}
+    for name, actor in (("root", root), ("nobody", nobody)):
+        for _ in range(2):
+            truth = actor.bind(actor.socket("udp", reuseaddr=True, reuseport=True), "127.0.0.1", port)
+            assert truth.ok, truth.describe()
+            udp[name].append(truth.inode)
+    tcp: dict[bool, list[int]] = {False: [], True: []}
+    for v6only in (False, True):
+        for _ in range(2):
+            fd = root.socket("tcp", "ipv6", reuseport=True, v6only=v6only)
+            truth = root.bind(fd, "::", port)
+            assert truth.ok and root.listen(fd).ok, truth.describe()
+            tcp[v6only].append(truth.inode)
+
+    seen = by_inode(read_ns(iterators, netns))
+    for members in (*udp.values(), *tcp.values()):
+        assert [seen[i].group_size for i in members] == [2, 2], "the kernel made a group of two"
+    ids = [{seen[i].group for i in members} for members in (*udp.values(), *tcp.values())]
+    assert all(len(one) == 1 and 0 not in one for one in ids), ids
+    assert len(set().union(*ids)) == 4, f"four groups, four ids: {ids}"
+
+
 def test_time_wait_socket_keeps_its_reuseaddr_flag(iterators: SocketIterators,
                                                    netns: Netns) -> None:
     server, client = Actor(netns), Actor(netns)

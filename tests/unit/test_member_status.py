@@ -27,13 +27,13 @@ MASTER = Owner(pid=800, comm="nginx")
 
 
 def test_group_id_depends_on_what_makes_a_group_and_nothing_else() -> None:
-    base = (4026531840, socket.IPPROTO_TCP, V4, LOOPBACK, 8080, 0, 33)
+    base = (4026531840, socket.IPPROTO_TCP, V4, LOOPBACK, 8080, 0, 33, False)
     same = group_id(*base)
     assert same == group_id(*base) != 0
     # The 12 bytes after an IPv4 address are not part of it.
     assert group_id(*base[:3], socket.inet_aton("127.0.0.1") + b"\xff" * 12, *base[4:]) == same
     for i, other in ((0, 4026532000), (1, socket.IPPROTO_UDP), (2, V6), (4, 8081), (5, 3),
-                     (6, 1000)):
+                     (6, 1000), (7, True)):
         changed = list(base)
         changed[i] = other
         assert group_id(*changed) != same, f"field {i} does not change the id"
