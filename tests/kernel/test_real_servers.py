@@ -297,6 +297,54 @@ def test_export_flags_the_stopped_worker(netns: Netns) -> None:
             proc.communicate(timeout=60)
 
 
+def test_journal_keeps_who_accepts_on_each_nginx_listener(netns: Netns, tmp_path: Path) -> None:
+    """``portscope record``: each nginx listener's snapshot owners are the
+    master and every worker, and exactly one of them, a worker, is marked
+    as the one that accepts; a different worker for each member. Read back
+    from the journal file, as ``report`` and ``replay`` read it."""
+    from tracer.journal.reader import JournalReader
+
+    journal = tmp_path / "journal.db"
+    with Nginx(netns, PORT, STATUS_PORT, workers=3) as nginx:
+        started = time.time()
+        proc = subprocess.Popen([sys.executable, "-m", "tracer.cli", "record", "-o", str(journal),
+                                 "--snapshot-interval", "0.5"], cwd=ROOT,
+                                stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+        try:
+            deadline = time.monotonic() + 60 * SLOWDOWN
+            while not _snapshots_after(journal, started + 1.0):
+                assert proc.poll() is None and time.monotonic() < deadline, proc.stderr.read()
+                time.sleep(0.2)
+        finally:
+            proc.send_signal(signal.SIGTERM)
+            _, err = proc.communicate(timeout=60)
+        assert proc.returncode == 0, err
+        workers, master = set(nginx.workers()), nginx.pid
+        listeners = [s for s in JournalReader(str(journal)).sockets_seen_since(0, port=PORT)
+                     if s["state"] == "LISTEN" and s["netns"] == netns.inode]
+    assert len(listeners) == 3, listeners
+    takers = []
+    for sock in listeners:
+        owners = {o["pid"]: o.get("accepts") for o in sock["owners"]}
+        assert set(owners) == workers | {master}, sock["owners"]
+        accepting = [pid for pid, accepts in owners.items() if accepts]
+        assert len(accepting) == 1 and accepting[0] in workers, sock["owners"]
+        assert all(accepts is False for pid, accepts in owners.items() if pid != accepting[0])
+        takers.append(accepting[0])
+    assert sorted(takers) == sorted(workers), "each worker takes one member"
+
+
+def _snapshots_after(journal: Path, t: float) -> bool:
+    """Whether the journal has a snapshot taken after ``t`` (time.time())."""
+    from tracer.journal.reader import JournalReader
+    from tracer.journal.schema import JournalBusy, JournalError
+
+    try:
+        return any(s["time"] > t for s in JournalReader(str(journal)).snapshots())
+    except (JournalError, JournalBusy):  # not created yet, its schema not written yet, locked
+        return False
+
+
 def free_port() -> int:
     """A TCP port free on the host's loopback now (for the exporter)."""
     with socket.socket() as s:

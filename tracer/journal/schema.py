@@ -153,7 +153,7 @@ CREATE TABLE snapshot_sockets (
     inode INTEGER NOT NULL,
     cookie INTEGER NOT NULL,
     options TEXT,                    -- NULL: no iterator saw its flags
-    group_id INTEGER,                -- reuseport group, opaque, per session
+    group_id INTEGER,                -- reuseport group (sockflags.group_id: the same in every session)
     group_size INTEGER,
     group_bpf INTEGER,               -- a reuseport BPF program steers the group
     owners TEXT NOT NULL             -- JSON list: pid, comm, exe, cmdline, uid, user, cgroup, ...
