@@ -28,7 +28,7 @@ SCRAPE_LABELS = {"instance", "job"}  # added by Prometheus to every series
 def promtool() -> str:
     path = shutil.which("promtool")
     if not path:
-        missing("needs promtool (Debian package prometheus; scripts/setup-test-tools installs it)")
+        missing("needs promtool (Debian package prometheus; scripts/setup installs it)")
     return path or ""
 
 
