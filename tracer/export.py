@@ -13,6 +13,7 @@ import argparse
 import ipaddress
 import time
 
+from .cgroups import CgroupIdentities
 from .engine import Counters, Engine, EngineConfig, Need
 from .errors import ExitStatus, PortscopeError, UsageError
 from .events import Clock, decode
@@ -94,12 +95,15 @@ def _collect(engine: Engine, metrics: Metrics, stop: StopSignal) -> None:
     reported = Counters()
     next_check = time.monotonic() + RERANK_S
 
+    identities = CgroupIdentities()
+
     def count(raws: list[bytes]) -> None:
         for raw in raws:
             ev = decode(raw, clock)
             if ev.errno:
+                container = identities.get(ev.pid, ev.cgroup_id)["container"] or ""
                 metrics.failures.add((ev.call, ev.errno_name or str(ev.errno), str(ev.port),
-                                      label_value(ev.comm), str(ev.netns)))
+                                      label_value(ev.comm), str(ev.netns), container))
 
     while not stop.requested:
         raws = engine.poll(POLL_MS)

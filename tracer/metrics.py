@@ -32,12 +32,15 @@ class Metrics:
     """What the exporter knows; ``collect()`` turns it into metric families
     (a prometheus_client custom collector)."""
 
-    FAILURE_LABELS = ("call", "errno", "port", "comm", "netns")
+    # container: the caller's container id (12 hex digits, from its cgroup
+    # path), "" for a process in no container.
+    FAILURE_LABELS = ("call", "errno", "port", "comm", "netns", "container")
 
     def __init__(self, top: int, max_series: int = DEFAULT_MAX_SERIES) -> None:
         self.top = top
         self.max_series = max_series
-        self.failures = FoldedCounter(self.FAILURE_LABELS, {"port": top, "comm": top, "netns": top},
+        self.failures = FoldedCounter(self.FAILURE_LABELS, {"port": top, "comm": top, "netns": top,
+                                                           "container": top},
                                       max_series)
         self.counters = Counters()
         self.plan = ""
@@ -64,8 +67,8 @@ class Metrics:
 
         fam = CounterMetricFamily(
             "portscope_failures", "Failed bind(), listen() and connect() calls (and port-allocator "
-            f"refusals), by errno, port, comm and netns; values beyond the top {self.top} of "
-            "port, comm and netns are folded into \"other\", and beyond "
+            f"refusals), by errno, port, comm, netns and container; values beyond the top "
+            f"{self.top} of port, comm, netns and container are folded into \"other\", and beyond "
             f"{self.max_series} series the rest is one series labelled \"other\"",
             labels=self.FAILURE_LABELS)
         for labels, n in self.failures.samples():

@@ -80,7 +80,7 @@ def served_exposition() -> dict[str, set[str]]:
     from prometheus_client.parser import text_string_to_metric_families
 
     metrics = Metrics(top=10)
-    metrics.failures.add(("bind", "EADDRINUSE", "8080", "nginx", "4026531840"))
+    metrics.failures.add(("bind", "EADDRINUSE", "8080", "nginx", "4026531840", "5db952bf622d"))
     metrics.counters = Counters(emitted=10, lost=2, inflight_full=1)
     worker = Owner(pid=812, comm="nginx")
     member = Member(cookie=1, inode=70, state="LISTEN", owners=(worker,), delivered=5, rate=1.0,
