@@ -400,7 +400,8 @@ def preflight(facts: KernelFacts, config: EngineConfig, need_btf: bool = True) -
     engine, which compiles against headers, needs no BTF)."""
     if not facts.privileged:
         raise PermissionDenied(
-            "portscope needs root (or CAP_BPF and CAP_PERFMON) to load its probes: run it with sudo"
+            "portscope needs root (or CAP_SYS_ADMIN, or CAP_BPF and CAP_PERFMON) to load its probes: "
+            "run it with sudo"
         )
     if config.btf_path:
         btf_is_a_file(config.btf_path)

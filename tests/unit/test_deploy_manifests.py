@@ -16,7 +16,7 @@ from tests.needs import missing
 DEPLOY = Path(__file__).resolve().parents[2] / "deploy"
 DAEMONSET = DEPLOY / "portscope-daemonset.yaml"
 UNIT = DEPLOY / "portscope-export.service"
-CAPABILITIES = {"BPF", "PERFMON", "NET_ADMIN", "SYS_ADMIN", "SYS_PTRACE", "DAC_READ_SEARCH"}
+CAPABILITIES = {"SYS_ADMIN", "SYS_PTRACE", "DAC_READ_SEARCH"}
 
 
 def _daemonset() -> dict:
