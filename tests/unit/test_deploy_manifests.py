@@ -75,3 +75,18 @@ def test_systemd_unit_verifies(tmp_path: Path) -> None:
     result = subprocess.run(["systemd-analyze", "verify", str(unit)], capture_output=True, text=True)
     assert result.returncode == 0, result.stderr
     assert "export --listen" in UNIT.read_text()
+
+
+def test_the_units_run_the_portscope_scripts_setup_installs() -> None:
+    """Both units start /usr/local/bin/portscope, which scripts/setup links to
+    the checkout's, with arguments portscope accepts."""
+    import shlex
+
+    for unit in sorted(DEPLOY.glob("*.service")):
+        (line,) = [ln for ln in unit.read_text().splitlines() if ln.startswith("ExecStart=")]
+        argv = shlex.split(line.removeprefix("ExecStart="))
+        assert argv[0] == "/usr/local/bin/portscope", unit.name
+        if not Path(argv[0]).exists():
+            missing("/usr/local/bin/portscope is not there: run scripts/setup")
+        out = subprocess.run([*argv, "--help"], capture_output=True, text=True, timeout=60)
+        assert out.returncode == 0 and out.stdout.startswith("usage: portscope"), out.stderr
