@@ -39,11 +39,32 @@ def _integer(text: str) -> int | None:
     return int(text) if _DIGITS.match(text) else None
 
 
+# A service name as /etc/services spells them (http, https, ssh, kerberos-adm).
+_SERVICE = re.compile(r"[A-Za-z][A-Za-z0-9._+-]{0,63}\Z")
+
+
 def port_number(text: str) -> int:
-    port = _integer(text)
+    """A port: a number from 1 to 65535, ``:PORT`` as ss writes it, or a
+    service name of /etc/services (``http``: its TCP port, else its UDP one)."""
+    number = text[1:] if text.startswith(":") else text
+    port = _integer(number)
+    if port is None and _SERVICE.match(number):
+        port = _service_port(number)
     if port is None or not 1 <= port <= 65535:
-        raise Invalid(f"invalid port {text!r}: a port is a number from 1 to 65535")
+        raise Invalid(f"invalid port {text!r}: a port is a number from 1 to 65535, :PORT, "
+                      "or a service name of /etc/services such as http")
     return port
+
+
+def _service_port(name: str) -> int | None:
+    import socket
+
+    for protocol in ("tcp", "udp"):
+        try:
+            return socket.getservbyname(name, protocol)
+        except OSError:
+            continue
+    return None
 
 
 def port_or_zero(text: str) -> int:

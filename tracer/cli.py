@@ -41,6 +41,17 @@ class Parser(argparse.ArgumentParser):
 RUN_IN_COMMANDS = ("ui",)
 
 
+def _version() -> str:
+    """The installed distribution's version ("unknown" when run from a
+    checkout that was never installed)."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("portscope")
+    except PackageNotFoundError:
+        return "unknown"
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = Parser(
         prog="portscope",
@@ -51,6 +62,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--debug", action="store_true",
                         help="show tracebacks and libbpf's log on errors")
+    parser.add_argument("--version", action="version", version=f"portscope {_version()}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     for command in COMMANDS:
         command.add_parser(sub)

@@ -2,6 +2,7 @@
 
 import pytest
 
+from tests.needs import missing
 from tracer import arguments, cli
 from tracer.errors import ExitStatus
 
@@ -23,7 +24,8 @@ def one_sentence(err):
     return lines[0]
 
 
-@pytest.mark.parametrize("port", ["0", "65536", "-1", "http", "80x", "٨٠", " 80", "8_0"])
+@pytest.mark.parametrize("port", ["0", "65536", "-1", "no-such-service", "80x", "٨٠", " 80", "8_0",
+                                  ":0", "::80", ":", "x" * 65])
 def test_bad_port_is_one_sentence_and_usage_status(capsys, port):
     code, _, err = run(capsys, "trace", "--port", port)
     assert code == ExitStatus.USAGE
@@ -49,14 +51,44 @@ def test_errno_names_and_numbers():
 def test_help_teaches(capsys):
     code, out, _ = run(capsys, "trace", "--help")
     assert code == 0
-    for option in ("--port", "--pid", "--comm", "--errno", "--all", "--errors-only", "--json",
+    for option in ("--port", "--pid", "--comm", "--errno", "--all", "--json",
                    "--plan", "examples:"):
         assert option in out
+    assert "--errors-only" not in out, "it changes nothing: not taught"
 
 
 def test_no_command_prints_help_and_usage_status(capsys):
     assert cli.main([]) == ExitStatus.USAGE
     assert "trace" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("port", ["h\x1b[31m", "http\x00", "ht tp"])
+def test_a_hostile_service_name_is_refused_without_reaching_the_terminal(capsys, port):
+    code, _, err = run(capsys, "ports", port)
+    assert code == ExitStatus.USAGE
+    assert "invalid port" in one_sentence(err)
+    assert "\x1b" not in err and "\x00" not in err
+
+
+def test_a_port_as_ss_writes_it_or_by_its_service_name():
+    """``:8080`` as ss prints it, and a name of /etc/services, as ss and
+    netstat accept them; the port is the one the system's own lookup gives."""
+    import os
+    import socket
+
+    assert arguments.port_number(":8080") == arguments.port_number("8080") == 8080
+    if not os.path.exists("/etc/services"):
+        missing("no /etc/services (package netbase) on this machine")
+    assert arguments.port_number("http") == socket.getservbyname("http", "tcp") == 80
+    assert arguments.port_number(":https") == socket.getservbyname("https", "tcp")
+    # A name only UDP has (syslog is 514/udp, and 514/tcp is "shell").
+    assert arguments.port_number("syslog") == socket.getservbyname("syslog", "udp")
+
+
+def test_version(capsys):
+    code, out, _ = run(capsys, "--version")
+    assert code == 0
+    assert out.startswith("portscope ") and out.split()[1][0].isdigit()
 
 
 def test_errors_only_is_the_default():

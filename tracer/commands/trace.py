@@ -38,8 +38,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                    help="only calls that failed with this error (repeatable), "
                         "e.g. --errno EADDRINUSE --errno EADDRNOTAVAIL")
     which = f.add_mutually_exclusive_group()
-    which.add_argument("--errors-only", dest="all", action="store_false",
-                       help="only failed calls (the default)")
+    # Only failed calls is the default: --errors-only changes nothing. It is
+    # left out of --help and still accepted, so that scripts passing it run.
+    which.add_argument("--errors-only", dest="all", action="store_false", help=argparse.SUPPRESS)
     which.add_argument("--all", dest="all", action="store_true",
                        help="successful calls too")
     # Both flags share one destination; without this the store_false of
