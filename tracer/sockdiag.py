@@ -36,7 +36,6 @@ import errno
 import os
 import socket
 import struct
-import sys
 from dataclasses import dataclass, fields, make_dataclass
 from typing import Iterable, Mapping
 
@@ -89,6 +88,7 @@ _SOCKID = "HH16s16sIII"  # zero in a dump request: the bytecode does the choosin
 _REQUEST_V2 = struct.Struct("=IHHII" "BBBBI" + _SOCKID)  # inet_diag_req_v2
 _REQUEST_V1 = struct.Struct("=IHHII" "BBBB" + _SOCKID + "II")  # inet_diag_req
 _NLATTR = struct.Struct("=HH")
+_U32 = struct.Struct("=I")
 
 # The kernel fills one buffer of at most 32 KiB per recvmsg() of a dump
 # (netlink caps its dump allocation there), so a bigger buffer does not cut
@@ -351,7 +351,7 @@ def _drops(buf: bytearray | bytes, at: int, end: int) -> int | None:
         if attr_len < _NLATTR.size:
             raise ValueError(f"attribute of {attr_len} bytes")
         if attr_type == INET_DIAG_SKMEMINFO and attr_len >= _NLATTR.size + 4 * (SK_MEMINFO_DROPS + 1):
-            return int.from_bytes(buf[at + _NLATTR.size + 4 * SK_MEMINFO_DROPS:][:4], sys.byteorder)
+            return _U32.unpack_from(buf, at + _NLATTR.size + 4 * SK_MEMINFO_DROPS)[0]
         at += (attr_len + 3) & ~3
     return None
 

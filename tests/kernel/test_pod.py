@@ -10,9 +10,7 @@ container counted with that container's id.
 
 from __future__ import annotations
 
-import importlib.machinery
 import json
-import importlib.util
 import re
 import socket
 import subprocess
@@ -26,6 +24,7 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from tests.needs import missing, need_root, need_tool
+from tests.scripts import load_script
 
 ROOT = Path(__file__).resolve().parents[2]
 METRICS = "http://127.0.0.1:9977/metrics"
@@ -39,12 +38,7 @@ GROUP_PORT = 47200
 
 
 def run_pod_module():  # type: ignore[no-untyped-def]
-    loader = importlib.machinery.SourceFileLoader("run_pod", str(ROOT / "scripts" / "run-pod"))
-    spec = importlib.util.spec_from_loader("run_pod", loader)
-    module = importlib.util.module_from_spec(spec)  # type: ignore[arg-type]
-    sys.modules["run_pod"] = module
-    loader.exec_module(module)
-    return module
+    return load_script("run-pod")
 
 
 @pytest.fixture(scope="module")

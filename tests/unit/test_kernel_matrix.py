@@ -4,24 +4,17 @@ the test of the kernels; these pin down its rules on recorded inputs."""
 
 from __future__ import annotations
 
-import importlib.machinery
-import importlib.util
 from pathlib import Path
 from types import ModuleType
 
 import pytest
 
-SCRIPT = Path(__file__).resolve().parents[2] / "scripts" / "kernel-matrix"
+from tests.scripts import load_script
 
 
 @pytest.fixture(scope="module")
 def km() -> ModuleType:
-    loader = importlib.machinery.SourceFileLoader("kernel_matrix", str(SCRIPT))
-    spec = importlib.util.spec_from_loader("kernel_matrix", loader)
-    assert spec is not None
-    module = importlib.util.module_from_spec(spec)
-    loader.exec_module(module)
-    return module
+    return load_script("kernel-matrix")
 
 
 def test_expected_plans_follow_the_config(km: ModuleType) -> None:

@@ -5,19 +5,13 @@ left out (the pod itself runs in tests/kernel/test_pod.py)."""
 from __future__ import annotations
 
 import copy
-import importlib.machinery
-import importlib.util
 import sys
-from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parents[2]
-_loader = importlib.machinery.SourceFileLoader("run_pod", str(ROOT / "scripts" / "run-pod"))
-_spec = importlib.util.spec_from_loader("run_pod", _loader)
-run_pod = importlib.util.module_from_spec(_spec)  # type: ignore[arg-type]
-sys.modules["run_pod"] = run_pod
-_loader.exec_module(run_pod)
+from tests.scripts import load_script
+
+run_pod = load_script("run-pod")
 
 
 def test_every_setting_of_the_manifest_has_its_option() -> None:
