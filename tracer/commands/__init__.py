@@ -7,9 +7,11 @@ runs here (commands/ui.py): it only wires the collector to the screen.
 """
 
 from . import (
+    completion,
     doctor,
     export,
     groups,
+    man,
     ports,
     record,
     replay,
@@ -21,4 +23,5 @@ from . import (
 )
 
 # In the order ``portscope --help`` lists them.
-COMMANDS = (trace, ports, why, timewait, groups, export, ui, record, report, replay, doctor)
+COMMANDS = (trace, ports, why, timewait, groups, export, ui, record, report, replay, doctor,
+            completion, man)
