@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import errno as errno_mod
+import ipaddress
 import math
 import re
 import time
@@ -222,9 +223,9 @@ def port_range_value(text: str) -> tuple[int, int]:
 def netns_spec(text: str) -> str:
     """A namespace as the user names it; checked against the host later
     (tracer.inventory.select_namespaces), refused here only when empty."""
-    if not text.strip():
-        raise Invalid("invalid --netns '': give an inode number, an ip-netns name, a path to a "
-                      "namespace file, or pid:PID")
+    if not text.strip() or "\x00" in text:  # no path holds a NUL
+        raise Invalid(f"invalid --netns {text!r}: give an inode number, an ip-netns name, a "
+                      "path to a namespace file, or pid:PID")
     return text
 
 
@@ -249,3 +250,91 @@ def text_value(what: str) -> Callable[[str], str]:
         return text
     parse.__name__ = what.replace(" ", "_")
     return parse
+
+
+# ---- the filters of the listing commands (tracer/filters.py applies them) ----------
+
+# The kernel's state names (as --json prints them) and what ss(8) calls them,
+# each to the kernel states it means. ss's groups as its scan_state() defines
+# them: connected is every state but LISTEN and CLOSE, synchronized is
+# connected but SYN_SENT, bucket the minisockets (SYN_RECV, TIME_WAIT), big
+# every state but those two.
+KERNEL_STATES = ("ESTABLISHED", "SYN_SENT", "SYN_RECV", "FIN_WAIT1", "FIN_WAIT2", "TIME_WAIT",
+                 "CLOSE", "CLOSE_WAIT", "LAST_ACK", "LISTEN", "CLOSING")
+_CONNECTED = tuple(s for s in KERNEL_STATES if s not in ("LISTEN", "CLOSE"))
+SS_STATES: dict[str, tuple[str, ...]] = {
+    "estab": ("ESTABLISHED",), "established": ("ESTABLISHED",),
+    "syn-sent": ("SYN_SENT",), "syn-recv": ("SYN_RECV",), "syn-rcv": ("SYN_RECV",),
+    "fin-wait-1": ("FIN_WAIT1",), "fin-wait-2": ("FIN_WAIT2",), "time-wait": ("TIME_WAIT",),
+    "unconn": ("CLOSE",), "unconnected": ("CLOSE",), "close": ("CLOSE",), "closed": ("CLOSE",),
+    "close-wait": ("CLOSE_WAIT",), "last-ack": ("LAST_ACK",), "listen": ("LISTEN",),
+    "listening": ("LISTEN",), "closing": ("CLOSING",),
+    "all": KERNEL_STATES, "connected": _CONNECTED,
+    "synchronized": tuple(s for s in _CONNECTED if s != "SYN_SENT"),
+    "bucket": ("SYN_RECV", "TIME_WAIT"),
+    "big": tuple(s for s in KERNEL_STATES if s not in ("SYN_RECV", "TIME_WAIT")),
+}
+STATE_NAMES = {**{s.lower(): (s,) for s in KERNEL_STATES}, **SS_STATES}
+
+
+def state_names(text: str) -> tuple[str, ...]:
+    """A socket state, case-insensitively: the kernel's name (``time_wait``),
+    ss's (``time-wait``, ``estab``, ``unconn``) or one of ss's groups
+    (``connected``): the kernel states it means."""
+    states = STATE_NAMES.get(text.lower())
+    if states is None:
+        raise Invalid(f"unknown state {text!r}: use a kernel state name (listen, established, "
+                      "time_wait, ...), a name ss uses (estab, time-wait, unconn, ...) or one "
+                      "of its groups (connected, synchronized, bucket, big, all)")
+    return states
+
+
+def address_prefix(text: str) -> ipaddress.IPv4Network | ipaddress.IPv6Network:
+    """An address, or a prefix (``10.0.0.0/8``, ``fd00::/8``), as ss's
+    ``src``/``dst`` take them; ``[::1]`` as ss prints it. An IPv4-mapped
+    IPv6 address or prefix (``::ffff:10.0.0.1``) is its IPv4 form, so that it
+    matches a dual-stack socket's view of an IPv4 peer and the other way round."""
+    body = text[1:-1] if text.startswith("[") and text.endswith("]") else text
+    try:
+        if not body or body.strip() != body:
+            raise ValueError(text)
+        net = ipaddress.ip_network(body, strict=False)
+    except ValueError:
+        raise Invalid(f"invalid address {text!r}: give an IPv4 or IPv6 address, optionally with "
+                      "a prefix length (10.0.0.0/8, ::1, fd00::/8)") from None
+    mapped = ipaddress.ip_network("::ffff:0:0/96")
+    if net.version == 6 and net.prefixlen >= 96 and net.subnet_of(mapped):  # type: ignore[arg-type]
+        v4 = net.network_address.ipv4_mapped
+        return ipaddress.ip_network(f"{v4}/{net.prefixlen - 96}")
+    return net
+
+
+_USER_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9._-]{0,31}\$?\Z")
+
+
+def uid_value(text: str) -> int:
+    """A user id (0 to 4294967294) or the name of a user of this host."""
+    uid = _integer(text)
+    if uid is None and _USER_NAME.match(text):
+        import pwd
+
+        try:
+            uid = pwd.getpwnam(text).pw_uid
+        except KeyError:
+            uid = None
+    if uid is None or not 0 <= uid <= UID_MAX:
+        raise Invalid(f"invalid uid {text!r}: give a number from 0 to {UID_MAX} or the name of "
+                      "a user of this host")
+    return uid
+
+
+_UNIT = re.compile(r"[A-Za-z0-9:_.@\\-]{1,255}\Z")
+
+
+def unit_name(text: str) -> str:
+    """A systemd unit as its name is written (``nginx.service``,
+    ``session-3.scope``; ``nginx`` means ``nginx.service``)."""
+    if not _UNIT.match(text):
+        raise Invalid(f"invalid unit {text!r}: a systemd unit name such as nginx.service "
+                      "(letters, digits and :_.@\\- only)")
+    return text
