@@ -28,9 +28,9 @@ def identity_from_cgroup(path: str | None) -> dict[str, str | None]:
     }
 
 
-def cgroup_of(pid: int) -> str | None:
+def cgroup_of(pid: int, proc: str = "/proc") -> str | None:
     try:
-        with open(f"/proc/{pid}/cgroup", errors="surrogateescape") as f:
+        with open(f"{proc}/{pid}/cgroup", errors="surrogateescape") as f:
             for line in f:
                 if line.startswith("0::"):
                     return line[3:].strip()

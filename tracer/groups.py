@@ -12,7 +12,8 @@ import time
 from typing import Iterable, TextIO
 
 from .errors import ExitStatus
-from .inventory import select_namespaces
+from .inventory import select_namespaces_scan
+from .nsnames import NetnsNames, with_netns_name
 from .owners import Owner
 from .plans import Plan
 from .reuseport import Group, GroupsReading, GroupWatcher, MemberEvent
@@ -25,7 +26,8 @@ CLEAR = "\x1b[H\x1b[2J"
 
 def run(args: argparse.Namespace) -> ExitStatus:
     stop = StopSignal()
-    select_namespaces(args.netns)  # a bad --netns is one sentence before any probe loads
+    # A bad --netns is one sentence before any probe loads; the walk names them.
+    _, scan = select_namespaces_scan(args.netns)
     protocols = ("tcp",) if args.tcp else ("udp",) if args.udp else ("tcp", "udp")
     plan = None if args.plan == "auto" else Plan(args.plan)
     watcher = GroupWatcher(port=args.port, netns=args.netns, protocols=protocols, plan=plan,
@@ -37,7 +39,8 @@ def run(args: argparse.Namespace) -> ExitStatus:
         what = "Ctrl-C to stop" if args.watch else f"sampling for {args.interval:g} s"
         print(f"portscope: counting with the {watcher.plan.value} plan"
               + (f" ({skipped})" if skipped else "") + f"; {what}", file=sys.stderr, flush=True)
-        screen = _Screen(out, args.json, args.watch and out.isatty())
+        screen = _Screen(out, args.json, args.watch and out.isatty(),
+                         NetnsNames(scan, refresh_s=1.0))
         snap = watcher.read()
         shown = 0
         if args.watch:
@@ -69,25 +72,31 @@ def _wait_until(deadline: float, stop: StopSignal) -> None:
 class _Screen:
     """Human or JSON output of successive snapshots."""
 
-    def __init__(self, out: TextIO, as_json: bool, redraw: bool) -> None:
+    def __init__(self, out: TextIO, as_json: bool, redraw: bool,
+                 names: NetnsNames | None = None) -> None:
         self.out = out
+        self.names = names or NetnsNames(refresh_s=1.0)
         self.as_json = as_json
         self.redraw = redraw  # a terminal in --watch: redraw in place
         self.recent: collections.deque[MemberEvent] = collections.deque(maxlen=RECENT_EVENTS)
 
     def show(self, snap: GroupsReading) -> None:
         if self.as_json:
-            self.out.write(json.dumps(snap.to_json(), separators=(",", ":")) + "\n")
+            doc = snap.to_json()
+            for key in ("groups", "events"):
+                doc[key] = [with_netns_name(d, self.names) for d in doc[key]]  # type: ignore[attr-defined]
+            self.out.write(json.dumps(doc, separators=(",", ":")) + "\n")
         elif self.redraw:
             self.recent.extend(snap.events)
-            text = render(snap)
+            text = render(snap, self.names)
             if self.recent:
-                text += "\nrecent events:\n" + "\n".join(event_line(e) for e in self.recent) + "\n"
+                text += "\nrecent events:\n" + "\n".join(event_line(e, self.names)
+                                                         for e in self.recent) + "\n"
             self.out.write(CLEAR + text)
         else:
-            text = render(snap)
+            text = render(snap, self.names)
             if snap.events:
-                text += "\n" + "\n".join(event_line(e) for e in snap.events) + "\n"
+                text += "\n" + "\n".join(event_line(e, self.names) for e in snap.events) + "\n"
             self.out.write(text + "\n")
         self.out.flush()
 
@@ -96,7 +105,7 @@ MEMBER_COLUMNS = (("SERVED BY", 26), ("INODE", 9), ("DELIVERED", 10), ("RATE/s",
                   ("SHARE", 7), ("QUEUE", 11), ("DROPS", 6), ("STATUS", 0))
 
 
-def render(snap: GroupsReading) -> str:
+def render(snap: GroupsReading, names: NetnsNames | None = None) -> str:
     """The human form of one snapshot."""
     stamp = clock_text(snap.time, date=False, digits=0)
     lines = [f"{stamp}  {len(snap.groups)} reuseport group(s), {snap.plan} plan"
@@ -105,19 +114,20 @@ def render(snap: GroupsReading) -> str:
         lines.append("no SO_REUSEPORT group (TCP listener or UDP socket) found")
     for g in snap.groups:
         lines.append("")
-        lines += group_lines(g)
+        lines += group_lines(g, names)
     gaps = health_text(snap.health)
     if gaps:
         lines += ["", gaps]
     return "\n".join(lines) + "\n"
 
 
-def group_lines(g: Group) -> list[str]:
+def group_lines(g: Group, names: NetnsNames | None = None) -> list[str]:
     proto = g.protocol + ("6" if g.family == "ipv6" else "4")
     steer = "steered by a reuseport BPF program" if g.bpf else "kernel hash"
     dev = f"  dev {g.bound_dev_if}" if g.bound_dev_if else ""
     unit = "connections" if g.protocol == "tcp" else "datagrams"
-    head = (f"{proto} {g.local}  netns {g.netns}  group {g.id:08x}  {g.size} socket(s)  "
+    netns = names.text(g.netns) if names else g.netns
+    head = (f"{proto} {g.local}  netns {netns}  group {g.id:08x}  {g.size} socket(s)  "
             f"{steer}{dev}  ({unit})")
     rows = [tuple(name for name, _ in MEMBER_COLUMNS)]
     unseen = False
@@ -165,12 +175,13 @@ def _rate(rate: float | None) -> str:
     return "-" if rate is None else f"{rate:.1f}"
 
 
-def event_line(e: MemberEvent) -> str:
+def event_line(e: MemberEvent, names: NetnsNames | None = None) -> str:
     stamp = clock_text(e.time, date=False)
     proto = e.protocol + ("6" if e.family == "ipv6" else "4")
     owners = owner_labels(e.owners)
     tail = f"  after {e.delivered} delivered" if e.kind == "leave" else ""
-    return (f"{stamp} {e.kind:<5} {proto} {e.local}  netns {e.netns}  group {e.group:08x}  "
+    netns = names.text(e.netns) if names else e.netns
+    return (f"{stamp} {e.kind:<5} {proto} {e.local}  netns {netns}  group {e.group:08x}  "
             f"{owners}  inode {e.inode}{tail}")
 
 

@@ -96,6 +96,9 @@ class Inventory:
     notes: list[str] = field(default_factory=list)
     # Which processes (or /run/netns entries) could not be read, and why.
     problems: list[tuple[str, str]] = field(default_factory=list)
+    # The walk of namespaces it was taken from (what tracer/nsnames.py names
+    # them with, without another walk); None when made by hand.
+    scan: NetnsScan | None = None
 
     def health(self) -> dict[str, int]:
         return {
@@ -187,7 +190,7 @@ def take(port: int | None = None, protocols: Iterable[str] = ("tcp", "udp"),
     if states is not None and not isinstance(states, Mapping):
         states = tuple(states)
     inv = Inventory(sockets=[], namespaces=len(refs), unreadable_processes=scan.unreadable,
-                    problems=list(scan.problems))
+                    problems=list(scan.problems), scan=scan)
     if not details:
         for ref in refs:
             records = dump_in(ref, protocols, ("ipv4", "ipv6"), states, port, remote_port, memory)

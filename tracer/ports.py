@@ -8,6 +8,7 @@ import json
 from .errors import ExitStatus
 from .explain import conn_of, holding
 from .inventory import Inventory, Socket, take
+from .nsnames import NetnsNames, with_netns_name
 from .records import owners_text
 from .text import printable
 
@@ -26,17 +27,18 @@ def run(args: argparse.Namespace) -> ExitStatus:
         sockets.extend(inv.sockets)
     sockets.sort(key=lambda s: (s.diag.netns, s.diag.local_port, s.diag.protocol, s.diag.state))
     left = who_left(sockets)
+    names = NetnsNames(inv.scan)
     if args.json:
         docs = []
         for s in sockets:
-            doc = s.to_json()
+            doc = with_netns_name(s.to_json(), names)
             closer = left.get(conn_of(s))
             doc["closed_by"] = closer.to_json() | {"label": closer.label()} if closer else None
             docs.append(doc)
         print(json.dumps({"sockets": docs, "health": inv.health(),
                           "unreadable": [{"what": w, "problem": p} for w, p in inv.problems]}))
     else:
-        _print_table(sockets, left)
+        _print_table(sockets, left, names)
         _print_health(inv)
     return ExitStatus.OK
 
@@ -50,7 +52,7 @@ def who_left(sockets: list[Socket]) -> dict:
                           if holding(s) in ("time_wait", "orphan"))
 
 
-def row(s: Socket, closer: object = None) -> tuple[str, ...]:
+def row(s: Socket, closer: object = None, names: NetnsNames | None = None) -> tuple[str, ...]:
     d = s.diag
     proto = d.protocol + ("6" if d.family == "ipv6" else "4")
     local = f"[{d.local_addr}]:{d.local_port}" if d.family == "ipv6" else f"{d.local_addr}:{d.local_port}"
@@ -66,14 +68,15 @@ def row(s: Socket, closer: object = None) -> tuple[str, ...]:
             flags += "+bpf"
     owners = owners_text(s.owners) or (
         f"left by {closer.label()}" if closer else "-")  # type: ignore[attr-defined]
-    return (str(d.netns), proto, d.state, local, remote, queue, timer, str(d.uid), str(d.inode),
+    return (names.describe(d.netns) if names else str(d.netns), proto, d.state, local, remote, queue, timer, str(d.uid), str(d.inode),
             flags or "-", owners)
 
 
-def _print_table(sockets: list[Socket], left: dict | None = None) -> None:
+def _print_table(sockets: list[Socket], left: dict | None = None,
+                 names: NetnsNames | None = None) -> None:
     # Every cell escaped: owners' names and units are anybody's to choose.
     left = left or {}
-    rows = [HEADER] + [tuple(printable(v) for v in row(s, left.get(conn_of(s))))
+    rows = [HEADER] + [tuple(printable(v) for v in row(s, left.get(conn_of(s)), names))
                        for s in sockets]
     widths = [max(len(r[i]) for r in rows) for i in range(len(HEADER) - 1)]
     for r in rows:

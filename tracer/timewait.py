@@ -16,6 +16,7 @@ from typing import Iterable
 from .closers import Closer, ConnKey, read_pinned
 from .inventory import Inventory, Socket, select_namespaces, take
 from .netns import PortRange, port_range
+from .nsnames import NetnsNames, with_netns_name
 from .records import format_addr
 from .text import printable
 
@@ -77,16 +78,18 @@ class TimewaitReport:
     notes: list[str] = field(default_factory=list)
 
     def to_json(self, by: str) -> dict[str, object]:
+        names = NetnsNames(self.inventory.scan)
         return {
             "time_wait": self.total, "attributed": self.attributed, "collectors": self.collectors,
             "by": by,
             "groups": [{"key": g.key, "count": g.count, "min_left_ms": g.min_left_ms,
                         "max_left_ms": g.max_left_ms} for g in self.groups],
             "time_left_histogram": [{"le_s": b, "count": c} for b, c in self.histogram],
-            "pressure": [{"netns": p.netns, "source": p.source, "destination": p.destination,
-                          "in_use": p.in_use, "capacity": p.capacity,
-                          "share": round(p.share, 4), "level": p.level}
-                         for p in self.pressure],
+            "pressure": [with_netns_name({
+                "netns": p.netns, "source": p.source, "destination": p.destination,
+                "in_use": p.in_use, "capacity": p.capacity,
+                "share": round(p.share, 4), "level": p.level}, names)
+                for p in self.pressure],
             "notes": self.notes,
             "health": self.inventory.health(),
         }

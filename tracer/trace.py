@@ -11,6 +11,7 @@ from .engine import Counters, Engine, EngineConfig
 from .errors import ExitStatus
 from .events import Clock, decode
 from .loader import open_engine
+from .nsnames import NetnsNames, with_netns_name
 from .onthespot import OnTheSpot
 from .plans import Plan
 from .records import CallEvent
@@ -46,7 +47,7 @@ def config_from_args(args: argparse.Namespace) -> EngineConfig:
     )
 
 
-def human_line(ev: CallEvent) -> str:
+def human_line(ev: CallEvent, names: NetnsNames | None = None) -> str:
     stamp = clock_text(ev.time, date=False, digits=6)
     options = list(ev.options.names())
     if ev.options.bound_dev_if:
@@ -57,7 +58,8 @@ def human_line(ev: CallEvent) -> str:
     bound = ev.bound if ev.bound_port or ev.call == "connect" else "-"
     values = (
         stamp, ev.call, ev.errno_name or "ok", str(ev.pid), printable(ev.comm), str(ev.uid), proto,
-        ev.requested, bound, ",".join(options) + f" netns={ev.netns} ino={ev.inode}",
+        ev.requested, bound,
+        ",".join(options) + f" netns={names.text(ev.netns) if names else ev.netns} ino={ev.inode}",
     )
     return _columns(values)
 
@@ -76,13 +78,14 @@ class Printer:
         self.as_json = as_json
         self.explainer = explainer
         self.identities = CgroupIdentities() if as_json else None
+        self.names = NetnsNames(refresh_s=1.0)  # namespaces made since are named too
         if not as_json:
             out.write(header_line() + "\n")
 
     def emit(self, ev: CallEvent) -> None:
         found = self.explainer.explain(ev) if self.explainer else None
         if self.as_json:
-            doc = ev.to_json()
+            doc = with_netns_name(ev.to_json(), self.names)
             if self.identities is not None:
                 doc.update(self.identities.get(ev.pid, ev.cgroup_id))
             if found is not None:
@@ -90,7 +93,7 @@ class Printer:
                 doc["explanation"] = found.to_json()
             self.out.write(json.dumps(doc, separators=(",", ":")) + "\n")
         else:
-            line = human_line(ev)
+            line = human_line(ev, self.names)
             if found is not None:
                 label = "blocked by" if found.blockers or ev.errno_name == "EADDRINUSE" \
                     and ev.call != "connect" else "why"

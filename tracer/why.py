@@ -10,6 +10,7 @@ import pwd
 from .bindcheck import NamespaceFacts
 from .errors import ExitStatus, UsageError
 from .explain import LISTED, Explanation, Request, explain, namespace_facts
+from .nsnames import netns_named
 from .text import printable
 
 
@@ -71,7 +72,7 @@ def run(args: argparse.Namespace) -> ExitStatus:
     result = explain(request_from_args(args, facts), netns=netns, facts=facts,
                      listed=None if args.all else LISTED)
     if args.json:
-        print(json.dumps(result.to_json()))
+        print(json.dumps(netns_named(result.to_json(), result.inventory.scan)))
     else:
         print(render(result))
     return ExitStatus.OK if result.verdict == "free" else ExitStatus.CONFLICT
