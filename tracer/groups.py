@@ -6,12 +6,14 @@ from __future__ import annotations
 
 import argparse
 import collections
+import dataclasses
 import json
 import sys
 import time
 from typing import Iterable, TextIO
 
-from .errors import ExitStatus
+from .errors import ExitStatus, UsageError
+from .filters import Filter
 from .inventory import select_namespaces_scan
 from .nsnames import NetnsNames, with_netns_name
 from .owners import Owner
@@ -26,11 +28,18 @@ CLEAR = "\x1b[H\x1b[2J"
 
 def run(args: argparse.Namespace) -> ExitStatus:
     stop = StopSignal()
+    flt = Filter.from_args(args)
+    if flt.remote:
+        raise UsageError("--dport and --dst can never match a reuseport group: its members "
+                         "listen (TCP) or are unconnected (UDP), with no remote end")
+    port = flt.local_ports([args.port] if args.port else [])
+    flt = flt.resolved()
     # A bad --netns is one sentence before any probe loads; the walk names them.
-    _, scan = select_namespaces_scan(args.netns)
+    _, scan = select_namespaces_scan(flt.namespace())
     protocols = ("tcp",) if args.tcp else ("udp",) if args.udp else ("tcp", "udp")
     plan = None if args.plan == "auto" else Plan(args.plan)
-    watcher = GroupWatcher(port=args.port, netns=args.netns, protocols=protocols, plan=plan,
+    watcher = GroupWatcher(port=port[0] if port and len(port) == 1 else None,
+                           netns=flt.namespace(), protocols=protocols, plan=plan,
                            btf_path=args.btf)
     out = sys.stdout
     try:
@@ -41,6 +50,7 @@ def run(args: argparse.Namespace) -> ExitStatus:
               + (f" ({skipped})" if skipped else "") + f"; {what}", file=sys.stderr, flush=True)
         screen = _Screen(out, args.json, args.watch and out.isatty(),
                          NetnsNames(scan, refresh_s=1.0))
+        screen.flt = flt
         snap = watcher.read()
         shown = 0
         if args.watch:
@@ -72,6 +82,8 @@ def _wait_until(deadline: float, stop: StopSignal) -> None:
 class _Screen:
     """Human or JSON output of successive snapshots."""
 
+    flt = Filter()  # the groups and events shown: those it matches
+
     def __init__(self, out: TextIO, as_json: bool, redraw: bool,
                  names: NetnsNames | None = None) -> None:
         self.out = out
@@ -81,6 +93,10 @@ class _Screen:
         self.recent: collections.deque[MemberEvent] = collections.deque(maxlen=RECENT_EVENTS)
 
     def show(self, snap: GroupsReading) -> None:
+        if self.flt.active:
+            snap = dataclasses.replace(
+                snap, groups=[g for g in snap.groups if self.flt.matches_group(g)],
+                events=[e for e in snap.events if self.flt.matches_member_event(e)])
         if self.as_json:
             doc = snap.to_json()
             for key in ("groups", "events"):

@@ -5,8 +5,9 @@ from __future__ import annotations
 import argparse
 import json
 
-from .errors import ExitStatus
+from .errors import ExitStatus, UsageError
 from .explain import conn_of, holding
+from .filters import Filter
 from .inventory import Inventory, Socket, take
 from .nsnames import NetnsNames, with_netns_name
 from .records import owners_text
@@ -18,15 +19,26 @@ HEADER = ("NETNS", "PROTO", "STATE", "LOCAL", "REMOTE", "QUEUE", "TIMER", "UID",
 
 def run(args: argparse.Namespace) -> ExitStatus:
     protocols = ("tcp",) if args.tcp else ("udp",) if args.udp else ("tcp", "udp")
-    states = [s.upper() for s in args.state] if args.state else None
-    ports = args.ports or [None]
+    # Each --state is the kernel states it names (ss's groups name several).
+    states = sorted({s for named in args.state for s in named}) if args.state else None
+    flt = Filter.from_args(args)
+    if flt.remote and states == ["LISTEN"]:
+        raise UsageError("--state listen with --dport or --dst can never match: a listener "
+                         "has no remote end")
+    flt = flt.resolved()
+    ports = flt.local_ports(args.ports) or [None]
+    # The kernel filters one remote port as it filters the local one.
+    remote_port = next(iter(flt.dports)) if len(flt.dports) == 1 else None
     sockets: list[Socket] = []
     inv = Inventory([])
     for port in ports:
-        inv = take(port=port, protocols=protocols, states=states, netns=args.netns)
+        inv = take(port=port, protocols=protocols, states=states, netns=flt.namespace(),
+                   remote_port=remote_port)
         sockets.extend(inv.sockets)
     sockets.sort(key=lambda s: (s.diag.netns, s.diag.local_port, s.diag.protocol, s.diag.state))
     left = who_left(sockets)
+    if flt.active:
+        sockets = [s for s in sockets if flt.matches_socket(s, left.get(conn_of(s)))]
     names = NetnsNames(inv.scan)
     if args.json:
         docs = []
@@ -52,6 +64,12 @@ def who_left(sockets: list[Socket]) -> dict:
                           if holding(s) in ("time_wait", "orphan"))
 
 
+def state_text(protocol: str, state: str) -> str:
+    """A state as text output shows it: an unconnected UDP socket (the
+    kernel's CLOSE) is UNCONN, as ss shows it; --json keeps CLOSE."""
+    return "UNCONN" if protocol == "udp" and state == "CLOSE" else state
+
+
 def row(s: Socket, closer: object = None, names: NetnsNames | None = None) -> tuple[str, ...]:
     d = s.diag
     proto = d.protocol + ("6" if d.family == "ipv6" else "4")
@@ -68,7 +86,8 @@ def row(s: Socket, closer: object = None, names: NetnsNames | None = None) -> tu
             flags += "+bpf"
     owners = owners_text(s.owners) or (
         f"left by {closer.label()}" if closer else "-")  # type: ignore[attr-defined]
-    return (names.describe(d.netns) if names else str(d.netns), proto, d.state, local, remote, queue, timer, str(d.uid), str(d.inode),
+    return (names.describe(d.netns) if names else str(d.netns), proto,
+            state_text(d.protocol, d.state), local, remote, queue, timer, str(d.uid), str(d.inode),
             flags or "-", owners)
 
 

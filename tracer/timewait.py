@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 from typing import Iterable
 
 from .closers import Closer, ConnKey, read_pinned
+from .filters import Filter
 from .inventory import Inventory, Socket, select_namespaces, take
 from .netns import PortRange, port_range
 from .nsnames import NetnsNames, with_netns_name
@@ -96,11 +97,17 @@ class TimewaitReport:
 
 
 def report(port: int | None = None, by: str = "port", netns: str | None = None,
-           closers: dict[ConnKey, Closer] | None = None, collectors: int | None = None) -> TimewaitReport:
+           closers: dict[ConnKey, Closer] | None = None, collectors: int | None = None,
+           flt: Filter | None = None) -> TimewaitReport:
+    """``flt``: the TIME_WAIT sockets it matches (its process criteria match
+    the process that closed each one), and the pressure towards the
+    destinations its address criteria match."""
+    flt = flt or Filter()
     inv = take(port=None, protocols=("tcp",), netns=netns, details=False)
     if closers is None:
         closers, collectors = read_pinned()
-    tw = [s for s in inv.sockets if is_time_wait(s) and (port is None or s.diag.local_port == port)]
+    tw = [s for s in inv.sockets if is_time_wait(s) and (port is None or s.diag.local_port == port)
+          and flt.matches_socket(s, closers.get(key_of(s)))]
     groups: dict[str, Group] = {}
     attributed = 0
     for s in tw:
@@ -119,7 +126,7 @@ def report(port: int | None = None, by: str = "port", netns: str | None = None,
         total=len(tw), attributed=attributed, collectors=collectors or 0,
         groups=sorted(groups.values(), key=lambda g: (-g.count, g.key)),
         histogram=histogram(s.diag.timer_ms for s in tw),
-        pressure=pressure(inv, netns), inventory=inv, notes=notes,
+        pressure=pressure(inv, netns, flt), inventory=inv, notes=notes,
     )
 
 
@@ -143,11 +150,12 @@ def histogram(left_ms: Iterable[int]) -> list[tuple[str, int]]:
 # ---- ephemeral-port pressure ---------------------------------------------------
 
 
-def pressure(inv: Inventory, netns: str | None) -> list[Pressure]:
+def pressure(inv: Inventory, netns: str | None, flt: Filter | None = None) -> list[Pressure]:
     """Ports of the ephemeral range in use per (netns, source address,
     destination). connect() needs a local port unused towards that
     destination; ports held by listeners or bound sockets are unusable for
-    every destination."""
+    every destination. ``flt``: only the connections its address and
+    namespace criteria match are counted (the held ports all are)."""
     ranges = _ranges(netns)
     held: Counter[int] = Counter()
     per_dest: Counter[tuple[int, str, str]] = Counter()
@@ -157,6 +165,9 @@ def pressure(inv: Inventory, netns: str | None) -> list[Pressure]:
         if rng is None or not rng.low <= d.local_port <= rng.high:
             continue
         if d.remote_port:
+            if flt and not flt.matches_endpoints(d.netns, d.local_addr, d.local_port,
+                                                 d.remote_addr, d.remote_port):
+                continue
             per_dest[(d.netns, d.local_addr,
                       format_addr(d.family, d.remote_addr, d.remote_port))] += 1
         else:
@@ -184,11 +195,17 @@ def run(args: "argparse.Namespace") -> "ExitStatus":  # noqa: F821
     from .errors import ExitStatus
     from .loader import open_engine
 
+    flt = Filter.from_args(args)
+    port = flt.local_ports([args.port] if args.port else [])
+    if port and len(port) > 1:  # several --sport: chosen by the filter
+        port = None
+    flt = flt.resolved()  # a bad --netns is one sentence before the probes load
     engine = open_engine(EngineConfig(closer_entries=TIMEWAIT_CLOSERS)) if args.watch else None
     try:
         while True:
             closers, collectors = read_pinned()
-            result = report(args.port, args.by, args.netns, closers, collectors)
+            result = report(port[0] if port else None, args.by, flt.namespace(), closers,
+                            collectors, flt)
             if args.json:
                 print(json.dumps(result.to_json(args.by)), flush=True)
             else:

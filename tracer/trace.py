@@ -10,6 +10,7 @@ from .cgroups import CgroupIdentities
 from .engine import Counters, Engine, EngineConfig
 from .errors import ExitStatus
 from .events import Clock, decode
+from .filters import Filter
 from .loader import open_engine
 from .nsnames import NetnsNames, with_netns_name
 from .onthespot import OnTheSpot
@@ -38,7 +39,8 @@ def config_from_args(args: argparse.Namespace) -> EngineConfig:
     return EngineConfig(
         plan=None if args.plan == "auto" else Plan(args.plan),
         errors_only=not args.all,
-        pid=args.pid or 0,
+        # One --pid is filtered in the kernel; several, in the collector.
+        pid=args.pid[0] if args.pid and len(args.pid) == 1 else 0,
         port=args.port or 0,
         ring_bytes=args.ring_size,
         btf_path=args.btf,
@@ -102,6 +104,9 @@ class Printer:
 
 
 def run(args: argparse.Namespace) -> ExitStatus:
+    # A namespace named is resolved to its inode once, before the probes
+    # load (a bad --netns is one sentence); the events carry the inode.
+    args.filter = Filter.from_args(args).resolved()
     out = Output(getattr(args, "output", None))
     try:
         stop = StopSignal()
@@ -170,8 +175,19 @@ def _stream(engine: Engine, args: argparse.Namespace, out: Output, stop: StopSig
     return ExitStatus.OK
 
 
+_units: list[CgroupIdentities] = []  # made at the first --unit question
+
+
+def _unit_of(ev: CallEvent) -> str | None:
+    if not _units:
+        _units.append(CgroupIdentities())
+    return _units[0].get(ev.pid, ev.cgroup_id).get("unit")
+
+
 def _selected(ev: CallEvent, args: argparse.Namespace) -> bool:
-    """The filters the kernel side does not apply (it filters pid and port)."""
-    if args.comm and ev.comm != args.comm:
+    """The filters the kernel side does not apply (it filters one pid and
+    the port)."""
+    if args.errno and ev.errno not in args.errno:
         return False
-    return not args.errno or ev.errno in args.errno
+    flt: Filter | None = getattr(args, "filter", None)
+    return flt is None or flt.matches_event(ev, _unit_of)

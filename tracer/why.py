@@ -9,8 +9,10 @@ import pwd
 
 from .bindcheck import NamespaceFacts
 from .errors import ExitStatus, UsageError
-from .explain import LISTED, Explanation, Request, explain, namespace_facts
+from .explain import LISTED, Explanation, Request, conn_of, explain, namespace_facts
+from .filters import Filter
 from .nsnames import netns_named
+from .ports import state_text
 from .text import printable
 
 
@@ -67,15 +69,48 @@ def _uid(user: str | None) -> int:
 def run(args: argparse.Namespace) -> ExitStatus:
     if args.listen and args.udp:
         raise UsageError("UDP sockets do not listen(): ask about the bind (without --listen)")
-    netns = args.netns or str(os.stat("/proc/thread-self/ns/net").st_ino)
+    flt = Filter.from_args(args)
+    if len(flt.netns) > 1:
+        raise UsageError("why answers in one network namespace: give --netns once")
+    if args.port and flt.sports and args.port not in flt.sports:
+        raise UsageError(f"--sport {', '.join(map(str, sorted(flt.sports)))} can never match: "
+                         f"every blocker of a bind to port {args.port} holds port {args.port}")
+    netns = flt.namespace() or str(os.stat("/proc/thread-self/ns/net").st_ino)
     facts = namespace_facts(netns)
     result = explain(request_from_args(args, facts), netns=netns, facts=facts,
                      listed=None if args.all else LISTED)
+    left_out = filter_blockers(result, flt)
     if args.json:
-        print(json.dumps(netns_named(result.to_json(), result.inventory.scan)))
+        doc = netns_named(result.to_json(), result.inventory.scan)
+        doc["blockers_filtered_out"] = left_out
+        print(json.dumps(doc))
     else:
-        print(render(result))
+        print(render(result, left_out))
     return ExitStatus.OK if result.verdict == "free" else ExitStatus.CONFLICT
+
+
+def filter_blockers(e: Explanation, flt: Filter) -> int:
+    """Keep the blockers the filters match (the verdict, reasons and fixes
+    stay those of every blocker: the bind fails whichever are listed);
+    returns how many were left out. Who closed a blocker no process holds
+    is read for every one when a process criterion needs it."""
+    if not (flt.sports or flt.srcs or flt.remote or flt.process) or not e.blockers:
+        return 0
+    from . import closers as closer_map
+    from .explain import holding
+
+    def closers_of(pairs: list) -> dict:
+        wanted = [conn_of(s) for _, s in pairs
+                  if holding(s) in ("time_wait", "orphan") and conn_of(s) not in e.closers]
+        return closer_map.lookup(wanted) if wanted else {}
+
+    if flt.process:
+        e.closers = {**closers_of(e.blockers), **e.closers}
+    kept = [(b, s) for b, s in e.blockers if flt.matches_socket(s, e.closers.get(conn_of(s)))]
+    left_out = len(e.blockers) - len(kept)
+    e.blockers = kept
+    e.closers = {**closers_of(e.shown()), **e.closers}  # the ones now described one by one
+    return left_out
 
 
 HELD = {"time_wait": "no process (TIME_WAIT outlives its socket)",
@@ -88,7 +123,7 @@ def _in_group(b: dict, group: dict) -> bool:
     return all(b[k] == group[k] for k in ("state", "local", "uid", "options", "pids", "held", "rule"))
 
 
-def _group_lines(group: dict, members: list[dict]) -> list[str]:
+def _group_lines(group: dict, members: list[dict], protocol: str = "tcp") -> list[str]:
     """One group of blockers: what they are, who holds them, the rule; the
     peers and closers of the members described one by one."""
     count = group["count"]
@@ -112,7 +147,7 @@ def _group_lines(group: dict, members: list[dict]) -> list[str]:
     if group["held"] in ("time_wait", "orphan") and high:
         timer = f"  frees in {_seconds(high)}" if count == 1 else \
             f"  free in {_seconds(low)} to {_seconds(high)}"
-    return [f"  blocked by {many}{group['state']} {group['local']}{peers}  uid {group['uid']}  "
+    return [f"  blocked by {many}{state_text(protocol, group['state'])} {group['local']}{peers}  uid {group['uid']}  "
             f"options [{', '.join(group['options']) or '-'}]  held by {owners}{timer}",
             f"    rule: {group['why']}"]
 
@@ -121,9 +156,10 @@ def _seconds(ms: int) -> str:
     return f"{ms / 1000:.0f} s" if ms >= 1000 else f"{ms} ms"
 
 
-def render(e: Explanation) -> str:
+def render(e: Explanation, filtered_out: int = 0) -> str:
     """The answer as lines for a terminal: every line escaped (an owner's
-    name, a path in a fix), blank lines between the parts."""
+    name, a path in a fix), blank lines between the parts; ``filtered_out``
+    blockers the filters left out are counted."""
     doc: dict = e.to_json()  # read back as plain JSON values
     req = doc["request"]
     opts = ", ".join(req["options"]) or "no options"
@@ -139,7 +175,10 @@ def render(e: Explanation) -> str:
                      f"{e.ephemeral['in_use']} in use, {e.ephemeral['reserved']} reserved")
     shown = doc["blockers"]
     for group in doc["blocker_groups"]:
-        lines += [""] + _group_lines(group, [b for b in shown if _in_group(b, group)])
+        lines += [""] + _group_lines(group, [b for b in shown if _in_group(b, group)],
+                                     req["protocol"])
+    if filtered_out:
+        lines += ["", f"  ({filtered_out} other blocker(s) do not match the filters)"]
     if len(shown) < doc["blockers_total"]:
         lines += ["", f"  ({len(shown)} of {doc['blockers_total']} blockers described one by one;"
                       " --all for every one)"]

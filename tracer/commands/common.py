@@ -1,15 +1,27 @@
-"""What several commands' options share: the probe options, the namespace
-and protocol choices, the exit-status epilog."""
+"""What several commands' options share: the probe options, the filters
+(ss's, on every listing command), the protocol choices, the exit-status
+epilog."""
 
 from __future__ import annotations
 
 import argparse
 
-from ..arguments import netns_spec, ring_size
+from ..arguments import (
+    KERNEL_STATES,
+    SS_STATES,
+    address_prefix,
+    comm_name,
+    netns_spec,
+    pid_number,
+    port_number,
+    ring_size,
+    state_names,
+    uid_value,
+    unit_name,
+)
 
 PLANS = ("auto", "fentry", "kprobe", "tracepoint")
-STATES = ("listen", "established", "time_wait", "close", "syn_sent", "syn_recv", "fin_wait1",
-          "fin_wait2", "close_wait", "last_ack", "closing")
+STATES = tuple(s.lower() for s in KERNEL_STATES)
 
 EPILOG = """\
 exit status:
@@ -31,6 +43,58 @@ NETNS_FORMS = "an inode number, an ip-netns name, a path, or pid:PID"
 def add_netns_option(p: argparse.ArgumentParser, default: str = "all") -> None:
     p.add_argument("--netns", metavar="NS", type=netns_spec,
                    help=f"one network namespace: {NETNS_FORMS} (default: {default})")
+
+
+FILTERS_TITLE = "filters (as ss has them: every option given must match; one repeated " \
+    "matches any of its values)"
+
+
+def add_filter_options(p: argparse.ArgumentParser, group: argparse._ArgumentGroup | None = None,
+                       netns_default: str = "all", notes: dict[str, str] | None = None,
+                       ) -> argparse._ArgumentGroup:
+    """The filters every listing command takes (tracer/filters.py applies
+    them: ``Filter.from_args``), in the group ``group`` or a new one.
+    ``notes``: what an option means for this command, or why it cannot
+    apply, added to its help."""
+    notes = notes or {}
+    f = group or p.add_argument_group(FILTERS_TITLE)
+
+    def add(flag: str, help: str, **kwargs: object) -> None:
+        note = notes.get(flag.lstrip("-"))
+        f.add_argument(flag, action="append", help=help + (f"; {note}" if note else ""),
+                       **kwargs)  # type: ignore[arg-type]
+
+    add("--sport", "local (source) port, as PORT, :PORT or a service name",
+        type=port_number, metavar="PORT")
+    add("--dport", "remote (destination) port; a socket with no remote end never matches",
+        type=port_number, metavar="PORT")
+    add("--src", "local address or prefix: 10.0.0.0/8, ::1 (an IPv4-mapped ::ffff:a.b.c.d is "
+        "a.b.c.d; 0.0.0.0 and :: match wildcard sockets only)", type=address_prefix,
+        metavar="ADDR[/LEN]")
+    add("--dst", "remote address or prefix, as --src", type=address_prefix,
+        metavar="ADDR[/LEN]")
+    add("--pid", "held by this process (thread group id)", type=pid_number, metavar="PID")
+    add("--comm", "held by a process with this command name (/proc/PID/comm, 1 to 15 bytes)",
+        type=comm_name, metavar="COMM")
+    add("--uid", "owned by this user (number or name): the socket's uid, or its holder's",
+        type=uid_value, metavar="UID")
+    add("--unit", "held by a process of this systemd unit (nginx.service; nginx is "
+        "nginx.service), as the owners' unit in --json", type=unit_name, metavar="UNIT")
+    add("--netns", f"in this network namespace: {NETNS_FORMS} (default: {netns_default})",
+        type=netns_spec, metavar="NS")
+    return f
+
+
+SS_NAMES = ", ".join(SS_STATES)
+
+
+def add_state_option(p: argparse.ArgumentParser | argparse._ArgumentGroup) -> None:
+    p.add_argument("--state", action="append", type=state_names, metavar="STATE",
+                   help="only sockets in this state (repeatable), case-insensitive: the "
+                        f"kernel's names ({', '.join(STATES)}) or ss's ({SS_NAMES}: "
+                        "connected is every state but listen and close, synchronized is "
+                        "connected but syn-sent, bucket is syn-recv and time-wait, big every "
+                        "state but those two)")
 
 
 def add_protocol_options(p: argparse.ArgumentParser, what: str) -> None:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 
 from ..arguments import interval, port_number, positive_int
-from .common import PLANS, add_engine_choice, add_netns_option, add_protocol_options
+from .common import PLANS, add_engine_choice, add_filter_options, add_protocol_options
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
@@ -25,13 +25,18 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                "  portscope groups                  every group, sampled for one second\n"
                "  portscope groups 8080 --watch     live view of the group(s) on port 8080\n"
                "  portscope groups 53 --udp --interval 5\n"
-               "  portscope groups --watch --json   one JSON object per refresh\n",
+               "  portscope groups --watch --json   one JSON object per refresh\n"
+               "  portscope groups --unit nginx     the groups nginx.service's processes hold\n",
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     groups.add_argument("port", nargs="?", type=port_number, metavar="PORT",
                         help="only groups on this local port (filtered in the kernel)")
     add_protocol_options(groups, "groups")
-    add_netns_option(groups)
+    no_remote = "not for groups (an error): members have no remote end"
+    add_filter_options(groups, notes={
+        "dport": no_remote, "dst": no_remote,
+        "pid": "a group is shown whole when one of its members' holders matches (as for "
+               "--comm, --uid and --unit)"})
     groups.add_argument("--watch", action="store_true",
                         help="refresh every --interval until Ctrl-C")
     groups.add_argument("--interval", type=interval, default=1.0, metavar="SECONDS",

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 
 from ..arguments import interval, port_number
-from .common import add_netns_option
+from .common import add_filter_options
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
@@ -22,14 +22,18 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         epilog="examples:\n"
                "  portscope timewait                 every TIME_WAIT socket, by local port\n"
                "  portscope timewait 443 --by remote who we talked to on 443\n"
-               "  portscope timewait --by process --watch\n",
+               "  portscope timewait --by process --watch\n"
+               "  portscope timewait --dst 10.0.0.0/8 --dport 5432   towards the databases in 10/8\n",
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     timewait.add_argument("port", nargs="?", type=port_number, metavar="PORT",
                           help="only TIME_WAIT sockets on this local port")
     timewait.add_argument("--by", choices=("port", "remote", "process"), default="port",
                           help="how to group (default: port)")
-    add_netns_option(timewait)
+    add_filter_options(timewait, notes={
+        "pid": "TIME_WAIT sockets have no process: the one that closed the connection, when a "
+               "portscope collector recorded it (as for --comm, --uid and --unit)",
+        "src": "also chooses the pressure lines (as --dst, --dport and --netns)"})
     timewait.add_argument("--watch", action="store_true",
                           help="record closes while running and refresh (Ctrl-C to stop)")
     timewait.add_argument("--interval", type=interval, default=1.0, metavar="SECONDS",

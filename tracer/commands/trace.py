@@ -4,15 +4,8 @@ from __future__ import annotations
 
 import argparse
 
-from ..arguments import (
-    comm_name,
-    errno_code,
-    pid_number,
-    port_number,
-    positive_int,
-    run_time,
-)
-from .common import add_engine_options
+from ..arguments import errno_code, port_number, positive_int, run_time
+from .common import FILTERS_TITLE, add_engine_options, add_filter_options
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
@@ -26,14 +19,24 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                "  portscope trace                     every failure, host-wide\n"
                "  portscope trace --port 8080 --all   every call touching port 8080\n"
                "  portscope trace --json | jq .       one JSON object per line\n"
-               "  portscope trace --json -o /var/log/portscope.jsonl   JSON lines to a file\n",
+               "  portscope trace --json -o /var/log/portscope.jsonl   JSON lines to a file\n"
+               "  portscope trace --netns web --dport 5432 --all   connects to port 5432 in netns web\n",
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    f = trace.add_argument_group("filters")
-    f.add_argument("--port", type=port_number, help="only calls asking for or holding this port")
-    f.add_argument("--pid", type=pid_number, help="only this process (thread group id)")
-    f.add_argument("--comm", type=comm_name,
-                   help="only tasks with this command name (as in /proc/PID/comm, 1 to 15 bytes)")
+    f = trace.add_argument_group(FILTERS_TITLE)
+    f.add_argument("--port", type=port_number,
+                   help="only calls asking for or holding this port, local or remote (filtered "
+                        "in the kernel)")
+    add_filter_options(trace, group=f, notes={
+        "sport": "the port a bind() or listen() asks for or holds, a connect()'s local port",
+        "dport": "a connect()'s destination port (bind and listen have none)",
+        "src": "the address a bind() asks for or holds, a connect()'s local address",
+        "dst": "a connect()'s destination",
+        "pid": "the caller (one --pid is filtered in the kernel)",
+        "comm": "the calling task",
+        "uid": "the caller's uid or the socket's",
+        "unit": "the caller's, from its cgroup",
+        "netns": "the socket's; a name is resolved once, at start"})
     f.add_argument("--errno", type=errno_code, action="append", metavar="NAME",
                    help="only calls that failed with this error (repeatable), "
                         "e.g. --errno EADDRINUSE --errno EADDRNOTAVAIL")

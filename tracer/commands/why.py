@@ -6,7 +6,7 @@ import argparse
 
 from ..arguments import address as ip_address
 from ..arguments import port_or_zero, port_range_value, text_value
-from .common import add_netns_option
+from .common import add_filter_options
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
@@ -26,7 +26,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                "  portscope why 9000 --reuseport --user app   join a reuseport group as app\n"
                "  portscope why 0                         is any ephemeral port left?\n"
                "  portscope why 80 --user www-data        a privileged port, without the capability\n"
-               "  portscope why 8443 --addr 10.0.0.9      an address this host may not have (yet)\n",
+               "  portscope why 8443 --addr 10.0.0.9      an address this host may not have (yet)\n"
+               "  portscope why 8080 --comm nginx         only the blockers nginx holds\n",
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     why.add_argument("port", type=port_or_zero, metavar="PORT",
@@ -64,7 +65,13 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     why.add_argument("--all", action="store_true",
                      help="describe every blocker one by one (default: the first 100, the ones "
                           "processes hold first; all of them are counted in groups)")
-    add_netns_option(why, default="portscope's own")
+    add_filter_options(why, netns_default="portscope's own", notes={
+        "sport": "every blocker holds PORT, so only why 0 can use it",
+        "dport": "a blocker's peer port (a TIME_WAIT or connected socket)",
+        "uid": "a blocker's; --user is who would bind",
+        "pid": "filters the blockers listed, never the verdict (as every filter: the bind "
+               "fails whichever blockers are listed)",
+        "netns": "given once: the namespace the bind is checked in"})
     why.add_argument("--json", action="store_true", help='{"verdict": "free"|"conflict"|'
                      '"refused", "errno", "reasons": [...], "blockers": [...], "blockers_total", '
                      '"blocker_groups": [...], "fixes": [...], "notes": [...]}: each reason, fix and note has a kind and its parameters '
