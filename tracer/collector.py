@@ -32,6 +32,7 @@ from collections import deque
 from dataclasses import dataclass, replace
 from typing import Callable
 
+from .cgroups import CgroupPaths
 from .closers import read_pinned
 from .engine import Engine, EngineConfig, Need
 from .errors import PortscopeError
@@ -40,6 +41,7 @@ from .inventory import select_namespaces, take
 from .loader import open_engine
 from .netns import port_range
 from .onthespot import explainable
+from .owners import OwnerCache, caller_of
 from .records import CallEvent, EventExplanation
 from .reuseport import GroupWatcher
 from .runtime import POLL_MS
@@ -61,6 +63,10 @@ GROUPS_EVERY_S = 1.0
 TIMEWAIT_EVERY_S = 5.0
 BUDGET = 0.25  # share of a core one periodic refresh may take on average
 EXPLAIN_QUEUE = 256
+# Failures whose caller is still to be read (exe, command line, unit). In a
+# storm the oldest are passed over (shown with comm[pid] only), never queued
+# without end.
+CALLERS_QUEUE = 1024
 # Every state but TIME_WAIT: those have their own screen, and a busy host has
 # 100,000s of them.
 PORT_STATES = ("ESTABLISHED", "SYN_SENT", "SYN_RECV", "FIN_WAIT1", "FIN_WAIT2", "CLOSE",
@@ -96,6 +102,7 @@ class LiveCollector:
         self._stop = threading.Event()
         self._threads: list[threading.Thread] = []
         self._queue: deque[tuple[int, CallEvent]] = deque()
+        self._callers: deque[tuple[int, CallEvent]] = deque(maxlen=CALLERS_QUEUE)
         self._wake = threading.Condition()
         self._skipped = 0
 
@@ -179,6 +186,7 @@ class LiveCollector:
         skipped = []
         with self._wake:
             for seq, (ev, _, wanted) in zip(seqs, items):
+                self._callers.append((seq, ev))
                 if not wanted:
                     continue
                 if len(self._queue) >= EXPLAIN_QUEUE:
@@ -198,14 +206,23 @@ class LiveCollector:
         from .onthespot import OnTheSpot
 
         spot = OnTheSpot()
+        paths = CgroupPaths()
         try:
             while not self._stop.is_set():
                 with self._wake:
-                    while not self._queue and not self._stop.is_set():
+                    while not self._queue and not self._callers and not self._stop.is_set():
                         self._wake.wait(0.5)
                     if self._stop.is_set():
                         return
-                    seq, ev = self._queue.popleft()
+                    callers = list(self._callers)
+                    self._callers.clear()
+                    job = self._queue.popleft() if self._queue else None
+                if callers:  # before the explanation: a failed caller often exits at once
+                    cache = OwnerCache()
+                    self.model.identify((seq, caller_of(ev, cache, paths)) for seq, ev in callers)
+                if job is None:
+                    continue
+                seq, ev = job
                 self.model.explain(seq, spot.explain(ev))
                 if spot.failures:
                     self.model.update_health(explain_failures=spot.failures)

@@ -89,4 +89,5 @@ def _summary(s: Socket, rule: str) -> BlockerSummary:
     return BlockerSummary(tuple(o.pid for o in s.owners), s.owners[0].comm if s.owners else None,
                           d.state, format_addr(d.family, d.local_addr, d.local_port), rule,
                           held=holding(s), remote=format_addr(d.family, d.remote_addr,
-                                                              d.remote_port))
+                                                              d.remote_port),
+                          owners=tuple(o.kept() for o in s.owners))

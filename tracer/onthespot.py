@@ -124,7 +124,8 @@ class OnTheSpot:
             BlockerSummary(tuple(o.pid for o in s.owners), s.owners[0].comm if s.owners else None,
                            s.diag.state, b["local"], b["rule"], b["overlap"], b["why"],
                            b["held"], b["remote"],
-                           b["closed_by"]["label"] if b.get("closed_by") else "")
+                           b["closed_by"]["label"] if b.get("closed_by") else "",
+                           tuple(o.kept() for o in s.owners))
             for (_, s), b in zip(result.blockers, result.to_json()["blockers"]))
         return EventExplanation(blockers, reasons=tuple(result.reasons),
                                 fixes=tuple(result.fixes), notes=tuple(notes))

@@ -12,10 +12,10 @@ from dataclasses import dataclass, field
 
 import psutil
 
-from .cgroups import cgroup_of, identity_from_cgroup
-from .records import Owner
+from .cgroups import CgroupPaths, cgroup_of, identity_from_cgroup
+from .records import CallEvent, Owner
 
-__all__ = ["Owner", "OwnerCache"]
+__all__ = ["Owner", "OwnerCache", "caller_of"]
 
 @dataclass
 class OwnerCache:
@@ -65,3 +65,17 @@ def _quiet(getter):  # type: ignore[no-untyped-def]
         return getter()
     except (psutil.AccessDenied, psutil.ZombieProcess, OSError):
         return None
+
+
+def caller_of(ev: CallEvent, cache: OwnerCache, paths: CgroupPaths) -> Owner:
+    """Who made the call ``ev``, read after it: the process if it is still
+    the one that called (same command name), else what the event itself
+    says (comm, uid, and the unit or container of its cgroup id, which
+    outlives the process). A pid reused by another program is not it."""
+    owner = cache.get(ev.pid, ev.comm)
+    if owner.readable and owner.comm[:15] == ev.comm[:15]:
+        return owner
+    path = paths.path_of(ev.cgroup_id)
+    problem = owner.problem if not owner.readable else "gone (pid reused)"
+    return Owner(pid=ev.pid, comm=ev.comm, uid=ev.uid, cgroup=path, readable=False,
+                 problem=problem, **identity_from_cgroup(path))

@@ -11,7 +11,7 @@ import time
 from pathlib import Path
 
 from .errors import UsageError
-from .records import CallEvent, EventExplanation, reading_from_json
+from .records import CallEvent, EventExplanation, Owner, reading_from_json
 from .state import (
     Health,
     SocketRow,
@@ -49,7 +49,8 @@ class Replay:
         kind = doc.get("record", "event")
         if kind == "event":
             ev = CallEvent.from_json(doc)
-            self.model.add_conflict(ev, EventExplanation.from_event_json(doc))
+            caller = Owner.from_json(doc["caller"]) if doc.get("caller") is not None else None
+            self.model.add_conflict(ev, EventExplanation.from_event_json(doc), caller=caller)
         elif kind == "ports":
             self.model.set_ports(sort_rows([SocketRow.from_json(s) for s in doc["sockets"]]),
                                  doc.get("time"))

@@ -31,9 +31,10 @@ from dataclasses import dataclass
 from typing import Any
 
 from .arguments import Invalid, point_in_time
+from .cgroups import identity_from_cgroup
 from .errors import ExitStatus, UsageError
 from .journal import JournalReader
-from .records import CallEvent, EventExplanation, Options, SocketRecord, format_addr
+from .records import CallEvent, EventExplanation, Options, Owner, SocketRecord, format_addr
 from .runtime import run_screen
 from .state import (
     MAX_CONFLICTS,
@@ -246,7 +247,8 @@ class JournalReplay:
 
     def _load_conflicts(self, seqs: list[int]) -> None:
         ids = [self._failure_ids[j] for j in seqs]
-        rows = self.reader.events_by_id(ids)
+        rows = self.reader.events_by_id(ids, columns=("id", "json", "blockers", "explanation",
+                                                       "exe", "cgroup", "cmdline", "owner_uid"))
         for j, eid in zip(seqs, ids):
             self._conflicts[j] = self._conflict(j, rows.get(eid))
 
@@ -258,7 +260,8 @@ class JournalReplay:
                 raise ValueError("the row could not be read")
             ev = CallEvent.from_json(row["json"])
             return Conflict(seq, ev, EventExplanation.from_json(row["blockers"],
-                                                                row["explanation"]), False)
+                                                                row["explanation"]), False,
+                            _recorded_caller(ev, row))
         except ValueError as exc:
             self._damaged_conflicts += 1
             self.model.set_error("journal", f"{self._damaged_conflicts} damaged event(s) in "
@@ -325,6 +328,17 @@ class JournalReplay:
                 rate=None, history=(), events=(), imbalance=None))
         views.sort(key=lambda g: (g.port, g.proto, g.local, g.key))
         return tuple(sort_rows(sockets)), tuple(views)
+
+
+def _recorded_caller(ev: CallEvent, row: dict[str, Any]) -> Owner | None:
+    """The caller as the recorder read it (None when it could not)."""
+    texts = [row.get(k) for k in ("exe", "cgroup", "cmdline")]
+    if not any(isinstance(t, str) for t in texts):
+        return None
+    exe, cgroup, cmdline = (t if isinstance(t, str) else None for t in texts)
+    uid = row.get("owner_uid")
+    return Owner(ev.pid, ev.comm, exe, cmdline, uid=uid if type(uid) is int else ev.uid,
+                 cgroup=cgroup, **identity_from_cgroup(cgroup))
 
 
 def _damaged_event(t: float) -> CallEvent:

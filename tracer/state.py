@@ -20,11 +20,11 @@ from __future__ import annotations
 import threading
 import time
 from collections import deque
-from dataclasses import dataclass, replace
-from typing import Iterable, Sequence
+from dataclasses import dataclass, field, replace
+from typing import Callable, Iterable, Sequence
 
 from . import text
-from .records import CallEvent, EventExplanation, owner_label
+from .records import CallEvent, EventExplanation, Owner, owner_label
 
 MAX_CONFLICTS = 1000
 MAX_GROUP_EVENTS = 50  # join/leave marks kept per group
@@ -62,6 +62,9 @@ class Conflict:
     event: CallEvent
     explanation: EventExplanation | None = None
     pending: bool = False
+    # The caller as the collector read it after the event (exe, command
+    # line, unit or container); None until read, or when nothing could be.
+    caller: Owner | None = None
 
     @property
     def who(self) -> str:
@@ -100,6 +103,8 @@ class Conflict:
             doc["notes"] = list(x.note_texts)
             if not x.error and x.reasons:
                 doc["explanation"] = x.to_json()
+        if self.caller is not None:
+            doc["caller"] = self.caller.to_json()
         return doc
 
 
@@ -131,6 +136,12 @@ class SocketRow:
     pids: tuple[int, ...]
     users: str  # owners' user names, comma-separated
     search: str  # lowercase text the filter matches
+    # Its ``portscope ports --json`` form, made when asked (the UI saving a
+    # screen): a bound method of the inventory's socket, or a recording's dict.
+    json: Callable[[], dict[str, object]] | None = field(default=None, compare=False)
+
+    def to_json(self) -> dict[str, object]:
+        return self.json() if self.json is not None else {}
 
     @property
     def flags(self) -> str:
@@ -141,7 +152,8 @@ class SocketRow:
               remote: str, port: int, rqueue: int, wqueue: int, timer: str | None,
               timer_ms: int, uid: int, inode: int, cookie: int,
               options: Iterable[str] | None, group: int, group_size: int, group_bpf: bool,
-              owners: Sequence[tuple[int, str, str | None]]) -> "SocketRow":
+              owners: Sequence[tuple[int, str, str | None]],
+              json: Callable[[], dict[str, object]] | None = None) -> "SocketRow":
         """``owners``: (pid, label, user) of every holder."""
         proto = protocol + ("6" if family == "ipv6" else "4")
         remote_text = "*" if remote.endswith(":0") else remote
@@ -156,7 +168,7 @@ class SocketRow:
         return cls(netns, proto, state, local, remote_text, port, f"{rqueue}/{wqueue}",
                    rqueue if listening else 0, wqueue if listening else 0,
                    timer_text, uid, inode, cookie, opts, group, group_size, group_bpf,
-                   owner_text, tuple([p for p, _, _ in owners]), users, search.lower())
+                   owner_text, tuple([p for p, _, _ in owners]), users, search.lower(), json)
 
     @classmethod
     def from_json(cls, d: dict) -> "SocketRow":
@@ -170,7 +182,7 @@ class SocketRow:
             timer=d.get("timer"), timer_ms=d.get("timer_ms", 0), uid=d["uid"],
             inode=d["inode"], cookie=d["cookie"], options=d.get("options"),
             group=d.get("reuseport_group") or 0, group_size=d.get("reuseport_group_size") or 0,
-            group_bpf=bool(d.get("reuseport_bpf")), owners=owners)
+            group_bpf=bool(d.get("reuseport_bpf")), owners=owners, json=d.copy)
 
 
 _OPTION_SHORT = {"reuseaddr": "ra", "reuseport": "rp", "v6only": "v6", "freebind": "fb",
@@ -252,6 +264,11 @@ class GroupView:
     events: tuple[GroupEvent, ...]  # join/leave, oldest first
     imbalance: ImbalanceView | None
     balance: str = ""  # the verdict with who gets most and least, and why
+    # Its form in ``portscope groups --json`` (made when the UI saves a screen).
+    json: Callable[[], dict[str, object]] | None = field(default=None, compare=False)
+
+    def to_json(self) -> dict[str, object]:
+        return self.json() if self.json is not None else {}
 
     @property
     def flagged(self) -> tuple[MemberView, ...]:
@@ -386,13 +403,13 @@ class StateModel:
         self._snapshot = None
 
     def add_conflict(self, event: CallEvent, explanation: EventExplanation | None = None,
-                     pending: bool = False) -> int:
+                     pending: bool = False, caller: Owner | None = None) -> int:
         """Record a failed call; returns its sequence number (for
         :meth:`explain`)."""
         with self._lock:
             seq = self._conflicts_total
             self._conflicts_total += 1
-            self._conflicts.append(Conflict(seq, event, explanation, pending))
+            self._conflicts.append(Conflict(seq, event, explanation, pending, caller))
             self._bump("conflicts")
             return seq
 
@@ -422,6 +439,19 @@ class StateModel:
             self._conflicts[index] = replace(old, explanation=explanation, pending=False)
             self._bump("conflicts")
             return True
+
+    def identify(self, callers: Iterable[tuple[int, Owner]]) -> None:
+        """Attach who made each call (``(seq, owner)``); one version for
+        the batch. Conflicts that already left the window are passed over."""
+        with self._lock:
+            changed = False
+            for seq, owner in callers:
+                index = seq - self._conflicts[0].seq if self._conflicts else -1
+                if 0 <= index < len(self._conflicts):
+                    self._conflicts[index] = replace(self._conflicts[index], caller=owner)
+                    changed = True
+            if changed:
+                self._bump("conflicts")
 
     def set_conflicts(self, conflicts: Sequence[Conflict], total: int) -> None:
         """Replace the window of conflicts (a replay moving back in time):

@@ -51,7 +51,7 @@ def socket_row(s: Socket) -> SocketRow:
         options=None if f is None else f.options,
         group=f.group if f else 0, group_size=f.group_size if f else 0,
         group_bpf=bool(f and f.group_bpf_prog),
-        owners=[(o.pid, o.label(), o.user) for o in s.owners])
+        owners=[(o.pid, o.label(), o.user) for o in s.owners], json=s.to_json)
 
 
 def sort_rows(rows: list[SocketRow]) -> list[SocketRow]:
@@ -96,7 +96,8 @@ class GroupViews:
                 key=key, netns=g.netns, proto=g.protocol + ("6" if g.family == "ipv6" else "4"),
                 local=g.local, port=g.port, size=g.size, bpf=g.bpf, members=members,
                 rate=g.rate, history=tuple(hist), events=tuple(self._events.get(key, ())),
-                imbalance=_imbalance_view(g.imbalance), balance=g.balance_text()))
+                imbalance=_imbalance_view(g.imbalance), balance=g.balance_text(),
+                json=g.to_json))
         present = {v.key for v in views}
         for table in (self._history, self._events):
             for key in [k for k in table if k not in present]:

@@ -28,9 +28,12 @@ from tracer.text import clock_text, printable
 from .base import Pane
 from .conflicts import ConflictsPane
 from .groups import GroupsPane
+from .help import HelpScreen, KeyHelp, help_text
 from .overview import OverviewPane
 from .ports import PortsPane
 from .render import count, rate
+from .saving import SaveError, save
+from .table import VirtualTable
 from .timewait import TimewaitPane
 
 REFRESH_HZ = 4.0
@@ -114,7 +117,13 @@ class PortscopeApp(App[None]):
         Binding("3", "show('ports')", "Ports", group=_SCREENS),
         Binding("4", "show('groups')", "Groups", group=_SCREENS),
         Binding("5", "show('timewait')", "TIME_WAIT", group=_SCREENS),
-        Binding("p", "pause", "Pause"),
+        Binding("p", "pause", "Pause",
+                tooltip="Pause: the screens stay as they are, the collector goes on"),
+        Binding("s", "save", "Save",
+                tooltip="Save what this screen shows as JSON (its command's --json) to a "
+                        "new file, in the directory portscope runs in (else the temporary "
+                        "directory); the file's name is shown"),
+        Binding("question_mark", "help", "Help", key_display="?", tooltip="Help: this screen"),
     ]
     # Replay only (hidden and passed on otherwise, and while typing in a filter).
     _SEEK = Binding.Group("±1m", compact=True)
@@ -154,6 +163,7 @@ class PortscopeApp(App[None]):
         replay = all(hasattr(source, a) for a in ("position", "step", "seek", "toggle"))
         self.replay: ReplayControl | None = source if replay else None  # type: ignore[assignment]
         self._position: Any = None
+        self.saved: Path | None = None  # the last file the screen was saved to (s)
 
     def compose(self) -> ComposeResult:
         yield Static(id="status")
@@ -284,6 +294,39 @@ class PortscopeApp(App[None]):
         assert self.replay is not None
         (self.replay.faster if direction > 0 else self.replay.slower)()
         self._replayed()
+
+    # -- help and saving
+
+    def _keys(self, bindings: list) -> list[KeyHelp]:  # type: ignore[type-arg]
+        # The tooltip is the longer description; the footer shows the short one.
+        return [(self.get_key_display(b), b.tooltip or b.description) for b in bindings
+                if isinstance(b, Binding) and b.description
+                and self.check_action(b.action.split("(")[0], ()) is not False]
+
+    def action_help(self) -> None:
+        pane = self.active_pane
+        if pane is None or isinstance(self.screen, HelpScreen):
+            return
+        sections = [(f"Keys of {pane.name_shown}", self._keys(pane.BINDINGS), False)]
+        if isinstance(pane.main_widget(), VirtualTable):
+            sections.append(("Moving in the list", self._keys(VirtualTable.BINDINGS), True))
+        sections.append(("Everywhere", self._keys(self.BINDINGS), False))
+        title = f"portscope: {pane.name_shown} (screen {pane.number})"
+        self.push_screen(HelpScreen(help_text(title, pane.ABOUT, sections)))
+
+    def action_save(self) -> None:
+        pane = self.active_pane
+        if pane is None or self.snap is None:
+            return
+        try:
+            path = save(pane.SAVE_NAME or pane.id or "screen", pane.screen_json(),
+                        pane.SAVE_LINES)
+        except SaveError as exc:
+            self.notify(printable(str(exc)), severity="error", timeout=10, markup=False)
+            return
+        self.saved = path
+        self.notify(f"saved to {printable(str(path))}", title="Save JSON", timeout=8,
+                    markup=False)
 
     def action_pause(self) -> None:
         self.paused = not self.paused

@@ -14,9 +14,15 @@ class Pane(TabPane):
     and draw them in :meth:`render_snapshot`."""
 
     PARTS: tuple[str, ...] = ()
+    # What the screen shows, for its help (``?``); its keys come from BINDINGS.
+    ABOUT = ""
+    # The name of its saved JSON file (``s``), and whether it is JSON lines.
+    SAVE_NAME = ""
+    SAVE_LINES = False
 
     def __init__(self, title: str, id: str) -> None:
         super().__init__(title, id=id)
+        self.number, _, self.name_shown = title.partition(" ")  # "2", "Conflicts"
         self._seen: tuple[int, ...] | None = None
         self.snapshot: Snapshot | None = None
 
@@ -31,6 +37,11 @@ class Pane(TabPane):
         return True
 
     def render_snapshot(self, snap: Snapshot) -> None:
+        raise NotImplementedError
+
+    def screen_json(self) -> object:
+        """What ``s`` saves: the rows shown (after any filter), in the form
+        the matching command's --json prints them."""
         raise NotImplementedError
 
     def main_widget(self) -> Widget | None:

@@ -7,22 +7,24 @@ from rich.text import Text
 from textual.app import ComposeResult
 from textual.binding import Binding
 from textual.containers import VerticalScroll
-from textual.widgets import Static
+from textual.widgets import Input, Static
 
-from tracer.state import Conflict, Snapshot, clock_text
+from tracer.records import Owner
+from tracer.state import Conflict, Snapshot, clock_text, matches
 from tracer.text import printable
 
 from .base import Pane
+from .render import owner_facts
 from .table import Column, Row, VirtualTable
 
 COLUMNS = (
     Column("TIME", 8),
     Column("CALL", 7),
-    Column("RESULT", 13),
+    Column("RESULT", 13, keep="whole"),
     Column("PROTO", 5, hide_below=100),
-    Column("WHO", 12, flex=1),
-    Column("REQUESTED", 15, flex=1),
-    Column("BLOCKED BY", 12, flex=5),
+    Column("WHO", 12, flex=1, keep="pid"),
+    Column("REQUESTED", 15, flex=1, keep="port"),
+    Column("BLOCKED BY", 12, flex=5, keep="pid"),
 )
 
 STYLES = {"EADDRINUSE": "error", "EADDRNOTAVAIL": "warn"}
@@ -38,6 +40,15 @@ def _seq(c: Conflict) -> int:
     return c.seq
 
 
+def search_text(c: Conflict) -> str:
+    """What the ``/`` filter matches: the row's words, and ``pid=``,
+    ``uid=``, ``ns=`` and ``lport=`` forms of its numbers (``:8080`` is
+    the requested port exactly)."""
+    ev = c.event
+    return " ".join((ev.call, c.result, c.proto, c.who, ev.requested, c.blocked_by(),
+                     f"pid={ev.pid} uid={ev.uid} ns={ev.netns} lport={ev.port} ")).lower()
+
+
 def detail(c: Conflict) -> Text:
     """The explanation of one conflict, as the detail pane shows it."""
     ev = c.event
@@ -50,6 +61,8 @@ def detail(c: Conflict) -> Text:
     dev = f" dev={ev.options.bound_dev_if}" if ev.options.bound_dev_if else ""
     out.append(f"by {s(c.who)} uid {ev.uid} (socket uid {ev.sock_uid}) · options {options}{dev}"
                f" · netns {ev.netns} · inode {ev.inode}\n", "dim")
+    if c.caller is not None and (facts := _facts(c.caller)):
+        out.append(f"   {s(facts)}\n", "dim")
     x = c.explanation
     if x is None:
         if c.pending:
@@ -62,10 +75,13 @@ def detail(c: Conflict) -> Text:
         out.append("\nno explanation: ", "bold")
         out.append(s(x.error) + "\n")
         return out
-    if x.reasons:
-        out.append("\nWhy\n", "bold")
-        for i, reason in enumerate(x.reason_texts):
-            out.append(f"  {'•' if i == 0 else 'then:'} {s(reason)}\n")
+    # The fix first: it is what the on-call engineer came for; then who
+    # blocks; the kernel's reasons last, as they can run past the bottom of
+    # an 80x24 terminal (d scrolls there).
+    if x.fixes:
+        out.append("\nFixes\n", "bold")
+        for fix in x.fix_texts:
+            out.append(f"  • {s(fix)}\n", "green")
     if x.blockers or x.rule in ("", "conflict"):
         out.append("\nBlocked by\n", "bold")
     if not x.blockers and x.rule in ("", "conflict"):
@@ -75,19 +91,31 @@ def detail(c: Conflict) -> Text:
         out.append(f"{s(b.state)} {s(b.local)}  ")
         out.append(s(b.rule) + (f", {s(b.overlap)}" if b.overlap else ""), "magenta")
         out.append("\n")
+        for o in b.owners[:OWNERS_DETAILED]:
+            if facts := _facts(o):
+                out.append(f"    {s(o.comm)}[{o.pid}]: {s(facts)}\n", "cyan")
+        if len(b.owners) > OWNERS_DETAILED:
+            out.append(f"    and {len(b.owners) - OWNERS_DETAILED} more holder(s)\n", "dim")
         if b.why:
             out.append(f"    {s(b.why)}\n", "dim")
     if ev.capture is not None:
         out.append(f"  {capture_line(ev.capture)}\n", "dim")
-    if x.fixes:
-        out.append("\nFixes\n", "bold")
-        for fix in x.fix_texts:
-            out.append(f"  • {s(fix)}\n", "green")
+    if x.reasons:
+        out.append("\nWhy\n", "bold")
+        for i, reason in enumerate(x.reason_texts):
+            out.append(f"  {'•' if i == 0 else 'then:'} {s(reason)}\n")
     if x.notes:
         out.append("\nNotes\n", "bold")
         for note in x.note_texts:
             out.append(f"  • {s(note)}\n")
     return out
+
+
+OWNERS_DETAILED = 3  # holders of one blocker described (after fork: every worker)
+
+
+def _facts(o: Owner) -> str:
+    return owner_facts(o.unit, o.container, o.pod, o.exe, o.cmdline, o.problem)
 
 
 CAPTURE_WHEN = {"refusal": "at the port allocator's refusal", "exit": "as the call returned"}
@@ -102,13 +130,35 @@ def capture_line(cap) -> str:  # type: ignore[no-untyped-def]
 
 class ConflictsPane(Pane):
     PARTS = ("conflicts",)
-    BINDINGS = [Binding("f", "follow", "Follow")]
+    ABOUT = """Every failed bind(), listen() and connect() on the host, newest last; the
+selected one's explanation below it: who blocks it, the fix, then why
+(the kernel's rule), and notes. The list follows new conflicts until you
+move the cursor (f follows again). The filter keeps rows containing every
+word typed: a process, an errno, an address, `:8080` (that port exactly),
+`pid=123`, `uid=1000`, `ns=4026531840`."""
+    SAVE_NAME = "conflicts"
+    SAVE_LINES = True  # portscope trace --json: one event per line
+    BINDINGS = [
+        Binding("f", "follow", "Follow", tooltip="Follow the newest conflict (again)"),
+        Binding("slash", "filter", "Filter",
+                tooltip="Filter: type words, :PORT, pid=, uid=, ns=; enter back to the list"),
+        Binding("d", "detail", "Detail",
+                tooltip="Detail: into the explanation, where PgDn and arrows scroll; d back"),
+        Binding("escape", "clear", "Clear", show=False, tooltip="Clear the filter"),
+    ]
 
     def __init__(self) -> None:
         super().__init__("2 Conflicts", id="conflicts")
         self._by_seq: dict[int, Conflict] = {}
+        self.query_text = ""
+        self._shown: list[Conflict] = []
+        # The filter's text of each conflict, made once (and again when its
+        # explanation arrives).
+        self._search: dict[int, tuple[object, str]] = {}
 
     def compose(self) -> ComposeResult:
+        yield Input(placeholder="/ filter: process, errno, address, :PORT, pid=, ns=…",
+                    id="conflict-filter", classes="filter")
         yield VirtualTable(COLUMNS, id="conflict-table", follow=True,
                            empty="no failed bind(), listen() or connect() yet")
         with VerticalScroll(id="conflict-detail", classes="detail"):
@@ -122,11 +172,56 @@ class ConflictsPane(Pane):
         return self.table
 
     def render_snapshot(self, snap: Snapshot) -> None:
-        conflicts = snap.conflicts
-        self._by_seq = {c.seq: c for c in conflicts}
+        self._by_seq = {c.seq: c for c in snap.conflicts}
+        # Conflicts dropped from the model (it keeps the newest) leave the cache.
+        self._search = {k: v for k, v in self._search.items() if k in self._by_seq}
+        self._apply()
+
+    def _apply(self) -> None:
+        snap = self.snapshot
+        conflicts = list(snap.conflicts) if snap else []
+        q = self.query_text.strip()
+        if q:
+            conflicts = [c for c in conflicts if matches(self._search_of(c), q)]
+        self._shown = conflicts
         # Rows are made only for the lines on screen.
         self.table.set_rows(conflicts, conflict_row, _seq)
         self._show_detail(self.table.cursor_key)
+
+    def _search_of(self, c: Conflict) -> str:
+        known = self._search.get(c.seq)
+        if known is None or known[0] is not c.explanation:
+            known = self._search[c.seq] = (c.explanation, search_text(c))
+        return known[1]
+
+    def screen_json(self) -> object:
+        return [c.to_json() for c in self._shown]
+
+    def on_input_changed(self, event: Input.Changed) -> None:
+        event.stop()
+        self.query_text = event.value
+        self._apply()
+
+    def on_input_submitted(self, event: Input.Submitted) -> None:
+        event.stop()
+        self.table.focus()
+
+    def action_filter(self) -> None:
+        self.query_one("#conflict-filter", Input).focus()
+
+    def action_clear(self) -> None:
+        inp = self.query_one("#conflict-filter", Input)
+        if inp.value:
+            inp.value = ""
+        self.table.focus()
+
+    def action_detail(self) -> None:
+        """Into the explanation (PgDn/arrows scroll it); d or escape back."""
+        detail_pane = self.query_one("#conflict-detail", VerticalScroll)
+        if detail_pane.has_focus:
+            self.table.focus()
+        else:
+            detail_pane.focus()
 
     def _show_detail(self, key: object) -> None:
         c = self._by_seq.get(key)  # type: ignore[arg-type]

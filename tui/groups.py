@@ -14,16 +14,16 @@ from tracer.text import printable
 
 from .base import Pane
 from .render import bar, count, rate, share, sparkline
-from .table import Column, Row, VirtualTable
+from .table import Column, Row, VirtualTable, fit_pid
 
 COLUMNS = (
-    Column("GROUP", 14, flex=2),
+    Column("GROUP", 14, flex=2, keep="port"),
     Column("PROTO", 5),
     Column("MEMBERS", 7, right=True),
     Column("RATE", 8, right=True),
     Column("BALANCE", 12),
     Column("NETNS", 10, right=True, hide_below=110),
-    Column("OWNERS", 8, flex=3),
+    Column("OWNERS", 8, flex=3, keep="pid"),
 )
 
 VERDICT_STYLE = {"uneven": "warn", "even": "ok"}
@@ -76,7 +76,7 @@ def detail(g: GroupView, width: int) -> Text:
     out.append(f"{'SERVED BY'.ljust(name_w)} {'SHARE'.ljust(bar_w)}"
                f" {'DELIVERED':>9} {'%':>4} {'RATE':>8} {'QUEUE':>9}\n", "bold")
     for m, v, name in zip(g.members, values, owners):
-        owner = name if len(name) <= name_w else name[: name_w - 1] + "…"
+        owner = fit_pid(name, name_w)  # the pid whole, the name shortened
         queue = f"{m.queue}/{m.backlog}" if m.backlog is not None else str(m.queue)
         out.append(owner.ljust(name_w) + " ", "bold red" if m.status != "ok" else "")
         out.append(bar(v, peak, bar_w), "green" if m.status == "ok" else "red")
@@ -100,6 +100,18 @@ def detail(g: GroupView, width: int) -> Text:
 
 class GroupsPane(Pane):
     PARTS = ("groups",)
+    ABOUT = """Each SO_REUSEPORT group: sockets sharing one address and port, over which
+the kernel spreads new connections (TCP) or datagrams (UDP). For the selected
+group: its rate, a bar per member with its share of the deliveries, who
+serves each member (the thread seen waiting in accept, poll or epoll on it;
+* when nobody was: its holders), the balance verdict with its figures, and
+the members that joined or left. A member nobody serves is shown in red."""
+    SAVE_NAME = "groups"
+
+    def screen_json(self) -> object:
+        """``portscope groups --json``'s groups."""
+        snap = self.snapshot
+        return {"groups": [g.to_json() for g in snap.groups] if snap else []}
 
     def __init__(self) -> None:
         super().__init__("4 Groups", id="groups")

@@ -4,6 +4,8 @@ conflicts."""
 
 from __future__ import annotations
 
+import dataclasses
+
 from rich.table import Table
 from rich.text import Text
 from textual.app import ComposeResult
@@ -14,20 +16,15 @@ from tracer.state import Snapshot
 from tracer.text import clock_text, printable
 
 from .base import Pane
+from .conflicts import COLUMNS as CONFLICT_COLUMNS
 from .conflicts import conflict_row
 from .render import count, rate
-from .table import Column, Row, VirtualTable
+from .table import Row, VirtualTable
 
 LATEST = 50
 
-COLUMNS = (
-    Column("TIME", 8),
-    Column("CALL", 7),
-    Column("RESULT", 13),
-    Column("WHO", 12, flex=1),
-    Column("REQUESTED", 15, flex=1),
-    Column("BLOCKED BY", 12, flex=5),
-)
+# The Conflicts screen's columns but PROTO.
+COLUMNS = tuple(c for c in CONFLICT_COLUMNS if c.label != "PROTO")
 
 
 def _gaps(*items: tuple[int, str]) -> Text:
@@ -51,8 +48,12 @@ def summary(snap: Snapshot) -> Table:
     if h.started:
         plan.append(" · since " + clock_text(h.started, date=False, digits=0))
     grid.add_row("Probes", plan)
-    for note in h.plan_notes:
-        grid.add_row("", Text("not used: " + printable(note), "dim"))
+    if h.plan_notes:
+        # One line, the plans' names only: the kernel's reasons are long,
+        # and portscope doctor (or ? here) tells them.
+        names = [note.split(":", 1)[0] for note in h.plan_notes]
+        grid.add_row("", Text("not used: " + printable(", ".join(names))
+                              + " (portscope doctor says why)", "dim"))
     events = Text(f"{rate(h.events_per_s)} · {count(h.events)} read · ")
     events.append_text(_gaps((h.lost, "lost"), (h.untraced, "untraced")))
     grid.add_row("Events", events)
@@ -75,6 +76,21 @@ def summary(snap: Snapshot) -> Table:
 
 class OverviewPane(Pane):
     PARTS = ("conflicts", "ports", "groups", "timewait", "health")
+    ABOUT = """The probe plan in use (and the better ones this kernel refused: portscope
+doctor says why), the collector's health (events read and lost, processes
+that could not be read), how many listeners, TIME_WAIT sockets and reuseport
+groups there are, and the latest conflicts: enter opens one on screen 2."""
+    SAVE_NAME = "overview"
+
+    def screen_json(self) -> object:
+        """The health, the counts and the latest conflicts shown."""
+        snap = self.snapshot
+        if snap is None:
+            return {}
+        return {"health": dataclasses.asdict(snap.health), "listeners": snap.listeners,
+                "time_wait": snap.time_wait, "groups": len(snap.groups),
+                "conflicts": snap.conflicts_total,
+                "latest": [c.to_json() for c in snap.conflicts[-LATEST:]]}
 
     class Open(Message):
         """Show this conflict on the Conflicts screen."""

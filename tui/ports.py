@@ -18,12 +18,12 @@ from .table import Column, Row, VirtualTable
 
 COLUMNS = (
     Column("PROTO", 5),
-    Column("STATE", 9),
-    Column("LOCAL", 14, flex=1),
-    Column("REMOTE", 15, flex=1),
+    Column("STATE", 10, keep="whole"),
+    Column("LOCAL", 14, flex=1, keep="port"),
+    Column("REMOTE", 15, flex=1, keep="port"),
     Column("QUEUE", 7, right=True),
     Column("FLAGS", 8, flex=1),
-    Column("OWNERS", 10, flex=3),
+    Column("OWNERS", 10, flex=3, keep="pid"),
     Column("NETNS", 10, right=True, hide_below=120),
     Column("UID", 5, right=True, hide_below=120),
     Column("INODE", 8, right=True, hide_below=140),
@@ -49,10 +49,20 @@ def port_row(r: SocketRow) -> Row:
 
 class PortsPane(Pane):
     PARTS = ("ports",)
+    ABOUT = """Every socket but TIME_WAIT (screen 5 has those), by port, listeners first,
+with its owners and the flags ss cannot show: ra SO_REUSEADDR, rp SO_REUSEPORT
+and its group (g<id>/<members>), v6 IPV6_V6ONLY, fb IP_FREEBIND, tp
+IP_TRANSPARENT, ? not readable. QUEUE is recv/send, or for a listener its
+accept queue/backlog. The filter keeps rows containing every word typed:
+a state, an owner, a user, a flag, `:443` (that local port exactly),
+`uid=1000`, `ns=4026531840`."""
+    SAVE_NAME = "ports"
     BINDINGS = [
-        Binding("slash", "filter", "Filter"),
-        Binding("l", "listeners", "Listeners"),
-        Binding("escape", "clear", "Clear", show=False),
+        Binding("slash", "filter", "Filter",
+                tooltip="Filter: type words, :PORT, a state, an owner, uid=, ns=; enter back "
+                        "to the list"),
+        Binding("l", "listeners", "Listeners", tooltip="Listeners only (again: every socket)"),
+        Binding("escape", "clear", "Clear", show=False, tooltip="Clear the filter"),
     ]
 
     def __init__(self) -> None:
@@ -61,10 +71,15 @@ class PortsPane(Pane):
         self.listeners_only = False
         self._source: tuple[SocketRow, ...] = ()
         self._listeners = 0
+        self._shown: list[SocketRow] = []
+
+    def screen_json(self) -> object:
+        """``portscope ports --json``'s sockets, the ones shown."""
+        return {"sockets": [r.to_json() for r in self._shown]}
 
     def compose(self) -> ComposeResult:
         yield Input(placeholder="/ filter: words, :PORT, state, owner, user, flag…",
-                    id="port-filter")
+                    id="port-filter", classes="filter")
         yield Static(id="port-summary", classes="summary")
         yield VirtualTable(COLUMNS, id="port-table", empty="no sockets read yet")
 
@@ -87,6 +102,7 @@ class PortsPane(Pane):
         shown = [r for r in self._source
                  if (not lo or r.state == "LISTEN") and (not q or matches(r.search, q))]
         # Rows are made only for the lines on screen.
+        self._shown = shown
         self.table.set_rows(shown, port_row, port_key)
         total = len(self._source)
         listeners = self._listeners

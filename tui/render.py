@@ -56,3 +56,25 @@ def seconds_left(min_ms: int, max_ms: int) -> str:
 
 def share(s: float | None) -> str:
     return "-" if s is None else f"{s:.0%}"
+
+
+CMDLINE_SHOWN = 100  # characters of a command line in a detail panel (two lines at 80x24)
+
+
+def owner_facts(unit: str | None, container: str | None, pod: str | None, exe: str | None,
+                cmdline: str | None, problem: str | None = None) -> str:
+    """``unit nginx.service · /usr/sbin/nginx -g daemon off;``: who a
+    process is beyond comm[pid], for a detail panel. Not escaped (the
+    panel escapes); "" when nothing is known."""
+    parts = []
+    if container:
+        parts.append(f"container {container}" + (f" (pod {pod})" if pod else ""))
+    elif unit:
+        parts.append(f"unit {unit}")
+    command = cmdline or exe
+    if command:
+        parts.append(command if len(command) <= CMDLINE_SHOWN
+                     else command[:CMDLINE_SHOWN - 1] + "…")
+    if problem and not command:
+        parts.append(f"({problem})")
+    return " · ".join(parts)

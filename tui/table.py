@@ -11,6 +11,7 @@ user is reading.
 
 from __future__ import annotations
 
+import re
 from typing import Any, Callable, Hashable, NamedTuple, Sequence
 
 from rich.cells import cell_len, set_cell_size
@@ -33,6 +34,10 @@ class Column(NamedTuple):
     flex: int = 0  # share of the space left over (0: fixed)
     right: bool = False  # right-aligned (numbers)
     hide_below: int = 0  # hidden when the table is narrower than this
+    # What a cut must spare (see KEEPS): "" (nothing: the end goes first),
+    # "whole" (never cut: an errno, a state), "pid" (every ``name[pid]``
+    # shown keeps its pid whole), "port" (an address keeps its ``:port``).
+    keep: str = ""
 
 
 class Row(NamedTuple):
@@ -57,20 +62,99 @@ def fit(text: str, width: int, right: bool = False) -> str:
     return pad + text if right else text + pad
 
 
-def layout(columns: Sequence[Column], total: int) -> list[tuple[int, int]]:
+# ``name[pid]``: the pid is what an operator acts on (kill, nsenter, ps).
+PID_TOKEN = re.compile(r"(\S*?)(\[\d+\])")
+PORT_TAIL = re.compile(r":\d+$")
+SHORTEST_NAME = 1  # cells of a name kept before its cut pid-bearing token
+
+
+def _cut(text: str, width: int) -> str:
+    """The first ``width`` cells of ``text`` (a wide character counts two)."""
+    return text[:width] if text.isascii() else set_cell_size(text, width).rstrip()
+
+
+def fit_pid(text: str, width: int) -> str:
+    """``text`` in ``width`` cells with every ``[pid]`` it shows whole: the
+    end goes first, then the first name is shortened (``pyth…[1399]``); a
+    later owner that does not fit is left out whole, never half shown."""
+    if cell_len(text) <= width:
+        return text
+    first = PID_TOKEN.search(text)
+    if first is None:
+        return _cut(text, width - 1) + "…"
+    if cell_len(text[:first.end()]) + 1 <= width:
+        cut = len(_cut(text, width - 1))
+        for m in PID_TOKEN.finditer(text, first.end()):
+            if m.start() < cut < m.end():  # inside a later owner: leave it out
+                cut = m.start()
+        return text[:cut].rstrip() + "…"
+    rest = "…" if first.end() < len(text) else ""
+    prefix, name, pid = text[:first.start()], first.group(1), first.group(2)
+    room = width - cell_len(prefix) - len(pid) - len(rest) - 1
+    if room < SHORTEST_NAME:  # narrower than any column is laid out
+        return _cut(text, width - 1) + "…"
+    return prefix + _cut(name, room) + "…" + pid + rest
+
+
+def fit_port(text: str, width: int) -> str:
+    """An address in ``width`` cells with its ``:port`` whole: the address
+    is shortened (``[2001:db8:…]:8443``), never the port."""
+    if cell_len(text) <= width:
+        return text
+    m = PORT_TAIL.search(text)
+    room = width - len(m.group()) - 1 if m else -1
+    if m is None or room < 1:
+        return _cut(text, width - 1) + "…"
+    return _cut(text[:m.start()], room) + "…" + m.group()
+
+
+def least_width(text: str, keep: str) -> int:
+    """The fewest cells ``text`` can be shown in with what ``keep`` spares."""
+    if keep == "whole":
+        return cell_len(text)
+    if keep == "pid" and (m := PID_TOKEN.search(text)):
+        name = min(cell_len(m.group(1)), SHORTEST_NAME)
+        more = 1 if m.end() < len(text) else 0
+        return cell_len(text[:m.start()]) + name + (1 if name < cell_len(m.group(1)) else 0) \
+            + len(m.group(2)) + more
+    if keep == "port" and (m := PORT_TAIL.search(text)):
+        return min(cell_len(text), len(m.group()) + 2)
+    return 0
+
+
+def fit_cell(text: str, width: int, column: Column) -> str:
+    """One cell: cut as its column allows (see :data:`Column.keep`), padded."""
+    if column.keep == "pid":
+        text = fit_pid(text, width)
+    elif column.keep == "port":
+        text = fit_port(text, width)
+    return fit(text, width, column.right)
+
+
+def layout(columns: Sequence[Column], total: int,
+           least: Sequence[int] = ()) -> list[tuple[int, int]]:
     """(column index, width) of the columns shown in ``total`` cells, one
-    space between columns; flexible columns share what is left."""
+    space between columns; flexible columns share what is left. ``least``:
+    per column, the cells its content needs (what it must not lose); when
+    that is more than there is, columns that spare nothing give way first."""
     shown = [i for i, c in enumerate(columns) if total >= c.hide_below]
+    base = {i: max(columns[i].width, least[i] if i < len(least) else 0) for i in shown}
     gaps = max(len(shown) - 1, 0)
-    fixed = sum(columns[i].width for i in shown)
-    spare = total - gaps - fixed
+    spare = total - gaps - sum(base.values())
+    # Over budget: take from the columns that keep nothing, widest first.
+    for i in sorted((i for i in shown if not columns[i].keep), key=lambda i: -base[i]):
+        if spare >= 0:
+            break
+        give = min(-spare, max(base[i] - 3, 0))
+        base[i] -= give
+        spare += give
     flex_total = sum(columns[i].flex for i in shown)
     widths = []
     given = 0
     flex_seen = 0
     for i in shown:
         c = columns[i]
-        w = c.width
+        w = base[i]
         if c.flex and spare > 0:
             flex_seen += c.flex
             share = spare * flex_seen // flex_total - given
@@ -153,6 +237,10 @@ class VirtualTable(ScrollView, can_focus=True):
         self._vt_layout: list[tuple[int, int]] = []
         self._vt_layout_width = -1
         self._vt_last_key: Hashable | None = None
+        # Per column, the most cells a row drawn so far needs to keep its
+        # pid, port or whole value (see least_width). It only grows, so
+        # columns do not jump as the rows on screen change.
+        self._vt_least = [0] * len(self.columns)
 
     # -- data
 
@@ -165,7 +253,20 @@ class VirtualTable(ScrollView, can_focus=True):
         if made is None:
             item = self._items[index]
             made = self._made[index] = self._make(item) if self._make else item
+            self._vt_measure(made)
         return made
+
+    def _vt_measure(self, row: Row) -> None:
+        grew = False
+        for i, c in enumerate(self.columns):
+            if c.keep and i < len(row.cells):
+                need = least_width(printable(row.cells[i]), c.keep)
+                if need > self._vt_least[i]:
+                    self._vt_least[i] = need
+                    grew = True
+        if grew:  # lay the columns out again, and draw the frame again with it
+            self._vt_layout_width = -1
+            self.refresh()
 
     def all_rows(self) -> list[Row]:
         return [self.row(i) for i in range(len(self._items))]
@@ -277,15 +378,15 @@ class VirtualTable(ScrollView, can_focus=True):
 
     def _vt_columns(self, width: int) -> list[tuple[int, int]]:
         if width != self._vt_layout_width:
-            self._vt_layout = layout(self.columns, width)
+            self._vt_layout = layout(self.columns, width, self._vt_least)
             self._vt_layout_width = width
         return self._vt_layout
 
     def _vt_line(self, cells: Sequence[str], widths: list[tuple[int, int]]) -> str:
         # Every cell escaped here, for every table: names, paths and journal
         # contents are anybody's, and a raw ESC would reach the terminal.
-        return " ".join(fit(printable(cells[i]) if i < len(cells) else "", w,
-                            self.columns[i].right) for i, w in widths)
+        return " ".join(fit_cell(printable(cells[i]) if i < len(cells) else "", w,
+                                 self.columns[i]) for i, w in widths)
 
     def render_line(self, y: int) -> Strip:
         width = self.scrollable_content_region.width

@@ -10,22 +10,23 @@ from textual.widgets import Static
 
 from tracer.state import PressureRow, Snapshot, TimewaitRow
 from tracer.text import printable
+from tracer.views import timewait_to_json
 
 from .base import Pane
 from .render import bar, count, seconds_left
 from .table import Column, Row, VirtualTable
 
 COLUMNS = (
-    Column("PORT", 9),
+    Column("PORT", 9, keep="whole"),
     Column("REMOTE", 15, flex=3),
-    Column("CLOSED BY", 12, flex=3),
+    Column("CLOSED BY", 12, flex=3, keep="pid"),
     Column("COUNT", 7, right=True),
     Column("LEFT", 7, right=True),
 )
 
 PRESSURE_COLUMNS = (
     Column("SOURCE", 15, flex=1),
-    Column("DESTINATION", 21, flex=2),
+    Column("DESTINATION", 21, flex=2, keep="port"),
     Column("IN USE", 13, right=True),
     Column("SHARE", 6, right=True),
     Column("LEVEL", 7),
@@ -81,6 +82,17 @@ def summary(snap: Snapshot, width: int) -> Text:
 
 class TimewaitPane(Pane):
     PARTS = ("timewait",)
+    ABOUT = """TIME_WAIT sockets by local port and remote address, with the process that
+closed first and left them (when the collector saw the close), and how long
+they have left. Below: ephemeral ports in use per source and destination,
+against the namespace's ip_local_port_range: at `full`, connect() to that
+destination fails with EADDRNOTAVAIL."""
+    SAVE_NAME = "timewait"
+
+    def screen_json(self) -> object:
+        """``portscope timewait --json``'s form."""
+        snap = self.snapshot
+        return timewait_to_json(snap.timewait) if snap and snap.timewait else {}
 
     def __init__(self) -> None:
         super().__init__("5 TIME_WAIT", id="timewait")

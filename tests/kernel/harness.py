@@ -52,6 +52,7 @@ MUST_HAPPEN_S = 5.0 * SLOWDOWN
 CLONE_NEWNET = 0x40000000
 PR_SET_PDEATHSIG = 1
 PR_SET_CHILD_SUBREAPER = 36
+PR_SET_NAME = 15
 IP_FREEBIND = 15
 IP_TRANSPARENT = 19
 IP_BIND_ADDRESS_NO_PORT = 24
@@ -403,7 +404,10 @@ class Actor:
     """
 
     def __init__(self, ns: Netns, uid: int = 0, gid: int | None = None,
-                 timeout: float = DEFAULT_TIMEOUT, caps: frozenset[int] | None = None) -> None:
+                 timeout: float = DEFAULT_TIMEOUT, caps: frozenset[int] | None = None,
+                 comm: bytes | None = None) -> None:
+        """``comm``: the process's command name (/proc/PID/comm, at most 15
+        bytes kept by the kernel), for tests of how names are shown."""
         _become_subreaper()
         self.ns = ns
         self.uid = uid
@@ -417,7 +421,7 @@ class Actor:
         lifeline_r, self._lifeline_w = os.pipe()
         pid = os.fork()
         if pid == 0:  # the child never returns from here
-            _child_main(child_conn, lifeline_r, ns.path, self.uid, self.gid, caps)
+            _child_main(child_conn, lifeline_r, ns.path, self.uid, self.gid, caps, comm)
         self.pid = pid
         self.alive = True
         ns.actors.append(self)
@@ -564,13 +568,15 @@ class Actor:
 
 
 def _child_main(conn: Connection, lifeline_r: int, ns_path: str, uid: int, gid: int,
-                caps: frozenset[int] | None = None) -> None:
+                caps: frozenset[int] | None = None, comm: bytes | None = None) -> None:
     """Runs in the forked child: join the namespace, drop to uid, serve steps."""
     code = 0
     try:
         gc.freeze()  # never finalize the parent's objects (their fds are closed below)
         _close_fds_except({0, 1, 2, conn.fileno(), lifeline_r})
         _libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
+        if comm is not None:
+            _libc.prctl(PR_SET_NAME, ctypes.c_char_p(comm), 0, 0, 0)
         try:
             _enter_netns(ns_path)
             _drop_privileges(uid, gid, caps)

@@ -214,9 +214,17 @@ def test_each_eaddrinuse_names_its_blocker_on_the_spot():
     event = json.loads(lines[0])
     assert event["result"] == "EADDRINUSE"
     # The same process holds the listener that refused its own second bind.
-    assert event["blockers"] == [{"pids": [pid], "comm": event["comm"], "state": "LISTEN",
-                                  "local": f"0.0.0.0:{port}", "remote": "0.0.0.0:0",
-                                  "rule": "listener", "held": "owners"}]
+    [blocker] = event["blockers"]
+    owners = blocker.pop("owners")
+    why = blocker.pop("why")
+    assert blocker == {"pids": [pid], "comm": event["comm"], "state": "LISTEN",
+                       "local": f"0.0.0.0:{port}", "remote": "0.0.0.0:0",
+                       "rule": "listener", "held": "owners", "overlap": "dual_stack"}
+    assert "listening" in why and "IPV6_V6ONLY" in why  # the rule as a sentence
+    # who the holder is, read with the port's inventory
+    assert [o["pid"] for o in owners] == [pid]
+    assert owners[0]["exe"] == os.path.realpath(sys.executable)
+    assert "socket" in owners[0]["cmdline"]
     # ... and the explanation says why, as data: the errno, the rule, the fixes.
     x = event["explanation"]
     assert x["errno"] == "EADDRINUSE" and [r["rule"] for r in x["reasons"]] == ["conflict"]

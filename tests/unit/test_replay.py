@@ -6,17 +6,14 @@ failed) and two snapshots (one listener; then a reuseport group joins)."""
 
 from __future__ import annotations
 
-import asyncio
 import dataclasses
 import errno
-import functools
 import os
 import sqlite3
 from pathlib import Path
 
 import pytest
-from rich.console import Console
-from textual.widgets import Input, Static
+from textual.widgets import Input
 
 from tracer import cli
 from tracer import journal as jr
@@ -35,6 +32,8 @@ from tracer.state import StateModel
 from tracer.text import clock_text
 from tui.app import make_app
 from tui.table import VirtualTable
+
+from tests.recorded_session import aio, text_of
 
 T0 = 1_800_000_000.0
 NETNS = 4026531840
@@ -100,20 +99,6 @@ def build(path: Path) -> Path:
 @pytest.fixture
 def journal(tmp_path: Path) -> Path:
     return build(tmp_path / "journal.db")
-
-
-def aio(test):
-    @functools.wraps(test)
-    def run(*args, **kwargs):
-        return asyncio.run(test(*args, **kwargs))
-    return run
-
-
-def text_of(app, selector: str) -> str:
-    content = app.query_one(selector, Static).content
-    console = Console(width=200, record=True, file=open(os.devnull, "w"))
-    console.print(content)
-    return console.export_text()
 
 
 def column(app, selector: str, label: str) -> list[str]:

@@ -4,56 +4,30 @@ recorded by scripts/record-tui-fixture with the live collector)."""
 
 from __future__ import annotations
 
-import asyncio
-import functools
-from pathlib import Path
-
 import pytest
-from rich.console import Console
-from textual.widgets import Input, Static, TabbedContent
+from textual.widgets import Input
 
-from tracer.recording import load_recording
 from tracer.records import EventExplanation
 from tracer.state import StateModel
 from tui.app import make_app
-from tui.table import VirtualTable
 
-RECORDING = Path(__file__).resolve().parent.parent / "data" / "tui-session.jsonl"
-SIZE = (80, 24)
+from tests.recorded_session import (
+    SIZE,
+    active,
+    aio,
+    column,
+    load,
+    recorded,
+    recorded_listeners,
+    recorded_time_wait,
+    table,
+    text_of,
+)
 
 
 @pytest.fixture
 def model() -> StateModel:
-    return load_recording(RECORDING)
-
-
-def aio(test):
-    """Run an async test (no pytest plugin needed)."""
-    @functools.wraps(test)
-    def run(*args, **kwargs):
-        return asyncio.run(test(*args, **kwargs))
-    return run
-
-
-def text_of(app, selector: str) -> str:
-    """What a Static shows, as plain text."""
-    content = app.query_one(selector, Static).content
-    console = Console(width=200, record=True, file=open("/dev/null", "w"))
-    console.print(content)
-    return console.export_text()
-
-
-def table(app, selector: str) -> VirtualTable:
-    return app.query_one(selector, VirtualTable)
-
-
-def column(t: VirtualTable, label: str) -> list[str]:
-    i = [c.label for c in t.columns].index(label)
-    return [r.cells[i] for r in t.all_rows()]
-
-
-def active(app) -> str:
-    return app.query_one(TabbedContent).active
+    return load()
 
 
 @aio
@@ -93,7 +67,8 @@ async def test_overview_counts_and_latest_conflicts(model):
     async with app.run_test(size=SIZE):
         summary = text_of(app, "#ov-summary")
         assert "tracepoint plan" in summary and "replay" in summary
-        assert "7 listeners" in summary and "5 TIME_WAIT" in summary
+        assert f"{recorded_listeners()} listeners" in summary
+        assert f"{recorded_time_wait():,} TIME_WAIT" in summary
         assert "2 reuseport groups" in summary and "9 conflicts" in summary
         assert "not used: fentry" in summary
         latest = table(app, "#ov-latest")
@@ -121,7 +96,8 @@ async def test_selecting_a_conflict_shows_blockers_rule_and_fixes(model):
         await pilot.pause()
         t = table(app, "#conflict-table")
         assert t.row_count == 9 and t.cursor == 8  # follows the newest
-        assert "ephemeral" in text_of(app, "#conflict-text")  # EADDRNOTAVAIL: the hint
+        # EADDRNOTAVAIL of connect(): the ephemeral range is exhausted
+        assert "ip_local_port_range" in text_of(app, "#conflict-text")
         await pilot.press("home")
         detail = text_of(app, "#conflict-text")
         assert "bind() EADDRINUSE" in detail and "Blocked by" in detail
@@ -195,7 +171,7 @@ async def test_ports_filter_as_you_type(model):
         assert t.row_count == everything
         await pilot.press("l")  # listeners only
         await pilot.pause()
-        assert set(column(t, "STATE")) == {"LISTEN"} and t.row_count == 7
+        assert set(column(t, "STATE")) == {"LISTEN"} and t.row_count == recorded_listeners()
         assert "rp g" in " ".join(column(t, "FLAGS"))  # reuseport group shown in the flags
         await pilot.press("l")
         await pilot.pause()
@@ -240,10 +216,15 @@ async def test_timewait_rows_and_port_pressure(model):
     async with app.run_test(size=SIZE) as pilot:
         await pilot.press("5")
         t = table(app, "#tw-table")
-        assert t.all_rows()[0].cells[:4] == ("6000", "127.0.0.1", t.all_rows()[0].cells[2], "5")
-        assert t.all_rows()[0].cells[2].startswith("python[")
+        # The biggest group first: the server on 18200 closed first.
+        rows = recorded("timewait")[-1]["rows"]
+        assert t.all_rows()[0].cells[:2] == ("18200", "127.0.0.1") == tuple(rows[0][:2])
+        assert t.all_rows()[0].cells[2].startswith("payments-api-v2[")
+        assert any(r.cells[:2] == ("6000", "127.0.0.1") and r.cells[3] == "5"
+                   for r in t.all_rows())
         summary = text_of(app, "#tw-summary")
-        assert "5 TIME_WAIT" in summary and "out of ephemeral ports" in summary
+        assert f"{recorded_time_wait():,} TIME_WAIT" in summary
+        assert "out of ephemeral ports" in summary
         assert "≤60s" in summary
         pressure = table(app, "#tw-pressure")
         assert pressure.all_rows()[0].cells[2:5] == ("8/8", "100%", "full")

@@ -1,6 +1,8 @@
 """What each screen shows, pinned (pytest-textual-snapshot), at the 80x24 an
 on-call engineer often has over ssh and at a large size, over the recorded
-session in tests/data/tui-session.jsonl.
+session in tests/data/tui-session.jsonl (long names, a wide-character name,
+a long unit, thousands of sockets). That every pid, errno and port on them
+is whole is asserted on its own, in test_tui_operator.py.
 
 After a deliberate change of the screens: look at them, then
 ``pytest tests/unit/test_tui_snapshots.py --snapshot-update``.
@@ -22,6 +24,8 @@ RECORDING = Path(__file__).resolve().parent.parent / "data" / "tui-session.jsonl
 SCREENS = {
     "overview": ("1", ()),
     "conflicts": ("2", ("home",)),  # the first conflict: a listener blocks it
+    "conflicts-filtered": ("2", ("slash", *":6000", "enter")),  # two, TIME_WAIT blocks them
+    "conflicts-help": ("2", ("question_mark",)),
     "ports": ("3", ()),
     "ports-filtered": ("3", ("slash", *":9443")),
     "groups": ("4", ("down",)),  # the 3-member group with its bars

@@ -74,9 +74,11 @@ def test_replay_fills_every_part_of_the_model():
     assert len(snap.conflicts) == len(lines("event")) == snap.conflicts_total
     assert snap.ports and snap.listeners >= 5
     assert any(len(g.members) >= 3 and g.port == 9443 for g in snap.groups)
-    assert snap.timewait is not None and snap.timewait.total == 5
+    total = lines("timewait")[-1]["total"]
+    assert total > 1000  # thousands of sockets, as on a busy host
+    assert snap.timewait is not None and snap.timewait.total == total
     assert snap.health.source == "replay" and snap.health.plan == "tracepoint"
-    assert snap.time_wait == 5
+    assert snap.time_wait == total
 
 
 def test_replay_keeps_a_rate_history_and_join_leave_marks():

@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 
 from ..sentences import FIX_TEXT, NOTE_TEXT, REASON_TEXT
 from ..text import printable
+from .sockets import Owner
 
 # Who holds a blocker no visible process holds, by how it is held (explain.holding).
 HELD_WHO = {"time_wait": "no process (TIME_WAIT)", "orphan": "no process (closing)",
@@ -123,6 +124,9 @@ class BlockerSummary:
     held: str = "owners"  # owners | time_wait | orphan | hidden | unaccepted | gone
     remote: str = ""
     closed_by: str = ""  # who closed it, when no process holds it and that is known
+    # Who they are (unit or container, command line), as read with the
+    # inventory; () when not read (an older journal, a captured socket).
+    owners: tuple[Owner, ...] = ()
 
     @property
     def who(self) -> str:
@@ -149,6 +153,14 @@ class BlockerSummary:
                                   "remote": self.remote, "rule": self.rule, "held": self.held}
         if self.closed_by:
             out["closed_by"] = self.closed_by
+        # How the addresses overlap and the rule as a sentence: what a
+        # recording replayed in the UI shows under each blocker.
+        if self.overlap:
+            out["overlap"] = self.overlap
+        if self.why:
+            out["why"] = self.why
+        if self.owners:
+            out["owners"] = [o.journal_json() for o in self.owners]
         return out
 
     @classmethod
@@ -162,9 +174,15 @@ class BlockerSummary:
         if not isinstance(pids, list) or not all(type(p) is int for p in pids) \
                 or not all(t is None or isinstance(t, str) for t in texts):
             raise ValueError("a blocker's pids or names have the wrong type")
+        owners = d.get("owners") or []
+        if not isinstance(owners, list):
+            raise ValueError("a blocker's owners are not a list")
+        # An owner that cannot be read back is left out, the blocker kept.
+        read = tuple(o for o in map(Owner.from_journal, owners) if o is not None)
         return cls(tuple(pids), d.get("comm"), d.get("state") or "?", d.get("local") or "?",
                    d.get("rule") or "?", d.get("overlap") or "", d.get("why") or "",
-                   d.get("held") or "owners", d.get("remote") or "", d.get("closed_by") or "")
+                   d.get("held") or "owners", d.get("remote") or "", d.get("closed_by") or "",
+                   read)
 
 
 @dataclass(frozen=True)
