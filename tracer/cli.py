@@ -16,6 +16,7 @@ from typing import Callable, NoReturn, Sequence
 
 from . import runtime
 from .commands import COMMANDS
+from .colour import CHOICES
 from .commands.common import EPILOG
 from .errors import ExitStatus, PortscopeError
 from .text import printable
@@ -63,6 +64,11 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--debug", action="store_true",
                         help="show tracebacks and libbpf's log on errors")
     parser.add_argument("--version", action="version", version=f"portscope {_version()}")
+    parser.add_argument("--color", choices=CHOICES, default="auto",
+                        help="colour errnos, verdicts and fixes in text output: auto (the "
+                             "default: on a terminal, unless NO_COLOR is set or TERM is dumb), "
+                             "always (even into a pipe, for less -R) or never; --json and "
+                             "trace -o FILE are never coloured")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     for command in COMMANDS:
         command.add_parser(sub)

@@ -11,6 +11,7 @@ import json
 from dataclasses import asdict, dataclass
 
 from . import libbpf
+from .colour import PLAIN, Palette, palette
 from .coreobject import verify_plan
 from .engine import (
     EngineConfig,
@@ -22,7 +23,6 @@ from .engine import (
 from .errors import ExitStatus, PlanUnavailable, PortscopeError
 from .loader import open_engine
 from .plans import PREFERENCE, KernelFacts, Plan, kernel_facts
-from .text import printable
 
 
 @dataclass
@@ -116,9 +116,10 @@ def run(args: argparse.Namespace) -> ExitStatus:
     if args.json:
         print(json.dumps(report, indent=2))
     else:
-        _print_human(facts, plans, chosen, blocker)
-        _print_bcc(bcc, args.engine == "bcc")
-        _print_hooks(bind_hooks)
+        pal = palette(args)
+        _print_human(facts, plans, chosen, blocker, pal)
+        _print_bcc(bcc, args.engine == "bcc", pal)
+        _print_hooks(bind_hooks, pal)
     if blocker:
         return blocker.status
     if args.engine == "bcc":
@@ -126,10 +127,11 @@ def run(args: argparse.Namespace) -> ExitStatus:
     return ExitStatus.OK if chosen else ExitStatus.UNSUPPORTED
 
 
-def _out(line: str = "") -> None:
-    """One line of the report, escaped (kernel and library messages are quoted)."""
+def _out(line: str = "", role: str | None = None, pal: Palette = PLAIN) -> None:
+    """One line of the report, escaped (kernel and library messages are
+    quoted), in the colour of ``role`` when ``pal`` colours."""
     for part in line.split("\n"):
-        print(printable(part))
+        print(pal.paint(part, role))
 
 
 def _yes(flag: object) -> str:
@@ -137,7 +139,7 @@ def _yes(flag: object) -> str:
 
 
 def _print_human(facts: KernelFacts, plans: list[PlanReport], chosen: PlanReport | None,
-                 blocker: PortscopeError | None) -> None:
+                 blocker: PortscopeError | None, pal: Palette = PLAIN) -> None:
     rows = [
         ("kernel", f"{facts.release} ({facts.arch})"),
         ("libbpf", libbpf.version()),
@@ -153,9 +155,9 @@ def _print_human(facts: KernelFacts, plans: list[PlanReport], chosen: PlanReport
     for note in facts.notes:
         _out(f"{'note':20} {note}")
     if blocker:
-        _out(f"\nportscope cannot trace here: {blocker}")
+        _out(f"\nportscope cannot trace here: {blocker}", "bad", pal)
         return
-    _out(f"\n{'plan':11} {'loads':6} {'attaches':9} {'groups':7} {'32-bit':7} why not")
+    _out(f"\n{'plan':11} {'loads':6} {'attaches':9} {'groups':7} {'32-bit':7} why not", "head", pal)
     for p in plans:
         loads = p.verifier == "passed"
         attaches = p.attach == "ok"
@@ -172,14 +174,14 @@ def _print_human(facts: KernelFacts, plans: list[PlanReport], chosen: PlanReport
              f"{why}".rstrip())
     if chosen:
         _out(f"\nportscope will use the {chosen.plan} plan: the first of "
-              f"{', '.join(p.value for p in PREFERENCE)} that attaches here.")
+             f"{', '.join(p.value for p in PREFERENCE)} that attaches here.", "good", pal)
     else:
-        _out("\nno plan attaches on this kernel.")
+        _out("\nno plan attaches on this kernel.", "bad", pal)
 
 
-def _print_bcc(bcc: BccReport, tried: bool) -> None:
+def _print_bcc(bcc: BccReport, tried: bool, pal: Palette = PLAIN) -> None:
     if bcc.problem:
-        _out(f"\nbcc engine: not available: {bcc.problem}")
+        _out(f"\nbcc engine: not available: {bcc.problem}", "warn", pal)
         return
     _out(f"\nbcc engine: available (bcc {bcc.version or 'unknown version'}, kernel headers "
           "installed)" + ("" if tried else "; 'portscope doctor --engine bcc' tries its plans"))
@@ -187,11 +189,12 @@ def _print_bcc(bcc: BccReport, tried: bool) -> None:
         _out(f"  {p.plan:11} {'ok' if p.attach == 'ok' else p.attach}")
 
 
-def _print_hooks(found: list) -> None:  # type: ignore[type-arg]
+def _print_hooks(found: list, pal: Palette = PLAIN) -> None:  # type: ignore[type-arg]
     """BPF programs that act on bind() (they can refuse it, or rewrite it)."""
     if not found:
         _out("\nbind programs: none attached (cgroup/bind4, bind6, post_bind4, post_bind6)")
         return
-    _out("\nbind programs (they may refuse a bind with EPERM, or rewrite its address and port):")
+    _out("\nbind programs (they may refuse a bind with EPERM, or rewrite its address and port):",
+         "warn", pal)
     for h in found:
         _out(f"  {h.name or 'unnamed':16} id {h.program_id:<6} cgroup/{h.hook:11} on {h.cgroup}")

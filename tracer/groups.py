@@ -12,6 +12,7 @@ import sys
 import time
 from typing import Iterable, TextIO
 
+from .colour import PLAIN, Palette, escaped, palette
 from .errors import ExitStatus, UsageError
 from .filters import Filter
 from .inventory import select_namespaces_scan
@@ -49,7 +50,7 @@ def run(args: argparse.Namespace) -> ExitStatus:
         print(f"portscope: counting with the {watcher.plan.value} plan"
               + (f" ({skipped})" if skipped else "") + f"; {what}", file=sys.stderr, flush=True)
         screen = _Screen(out, args.json, args.watch and out.isatty(),
-                         NetnsNames(scan, refresh_s=1.0))
+                         NetnsNames(scan, refresh_s=1.0), PLAIN if args.json else palette(args, out))
         screen.flt = flt
         snap = watcher.read()
         shown = 0
@@ -85,8 +86,9 @@ class _Screen:
     flt = Filter()  # the groups and events shown: those it matches
 
     def __init__(self, out: TextIO, as_json: bool, redraw: bool,
-                 names: NetnsNames | None = None) -> None:
+                 names: NetnsNames | None = None, pal: Palette = PLAIN) -> None:
         self.out = out
+        self.pal = pal
         self.names = names or NetnsNames(refresh_s=1.0)
         self.as_json = as_json
         self.redraw = redraw  # a terminal in --watch: redraw in place
@@ -104,13 +106,13 @@ class _Screen:
             self.out.write(json.dumps(doc, separators=(",", ":")) + "\n")
         elif self.redraw:
             self.recent.extend(snap.events)
-            text = render(snap, self.names)
+            text = render(snap, self.names, self.pal)
             if self.recent:
                 text += "\nrecent events:\n" + "\n".join(event_line(e, self.names)
                                                          for e in self.recent) + "\n"
             self.out.write(CLEAR + text)
         else:
-            text = render(snap, self.names)
+            text = render(snap, self.names, self.pal)
             if snap.events:
                 text += "\n" + "\n".join(event_line(e, self.names) for e in snap.events) + "\n"
             self.out.write(text + "\n")
@@ -121,8 +123,8 @@ MEMBER_COLUMNS = (("SERVED BY", 26), ("INODE", 9), ("DELIVERED", 10), ("RATE/s",
                   ("SHARE", 7), ("QUEUE", 11), ("DROPS", 6), ("STATUS", 0))
 
 
-def render(snap: GroupsReading, names: NetnsNames | None = None) -> str:
-    """The human form of one snapshot."""
+def render(snap: GroupsReading, names: NetnsNames | None = None, pal: Palette = PLAIN) -> str:
+    """The human form of one snapshot (verdicts and statuses coloured by ``pal``)."""
     stamp = clock_text(snap.time, date=False, digits=0)
     lines = [f"{stamp}  {len(snap.groups)} reuseport group(s), {snap.plan} plan"
              + (f", last {snap.interval:.1f} s" if snap.interval else "")]
@@ -130,14 +132,14 @@ def render(snap: GroupsReading, names: NetnsNames | None = None) -> str:
         lines.append("no SO_REUSEPORT group (TCP listener or UDP socket) found")
     for g in snap.groups:
         lines.append("")
-        lines += group_lines(g, names)
+        lines += group_lines(g, names, pal)
     gaps = health_text(snap.health)
     if gaps:
         lines += ["", gaps]
     return "\n".join(lines) + "\n"
 
 
-def group_lines(g: Group, names: NetnsNames | None = None) -> list[str]:
+def group_lines(g: Group, names: NetnsNames | None = None, pal: Palette = PLAIN) -> list[str]:
     proto = g.protocol + ("6" if g.family == "ipv6" else "4")
     steer = "steered by a reuseport BPF program" if g.bpf else "kernel hash"
     dev = f"  dev {g.bound_dev_if}" if g.bound_dev_if else ""
@@ -153,12 +155,13 @@ def group_lines(g: Group, names: NetnsNames | None = None) -> list[str]:
         queue = f"{m.queue}/{m.backlog}" if m.backlog is not None else f"{m.queue}B"
         rows.append((served, str(m.inode), str(m.delivered), _rate(m.rate),
                      "-" if m.share is None else f"{m.share * 100:.1f}%", queue,
-                     "-" if m.drops is None else str(m.drops), m.status.replace("_", " ")))
+                     "-" if m.drops is None else str(m.drops),
+                     pal.verdict(m.status, m.status.replace("_", " "))))
     rows.append(("total", "", str(g.delivered), _rate(g.rate), "", "", "", ""))
-    lines = [head] + ["  " + _columns(r) for r in rows]
+    lines = [pal.head(escaped(head))] + ["  " + _columns(r) for r in rows]
     for m in g.flagged:
         for problem in m.problems:
-            lines.append(f"  ! inode {m.inode}: {printable(problem)}")
+            lines.append(f"  {pal.verdict(m.status, '!')} inode {m.inode}: {printable(problem)}")
     # The holders as a second fact, where they are not what SERVED BY shows.
     holders = {o.pid: o for m in g.members for o in m.owners}
     takers = {a.owner.pid for m in g.members for a in m.acceptors}
@@ -166,7 +169,10 @@ def group_lines(g: Group, names: NetnsNames | None = None) -> list[str]:
         lines.append("  held by (fds): " + owner_labels(sorted(holders.values(), key=lambda o: o.pid)))
     if unseen:
         lines.append("  * no process was seen waiting on this socket: its holders are shown")
-    lines.append("  balance " + printable(g.balance_text()))
+    # Coloured by the worst member not served (stopped, dropping: red; not
+    # accepting: yellow), else by the split (uneven: yellow, even: green).
+    verdict = g.flagged[0].status if g.flagged else g.imbalance.verdict if g.imbalance else ""
+    lines.append("  balance " + pal.verdict(verdict, g.balance_text()))
     return lines
 
 

@@ -459,6 +459,12 @@ ENVIRONMENT: dict[str, str] = {
     "PORTSCOPE_LIBBPF": "the libbpf shared library to load instead of the system's libbpf.so.1",
     "PORTSCOPE_PIN_DIR": "where collectors pin their BPF maps (default /sys/fs/bpf/portscope); "
                          "another directory keeps two deployments apart",
+    "NO_COLOR": "set to anything but the empty string: no colour in text output, even on a "
+                "terminal (https://no-color.org); --color always still colours",
+    "FORCE_COLOR": "set to anything but the empty string: colour in text output even into a "
+                   "pipe or a file, as --color always (unless NO_COLOR is set or --color never "
+                   "is given); --json and -o FILE are never coloured",
+    "TERM": "dumb: no colour in text output (unless --color always or FORCE_COLOR)",
 }
 
 SEE_ALSO = ("ss(8)", "ip-netns(8)", "bpftool(8)", "bind(2)", "listen(2)", "connect(2)",

@@ -12,11 +12,11 @@ import json
 import sys
 from typing import Any
 
+from .colour import PLAIN, Palette, line, palette, shown
 from .errors import ExitStatus
 from .hijack import Finding, find_all
 from .history import History, stamp
 from .journal import JournalReader
-from .text import printable
 from .timeline import timeline
 
 MAX_PORTS_SHOWN = 200  # human output: timeline sections before "... and N more"
@@ -34,7 +34,7 @@ def run(args: argparse.Namespace) -> ExitStatus:
                    "timeline": entries}, sys.stdout, separators=(",", ":"))
         sys.stdout.write("\n")
     else:
-        print_report(summary, findings, entries)
+        print_report(summary, findings, entries, palette(args))
     return ExitStatus.OK
 
 
@@ -66,13 +66,15 @@ def journal_summary(reader: JournalReader, path: str, since: float | None) -> di
             "first": first, "last": last, "since": since, "notes": notes}
 
 
-def _out(line: str = "") -> None:
+def _out(text: str = "") -> None:
     """One line of the human report, escaped: names, paths and command
-    lines in a journal are whatever the recorded processes made them."""
-    print(printable(line))
+    lines in a journal are whatever the recorded processes made them (a
+    line made by tracer.colour is escaped already, and perhaps coloured)."""
+    print(shown(text))
 
 
-def print_report(summary: dict[str, Any], findings: list[Finding], entries: list[dict[str, Any]]) -> None:
+def print_report(summary: dict[str, Any], findings: list[Finding], entries: list[dict[str, Any]],
+                 pal: Palette = PLAIN) -> None:
     n = len(summary["sessions"])
     _out(f"journal {summary['path']}: schema {summary['schema']}, {n} recording session"
           f"{'s' if n != 1 else ''}, {summary['events']} events and {summary['snapshots']} snapshots"
@@ -82,9 +84,11 @@ def print_report(summary: dict[str, Any], findings: list[Finding], entries: list
     for note in summary["notes"]:
         _out(f"note: {note}")
     _out()
-    _out(f"{len(findings)} finding{'s' if len(findings) != 1 else ''}" + (":" if findings else ""))
+    _out(pal.head(f"{len(findings)} finding{'s' if len(findings) != 1 else ''}"
+                  + (":" if findings else "")))
     for i, f in enumerate(findings, 1):
-        _out(f"  [{i}] {stamp(f.time)}  {f.kind}  {f.protocol} port {f.port}  netns {f.netns}")
+        _out(line(f"  [{i}] {stamp(f.time)}  ", pal.paint(f.kind, "bad"),
+                  f"  {f.protocol} port {f.port}  netns {f.netns}"))
         _out(f"      {f.summary}")
         for note in f.notes:
             _out(f"      note: {note}")
@@ -92,7 +96,7 @@ def print_report(summary: dict[str, Any], findings: list[Finding], entries: list
         for e in f.evidence:
             _out("        " + _evidence_line(e))
     _out()
-    _out("timeline:" if entries else "timeline: nothing recorded")
+    _out(pal.head("timeline:" if entries else "timeline: nothing recorded"))
     current = None
     ports = 0
     for i, e in enumerate(entries):
@@ -105,8 +109,8 @@ def print_report(summary: dict[str, Any], findings: list[Finding], entries: list
                 _out(f"  ... and {rest} more ports: narrow it with --port, --netns or --since, "
                       "or read everything with --json")
                 break
-            _out(f"  {e['protocol']} port {e['port']}  netns {e['netns']}")
-        _out("    " + _timeline_line(e))
+            _out(line("  ", pal.head(f"{e['protocol']} port {e['port']}  netns {e['netns']}")))
+        _out(line("    ", _timeline_line(e, pal)))
 
 
 def _evidence_line(e: dict[str, Any]) -> str:
@@ -138,25 +142,29 @@ def _blocker_text(b: dict[str, Any]) -> str:
     return f"{who} ({b.get('rule')}{gone})"
 
 
-def _timeline_line(e: dict[str, Any]) -> str:
+def _timeline_line(e: dict[str, Any], pal: Palette = PLAIN) -> str:
     who = f"pid {','.join(map(str, e['pids']))}" if e["pids"] else "no known process"
     if e.get("comm"):
         who += f" {e['comm']}"
     if e.get("exe"):
         who += f" ({e['exe']})"
     opts = ",".join(e["options"]) or "-"
-    head = f"{stamp(e['time'])}  {e['what']:<10}"
+    what = str(e["what"])
+    head = line(f"{stamp(e['time'])}  ", pal.paint(what, "bad" if what == "conflict" else None),
+                " " * (10 - len(what)))
     if e["what"] == "conflict":
-        line = f"{head} {e['call']} {e['result']} {e['local']} {who} uid {e['uid']} {opts}"
+        text = line(head, f" {e['call']} ", pal.errno(str(e["result"])),
+                    f" {e['local']} {who} uid {e['uid']} {opts}")
         if e["count"] > 1:
-            line += f"  x{e['count']} until {stamp(e.get('until'))}"
+            text = line(text, f"  x{e['count']} until {stamp(e.get('until'))}")
         blockers = e.get("blockers")
         reason = e.get("reason")
         if blockers:
-            line += "  blocked by: " + "; ".join(_blocker_text(b) for b in blockers)
+            text = line(text, "  ", pal.paint("blocked by:", "bad"), " ",
+                        "; ".join(_blocker_text(b) for b in blockers))
         elif reason and reason.get("rule") != "conflict":
-            line += f"  why: {reason.get('text')}"
-        return line
+            text = line(text, "  ", pal.paint("why:", "warn"), f" {reason.get('text')}")
+        return text
     if e["call"]:
-        return f"{head} {e['local']} {who} uid {e['uid']} {opts}"
-    return f"{head} {e['local']} {who} uid {e['uid']} {opts}: {e.get('detail', '')}"
+        return line(head, f" {e['local']} {who} uid {e['uid']} {opts}")
+    return line(head, f" {e['local']} {who} uid {e['uid']} {opts}: {e.get('detail', '')}")

@@ -7,6 +7,7 @@ import json
 import time
 
 from .cgroups import CgroupIdentities
+from .colour import PLAIN, Palette, palette
 from .engine import Counters, Engine, EngineConfig
 from .errors import ExitStatus
 from .events import Clock, decode
@@ -49,7 +50,8 @@ def config_from_args(args: argparse.Namespace) -> EngineConfig:
     )
 
 
-def human_line(ev: CallEvent, names: NetnsNames | None = None) -> str:
+def human_line(ev: CallEvent, names: NetnsNames | None = None, pal: Palette = PLAIN) -> str:
+    """One event's line, escaped; its RESULT (ok or the errno) coloured by ``pal``."""
     stamp = clock_text(ev.time, date=False, digits=6)
     options = list(ev.options.names())
     if ev.options.bound_dev_if:
@@ -59,11 +61,15 @@ def human_line(ev: CallEvent, names: NetnsNames | None = None) -> str:
     proto = ev.protocol + ("6" if ev.family == "ipv6" else "4")
     bound = ev.bound if ev.bound_port or ev.call == "connect" else "-"
     values = (
-        stamp, ev.call, ev.errno_name or "ok", str(ev.pid), printable(ev.comm), str(ev.uid), proto,
+        stamp, ev.call, pal.errno(ev.errno_name or "ok", RESULT_WIDTH), str(ev.pid),
+        printable(ev.comm), str(ev.uid), proto,
         ev.requested, bound,
         ",".join(options) + f" netns={names.text(ev.netns) if names else ev.netns} ino={ev.inode}",
     )
     return _columns(values)
+
+
+RESULT_WIDTH = dict(COLUMNS)["RESULT"]  # a coloured errno is padded before _columns sees it
 
 
 def header_line() -> str:
@@ -75,14 +81,16 @@ def _columns(values: tuple[str, ...]) -> str:
 
 
 class Printer:
-    def __init__(self, out: Output, as_json: bool, explainer: OnTheSpot | None) -> None:
+    def __init__(self, out: Output, as_json: bool, explainer: OnTheSpot | None,
+                 pal: Palette = PLAIN) -> None:
         self.out = out
         self.as_json = as_json
         self.explainer = explainer
+        self.pal = PLAIN if as_json else pal
         self.identities = CgroupIdentities() if as_json else None
         self.names = NetnsNames(refresh_s=1.0)  # namespaces made since are named too
         if not as_json:
-            out.write(header_line() + "\n")
+            out.write(self.pal.head(header_line()) + "\n")
 
     def emit(self, ev: CallEvent) -> None:
         found = self.explainer.explain(ev) if self.explainer else None
@@ -95,11 +103,12 @@ class Printer:
                 doc["explanation"] = found.to_json()
             self.out.write(json.dumps(doc, separators=(",", ":")) + "\n")
         else:
-            line = human_line(ev, self.names)
+            line = human_line(ev, self.names, self.pal)
             if found is not None:
                 label = "blocked by" if found.blockers or ev.errno_name == "EADDRINUSE" \
                     and ev.call != "connect" else "why"
-                line += f"\n    {label}: " + found.text()
+                role = "bad" if label == "blocked by" else "warn"
+                line += f"\n    {self.pal.paint(label + ':', role)} " + found.text()
             self.out.write(line + "\n")
 
 
@@ -128,10 +137,15 @@ def open_output(path: str | None) -> Output:
     return Output(path)
 
 
+def output_palette(args: argparse.Namespace, out: Output) -> Palette:
+    """Colour by --color on stdout; never in --json, never into -o FILE."""
+    return palette(args, out.stream) if out.path is None and not args.json else PLAIN
+
+
 def _stream(engine: Engine, args: argparse.Namespace, out: Output, stop: StopSignal) -> ExitStatus:
     clock = Clock()
     explainer = None if args.no_explain else OnTheSpot()
-    printer = Printer(out, args.json, explainer)
+    printer = Printer(out, args.json, explainer, output_palette(args, out))
     out.flush()
     deadline = time.monotonic() + args.duration if args.duration else None
     shown = 0

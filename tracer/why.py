@@ -8,12 +8,12 @@ import os
 import pwd
 
 from .bindcheck import NamespaceFacts
+from .colour import PLAIN, Palette, line, palette, shown
 from .errors import ExitStatus, UsageError
 from .explain import LISTED, Explanation, Request, conn_of, explain, namespace_facts
 from .filters import Filter
 from .nsnames import netns_named
 from .ports import state_text
-from .text import printable
 
 
 def request_from_args(args: argparse.Namespace, facts: NamespaceFacts) -> Request:
@@ -85,7 +85,7 @@ def run(args: argparse.Namespace) -> ExitStatus:
         doc["blockers_filtered_out"] = left_out
         print(json.dumps(doc))
     else:
-        print(render(result, left_out))
+        print(render(result, left_out, palette(args)))
     return ExitStatus.OK if result.verdict == "free" else ExitStatus.CONFLICT
 
 
@@ -123,7 +123,8 @@ def _in_group(b: dict, group: dict) -> bool:
     return all(b[k] == group[k] for k in ("state", "local", "uid", "options", "pids", "held", "rule"))
 
 
-def _group_lines(group: dict, members: list[dict], protocol: str = "tcp") -> list[str]:
+def _group_lines(group: dict, members: list[dict], protocol: str = "tcp",
+                 pal: Palette = PLAIN) -> list[str]:
     """One group of blockers: what they are, who holds them, the rule; the
     peers and closers of the members described one by one."""
     count = group["count"]
@@ -147,8 +148,9 @@ def _group_lines(group: dict, members: list[dict], protocol: str = "tcp") -> lis
     if group["held"] in ("time_wait", "orphan") and high:
         timer = f"  frees in {_seconds(high)}" if count == 1 else \
             f"  free in {_seconds(low)} to {_seconds(high)}"
-    return [f"  blocked by {many}{state_text(protocol, group['state'])} {group['local']}{peers}  uid {group['uid']}  "
-            f"options [{', '.join(group['options']) or '-'}]  held by {owners}{timer}",
+    return [line("  ", pal.paint("blocked by", "bad"),
+                 f" {many}{state_text(protocol, group['state'])} {group['local']}{peers}  uid {group['uid']}  "
+                 f"options [{', '.join(group['options']) or '-'}]  held by {owners}{timer}"),
             f"    rule: {group['why']}"]
 
 
@@ -156,37 +158,41 @@ def _seconds(ms: int) -> str:
     return f"{ms / 1000:.0f} s" if ms >= 1000 else f"{ms} ms"
 
 
-def render(e: Explanation, filtered_out: int = 0) -> str:
+def render(e: Explanation, filtered_out: int = 0, pal: Palette = PLAIN) -> str:
     """The answer as lines for a terminal: every line escaped (an owner's
-    name, a path in a fix), blank lines between the parts; ``filtered_out``
-    blockers the filters left out are counted."""
+    name, a path in a fix), blank lines between the parts, the verdict,
+    errnos and fixes coloured by ``pal``; ``filtered_out`` blockers the
+    filters left out are counted."""
     doc: dict = e.to_json()  # read back as plain JSON values
     req = doc["request"]
     opts = ", ".join(req["options"]) or "no options"
     call = "listen() on" if e.request.listen else "bind() to"
-    verdict = "would succeed" if e.verdict == "free" else f"would FAIL with {e.errno}"
-    lines = [f"{call} {req['protocol']} {req['local']} ({opts}, uid {req['uid']}): {verdict}"]
+    verdict = pal.verdict("free", "would succeed") if e.verdict == "free" else \
+        line(pal.verdict(e.verdict, "would FAIL with"), " ", pal.errno(e.errno))
+    lines: list[str] = [line(f"{call} {req['protocol']} {req['local']} ({opts}, uid {req['uid']}): ",
+                             verdict)]
     for i, r in enumerate(e.reasons):
-        lines.append(f"  {'reason' if i == 0 else 'then'}: {r.text}" + (
-            f" ({r.errno})" if i else ""))
+        lines.append(line(f"  {'reason' if i == 0 else 'then'}: {r.text}",
+                          *((" (", pal.errno(r.errno), ")") if i else ())))
     if e.ephemeral and e.ephemeral.get("free") is not None:
         lo, hi = e.ephemeral["range"]
         lines.append(f"  port range {lo}-{hi}: {e.ephemeral['free']} port(s) free, "
                      f"{e.ephemeral['in_use']} in use, {e.ephemeral['reserved']} reserved")
-    shown = doc["blockers"]
+    listed = doc["blockers"]
     for group in doc["blocker_groups"]:
-        lines += [""] + _group_lines(group, [b for b in shown if _in_group(b, group)],
-                                     req["protocol"])
+        lines += [""] + _group_lines(group, [b for b in listed if _in_group(b, group)],
+                                     req["protocol"], pal)
     if filtered_out:
         lines += ["", f"  ({filtered_out} other blocker(s) do not match the filters)"]
-    if len(shown) < doc["blockers_total"]:
-        lines += ["", f"  ({len(shown)} of {doc['blockers_total']} blockers described one by one;"
+    if len(listed) < doc["blockers_total"]:
+        lines += ["", f"  ({len(listed)} of {doc['blockers_total']} blockers described one by one;"
                       " --all for every one)"]
     for rule in dict.fromkeys(str(f.params.get("for")) for f in e.fixes):
         fixes = [f for f in e.fixes if str(f.params.get("for")) == rule]
         errno = next((r.errno for r in e.reasons if r.rule == rule), "")
-        lines += ["", f"  what would work{' against ' + errno if len(e.reasons) > 1 else ''}:"]
-        lines += [f"    - {f.text}" for f in fixes]
+        lines += ["", line("  ", pal.head(
+            f"what would work{' against ' + errno if len(e.reasons) > 1 else ''}:"))]
+        lines += [line("    - ", pal.fix(f.text)) for f in fixes]
     for n in e.notes:
         lines += ["", f"  note: {n.text}"]
-    return "\n".join(printable(line) for line in lines)
+    return "\n".join(shown(text) for text in lines)
