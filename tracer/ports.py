@@ -50,7 +50,11 @@ def run(args: argparse.Namespace) -> ExitStatus:
         print(json.dumps({"sockets": docs, "health": inv.health(),
                           "unreadable": [{"what": w, "problem": p} for w, p in inv.problems]}))
     else:
-        _print_table(sockets, left, names)
+        rows = [(row(s, left.get(conn_of(s)), names), owner_details(s) if args.verbose else ())
+                 for s in sockets]
+        if not args.all:
+            rows = summarise(rows)
+        _print_table(rows, None if args.all else args.top)
         _print_health(inv)
     return ExitStatus.OK
 
@@ -91,15 +95,75 @@ def row(s: Socket, closer: object = None, names: NetnsNames | None = None) -> tu
             flags or "-", owners)
 
 
-def _print_table(sockets: list[Socket], left: dict | None = None,
-                 names: NetnsNames | None = None) -> None:
-    # Every cell escaped: owners' names and units are anybody's to choose.
-    left = left or {}
-    rows = [HEADER] + [tuple(printable(v) for v in row(s, left.get(conn_of(s)), names))
-                       for s in sockets]
-    widths = [max(len(r[i]) for r in rows) for i in range(len(HEADER) - 1)]
-    for r in rows:
+# Rows alike but for the remote port (a server's clients, TIME_WAIT left by
+# them) are one line from this many on, unless --all.
+ALIKE = 3
+TOP = 100  # lines shown by default; the rest are counted
+
+
+Line = tuple[tuple[str, ...], tuple[str, ...]]  # (a row's cells, lines under it)
+
+
+def owner_details(s: Socket) -> tuple[str, ...]:
+    """-v: each holder's command line and executable, under its row."""
+    out = []
+    for o in s.owners:
+        command = o.cmdline or "?"
+        exe = f"  (exe {o.exe})" if o.exe and not command.startswith(o.exe) else ""
+        problem = f"  ({o.problem})" if o.problem else ""
+        out.append(f"    {o.comm}[{o.pid}]: {command}{exe}{problem}")
+    return tuple(out)
+
+
+def summarise(rows: list[Line]) -> list[Line]:
+    """Rows that differ only in the remote port, queue, timer and inode as
+    one row: REMOTE ``10.0.0.7:* x2,999``, the timers' range. The order of
+    the first of each kind is kept."""
+    def kind(r: tuple[str, ...]) -> tuple[str, ...]:
+        remote = r[4].rsplit(":", 1)[0] if r[4] != "*" else "*"
+        return r[:4] + (remote,) + r[7:8] + r[9:]
+
+    kinds: dict[tuple[str, ...], list[Line]] = {}
+    for line in rows:
+        kinds.setdefault(kind(line[0]), []).append(line)
+    out = []
+    for alike in kinds.values():
+        if len(alike) < ALIKE or alike[0][0][4] == "*":
+            out.extend(alike)
+            continue
+        first, details = alike[0]
+        timer = _timer_range([r[6] for r, _ in alike])
+        out.append((first[:4] + (f"{kind(first)[4]}:* x{len(alike):,}", "-", timer, first[7],
+                                 "-") + first[9:], details))
+    return out
+
+
+def _timer_range(timers: list[str]) -> str:
+    """``timewait:12.0-59.8s`` from ``timewait:12.0s``..., numerically."""
+    names = {t.split(":", 1)[0] for t in timers}
+    try:
+        secs = [float(t.split(":", 1)[1].rstrip("s")) for t in timers]
+    except (IndexError, ValueError):  # no timer ("-"), or several kinds
+        return "-" if set(timers) == {"-"} else "various"
+    if len(names) != 1:
+        return "various"
+    lo, hi = min(secs), max(secs)
+    return f"{names.pop()}:{lo:.1f}s" if lo == hi else f"{names.pop()}:{lo:.1f}-{hi:.1f}s"
+
+
+def _print_table(rows: list[Line], top: int | None = None) -> None:
+    """``top``: the first lines shown (None: every one), the rest counted."""
+    shown = rows if top is None else rows[:top]
+    # Every cell escaped: owners' names, units and command lines are anybody's.
+    lines = [(HEADER, ())] + [(tuple(printable(v) for v in r), d) for r, d in shown]
+    widths = [max(len(r[i]) for r, _ in lines) for i in range(len(HEADER) - 1)]
+    for r, details in lines:
         print("  ".join(v.ljust(w) for v, w in zip(r, widths)) + "  " + r[-1])
+        for detail in details:
+            print(printable(detail))
+    if len(shown) < len(rows):
+        print(f"... {len(rows) - len(shown):,} more line(s): --all shows every socket, "
+              f"--top N the first N lines, --json every socket")
 
 
 NAMED_PROBLEMS = 5  # unreadable processes named on the health line; the rest counted

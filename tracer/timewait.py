@@ -31,6 +31,19 @@ def is_time_wait(s: Socket) -> bool:
     return s.diag.state == "TIME_WAIT" or (s.diag.state == "FIN_WAIT2" and s.diag.timer == "timewait")
 
 
+def endpoint(s: Socket, rng: PortRange | None) -> tuple[str, str]:
+    """(port, remote) a TIME_WAIT socket is counted under. On a server the
+    remote port is the client's ephemeral one, different for every socket:
+    the remote is its address alone, and the port is ours. On a connection
+    we opened (our port in ``ip_local_port_range``, the remote's not) it is
+    the reverse: our port is "ephemeral", the remote keeps its service port."""
+    d = s.diag
+    if rng is not None and rng.low <= d.local_port <= rng.high \
+            and not rng.low <= d.remote_port <= rng.high:
+        return "ephemeral", format_addr(d.family, d.remote_addr, d.remote_port)
+    return str(d.local_port), d.remote_addr
+
+
 def key_of(s: Socket) -> ConnKey:
     d = s.diag
     return (d.netns, d.family, d.local_addr, d.local_port, d.remote_addr, d.remote_port)
@@ -106,6 +119,7 @@ def report(port: int | None = None, by: str = "port", netns: str | None = None,
     inv = take(port=None, protocols=("tcp",), netns=netns, details=False)
     if closers is None:
         closers, collectors = read_pinned()
+    ranges = _ranges(netns)
     tw = [s for s in inv.sockets if is_time_wait(s) and (port is None or s.diag.local_port == port)
           and flt.matches_socket(s, closers.get(key_of(s)))]
     groups: dict[str, Group] = {}
@@ -113,7 +127,7 @@ def report(port: int | None = None, by: str = "port", netns: str | None = None,
     for s in tw:
         closer = closers.get(key_of(s))
         attributed += closer is not None
-        name = _group_name(s, by, closer)
+        name = _group_name(s, by, closer, ranges.get(s.diag.netns))
         groups.setdefault(name, Group(name)).add(s.diag.timer_ms)
     notes = []
     if not collectors:
@@ -126,18 +140,16 @@ def report(port: int | None = None, by: str = "port", netns: str | None = None,
         total=len(tw), attributed=attributed, collectors=collectors or 0,
         groups=sorted(groups.values(), key=lambda g: (-g.count, g.key)),
         histogram=histogram(s.diag.timer_ms for s in tw),
-        pressure=pressure(inv, netns, flt), inventory=inv, notes=notes,
+        pressure=pressure(inv, netns, flt, ranges), inventory=inv, notes=notes,
     )
 
 
 
-def _group_name(s: Socket, by: str, closer: Closer | None) -> str:
-    d = s.diag
-    if by == "remote":
-        return format_addr(d.family, d.remote_addr, d.remote_port)
+def _group_name(s: Socket, by: str, closer: Closer | None, rng: PortRange | None) -> str:
     if by == "process":
         return f"{closer.comm}[{closer.pid}] uid {closer.uid}" if closer else "unknown"
-    return f"{d.local_port}"
+    port, remote = endpoint(s, rng)
+    return remote if by == "remote" else port
 
 
 def histogram(left_ms: Iterable[int]) -> list[tuple[str, int]]:
@@ -150,13 +162,14 @@ def histogram(left_ms: Iterable[int]) -> list[tuple[str, int]]:
 # ---- ephemeral-port pressure ---------------------------------------------------
 
 
-def pressure(inv: Inventory, netns: str | None, flt: Filter | None = None) -> list[Pressure]:
+def pressure(inv: Inventory, netns: str | None, flt: Filter | None = None,
+             ranges: dict[int, PortRange] | None = None) -> list[Pressure]:
     """Ports of the ephemeral range in use per (netns, source address,
     destination). connect() needs a local port unused towards that
     destination; ports held by listeners or bound sockets are unusable for
     every destination. ``flt``: only the connections its address and
     namespace criteria match are counted (the held ports all are)."""
-    ranges = _ranges(netns)
+    ranges = _ranges(netns) if ranges is None else ranges
     held: Counter[int] = Counter()
     per_dest: Counter[tuple[int, str, str]] = Counter()
     for s in inv.sockets:
@@ -211,7 +224,7 @@ def run(args: "argparse.Namespace") -> "ExitStatus":  # noqa: F821
             else:
                 if args.watch:
                     print("\033[H\033[2J", end="")
-                print(render(result, args.by), flush=True)
+                print(render(result, args.by, None if args.all else args.top), flush=True)
             if not args.watch:
                 return ExitStatus.OK
             time.sleep(args.interval)
@@ -222,17 +235,24 @@ def run(args: "argparse.Namespace") -> "ExitStatus":  # noqa: F821
             engine.close()
 
 
-def render(r: TimewaitReport, by: str) -> str:
-    """Lines for a terminal; a group's key (a closer's name) is escaped."""
+TOP = 40  # groups shown by default, the biggest first
+
+
+def render(r: TimewaitReport, by: str, top: int | None = TOP) -> str:
+    """Lines for a terminal; a group's key (a closer's name) is escaped.
+    ``top``: the biggest groups shown (None: every one), the rest summed."""
     lines = [f"{r.total} TIME_WAIT socket(s); closer known for {r.attributed}"
              f" ({r.collectors} portscope collector(s) recording)"]
     if r.groups:
         lines += ["", f"{'BY ' + by.upper():32} {'COUNT':>7}  TIME LEFT (s)"]
-        for g in r.groups[:40]:
+        shown = r.groups if top is None else r.groups[:top]
+        for g in shown:
             lines.append(f"{printable(g.key):32} {g.count:7}  "
                          f"{g.min_left_ms / 1000:.0f}-{g.max_left_ms / 1000:.0f}")
-        if len(r.groups) > 40:
-            lines.append(f"... and {len(r.groups) - 40} more (use --json)")
+        if len(shown) < len(r.groups):
+            rest = r.groups[len(shown):]
+            lines.append(f"{f'{len(rest)} more group(s)':32} {sum(g.count for g in rest):7}"
+                         f"  (--all lists every group, --top N the N biggest)")
     if r.total:
         peak = max(c for _, c in r.histogram) or 1
         lines += ["", "time left"]

@@ -26,7 +26,7 @@ from .state import (
     TimewaitRow,
     TimewaitView,
 )
-from .timewait import Pressure, histogram, is_time_wait, key_of
+from .timewait import Pressure, endpoint, histogram, is_time_wait, key_of
 
 TIMEWAIT_ROWS = 500
 # A conflict: a call of these that failed (a non-blocking connect()'s
@@ -128,12 +128,7 @@ def timewait_view(sockets: Iterable[Socket], closers: dict[ConnKey, Closer], col
             continue
         d = s.diag
         total += 1
-        rng = ranges.get(d.netns)
-        ephemeral = rng is not None and rng.low <= d.local_port <= rng.high
-        if ephemeral and not rng.low <= d.remote_port <= rng.high:
-            port, remote = "ephemeral", format_addr(d.family, d.remote_addr, d.remote_port)
-        else:
-            port, remote = str(d.local_port), d.remote_addr
+        port, remote = endpoint(s, ranges.get(d.netns))
         closer = closers.get(key_of(s))
         attributed += closer is not None
         who = f"{closer.comm}[{closer.pid}]" if closer else "unknown"

@@ -113,11 +113,14 @@ def test_why_names_hostile_owners_safely(name: str) -> None:
 def test_ports_table_is_one_line_per_socket(name: str) -> None:
     out = io.StringIO()
     with redirect_stdout(out):
-        ports._print_table([listener(name), listener(name, 9090)])
+        # with -v: each holder's command line and executable under its socket
+        ports._print_table([(ports.row(s), ports.owner_details(s))
+                            for s in (listener(name), listener(name, 9090))])
         ports._print_health(Inventory([], namespaces=1))
     text = out.getvalue()
     assert_safe(text, "ports")
     assert len([ln for ln in lines_of(text) if ln.startswith("4026531840")]) == 2
+    assert len([ln for ln in lines_of(text) if ln.startswith("    ")]) == 4  # 2 holders each
 
 
 @given(hostile_text())

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from ..arguments import interval, port_number
+from ..arguments import interval, port_number, positive_int
 from .common import add_filter_options
 
 
@@ -21,7 +21,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                     "is what makes connect() fail with EADDRNOTAVAIL.",
         epilog="examples:\n"
                "  portscope timewait                 every TIME_WAIT socket, by local port\n"
-               "  portscope timewait 443 --by remote who we talked to on 443\n"
+               "  portscope timewait 443 --by remote who we talked to on 443, biggest first\n"
                "  portscope timewait --by process --watch\n"
                "  portscope timewait --dst 10.0.0.0/8 --dport 5432   towards the databases in 10/8\n",
         formatter_class=argparse.RawDescriptionHelpFormatter,
@@ -34,6 +34,10 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         "pid": "TIME_WAIT sockets have no process: the one that closed the connection, when a "
                "portscope collector recorded it (as for --comm, --uid and --unit)",
         "src": "also chooses the pressure lines (as --dst, --dport and --netns)"})
+    shown = timewait.add_mutually_exclusive_group()
+    shown.add_argument("--top", type=positive_int, default=40, metavar="N",
+                       help="show the N biggest groups, the rest summed on one line (default 40)")
+    shown.add_argument("--all", action="store_true", help="show every group")
     timewait.add_argument("--watch", action="store_true",
                           help="record closes while running and refresh (Ctrl-C to stop)")
     timewait.add_argument("--interval", type=interval, default=1.0, metavar="SECONDS",
