@@ -10,7 +10,7 @@ from .explain import conn_of, holding
 from .filters import Filter
 from .inventory import Inventory, Socket, take
 from .nsnames import NetnsNames, with_netns_name
-from .records import owners_text
+from .records import owner_detail, owners_text
 from .text import printable
 
 HEADER = ("NETNS", "PROTO", "STATE", "LOCAL", "REMOTE", "QUEUE", "TIMER", "UID", "INODE",
@@ -106,13 +106,7 @@ Line = tuple[tuple[str, ...], tuple[str, ...]]  # (a row's cells, lines under it
 
 def owner_details(s: Socket) -> tuple[str, ...]:
     """-v: each holder's command line and executable, under its row."""
-    out = []
-    for o in s.owners:
-        command = o.cmdline or "?"
-        exe = f"  (exe {o.exe})" if o.exe and not command.startswith(o.exe) else ""
-        problem = f"  ({o.problem})" if o.problem else ""
-        out.append(f"    {o.comm}[{o.pid}]: {command}{exe}{problem}")
-    return tuple(out)
+    return tuple(f"    {owner_detail(o)}" for o in s.owners)
 
 
 def summarise(rows: list[Line]) -> list[Line]:

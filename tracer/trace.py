@@ -16,6 +16,7 @@ from .loader import open_engine
 from .nsnames import NetnsNames, with_netns_name
 from .onthespot import OnTheSpot
 from .plans import Plan
+from .procfs import command_of
 from .records import CallEvent
 from .runtime import (
     COALESCE_S,
@@ -50,8 +51,10 @@ def config_from_args(args: argparse.Namespace) -> EngineConfig:
     )
 
 
-def human_line(ev: CallEvent, names: NetnsNames | None = None, pal: Palette = PLAIN) -> str:
-    """One event's line, escaped; its RESULT (ok or the errno) coloured by ``pal``."""
+def human_line(ev: CallEvent, names: NetnsNames | None = None, pal: Palette = PLAIN,
+               where: dict[str, str | None] | None = None) -> str:
+    """One event's line, escaped; its RESULT (ok or the errno) coloured by
+    ``pal``; ``where``: the caller's unit or container, shown at the end."""
     stamp = clock_text(ev.time, date=False, digits=6)
     options = list(ev.options.names())
     if ev.options.bound_dev_if:
@@ -64,9 +67,29 @@ def human_line(ev: CallEvent, names: NetnsNames | None = None, pal: Palette = PL
         stamp, ev.call, pal.errno(ev.errno_name or "ok", RESULT_WIDTH), str(ev.pid),
         printable(ev.comm), str(ev.uid), proto,
         ev.requested, bound,
-        ",".join(options) + f" netns={names.text(ev.netns) if names else ev.netns} ino={ev.inode}",
+        ",".join(options) + f" netns={names.text(ev.netns) if names else ev.netns} ino={ev.inode}"
+        + _where_text(where),
     )
     return _columns(values)
+
+
+def _where_text(where: dict[str, str | None] | None) -> str:
+    """`` container=1a2b3c4d5e6f`` or `` unit=nginx.service`` (escaped), or ""."""
+    if not where:
+        return ""
+    if where.get("container"):
+        return f" container={printable(where['container'] or '')}"
+    return f" unit={printable(where['unit'] or '')}" if where.get("unit") else ""
+
+
+def caller_line(ev: CallEvent) -> str:
+    """``-v``: the caller's command line and executable under its event,
+    read when the event is printed (a process that exited is said so)."""
+    command, exe = command_of(ev.pid)
+    if command is None and exe is None:
+        return "    caller: gone, or not readable"
+    shown_exe = f"  (exe {exe})" if exe and not (command or "").startswith(exe) else ""
+    return printable(f"    caller: {command or '?'}{shown_exe}")
 
 
 RESULT_WIDTH = dict(COLUMNS)["RESULT"]  # a coloured errno is padded before _columns sees it
@@ -82,12 +105,13 @@ def _columns(values: tuple[str, ...]) -> str:
 
 class Printer:
     def __init__(self, out: Output, as_json: bool, explainer: OnTheSpot | None,
-                 pal: Palette = PLAIN) -> None:
+                 pal: Palette = PLAIN, verbose: bool = False) -> None:
         self.out = out
         self.as_json = as_json
         self.explainer = explainer
         self.pal = PLAIN if as_json else pal
-        self.identities = CgroupIdentities() if as_json else None
+        self.verbose = verbose and not as_json
+        self.identities = CgroupIdentities()
         self.names = NetnsNames(refresh_s=1.0)  # namespaces made since are named too
         if not as_json:
             out.write(self.pal.head(header_line()) + "\n")
@@ -103,7 +127,9 @@ class Printer:
                 doc["explanation"] = found.to_json()
             self.out.write(json.dumps(doc, separators=(",", ":")) + "\n")
         else:
-            line = human_line(ev, self.names, self.pal)
+            line = human_line(ev, self.names, self.pal, self.identities.get(ev.pid, ev.cgroup_id))
+            if self.verbose:
+                line += "\n" + caller_line(ev)
             if found is not None:
                 label = "blocked by" if found.blockers or ev.errno_name == "EADDRINUSE" \
                     and ev.call != "connect" else "why"
@@ -145,7 +171,8 @@ def output_palette(args: argparse.Namespace, out: Output) -> Palette:
 def _stream(engine: Engine, args: argparse.Namespace, out: Output, stop: StopSignal) -> ExitStatus:
     clock = Clock()
     explainer = None if args.no_explain else OnTheSpot()
-    printer = Printer(out, args.json, explainer, output_palette(args, out))
+    printer = Printer(out, args.json, explainer, output_palette(args, out),
+                      getattr(args, "verbose", False))
     out.flush()
     deadline = time.monotonic() + args.duration if args.duration else None
     shown = 0

@@ -13,6 +13,7 @@ from .errors import ExitStatus, UsageError
 from .explain import LISTED, Explanation, Request, conn_of, explain, namespace_facts
 from .filters import Filter
 from .nsnames import netns_named
+from .records import owner_detail
 from .ports import state_text
 
 
@@ -85,7 +86,7 @@ def run(args: argparse.Namespace) -> ExitStatus:
         doc["blockers_filtered_out"] = left_out
         print(json.dumps(doc))
     else:
-        print(render(result, left_out, palette(args)))
+        print(render(result, left_out, palette(args), args.verbose))
     return ExitStatus.OK if result.verdict == "free" else ExitStatus.CONFLICT
 
 
@@ -158,7 +159,8 @@ def _seconds(ms: int) -> str:
     return f"{ms / 1000:.0f} s" if ms >= 1000 else f"{ms} ms"
 
 
-def render(e: Explanation, filtered_out: int = 0, pal: Palette = PLAIN) -> str:
+def render(e: Explanation, filtered_out: int = 0, pal: Palette = PLAIN,
+           verbose: bool = False) -> str:
     """The answer as lines for a terminal: every line escaped (an owner's
     name, a path in a fix), blank lines between the parts, the verdict,
     errnos and fixes coloured by ``pal``; ``filtered_out`` blockers the
@@ -179,9 +181,13 @@ def render(e: Explanation, filtered_out: int = 0, pal: Palette = PLAIN) -> str:
         lines.append(f"  port range {lo}-{hi}: {e.ephemeral['free']} port(s) free, "
                      f"{e.ephemeral['in_use']} in use, {e.ephemeral['reserved']} reserved")
     listed = doc["blockers"]
+    holders = {o.pid: o for _, s in e.blockers for o in s.owners}
     for group in doc["blocker_groups"]:
         lines += [""] + _group_lines(group, [b for b in listed if _in_group(b, group)],
                                      req["protocol"], pal)
+        if verbose:  # -v: who each holder is, beyond comm[pid] (unit)
+            lines += [f"    {owner_detail(holders[pid])}" for pid in group["pids"]
+                      if pid in holders]
     if filtered_out:
         lines += ["", f"  ({filtered_out} other blocker(s) do not match the filters)"]
     if len(listed) < doc["blockers_total"]:

@@ -10,7 +10,6 @@ kernel matrix runs them natively only (NATIVE_ONLY in scripts/kernel-matrix)."""
 
 from __future__ import annotations
 
-import ctypes
 import ipaddress
 import json
 import os
@@ -24,24 +23,13 @@ from pathlib import Path
 from typing import Callable, Iterator
 
 import pytest
-from harness import Actor, Netns, _ActorServer
+from harness import Actor, Netns
 
 from tests.needs import SLOWDOWN, missing
 from tracer.cgroups import cgroup2_root
 
 REPO = Path(__file__).resolve().parents[2]
 ALIAS = "10.20.30.1"  # a second IPv4 address, on lo of the namespace
-PR_SET_NAME = 15
-
-
-def _op_set_comm(self: _ActorServer, name: str) -> None:
-    libc = ctypes.CDLL(None, use_errno=True)
-    if libc.prctl(PR_SET_NAME, name.encode(), 0, 0, 0) != 0:
-        raise OSError(ctypes.get_errno(), "prctl(PR_SET_NAME)")
-
-
-# The actor is forked from this process: it serves this step too.
-_ActorServer.op_set_comm = _op_set_comm  # type: ignore[attr-defined]
 
 
 def portscope(*args: str, timeout: float = 60) -> subprocess.CompletedProcess[str]:
@@ -116,8 +104,7 @@ class Scene:
                       server_addr="127.0.0.1")
 
     def _who(self, comm: str, uid: int, unit: str, root: str, cgroups: list[str]) -> Who:
-        actor = Actor(self.ns, uid=uid)
-        actor._call("set_comm", comm)
+        actor = Actor(self.ns, uid=uid, comm=comm.encode())
         path = os.path.join(root, unit)
         os.mkdir(path)
         cgroups.append(path)
@@ -405,8 +392,7 @@ def test_trace_filters_on_events(root: None) -> None:
     ns = Netns()
     try:
         port = random.randint(30000, 39999)
-        a = Actor(ns)
-        a._call("set_comm", "psf-tracee")
+        a = Actor(ns, comm=b"psf-tracee")
         tracer = subprocess.Popen([sys.executable, "-m", "tracer.cli", "trace", "--json",
                                    "--netns", str(ns.inode), "--no-explain", "--comm",
                                    "psf-tracee", "--dport", str(port), "--dst", "127.0.0.0/8"],

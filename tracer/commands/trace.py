@@ -52,6 +52,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     o = trace.add_argument_group("output")
     o.add_argument("--json", action="store_true",
                    help="one JSON object per line (keys documented in the README)")
+    o.add_argument("-v", "--verbose", action="store_true",
+                   help="the caller's command line and executable under each event "
+                        "(text only; --json has the caller's unit, container and pod)")
     o.add_argument("-o", "--output", metavar="FILE",
                    help="write the events to FILE instead of stdout (appended, one line per "
                         "event, flushed at once; with --json: JSON lines for Vector or Fluent Bit)")

@@ -72,6 +72,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         "pid": "filters the blockers listed, never the verdict (as every filter: the bind "
                "fails whichever blockers are listed)",
         "netns": "given once: the namespace the bind is checked in"})
+    why.add_argument("-v", "--verbose", action="store_true",
+                     help="each blocker's holders with their command line and executable")
     why.add_argument("--json", action="store_true", help='{"verdict": "free"|"conflict"|'
                      '"refused", "errno", "reasons": [...], "blockers": [...], "blockers_total", '
                      '"blocker_groups": [...], "fixes": [...], "notes": [...]}: each reason, fix and note has a kind and its parameters '

@@ -31,7 +31,15 @@ from .calls import EVENT_COLUMNS, CallEvent, Capture, Captured, Options, Recorde
 from .explanations import HELD_WHO, BlockerSummary, EventExplanation, Fix, Note, Reason
 from .findings import Finding
 from .groups import Acceptor, Group, GroupsReading, Member, MemberEvent, reading_from_json
-from .sockets import SOCKET_COLUMNS, Owner, RecordedSnapshot, SocketRecord, owner_label, owners_text
+from .sockets import (
+    SOCKET_COLUMNS,
+    Owner,
+    RecordedSnapshot,
+    SocketRecord,
+    owner_detail,
+    owner_label,
+    owners_text,
+)
 from .vocabulary import (
     FAMILIES,
     OPTION_NAMES,
@@ -48,5 +56,6 @@ __all__ = [
     "TCP_STATES", "Acceptor", "BlockerSummary", "CallEvent", "Capture", "Captured", "EventExplanation",
     "Finding", "Fix", "Group", "GroupsReading", "Member", "MemberEvent", "Note", "Options",
     "Owner", "Reason", "RecordedCall", "RecordedSnapshot", "SocketRecord", "address_of_family",
-    "errno_name", "format_addr", "owner_label", "owners_text", "reading_from_json", "split_endpoint",
+    "errno_name", "format_addr", "owner_detail", "owner_label", "owners_text", "reading_from_json",
+    "split_endpoint",
 ]

@@ -203,6 +203,16 @@ def owner_label(o: Mapping[str, object]) -> str:
     return f"{comm}[{pid if type(pid) is int else '?'}]" + (f" ({where})" if where else "")
 
 
+def owner_detail(o: Owner) -> str:
+    """``nginx[812]: /usr/sbin/nginx -g daemon off;`` (``-v``): a holder's
+    command line, its executable when the command line does not start with
+    it, and why it could not be read. Not escaped."""
+    command = o.cmdline or "?"
+    exe = f"  (exe {o.exe})" if o.exe and not command.startswith(o.exe) else ""
+    problem = f"  ({o.problem})" if o.problem else ""
+    return f"{o.comm}[{o.pid}]: {command}{exe}{problem}"
+
+
 def owners_text(owners: Sequence[Owner]) -> str:
     """Who holds a socket, in words: ``nginx[812] (+4 holding)`` when the
     ones that take its connections are known (the others only inherited
