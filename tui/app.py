@@ -190,6 +190,10 @@ class PortscopeApp(App[None]):
         if self.should_stop is not None and self.should_stop():
             self.exit()
             return
+        if self.focused is None and self.screen is self.screen_stack[0]:
+            # A screen switched to within a frame can be focused while still
+            # hidden, which Textual ignores: the keys would then reach no list.
+            self._focus_active()
         if self.paused and not force:
             return
         snap = self.source.snapshot()
