@@ -40,6 +40,7 @@ from .events import Clock, decode
 from .inventory import select_namespaces, take
 from .loader import open_engine
 from .netns import port_range
+from .nsnames import NetnsNames
 from .onthespot import explainable
 from .owners import OwnerCache, caller_of
 from .records import CallEvent, EventExplanation
@@ -277,8 +278,10 @@ class LiveCollector:
 
     def _refresh_ports(self, its: SharedIterators) -> None:
         inv = take(states=PORT_STATES, iterators=its)
-        rows = sort_rows([socket_row(s) for s in inv.sockets])
-        self.model.set_ports(rows)
+        names = NetnsNames(inv.scan)  # read again with each inventory: names come and go
+        rows = sort_rows([socket_row(s, names) for s in inv.sockets])
+        labels = {ns: label for ns in {r.netns for r in rows} if (label := names.label(ns))}
+        self.model.set_ports(rows, netns_names=labels)
         self.model.update_health(unreadable_processes=inv.unreadable_processes,
                                  flags_unknown=inv.flags_unknown, namespaces=inv.namespaces,
                                  namespaces_gone=inv.namespaces_gone)

@@ -52,8 +52,11 @@ class Replay:
             caller = Owner.from_json(doc["caller"]) if doc.get("caller") is not None else None
             self.model.add_conflict(ev, EventExplanation.from_event_json(doc), caller=caller)
         elif kind == "ports":
+            # The namespaces' labels as the recorder read them (netns_name).
+            names = {s["netns"]: s["netns_name"] for s in doc["sockets"]
+                     if isinstance(s.get("netns_name"), str) and isinstance(s.get("netns"), int)}
             self.model.set_ports(sort_rows([SocketRow.from_json(s) for s in doc["sockets"]]),
-                                 doc.get("time"))
+                                 doc.get("time"), names)
             health = doc.get("health") or {}
             self.model.update_health(**{k: v for k, v in health.items()
                                         if k in Health.__dataclass_fields__})

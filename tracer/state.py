@@ -21,7 +21,7 @@ import threading
 import time
 from collections import deque
 from dataclasses import dataclass, field, replace
-from typing import Callable, Iterable, Sequence
+from typing import Callable, Iterable, Mapping, Sequence
 
 from . import text
 from .records import CallEvent, EventExplanation, Owner, owner_label
@@ -136,6 +136,7 @@ class SocketRow:
     pids: tuple[int, ...]
     users: str  # owners' user names, comma-separated
     search: str  # lowercase text the filter matches
+    netns_text: str = ""  # "4026532248 (blue)": the inode and its label
     # Its ``portscope ports --json`` form, made when asked (the UI saving a
     # screen): a bound method of the inventory's socket, or a recording's dict.
     json: Callable[[], dict[str, object]] | None = field(default=None, compare=False)
@@ -153,7 +154,8 @@ class SocketRow:
               timer_ms: int, uid: int, inode: int, cookie: int,
               options: Iterable[str] | None, group: int, group_size: int, group_bpf: bool,
               owners: Sequence[tuple[int, str, str | None]],
-              json: Callable[[], dict[str, object]] | None = None) -> "SocketRow":
+              json: Callable[[], dict[str, object]] | None = None,
+              netns_name: str | None = None) -> "SocketRow":
         """``owners``: (pid, label, user) of every holder."""
         proto = protocol + ("6" if family == "ipv6" else "4")
         remote_text = "*" if remote.endswith(":0") else remote
@@ -163,12 +165,15 @@ class SocketRow:
         users = ",".join(sorted({u for _, _, u in owners if u}))
         flags = _flags_text(opts, group, group_size, group_bpf)
         search = " ".join((proto, state, local, remote_text, owner_text, users,
-                           ",".join(opts or ()), flags, f"uid={uid} ns={netns} lport={port} "))
+                           ",".join(opts or ()), flags, netns_name or "",
+                           f"uid={uid} ns={netns} lport={port} "))
+        netns_text = f"{netns} ({netns_name})" if netns_name else str(netns)
         listening = state == "LISTEN"
         return cls(netns, proto, state, local, remote_text, port, f"{rqueue}/{wqueue}",
                    rqueue if listening else 0, wqueue if listening else 0,
                    timer_text, uid, inode, cookie, opts, group, group_size, group_bpf,
-                   owner_text, tuple([p for p, _, _ in owners]), users, search.lower(), json)
+                   owner_text, tuple([p for p, _, _ in owners]), users, search.lower(),
+                   netns_text, json)
 
     @classmethod
     def from_json(cls, d: dict) -> "SocketRow":
@@ -182,7 +187,8 @@ class SocketRow:
             timer=d.get("timer"), timer_ms=d.get("timer_ms", 0), uid=d["uid"],
             inode=d["inode"], cookie=d["cookie"], options=d.get("options"),
             group=d.get("reuseport_group") or 0, group_size=d.get("reuseport_group_size") or 0,
-            group_bpf=bool(d.get("reuseport_bpf")), owners=owners, json=d.copy)
+            group_bpf=bool(d.get("reuseport_bpf")), owners=owners, json=d.copy,
+            netns_name=d.get("netns_name") if isinstance(d.get("netns_name"), str) else None)
 
 
 _OPTION_SHORT = {"reuseaddr": "ra", "reuseport": "rp", "v6only": "v6", "freebind": "fb",
@@ -355,6 +361,7 @@ class Versions:
     groups: int = 0
     timewait: int = 0
     health: int = 0
+    names: int = 0  # the namespaces' labels (every screen that shows a netns reads them)
 
 
 @dataclass(frozen=True)
@@ -368,6 +375,14 @@ class Snapshot:
     groups: tuple[GroupView, ...]
     timewait: TimewaitView | None
     health: Health
+    # Namespace inode -> its label (host, an ip netns name, container ID),
+    # as read with the last inventory (tracer/nsnames.py).
+    netns_names: Mapping[int, str] = field(default_factory=dict)
+
+    def netns_text(self, inode: int) -> str:
+        """``4026532248 (blue)``, or the inode alone; not escaped."""
+        name = self.netns_names.get(inode)
+        return f"{inode} ({name})" if name else str(inode)
 
     @property
     def listeners(self) -> int:
@@ -389,6 +404,7 @@ class StateModel:
         self._conflicts_total = 0
         self._ports: tuple[SocketRow, ...] = ()
         self._ports_taken_at = 0.0
+        self._netns_names: dict[int, str] = {}
         self._groups: tuple[GroupView, ...] = ()
         self._timewait: TimewaitView | None = None
         self._health = Health(started=time.time())
@@ -462,9 +478,14 @@ class StateModel:
             self._conflicts_total = total
             self._bump("conflicts")
 
-    def set_ports(self, rows: Sequence[SocketRow], taken_at: float | None = None) -> None:
+    def set_ports(self, rows: Sequence[SocketRow], taken_at: float | None = None,
+                  netns_names: Mapping[int, str] | None = None) -> None:
+        """``netns_names``: the namespaces' labels read with these rows."""
         with self._lock:
             self._ports = tuple(rows)
+            if netns_names is not None and dict(netns_names) != self._netns_names:
+                self._netns_names = dict(netns_names)
+                self._bump("names")
             self._ports_taken_at = time.time() if taken_at is None else taken_at
             self._bump("ports")
 
@@ -512,5 +533,6 @@ class StateModel:
                     conflicts=tuple(self._conflicts), conflicts_total=self._conflicts_total,
                     ports=self._ports, ports_taken_at=self._ports_taken_at,
                     groups=self._groups, timewait=self._timewait, health=self._health,
+                    netns_names=self._netns_names,
                 )
             return self._snapshot

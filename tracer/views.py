@@ -13,6 +13,7 @@ from .balance import Imbalance
 from .closers import Closer, ConnKey
 from .inventory import Socket
 from .netns import PortRange
+from .nsnames import NetnsNames
 from .records import GroupsReading, format_addr
 from .state import (
     MAX_GROUP_EVENTS,
@@ -39,8 +40,8 @@ NOT_FAILURES = frozenset({0, errno_mod.EINPROGRESS})
 # ---- conversions: records to state-model views -----------------------------------
 
 
-def socket_row(s: Socket) -> SocketRow:
-    """From an inventory socket."""
+def socket_row(s: Socket, names: NetnsNames | None = None) -> SocketRow:
+    """From an inventory socket; ``names`` label its namespace."""
     d, f = s.diag, s.flags
     local = format_addr(d.family, d.local_addr, d.local_port)
     remote = format_addr(d.family, d.remote_addr, d.remote_port)
@@ -51,7 +52,8 @@ def socket_row(s: Socket) -> SocketRow:
         options=None if f is None else f.options,
         group=f.group if f else 0, group_size=f.group_size if f else 0,
         group_bpf=bool(f and f.group_bpf_prog),
-        owners=[(o.pid, o.label(), o.user) for o in s.owners], json=s.to_json)
+        owners=[(o.pid, o.label(), o.user) for o in s.owners], json=s.to_json,
+        netns_name=names.label(d.netns) if names else None)
 
 
 def sort_rows(rows: list[SocketRow]) -> list[SocketRow]:

@@ -20,6 +20,7 @@ from typing import Any, Callable, Protocol
 from rich.text import Text
 from textual.app import App, ComposeResult
 from textual.binding import Binding
+from textual.css.query import NoMatches
 from textual.widgets import Footer, Input, Static, TabbedContent, TabPane
 
 from tracer.state import Snapshot
@@ -241,8 +242,11 @@ class PortscopeApp(App[None]):
         self.call_after_refresh(self._focus_active)
 
     def _focus_active(self) -> None:
-        pane = self.active_pane
-        widget = pane.main_widget() if pane else None
+        try:
+            pane = self.active_pane
+            widget = pane.main_widget() if pane else None
+        except NoMatches:  # being composed or torn down: nothing to focus yet
+            return
         if widget is not None:
             widget.focus()
 

@@ -3,6 +3,8 @@ happens; the selected one's explanation (blockers, rule, fixes) below."""
 
 from __future__ import annotations
 
+from typing import Callable
+
 from rich.text import Text
 from textual.app import ComposeResult
 from textual.binding import Binding
@@ -49,8 +51,9 @@ def search_text(c: Conflict) -> str:
                      f"pid={ev.pid} uid={ev.uid} ns={ev.netns} lport={ev.port} ")).lower()
 
 
-def detail(c: Conflict) -> Text:
-    """The explanation of one conflict, as the detail pane shows it."""
+def detail(c: Conflict, netns_text: Callable[[int], str] = str) -> Text:
+    """The explanation of one conflict, as the detail pane shows it;
+    ``netns_text`` names a namespace beside its inode."""
     ev = c.event
     s = printable  # every value may come from a journal: escaped, never markup
     out = Text()
@@ -60,7 +63,7 @@ def detail(c: Conflict) -> Text:
     options = s(",".join(ev.options.names())) or "none"
     dev = f" dev={ev.options.bound_dev_if}" if ev.options.bound_dev_if else ""
     out.append(f"by {s(c.who)} uid {ev.uid} (socket uid {ev.sock_uid}) · options {options}{dev}"
-               f" · netns {ev.netns} · inode {ev.inode}\n", "dim")
+               f" · netns {s(netns_text(ev.netns))} · inode {ev.inode}\n", "dim")
     if c.caller is not None and (facts := _facts(c.caller)):
         out.append(f"   {s(facts)}\n", "dim")
     x = c.explanation
@@ -129,7 +132,7 @@ def capture_line(cap) -> str:  # type: ignore[no-untyped-def]
 
 
 class ConflictsPane(Pane):
-    PARTS = ("conflicts",)
+    PARTS = ("conflicts", "names")
     ABOUT = """Every failed bind(), listen() and connect() on the host, newest last; the
 selected one's explanation below it: who blocks it, the fix, then why
 (the kernel's rule), and notes. The list follows new conflicts until you
@@ -225,7 +228,8 @@ word typed: a process, an errno, an address, `:8080` (that port exactly),
 
     def _show_detail(self, key: object) -> None:
         c = self._by_seq.get(key)  # type: ignore[arg-type]
-        text = detail(c) if c else Text("select a conflict to see who blocks it and what "
+        snap = self.snapshot
+        text = detail(c, snap.netns_text if snap else str) if c else Text("select a conflict to see who blocks it and what "
                                          "would fix it", "dim italic")
         self.query_one("#conflict-text", Static).update(text)
 

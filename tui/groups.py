@@ -4,6 +4,8 @@ the imbalance figures, and the members that joined or left."""
 
 from __future__ import annotations
 
+from typing import Callable
+
 from rich.text import Text
 from textual.app import ComposeResult
 from textual.containers import VerticalScroll
@@ -22,14 +24,14 @@ COLUMNS = (
     Column("MEMBERS", 7, right=True),
     Column("RATE", 8, right=True),
     Column("BALANCE", 12),
-    Column("NETNS", 10, right=True, hide_below=110),
+    Column("NETNS", 10, flex=1, hide_below=110),
     Column("OWNERS", 8, flex=3, keep="pid"),
 )
 
 VERDICT_STYLE = {"uneven": "warn", "even": "ok"}
 
 
-def group_row(g: GroupView) -> Row:
+def group_row(g: GroupView, netns_text: Callable[[int], str] = str) -> Row:
     verdict = g.imbalance.verdict if g.imbalance else "-"
     if verdict == "insufficient":
         verdict = "too little"
@@ -38,16 +40,17 @@ def group_row(g: GroupView) -> Row:
         verdict = f"{len(g.flagged)} {g.flagged[0].status.replace('_', ' ')}"
         style = "error"
     members = str(len(g.members)) if len(g.members) == g.size else f"{len(g.members)}/{g.size}"
-    return Row(g.key, (g.local, g.proto, members, rate(g.rate), verdict, str(g.netns), g.owners),
+    return Row(g.key, (g.local, g.proto, members, rate(g.rate), verdict, netns_text(g.netns),
+                       g.owners),
                style)
 
 
-def detail(g: GroupView, width: int) -> Text:
+def detail(g: GroupView, width: int, netns_text: Callable[[int], str] = str) -> Text:
     width = max(width, 40)
     s = printable  # a journal's groups are whatever it holds: escaped
     out = Text()
     out.append(f"{s(g.local)} {s(g.proto)}", "bold")
-    out.append(f" · netns {g.netns} · {len(g.members)} members"
+    out.append(f" · netns {s(netns_text(g.netns))} · {len(g.members)} members"
                + (f" (kernel counts {g.size})" if g.size != len(g.members) else "")
                + f" · {count(g.delivered)} delivered · {rate(g.rate)}"
                + (" · steered by a BPF program" if g.bpf else "") + "\n")
@@ -99,7 +102,7 @@ def detail(g: GroupView, width: int) -> Text:
 
 
 class GroupsPane(Pane):
-    PARTS = ("groups",)
+    PARTS = ("groups", "names")
     ABOUT = """Each SO_REUSEPORT group: sockets sharing one address and port, over which
 the kernel spreads new connections (TCP) or datagrams (UDP). For the selected
 group: its rate, a bar per member with its share of the deliveries, who
@@ -131,13 +134,14 @@ the members that joined or left. A member nobody serves is shown in red."""
 
     def render_snapshot(self, snap: Snapshot) -> None:
         self._by_key = {g.key: g for g in snap.groups}
-        self.table.set_rows([group_row(g) for g in snap.groups])
+        self.table.set_rows([group_row(g, snap.netns_text) for g in snap.groups])
         self._show_detail(self.table.cursor_key)
 
     def _show_detail(self, key: object) -> None:
         g = self._by_key.get(key)  # type: ignore[arg-type]
         width = self.query_one("#group-detail").size.width or 78
-        text = detail(g, width - 2) if g else Text(
+        snap = self.snapshot
+        text = detail(g, width - 2, snap.netns_text if snap else str) if g else Text(
             "sockets that share a port with SO_REUSEPORT appear here, with how the kernel "
             "spreads connections and datagrams over them", "dim italic")
         self.query_one("#group-text", Static).update(text)

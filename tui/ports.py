@@ -24,9 +24,9 @@ COLUMNS = (
     Column("QUEUE", 7, right=True),
     Column("FLAGS", 8, flex=1),
     Column("OWNERS", 10, flex=3, keep="pid"),
-    Column("NETNS", 10, right=True, hide_below=120),
+    Column("NETNS", 10, flex=1, hide_below=120),
     Column("UID", 5, right=True, hide_below=120),
-    Column("INODE", 8, right=True, hide_below=140),
+    Column("INODE", 8, right=True, hide_below=140, keep="whole"),
     Column("TIMER", 9, hide_below=140),
 )
 
@@ -43,7 +43,7 @@ def port_key(r: SocketRow) -> tuple:
 def port_row(r: SocketRow) -> Row:
     return Row(port_key(r),
                (r.proto, SHORT_STATES.get(r.state, r.state), r.local, r.remote, r.queue,
-                r.flags, r.owners, str(r.netns), str(r.uid), str(r.inode), r.timer),
+                r.flags, r.owners, r.netns_text or str(r.netns), str(r.uid), str(r.inode), r.timer),
                "ok" if r.state == "LISTEN" else ("dim" if r.owners == "-" else ""))
 
 

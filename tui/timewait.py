@@ -4,6 +4,8 @@ per source and destination."""
 
 from __future__ import annotations
 
+from typing import Callable
+
 from rich.text import Text
 from textual.app import ComposeResult
 from textual.widgets import Static
@@ -30,7 +32,7 @@ PRESSURE_COLUMNS = (
     Column("IN USE", 13, right=True),
     Column("SHARE", 6, right=True),
     Column("LEVEL", 7),
-    Column("NETNS", 10, right=True, hide_below=110),
+    Column("NETNS", 10, flex=1, hide_below=110),
 )
 
 LEVEL_STYLE = {"full": "error", "warning": "warn"}
@@ -42,10 +44,10 @@ def tw_row(r: TimewaitRow) -> Row:
                "dim" if r.closer == "unknown" else "")
 
 
-def pressure_row(p: PressureRow) -> Row:
+def pressure_row(p: PressureRow, netns_text: Callable[[int], str] = str) -> Row:
     return Row((p.netns, p.source, p.destination),
                (p.source, p.destination, f"{p.in_use}/{p.capacity}", f"{p.share:.0%}",
-                p.level, str(p.netns)), LEVEL_STYLE.get(p.level, ""))
+                p.level, netns_text(p.netns)), LEVEL_STYLE.get(p.level, ""))
 
 
 def summary(snap: Snapshot, width: int) -> Text:
@@ -81,7 +83,7 @@ def summary(snap: Snapshot, width: int) -> Text:
 
 
 class TimewaitPane(Pane):
-    PARTS = ("timewait",)
+    PARTS = ("timewait", "names")
     ABOUT = """TIME_WAIT sockets by local port and remote address, with the process that
 closed first and left them (when the collector saw the close), and how long
 they have left. Below: ephemeral ports in use per source and destination,
@@ -117,4 +119,4 @@ destination fails with EADDRNOTAVAIL."""
         tw = snap.timewait
         self.table.set_rows([tw_row(r) for r in tw.rows] if tw else [])
         self.query_one("#tw-pressure", VirtualTable).set_rows(
-            [pressure_row(p) for p in tw.pressure] if tw else [])
+            [pressure_row(p, snap.netns_text) for p in tw.pressure] if tw else [])

@@ -52,7 +52,7 @@ def test_conflict_and_reuseport_group_reach_the_screen_within_two_seconds(termin
     # sockets): in the row, and the fix first in the detail, above the fold.
     _, screen = terminal.wait_for(
         lambda s: "Fixes" in s and f"stop or reconfigure python[{server.pid}]" in s
-        and any(f"python[{server.pid}] list" in line for line in s.splitlines()),
+        and any(f"python[{server.pid}]" in line and f":{port}" in line for line in s.splitlines()),
         max(DEADLINE_S - (time.monotonic() - start), 0.1))
     print(f"conflict explained after {time.monotonic() - start:.2f} s:\n{screen}")
 
@@ -98,6 +98,10 @@ def test_help_screen_and_saving_a_screen_in_a_real_terminal(root: None, netns: N
         cmdline = Path(f"/proc/{intruder.pid}/cmdline").read_bytes().split(b"\0")[0].decode()
         term.wait_for(lambda s: f"deploy-canary-7[{intruder.pid}]" in s and cmdline[:20] in s,
                       DEADLINE_S)
+        # the namespace named beside its inode, once the collector's next
+        # inventory (every 2 s) has read its name
+        term.wait_for(lambda s: f"netns {netns.inode} ({netns.name})" in s.replace("\n ", " "),
+                      2 * DEADLINE_S + 2)
 
         term.keys("?")
         _, screen = term.wait_for(lambda s: "Keys of Conflicts" in s and "Everywhere" in s,

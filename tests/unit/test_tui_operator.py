@@ -19,7 +19,7 @@ from tui.app import make_app
 from tui.help import HelpScreen
 from tui.table import VirtualTable
 
-from tests.recorded_session import RECORDING, aio, load, recorded, table, text_of
+from tests.recorded_session import RECORDING, aio, column, load, recorded, table, text_of
 
 SIZES = [(80, 24), (160, 48)]
 SCREENS = {"1": "overview", "2": "conflicts", "3": "ports", "4": "groups", "5": "timewait"}
@@ -209,3 +209,26 @@ def test_save_says_why_no_directory_took_it(tmp_path):
     locked.mkdir(mode=0o500)
     with pytest.raises(SaveError, match="could not save the screen: .*(ro|No such)"):
         save("ports", {}, False, [tmp_path / "missing", locked / "sub"])
+
+
+@aio
+async def test_namespaces_are_named_beside_their_inodes():
+    model = load()
+    snap = model.snapshot()
+    [(inode, name)] = snap.netns_names.items()  # the recording's one namespace, named
+    assert name == next(s["netns_name"] for s in recorded("ports")[-1]["sockets"])
+    app = make_app(model)
+    async with app.run_test(size=(160, 48)) as pilot:
+        await pilot.press("3")
+        await pilot.pause()
+        t = table(app, "#port-table")
+        assert set(column(t, "NETNS")) == {f"{inode} ({name})"}
+        await pilot.press("2", "home")
+        await pilot.pause()
+        assert f"netns {inode} ({name})" in text_of(app, "#conflict-text")
+        await pilot.press("4")
+        await pilot.pause()
+        assert f"netns {inode} ({name})" in text_of(app, "#group-text")
+        await pilot.press("3", "slash", *name, "enter")  # the filter finds a namespace by name
+        await pilot.pause()
+        assert t.row_count == len(snap.ports)
