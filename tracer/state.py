@@ -235,6 +235,7 @@ class MemberView:
     drops: int | None = None  # the kernel's sk_drops for it
     status: str = "ok"  # ok, stopped, dropping, not_accepting
     problems: tuple[str, ...] = ()
+    served_by: tuple[Owner, ...] = ()  # who takes from it (else its holders), as read
 
 
 @dataclass(frozen=True, slots=True)

@@ -92,7 +92,7 @@ class GroupViews:
             members = tuple(
                 MemberView(m.cookie, m.inode, m.taker_label(), m.state, m.delivered, m.rate,
                            m.share, m.queue, m.backlog, " ".join(o.label() for o in m.owners),
-                           m.drops, m.status, m.problems)
+                           m.drops, m.status, m.problems, tuple(m.served_by))
                 for m in g.members)
             views.append(GroupView(
                 key=key, netns=g.netns, proto=g.protocol + ("6" if g.family == "ipv6" else "4"),

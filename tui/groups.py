@@ -15,7 +15,7 @@ from tracer.state import GroupView, Snapshot, clock_text
 from tracer.text import printable
 
 from .base import Pane
-from .render import bar, count, rate, share, sparkline
+from .render import bar, count, owner_facts, rate, share, sparkline
 from .table import Column, Row, VirtualTable, fit_pid
 
 COLUMNS = (
@@ -29,6 +29,7 @@ COLUMNS = (
 )
 
 VERDICT_STYLE = {"uneven": "warn", "even": "ok"}
+OWNERS_DESCRIBED = 4  # processes serving a group described in its detail
 
 
 def group_row(g: GroupView, netns_text: Callable[[int], str] = str) -> Row:
@@ -90,6 +91,15 @@ def detail(g: GroupView, width: int, netns_text: Callable[[int], str] = str) -> 
         out.append(s(" ".join(holders)) + "\n", "dim")
     if any(m.owner.endswith(" *") for m in g.members):
         out.append("* no process was seen waiting on it: its holders are shown\n", "dim")
+    # Who they are beyond comm[pid]: unit or container, command line.
+    who = {o.pid: o for m in g.members for o in m.served_by}
+    described = [(o, facts) for o in who.values()
+                 if (facts := owner_facts(o.unit, o.container, o.pod, o.exe, o.cmdline))]
+    for o, facts in described[:OWNERS_DESCRIBED]:
+        out.append(f"  {s(o.comm)}[{o.pid}]: ", "bold")
+        out.append(s(facts) + "\n", "cyan")
+    if len(described) > OWNERS_DESCRIBED:
+        out.append(f"  and {len(described) - OWNERS_DESCRIBED} more process(es)\n", "dim")
     if g.events:
         out.append("joined and left\n", "bold")
         for e in reversed(g.events[-8:]):

@@ -232,3 +232,30 @@ async def test_namespaces_are_named_beside_their_inodes():
         await pilot.press("3", "slash", *name, "enter")  # the filter finds a namespace by name
         await pilot.pause()
         assert t.row_count == len(snap.ports)
+
+
+@aio
+async def test_the_details_say_who_owners_are_beyond_comm_pid():
+    """Conflicts: the caller's and each blocker holder's unit and command
+    line; Groups: those of each process serving the group."""
+    model = load()
+    snap = model.snapshot()
+    app = make_app(model)
+    async with app.run_test(size=(160, 48)) as pilot:
+        await pilot.press("2", "home")
+        await pilot.pause()
+        first = snap.conflicts[0]
+        detail = text_of(app, "#conflict-text")
+        assert first.caller is not None and first.caller.cmdline
+        assert first.caller.cmdline[:40] in detail
+        holder = first.explanation.blockers[0].owners[0]
+        assert holder.unit and f"{holder.comm}[{holder.pid}]: unit {holder.unit}" in detail
+        await pilot.press("4")
+        await pilot.pause()
+        key = table(app, "#group-table").cursor_key
+        group = next(g for g in snap.groups if g.key == key)
+        served = {o.pid: o for m in group.members for o in m.served_by}
+        assert served
+        detail = text_of(app, "#group-text")
+        for o in list(served.values())[:4]:
+            assert f"{o.comm}[{o.pid}]: " in detail and (o.cmdline or "")[:40] in detail
