@@ -19,6 +19,7 @@ from .inventory import select_namespaces_scan
 from .nsnames import NetnsNames, with_netns_name
 from .owners import Owner
 from .plans import Plan
+from .records import owner_detail
 from .reuseport import Group, GroupsReading, GroupWatcher, MemberEvent
 from .runtime import StopSignal
 from .text import clock_text, printable
@@ -52,6 +53,7 @@ def run(args: argparse.Namespace) -> ExitStatus:
         screen = _Screen(out, args.json, args.watch and out.isatty(),
                          NetnsNames(scan, refresh_s=1.0), PLAIN if args.json else palette(args, out))
         screen.flt = flt
+        screen.verbose = args.verbose
         snap = watcher.read()
         shown = 0
         if args.watch:
@@ -84,6 +86,7 @@ class _Screen:
     """Human or JSON output of successive snapshots."""
 
     flt = Filter()  # the groups and events shown: those it matches
+    verbose = False  # -v: who serves each group, with command lines
 
     def __init__(self, out: TextIO, as_json: bool, redraw: bool,
                  names: NetnsNames | None = None, pal: Palette = PLAIN) -> None:
@@ -106,13 +109,13 @@ class _Screen:
             self.out.write(json.dumps(doc, separators=(",", ":")) + "\n")
         elif self.redraw:
             self.recent.extend(snap.events)
-            text = render(snap, self.names, self.pal)
+            text = render(snap, self.names, self.pal, self.verbose)
             if self.recent:
                 text += "\nrecent events:\n" + "\n".join(event_line(e, self.names)
                                                          for e in self.recent) + "\n"
             self.out.write(CLEAR + text)
         else:
-            text = render(snap, self.names, self.pal)
+            text = render(snap, self.names, self.pal, self.verbose)
             if snap.events:
                 text += "\n" + "\n".join(event_line(e, self.names) for e in snap.events) + "\n"
             self.out.write(text + "\n")
@@ -123,8 +126,10 @@ MEMBER_COLUMNS = (("SERVED BY", 26), ("INODE", 9), ("DELIVERED", 10), ("RATE/s",
                   ("SHARE", 7), ("QUEUE", 11), ("DROPS", 6), ("STATUS", 0))
 
 
-def render(snap: GroupsReading, names: NetnsNames | None = None, pal: Palette = PLAIN) -> str:
-    """The human form of one snapshot (verdicts and statuses coloured by ``pal``)."""
+def render(snap: GroupsReading, names: NetnsNames | None = None, pal: Palette = PLAIN,
+           verbose: bool = False) -> str:
+    """The human form of one snapshot (verdicts and statuses coloured by
+    ``pal``; ``verbose``: who serves each group, with command lines)."""
     stamp = clock_text(snap.time, date=False, digits=0)
     lines = [f"{stamp}  {len(snap.groups)} reuseport group(s), {snap.plan} plan"
              + (f", last {snap.interval:.1f} s" if snap.interval else "")]
@@ -132,14 +137,15 @@ def render(snap: GroupsReading, names: NetnsNames | None = None, pal: Palette = 
         lines.append("no SO_REUSEPORT group (TCP listener or UDP socket) found")
     for g in snap.groups:
         lines.append("")
-        lines += group_lines(g, names, pal)
+        lines += group_lines(g, names, pal, verbose)
     gaps = health_text(snap.health)
     if gaps:
         lines += ["", gaps]
     return "\n".join(lines) + "\n"
 
 
-def group_lines(g: Group, names: NetnsNames | None = None, pal: Palette = PLAIN) -> list[str]:
+def group_lines(g: Group, names: NetnsNames | None = None, pal: Palette = PLAIN,
+                verbose: bool = False) -> list[str]:
     proto = g.protocol + ("6" if g.family == "ipv6" else "4")
     steer = "steered by a reuseport BPF program" if g.bpf else "kernel hash"
     dev = f"  dev {g.bound_dev_if}" if g.bound_dev_if else ""
@@ -169,6 +175,9 @@ def group_lines(g: Group, names: NetnsNames | None = None, pal: Palette = PLAIN)
         lines.append("  held by (fds): " + owner_labels(sorted(holders.values(), key=lambda o: o.pid)))
     if unseen:
         lines.append("  * no process was seen waiting on this socket: its holders are shown")
+    if verbose:  # -v: who they are beyond comm[pid]
+        served = {o.pid: o for m in g.members for o in m.served_by}
+        lines += [f"  {printable(owner_detail(o))}" for o in served.values()]
     # Coloured by the worst member not served (stopped, dropping: red; not
     # accepting: yellow), else by the split (uneven: yellow, even: green).
     verdict = g.flagged[0].status if g.flagged else g.imbalance.verdict if g.imbalance else ""

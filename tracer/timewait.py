@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 from typing import Iterable
 
 from .closers import Closer, ConnKey, read_pinned
+from .colour import PLAIN, Palette, palette
 from .filters import Filter
 from .inventory import Inventory, Socket, select_namespaces, take
 from .netns import PortRange, port_range
@@ -224,7 +225,8 @@ def run(args: "argparse.Namespace") -> "ExitStatus":  # noqa: F821
             else:
                 if args.watch:
                     print("\033[H\033[2J", end="")
-                print(render(result, args.by, None if args.all else args.top), flush=True)
+                print(render(result, args.by, None if args.all else args.top, palette(args)),
+                      flush=True)
             if not args.watch:
                 return ExitStatus.OK
             time.sleep(args.interval)
@@ -238,9 +240,10 @@ def run(args: "argparse.Namespace") -> "ExitStatus":  # noqa: F821
 TOP = 40  # groups shown by default, the biggest first
 
 
-def render(r: TimewaitReport, by: str, top: int | None = TOP) -> str:
+def render(r: TimewaitReport, by: str, top: int | None = TOP, pal: Palette = PLAIN) -> str:
     """Lines for a terminal; a group's key (a closer's name) is escaped.
-    ``top``: the biggest groups shown (None: every one), the rest summed."""
+    ``top``: the biggest groups shown (None: every one), the rest summed;
+    a destination out of ports, or nearly, coloured by ``pal``."""
     lines = [f"{r.total} TIME_WAIT socket(s); closer known for {r.attributed}"
              f" ({r.collectors} portscope collector(s) recording)"]
     if r.groups:
@@ -264,8 +267,8 @@ def render(r: TimewaitReport, by: str, top: int | None = TOP) -> str:
     if hot:
         lines += ["", "ephemeral ports in use, per source and destination"]
         for p in hot[:20]:
-            mark = {"full": "FULL: connect() fails with EADDRNOTAVAIL",
-                    "warning": "WARNING: nearly exhausted"}.get(p.level, "")
+            mark = {"full": pal.paint("FULL: connect() fails with EADDRNOTAVAIL", "bad"),
+                    "warning": pal.paint("WARNING: nearly exhausted", "warn")}.get(p.level, "")
             lines.append(f"  {p.source:>15} -> {p.destination:24} {p.in_use:6}/{p.capacity:<6} "
                          f"{p.share:6.1%}  {mark}".rstrip())
     for note in r.notes:

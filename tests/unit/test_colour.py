@@ -323,3 +323,18 @@ def test_doctor_colours_its_conclusions() -> None:
     # The library's message is quoted, escaped inside the colour (its newline kept as a line).
     assert f"{YELLOW}bcc engine: not available: \\x1b[31mEVIL{RESET}" in text
     assert_only_our_codes(text)
+
+
+def test_timewait_colours_a_destination_out_of_ports():
+    from tracer import timewait
+    from tracer.colour import Palette
+    from tracer.inventory import Inventory
+
+    full = timewait.Pressure(4026531840, "10.0.0.1", "10.0.0.9:5432", 28232, 28232)
+    near = timewait.Pressure(4026531840, "10.0.0.1", "10.0.0.8:5432", 27000, 28232)
+    r = timewait.TimewaitReport(0, 0, 1, [], timewait.histogram([]), [full, near],
+                                Inventory([]))
+    coloured = timewait.render(r, "port", pal=Palette(True))
+    assert "\x1b[1;31mFULL: connect() fails with EADDRNOTAVAIL\x1b[0m" in coloured
+    assert "\x1b[33mWARNING: nearly exhausted\x1b[0m" in coloured
+    assert "\x1b" not in timewait.render(r, "port")

@@ -145,6 +145,11 @@ def test_groups_show_hostile_members_safely(name: str) -> None:
     text = groups.render(snap) + groups.event_line(ev)
     assert_safe(text, "groups")
     assert "\n" not in groups.event_line(ev)
+    # -v: each process serving the group on one line of its own, escaped
+    verbose = groups.render(snap, verbose=True)
+    assert_safe(verbose, "groups -v")
+    details = [ln for ln in lines_of(verbose) if ln.startswith("  ") and "--serve" in ln]
+    assert len(details) == 2  # the two holders (pids 812 and 813), each once
 
 
 def _report_text(name: str) -> str:

@@ -43,6 +43,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                         help="sampling time, and refresh interval with --watch (default 1)")
     groups.add_argument("--count", type=positive_int, metavar="N",
                         help="with --watch: stop after N refreshes (the first is shown at start)")
+    groups.add_argument("-v", "--verbose", action="store_true",
+                        help="who serves each group, with command line and executable")
     groups.add_argument("--json", action="store_true",
                         help="one JSON object per refresh (keys documented in the README)")
     gprobes = groups.add_argument_group("probes")
