@@ -113,18 +113,24 @@ class PortscopeApp(App[None]):
     _SCREENS = Binding.Group("Screens", compact=True)
     BINDINGS = [
         Binding("q", "quit", "Quit"),
-        Binding("1", "show('overview')", "Overview", group=_SCREENS),
-        Binding("2", "show('conflicts')", "Conflicts", group=_SCREENS),
-        Binding("3", "show('ports')", "Ports", group=_SCREENS),
-        Binding("4", "show('groups')", "Groups", group=_SCREENS),
-        Binding("5", "show('timewait')", "TIME_WAIT", group=_SCREENS),
+        # The tab bar names the screens with their keys: not again in the
+        # footer, which keeps its room for the keys of the screen shown.
+        Binding("1", "show('overview')", "Overview", group=_SCREENS, show=False),
+        Binding("2", "show('conflicts')", "Conflicts", group=_SCREENS, show=False),
+        Binding("3", "show('ports')", "Ports", group=_SCREENS, show=False),
+        Binding("4", "show('groups')", "Groups", group=_SCREENS, show=False),
+        Binding("5", "show('timewait')", "TIME_WAIT", group=_SCREENS, show=False),
         Binding("p", "pause", "Pause",
                 tooltip="Pause: the screens stay as they are, the collector goes on"),
         Binding("s", "save", "Save",
                 tooltip="Save what this screen shows as JSON (its command's --json) to a "
                         "new file, in the directory portscope runs in (else the temporary "
                         "directory); the file's name is shown"),
-        Binding("question_mark", "help", "Help", key_display="?", tooltip="Help: this screen"),
+        # First in the footer, whatever else is there (a replay's keys): it
+        # is how every other key is found. A priority key, so it is off while
+        # a filter is typed (check_action), where "?" is text.
+        Binding("question_mark", "help", "Help", key_display="?", tooltip="Help: this screen",
+                priority=True),
     ]
     # Replay only (hidden and passed on otherwise, and while typing in a filter).
     _SEEK = Binding.Group("±1m", compact=True)
@@ -260,6 +266,8 @@ class PortscopeApp(App[None]):
     # -- replay
 
     def check_action(self, action: str, parameters: tuple[object, ...]) -> bool | None:
+        if action == "help":
+            return not isinstance(self.focused, Input)
         if action.startswith("replay_"):
             # Disabled, the key goes on to the focused widget (a filter being typed).
             return self.replay is not None and not isinstance(self.focused, Input)

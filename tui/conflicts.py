@@ -42,12 +42,12 @@ def _seq(c: Conflict) -> int:
     return c.seq
 
 
-def search_text(c: Conflict) -> str:
-    """What the ``/`` filter matches: the row's words, and ``pid=``,
-    ``uid=``, ``ns=`` and ``lport=`` forms of its numbers (``:8080`` is
-    the requested port exactly)."""
+def search_text(c: Conflict, netns_name: str = "") -> str:
+    """What the ``/`` filter matches: the row's words, the namespace's name,
+    and ``pid=``, ``uid=``, ``ns=`` and ``lport=`` forms of its numbers
+    (``:8080`` is the requested port exactly)."""
     ev = c.event
-    return " ".join((ev.call, c.result, c.proto, c.who, ev.requested, c.blocked_by(),
+    return " ".join((ev.call, c.result, c.proto, c.who, ev.requested, c.blocked_by(), netns_name,
                      f"pid={ev.pid} uid={ev.uid} ns={ev.netns} lport={ev.port} ")).lower()
 
 
@@ -138,7 +138,7 @@ selected one's explanation below it: who blocks it, the fix, then why
 (the kernel's rule), and notes. The list follows new conflicts until you
 move the cursor (f follows again). The filter keeps rows containing every
 word typed: a process, an errno, an address, `:8080` (that port exactly),
-`pid=123`, `uid=1000`, `ns=4026531840`."""
+`pid=123`, `uid=1000`, `ns=4026531840` or the namespace's name."""
     SAVE_NAME = "conflicts"
     SAVE_LINES = True  # portscope trace --json: one event per line
     BINDINGS = [
@@ -157,7 +157,7 @@ word typed: a process, an errno, an address, `:8080` (that port exactly),
         self._shown: list[Conflict] = []
         # The filter's text of each conflict, made once (and again when its
         # explanation arrives).
-        self._search: dict[int, tuple[object, str]] = {}
+        self._search: dict[int, tuple[tuple[int, str], str]] = {}
 
     def compose(self) -> ComposeResult:
         yield Input(placeholder="/ filter: process, errno, address, :PORT, pid=, ns=…",
@@ -192,9 +192,10 @@ word typed: a process, an errno, an address, `:8080` (that port exactly),
         self._show_detail(self.table.cursor_key)
 
     def _search_of(self, c: Conflict) -> str:
+        name = self.snapshot.netns_names.get(c.event.netns, "") if self.snapshot else ""
         known = self._search.get(c.seq)
-        if known is None or known[0] is not c.explanation:
-            known = self._search[c.seq] = (c.explanation, search_text(c))
+        if known is None or known[0] != (id(c.explanation), name):
+            known = self._search[c.seq] = ((id(c.explanation), name), search_text(c, name))
         return known[1]
 
     def screen_json(self) -> object:

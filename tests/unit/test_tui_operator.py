@@ -141,6 +141,8 @@ async def test_conflicts_filter_by_port_errno_process_pid_and_netns():
         assert await typed(f"pid={pid}") == [c.seq for c in conflicts if c.event.pid == pid]
         assert await typed(f"ns={conflicts[0].event.netns}") == [c.seq for c in conflicts]
         assert await typed("ns=1") == []
+        name = model.snapshot().netns_names[conflicts[0].event.netns]
+        assert await typed(name) == [c.seq for c in conflicts]  # the namespace by its name
         # the blockers' names are searched too
         assert await typed("payments-api-v2 :8080") == [
             c.seq for c in conflicts
