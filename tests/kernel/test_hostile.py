@@ -155,7 +155,7 @@ def test_ports_why_and_groups_name_the_owners_safely(hostiles: Hostiles) -> None
         out = assert_safe_result(portscope("ports", str(port), "--netns", ns), "ports")
         label = f"{shown(comm)}[{hostiles.pids[i]}] ({shown(CGROUP)})"
         rows = [ln for ln in out.splitlines() if ln.startswith(str(hostiles.ns.inode))]
-        held = [ln for ln in rows if " LISTEN " in ln or ln.split()[1] == "udp4"]
+        held = [ln for ln in rows if " LISTEN " in ln or " udp4 " in ln]
         assert len(held) == 2 and all(ln.endswith(label) for ln in held), rows
         why = portscope("why", str(port), "--addr", "127.0.0.1", "--netns", ns)
         assert why.returncode == 5
