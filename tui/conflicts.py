@@ -11,7 +11,6 @@ from textual.binding import Binding
 from textual.containers import VerticalScroll
 from textual.widgets import Input, Static
 
-from tracer.records import Owner
 from tracer.state import Conflict, Snapshot, clock_text, matches
 from tracer.text import printable
 
@@ -64,7 +63,7 @@ def detail(c: Conflict, netns_text: Callable[[int], str] = str) -> Text:
     dev = f" dev={ev.options.bound_dev_if}" if ev.options.bound_dev_if else ""
     out.append(f"by {s(c.who)} uid {ev.uid} (socket uid {ev.sock_uid}) · options {options}{dev}"
                f" · netns {s(netns_text(ev.netns))} · inode {ev.inode}\n", "dim")
-    if c.caller is not None and (facts := _facts(c.caller)):
+    if c.caller is not None and (facts := owner_facts(c.caller)):
         out.append(f"   {s(facts)}\n", "dim")
     x = c.explanation
     if x is None:
@@ -95,7 +94,7 @@ def detail(c: Conflict, netns_text: Callable[[int], str] = str) -> Text:
         out.append(s(b.rule) + (f", {s(b.overlap)}" if b.overlap else ""), "magenta")
         out.append("\n")
         for o in b.owners[:OWNERS_DETAILED]:
-            if facts := _facts(o):
+            if facts := owner_facts(o):
                 out.append(f"    {s(o.comm)}[{o.pid}]: {s(facts)}\n", "cyan")
         if len(b.owners) > OWNERS_DETAILED:
             out.append(f"    and {len(b.owners) - OWNERS_DETAILED} more holder(s)\n", "dim")
@@ -115,10 +114,6 @@ def detail(c: Conflict, netns_text: Callable[[int], str] = str) -> Text:
 
 
 OWNERS_DETAILED = 3  # holders of one blocker described (after fork: every worker)
-
-
-def _facts(o: Owner) -> str:
-    return owner_facts(o.unit, o.container, o.pod, o.exe, o.cmdline, o.problem)
 
 
 CAPTURE_WHEN = {"refusal": "at the port allocator's refusal", "exit": "as the call returned"}

@@ -94,7 +94,7 @@ def detail(g: GroupView, width: int, netns_text: Callable[[int], str] = str) -> 
     # Who they are beyond comm[pid]: unit or container, command line.
     who = {o.pid: o for m in g.members for o in m.served_by}
     described = [(o, facts) for o in who.values()
-                 if (facts := owner_facts(o.unit, o.container, o.pod, o.exe, o.cmdline))]
+                 if (facts := owner_facts(o))]
     for o, facts in described[:OWNERS_DESCRIBED]:
         out.append(f"  {s(o.comm)}[{o.pid}]: ", "bold")
         out.append(s(facts) + "\n", "cyan")

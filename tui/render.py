@@ -5,6 +5,8 @@ from __future__ import annotations
 
 from typing import Sequence
 
+from tracer.records import Owner
+
 SPARKS = "▁▂▃▄▅▆▇█"
 EIGHTHS = " ▏▎▍▌▋▊▉"
 
@@ -61,11 +63,12 @@ def share(s: float | None) -> str:
 CMDLINE_SHOWN = 100  # characters of a command line in a detail panel (two lines at 80x24)
 
 
-def owner_facts(unit: str | None, container: str | None, pod: str | None, exe: str | None,
-                cmdline: str | None, problem: str | None = None) -> str:
+def owner_facts(o: Owner) -> str:
     """``unit nginx.service · /usr/sbin/nginx -g daemon off;``: who a
     process is beyond comm[pid], for a detail panel. Not escaped (the
     panel escapes); "" when nothing is known."""
+    unit, container, pod, exe, cmdline, problem = (o.unit, o.container, o.pod, o.exe,
+                                                   o.cmdline, o.problem)
     parts = []
     if container:
         parts.append(f"container {container}" + (f" (pod {pod})" if pod else ""))

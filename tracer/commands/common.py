@@ -14,6 +14,7 @@ from ..arguments import (
     netns_spec,
     pid_number,
     port_number,
+    positive_int,
     ring_size,
     state_names,
     uid_value,
@@ -86,6 +87,15 @@ def add_filter_options(p: argparse.ArgumentParser, group: argparse._ArgumentGrou
 
 
 SS_NAMES = ", ".join(SS_STATES)
+
+
+def add_size_options(p: argparse.ArgumentParser, top: int, top_help: str,
+                     all_help: str) -> None:
+    """--top N (default ``top``) or --all: how much of a big answer text
+    output shows (--json always gives everything)."""
+    shown = p.add_mutually_exclusive_group()
+    shown.add_argument("--top", type=positive_int, default=top, metavar="N", help=top_help)
+    shown.add_argument("--all", action="store_true", help=all_help)
 
 
 def add_state_option(p: argparse.ArgumentParser | argparse._ArgumentGroup) -> None:

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import argparse
 
-from ..arguments import port_number, positive_int
-from .common import add_filter_options, add_protocol_options, add_state_option
+from ..arguments import port_number
+from .common import add_filter_options, add_protocol_options, add_size_options, add_state_option
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
@@ -34,13 +34,10 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         "pid": "a socket no process holds (TIME_WAIT) matches the process that closed it, "
                "when a portscope collector recorded it (as for --comm, --uid, --unit)",
         "dport": "never with only --state listen (a listener has no remote end)"})
-    shown = ports.add_mutually_exclusive_group()
-    shown.add_argument("--top", type=positive_int, default=100, metavar="N",
-                       help="show the first N lines (default 100), the rest counted; sockets "
-                            "alike but for the remote port (a server's clients, their "
-                            "TIME_WAIT) are one line: REMOTE 10.0.0.7:* x2,999")
-    shown.add_argument("--all", action="store_true",
-                       help="every socket on its own line (--json always gives every one)")
+    add_size_options(ports, 100, "show the first N lines (default 100), the rest counted; "
+                     "sockets alike but for the remote port (a server's clients, their "
+                     "TIME_WAIT) are one line: REMOTE 10.0.0.7:* x2,999",
+                     "every socket on its own line (--json always gives every one)")
     ports.add_argument("-v", "--verbose", action="store_true",
                        help="each owner's command line and executable under its socket")
     ports.add_argument("--json", action="store_true", help="machine-readable output")

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import argparse
 
-from ..arguments import interval, port_number, positive_int
-from .common import add_filter_options
+from ..arguments import interval, port_number
+from .common import add_filter_options, add_size_options
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
@@ -34,10 +34,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         "pid": "TIME_WAIT sockets have no process: the one that closed the connection, when a "
                "portscope collector recorded it (as for --comm, --uid and --unit)",
         "src": "also chooses the pressure lines (as --dst, --dport and --netns)"})
-    shown = timewait.add_mutually_exclusive_group()
-    shown.add_argument("--top", type=positive_int, default=40, metavar="N",
-                       help="show the N biggest groups, the rest summed on one line (default 40)")
-    shown.add_argument("--all", action="store_true", help="show every group")
+    add_size_options(timewait, 40, "show the N biggest groups, the rest summed on one line "
+                     "(default 40)", "show every group")
     timewait.add_argument("--watch", action="store_true",
                           help="record closes while running and refresh (Ctrl-C to stop)")
     timewait.add_argument("--interval", type=interval, default=1.0, metavar="SECONDS",
