@@ -142,11 +142,18 @@ def listeners(server: Netns, transparent: bool) -> tuple[Actor, int, int]:
     return actor, plain, diverted
 
 
-def connect(client: Netns) -> None:
-    actor = Actor(client)
-    fd = actor.socket("tcp")
-    truth = actor.connect(fd, SERVER, PORT)
+def delivered(server: Netns, client: Netns, transparent: bool) -> tuple[str, dict[str, Any]]:
+    """Listeners on PORT and TPROXY_PORT, a real connection from ``client`` to
+    SERVER:PORT: which listener accepted it ("plain" or "diverted"), and how."""
+    actor, plain, diverted = listeners(server, transparent)
+    peer = Actor(client)
+    fd = peer.socket("tcp")
+    truth = peer.connect(fd, SERVER, PORT)
     assert truth.ok, truth.describe()
+    got = which(actor, [plain, diverted])
+    assert got["local"] == [SERVER, PORT]  # the client's destination, even when diverted
+    assert got["peer"][0] == CLIENT
+    return {plain: "plain", diverted: "diverted"}[got["fd"]], got
 
 
 def test_nft_rule_read_and_matched(rules: tuple[Netns, Netns]) -> None:
@@ -179,22 +186,15 @@ def test_nft_rule_read_and_matched(rules: tuple[Netns, Netns]) -> None:
 def test_transparent_listener_takes_the_connection(rules: tuple[Netns, Netns]) -> None:
     server, client = rules
     add_nft(server)
-    actor, plain, diverted = listeners(server, transparent=True)
-    connect(client)
-    got = which(actor, [plain, diverted])
-    assert got["fd"] == diverted, got
-    assert got["local"] == [SERVER, PORT]  # the client's destination, not the listener's port
-    assert got["peer"][0] == CLIENT
+    listener, got = delivered(server, client, transparent=True)
+    assert listener == "diverted", got
 
 
 def test_rule_ignored_without_ip_transparent(rules: tuple[Netns, Netns]) -> None:
     server, client = rules
     add_nft(server)
-    actor, plain, diverted = listeners(server, transparent=False)
-    connect(client)
-    got = which(actor, [plain, diverted])
-    assert got["fd"] == plain, got
-    assert got["local"] == [SERVER, PORT]
+    listener, got = delivered(server, client, transparent=False)
+    assert listener == "plain", got
 
 
 def test_udp_datagram_goes_to_the_transparent_socket(rules: tuple[Netns, Netns]) -> None:
@@ -238,11 +238,8 @@ def test_iptables_rule_read_and_obeyed(rules: tuple[Netns, Netns]) -> None:
     assert "-j TPROXY" in rule.text
     assert matches(rule, "tcp", "ipv4", SERVER, PORT, SERVER_DEV) is True
     assert matches(rule, "tcp", "ipv4", SERVER, OTHER_PORT, SERVER_DEV) is False
-    actor, plain, diverted = listeners(server, transparent=True)
-    connect(client)
-    got = which(actor, [plain, diverted])
-    assert got["fd"] == diverted, got
-    assert got["local"] == [SERVER, PORT]
+    listener, got = delivered(server, client, transparent=True)
+    assert listener == "diverted", got
 
 
 def test_namespace_without_rules(rules: tuple[Netns, Netns]) -> None:
