@@ -114,6 +114,11 @@ _SIGNATURES: dict[str, tuple[object, list[object]]] = {
     "bpf_prog_query": (c_int, [c_int, c_uint32, c_uint32, POINTER(c_uint32), POINTER(c_uint32),
                                POINTER(c_uint32)]),
     "bpf_prog_get_fd_by_id": (c_int, [c_uint32]),
+    "bpf_link_get_next_id": (c_int, [c_uint32, POINTER(c_uint32)]),
+    "bpf_link_get_fd_by_id": (c_int, [c_uint32]),
+    "bpf_prog_test_run_opts": (c_int, [c_int, c_void_p]),
+    "bpf_program__attach_netns": (c_void_p, [c_void_p, c_int]),
+    "bpf_program__attach_cgroup": (c_void_p, [c_void_p, c_int]),
     "bpf_map_lookup_batch": (
         c_int,
         [c_int, c_void_p, c_void_p, c_void_p, c_void_p, POINTER(c_uint32), POINTER(_BatchOpts)],
@@ -311,6 +316,18 @@ class Program:
     def recursion_misses(self) -> int:
         return recursion_misses(self.fd, self.name)
 
+    def attach_netns(self, netns_fd: int) -> Link:
+        """A bpf_link holding this (sk_lookup, flow_dissector) program on the
+        network namespace open on ``netns_fd``; ``destroy()`` detaches it."""
+        ptr = lib().bpf_program__attach_netns(self.ptr, netns_fd)
+        return Link(_check_ptr(ptr, f"attach {self.name} to a network namespace"), self.name)
+
+    def attach_cgroup(self, cgroup_fd: int) -> Link:
+        """A bpf_link holding this cgroup program (its section names the
+        hook) on the cgroup open on ``cgroup_fd``; ``destroy()`` detaches it."""
+        ptr = lib().bpf_program__attach_cgroup(self.ptr, cgroup_fd)
+        return Link(_check_ptr(ptr, f"attach {self.name} to a cgroup"), self.name)
+
     def attach_iter(self) -> Link:
         opts = _IterAttachOpts(sz=ctypes.sizeof(_IterAttachOpts))
         ptr = lib().bpf_program__attach_iter(self.ptr, ctypes.byref(opts))
@@ -349,6 +366,128 @@ def recursion_misses(prog_fd: int, name: str) -> int:
 
 
 BPF_F_QUERY_EFFECTIVE = 1
+_PROG_INFO_TAG = 8  # __u8 tag[BPF_TAG_SIZE], 8 bytes
+
+
+def program_info(prog_id: int) -> tuple[str, str, int] | None:
+    """(name, tag as 16 hex digits, BPF_PROG_TYPE_*) of a loaded program;
+    None when it is gone. Raises OSError for any other failure (EPERM
+    without CAP_SYS_ADMIN)."""
+    fd = lib().bpf_prog_get_fd_by_id(prog_id)
+    if fd == -2:  # ENOENT: unloaded meanwhile
+        return None
+    _check_ret(fd, f"open program {prog_id}")
+    try:
+        info, _ = _prog_info(fd, str(prog_id))
+    finally:
+        os.close(fd)
+    name = info.raw[_PROG_INFO_NAME:_PROG_INFO_NAME + 16].split(b"\0", 1)[0]
+    return (name.decode("utf-8", "replace"), info.raw[_PROG_INFO_TAG:_PROG_INFO_TAG + 8].hex(),
+            c_uint32.from_buffer(info, 0).value)
+
+
+def prog_fd_by_id(prog_id: int) -> int:
+    """An fd on the loaded program ``prog_id`` (close it with os.close)."""
+    return _check_ret(lib().bpf_prog_get_fd_by_id(prog_id), f"open program {prog_id}")
+
+
+# struct bpf_link_info: type, id, prog_id, then (8-aligned) a union per type.
+_LINK_INFO_SIZE = 128
+BPF_LINK_TYPE_CGROUP = 3
+BPF_LINK_TYPE_NETNS = 5
+
+
+@dataclass(frozen=True)
+class LinkInfo:
+    """What the kernel says of one bpf_link. ``target`` and ``attach_type``
+    are filled for cgroup links (target: the cgroup id, the inode of its
+    cgroup2 directory) and netns links (target: the namespace's inode);
+    0 for other types."""
+
+    link_id: int
+    type: int  # BPF_LINK_TYPE_*
+    prog_id: int
+    target: int
+    attach_type: int
+
+
+def links() -> tuple[list[LinkInfo], list[tuple[str, str]]]:
+    """Every bpf_link of the system (BPF_LINK_GET_NEXT_ID, kernel 5.8+),
+    in ascending id, and the (what, why) of those that could not be read
+    (a link gone meanwhile is skipped silently). Listing needs
+    CAP_SYS_ADMIN: without it the answer is no link and one problem."""
+    out: list[LinkInfo] = []
+    problems: list[tuple[str, str]] = []
+    cur = c_uint32(0)
+    nxt = c_uint32(0)
+    while True:
+        ret = lib().bpf_link_get_next_id(cur.value, ctypes.byref(nxt))
+        if ret < 0:
+            if -ret != 2:  # ENOENT: past the last one
+                problems.append(("bpf links", strerror(-ret)))
+            break
+        cur.value = nxt.value
+        fd = lib().bpf_link_get_fd_by_id(cur.value)
+        if fd < 0:
+            err = -fd
+            if err != 2:
+                problems.append((f"bpf link {cur.value}", strerror(err)))
+            continue
+        try:
+            info = ctypes.create_string_buffer(_LINK_INFO_SIZE)
+            size = c_uint32(_LINK_INFO_SIZE)
+            ret = lib().bpf_obj_get_info_by_fd(fd, info, ctypes.byref(size))
+        finally:
+            os.close(fd)
+        if ret < 0:
+            problems.append((f"bpf link {cur.value}", strerror(-ret)))
+            continue
+        ltype, lid, prog = (c_uint32.from_buffer(info, o).value for o in (0, 4, 8))
+        target = attach = 0
+        if ltype == BPF_LINK_TYPE_CGROUP:
+            target = c_uint64.from_buffer(info, 16).value
+            attach = c_uint32.from_buffer(info, 24).value
+        elif ltype == BPF_LINK_TYPE_NETNS:
+            target = c_uint32.from_buffer(info, 16).value
+            attach = c_uint32.from_buffer(info, 20).value
+        out.append(LinkInfo(lid, ltype, prog, target, attach))
+    return out, problems
+
+
+class _TestRunOpts(ctypes.Structure):
+    """struct bpf_test_run_opts of libbpf 1.0 (sz guards the rest)."""
+
+    _fields_ = [
+        ("sz", c_size_t),
+        ("data_in", c_void_p),
+        ("data_out", c_void_p),
+        ("data_size_in", c_uint32),
+        ("data_size_out", c_uint32),
+        ("ctx_in", c_void_p),
+        ("ctx_out", c_void_p),
+        ("ctx_size_in", c_uint32),
+        ("ctx_size_out", c_uint32),
+        ("retval", c_uint32),
+        ("repeat", c_int),
+        ("duration", c_uint32),
+        ("flags", c_uint32),
+        ("cpu", c_uint32),
+        ("batch_size", c_uint32),
+    ]
+
+
+def test_run_ctx(prog_fd: int, ctx: bytes) -> tuple[int, bytes]:
+    """BPF_PROG_TEST_RUN of a program that takes only a context (sk_lookup):
+    ``ctx`` in, (the program's return value, the context out) back. Raises
+    OSError with the kernel's errno (ENOTSUPP 524: this kernel cannot
+    test-run this program type)."""
+    buf_in = ctypes.create_string_buffer(ctx, len(ctx))
+    buf_out = ctypes.create_string_buffer(len(ctx))
+    opts = _TestRunOpts(sz=ctypes.sizeof(_TestRunOpts), ctx_in=ctypes.addressof(buf_in),
+                        ctx_out=ctypes.addressof(buf_out), ctx_size_in=len(ctx),
+                        ctx_size_out=len(ctx), repeat=1)
+    _check_ret(lib().bpf_prog_test_run_opts(prog_fd, ctypes.byref(opts)), "test run")
+    return opts.retval, buf_out.raw[:opts.ctx_size_out]
 BPF_MAP_TYPE_RINGBUF = 27  # include/uapi/linux/bpf.h
 
 
