@@ -327,7 +327,15 @@ class _Matches:
             self.understood = False
             return
         op, left, right = body.get("op", "=="), body.get("left"), body.get("right")
-        if op not in ("==", "in") or not isinstance(left, dict):
+        if not isinstance(left, dict):
+            self.understood = False
+            return
+        if op not in ("==", "in"):  # a negation: only what it implies is kept
+            payload = left.get("payload")
+            if isinstance(payload, dict) and payload.get("protocol") in ("tcp", "udp"):
+                self.set_protocol(payload["protocol"])
+            elif isinstance(payload, dict) and payload.get("protocol") in ("ip", "ip6"):
+                self.set_family("ipv4" if payload["protocol"] == "ip" else "ipv6")
             self.understood = False
             return
         try:
@@ -534,7 +542,11 @@ def _ipt_rule(line: str, table: str, family: str, source: str, inode: int) -> Tp
     i = 0
     while i < len(matches):
         word = matches[i]
-        if word == "!" or word not in _IPT_MATCH_ARGS or i + 1 >= len(matches):
+        if word == "!":  # a negated option: neither it nor its value is a positive match
+            state.understood = False
+            i += 2 + _IPT_MATCH_ARGS.get(matches[i + 1] if i + 1 < len(matches) else "", 0)
+            continue
+        if word not in _IPT_MATCH_ARGS or i + 1 >= len(matches):
             state.understood = False
             i += 1
             continue
