@@ -127,11 +127,13 @@ def _namespace_paths() -> dict[int, str]:
     return paths
 
 
-def _query_netns(path: str) -> list[int]:
+def _query_netns(path: str, inode: int | None = None) -> list[int]:
+    """Program ids of the namespace's sk_lookup run array, in run order
+    (``inode``: the namespace expected there; a reused pid's is refused)."""
     fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
     try:
-        if os.fstat(fd).st_ino != os.stat(path).st_ino:
-            raise OSError(2, "namespace changed")
+        if inode is not None and os.fstat(fd).st_ino != inode:
+            raise OSError(2, "another namespace is there now")
         return libbpf.attached_programs(fd, BPF_SK_LOOKUP)
     finally:
         os.close(fd)
@@ -177,7 +179,7 @@ def sk_lookup_programs(netns: int | None = None) -> ProgramScan:
         order_ids: list[int] | None = None
         if ino in paths:
             try:
-                order_ids = _query_netns(paths[ino])
+                order_ids = _query_netns(paths[ino], ino)
             except OSError:
                 order_ids = None  # gone meanwhile, or no permission: link id order
         placed = _place(ns_links, order_ids)

@@ -35,7 +35,7 @@ import subprocess
 import tempfile
 from pathlib import Path
 
-from tests.needs import missing, need_tool
+from tests.needs import SLOWDOWN, missing, need_tool
 from tracer import libbpf
 from tracer.cgroups import cgroup2_root
 from tracer.nsenter import in_netns
@@ -184,5 +184,5 @@ def listener(netns: str, port: int, protocol: str = "tcp") -> socket.socket:
     s.bind(("127.0.0.1", port))
     if protocol == "tcp":
         s.listen(16)
-    s.settimeout(5.0)
+    s.settimeout(5.0 * SLOWDOWN)
     return s

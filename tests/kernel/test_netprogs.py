@@ -38,6 +38,7 @@ from steering import (
     ns_socket,
 )
 
+from tests.needs import SLOWDOWN
 from tracer import netprogs, sockdiag
 
 REMOTE = ("127.0.0.1", 40000)
@@ -93,7 +94,7 @@ def _expect(run: netprogs.LookupRun, verdict: str, cookie: int | None) -> None:
 
 def _connect(ns: Netns, port: int) -> socket.socket:
     c = ns_socket(ns.path)
-    c.settimeout(5.0)
+    c.settimeout(5.0 * SLOWDOWN)
     c.connect(("127.0.0.1", port))
     return c
 
