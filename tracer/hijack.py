@@ -26,7 +26,27 @@ when, and applies general rules to find port hijacks:
     address's traffic;
 ``reuseport_bpf_attached``
     a reuseport group that had no BPF program got one (it now decides which
-    member receives each connection or datagram).
+    member receives each connection or datagram);
+``device_shadow``
+    a socket bound to a device (SO_BINDTODEVICE) on the same address as a
+    socket of another process (another executable or uid) that is bound to
+    no device (TCP: both listening; UDP: unconnected), same port and
+    protocol: the kernel scores a device-bound socket above an unbound one
+    of the same address, so what arrives on that device goes to it;
+``transparent_listener``
+    an IP_TRANSPARENT listener (TCP LISTEN, or a UDP socket) that was not in
+    the previous snapshot (one there when recording began is reported too,
+    with a note saying so): with a TPROXY rule it receives traffic for
+    addresses that are not the host's.
+
+``wildcard_shadowed`` and ``device_shadow`` never name the same pair: a
+specific address beats a wildcard whatever the devices (the kernel looks
+the exact address up first), so a specific-address socket over a wildcard
+is ``wildcard_shadowed`` even when either is bound to a device, and
+``device_shadow`` is only the pair whose addresses are the same (both
+wildcards, or one address), where the device binding is what decides.
+Such a pair is not ``udp_shared`` either: the datagrams are not shared, the
+device-bound socket takes all that arrive on its device.
 
 Each finding names the processes that did it (``pids``) and the ones it was
 done to (``owners``), with the events and snapshot rows that show it.
@@ -49,7 +69,7 @@ def event_evidence(ev: RecordedCall, h: History) -> dict[str, Any]:
         "type": "event", "id": ev.id, "time": ev.time, "call": ev.call, "result": ev.result,
         "pid": ev.pid, "comm": ev.comm, "exe": exe, "cgroup": cgroup, "uid": ev.uid,
         "sock_uid": ev.sock_uid, "protocol": ev.protocol, "local": ev.local,
-        "options": sorted(ev.options), "inode": ev.inode,
+        "options": sorted(ev.options), "dev": ev.dev, "inode": ev.inode,
     }
     if ev.explanation is not None:
         out["blockers"] = ev.explanation.blockers_json()
@@ -61,7 +81,7 @@ def row_evidence(row: Row, snap: Snap | None) -> dict[str, Any]:
         "type": "snapshot", "snapshot": snap.id if snap else row.first,
         "time": snap.time if snap else None, "protocol": row.protocol, "state": row.state,
         "local": row.local, "options": sorted(row.options) if row.options is not None else None,
-        "group": row.group, "group_size": row.group_size, "bpf": bool(row.group_bpf), "uid": row.uid,
+        "dev": row.dev, "group": row.group, "group_size": row.group_size, "bpf": bool(row.group_bpf), "uid": row.uid,
         "inode": row.inode,
         "owners": [{"pid": o.pid, "comm": o.comm, "exe": o.exe, "uid": o.uid, "cgroup": o.cgroup}
                    for o in row.owners],
@@ -264,6 +284,8 @@ def find_udp_shared(h: History) -> list[Finding]:
                 continue
             if (row.addr in WILDCARDS) != (other.addr in WILDCARDS):
                 continue  # a specific address under a wildcard: wildcard_shadowed
+            if bool(row.dev) != bool(other.dev):
+                continue  # one bound to a device takes all it receives: device_shadow
             if not _overlaps(row.sock(), other.sock()):
                 continue
             differs = row.uid != other.uid or bool(row.exes and other.exes and not row.exes & other.exes)
@@ -457,9 +479,130 @@ def find_bpf_attached(h: History) -> list[Finding]:
     return list(out.values())
 
 
+def _receives(row: Row) -> bool:
+    """A socket that receives: a TCP listener, or a UDP socket (the snapshots
+    keep unconnected ones only)."""
+    return row.state == LISTEN if row.protocol == "tcp" else row.protocol == "udp"
+
+
+def _another(a: Row, b: Row) -> bool:
+    """Two sockets of other processes, as udp_shared judges it: no process in
+    common, and another uid or another executable."""
+    if not a.pids or not b.pids or set(a.pids) & set(b.pids):
+        return False
+    return a.uid != b.uid or bool(a.exes and b.exes and not a.exes & b.exes)
+
+
+def _score(row: Row) -> int:
+    """The kernel's score of a socket for a packet of its port that it may
+    receive (compute_score, net/ipv4/inet_hashtables.c and udp.c): a bound
+    device adds 1 (TCP) or 4 (UDP), an IPv4 socket outscores an IPv6 one."""
+    v4 = row.family == "ipv4"
+    if row.protocol == "tcp":
+        return (2 if row.dev else 1) + v4
+    return (2 if v4 else 1) + (4 if row.dev else 0)
+
+
+def find_device_shadows(h: History) -> list[Finding]:
+    """A device-bound socket on the same address as an unbound one of another
+    process (TCP: both listening): on that device it receives the traffic."""
+    out: dict[tuple[int, str, int], Finding] = {}
+    ties: set[tuple[int, str, int]] = set()
+    for row in h.rows:
+        if not _receives(row):
+            continue
+        snap = h.snap_by_id.get(row.first)
+        if snap is None:
+            continue
+        for other in h.alive(row.first, row.netns, row.protocol, row.port):
+            if other.inode == row.inode or not _receives(other) or bool(row.dev) == bool(other.dev):
+                continue
+            bound, plain = (row, other) if row.dev else (other, row)
+            # The same address: both wildcards, or one address (a specific one
+            # over a wildcard wins whatever the devices: wildcard_shadowed).
+            if not (bound.addr == plain.addr or (bound.addr in WILDCARDS and plain.addr in WILDCARDS)):
+                continue
+            if overlap(bound.sock(), plain.sock()) is None or not _another(bound, plain):
+                continue
+            if _score(bound) < _score(plain):
+                continue
+            key = (bound.netns, bound.protocol, bound.inode)
+            f = out.get(key)
+            if f is None:
+                calls = ("listen",) if bound.protocol == "tcp" else ("bind",)
+                took = h.took_at(bound.netns, bound.inode, calls)
+                plain_took = h.took_at(plain.netns, plain.inode, calls)
+                when = max([t.time for t in (took, plain_took) if t] or [snap.time])
+                f = out[key] = Finding(
+                    "device_shadow", when, bound.netns, bound.protocol, bound.port, bound.pids, [], "",
+                    [event_evidence(t, h) for t in (took, plain_took) if t])
+                f.evidence.append(row_evidence(bound, snap))
+            if _score(bound) == _score(plain):
+                ties.add(key)
+            if not set(plain.pids) <= set(f.owners):
+                f.owners = sorted(set(f.owners) | set(plain.pids))
+                f.evidence.append(row_evidence(plain, snap))
+    for key, f in out.items():
+        snaps = [e for e in f.evidence if e["type"] == "snapshot"]
+        bound_e, plain_locals = snaps[0], sorted({e["local"] for e in snaps[1:]})
+        what = "connections" if f.protocol == "tcp" else "datagrams"
+        f.summary = (f"{_who(f.pids, h, f.time)} holds {f.protocol} {bound_e['local']} bound to "
+                     f"device {bound_e['dev']} (SO_BINDTODEVICE) beside {', '.join(plain_locals)} of "
+                     f"{_who(f.owners, h, f.time)}, bound to no device: the {what} for port "
+                     f"{f.port} that arrive on device {bound_e['dev']} go to it, not to the "
+                     "unbound socket's owner (the kernel scores a device-bound socket above an "
+                     "unbound one of the same address)")
+        if key in ties:
+            f.notes.append("an IPv6 socket bound to a device and an IPv4 one bound to none score "
+                           "the same for IPv4 traffic: which receives it depends on the order of "
+                           "the kernel's hash chain")
+    return list(out.values())
+
+
+def find_transparent_listeners(h: History) -> list[Finding]:
+    """An IP_TRANSPARENT listener or UDP socket that the previous snapshot did
+    not have (or had without the option); one already there in the first
+    snapshot is reported as present when recording began."""
+    out = []
+    judged: set[tuple[int, int]] = set()
+    for row in h.rows:
+        if not _receives(row) or row.options is None or "transparent" not in row.options:
+            continue
+        key = (row.netns, row.inode)
+        snap = h.snap_by_id.get(row.first)
+        if key in judged or snap is None:
+            continue
+        prev = h.prev_of(row.first)
+        if prev is not None:
+            before = h.row_at(row.netns, row.inode, prev.id)
+            if before is not None and _receives(before) and (before.options is None
+                                                              or "transparent" in before.options):
+                continue  # there already (or its flags unread then): not appearing now
+        judged.add(key)
+        took = h.took_at(row.netns, row.inode, ("listen",) if row.protocol == "tcp" else ("bind",))
+        pids = row.pids or ([took.pid] if took else [])
+        what = "listener" if row.protocol == "tcp" else "UDP socket"
+        evidence = ([event_evidence(took, h)] if took else []) + [row_evidence(row, snap)]
+        tail = (": with a TPROXY rule (iptables/nftables) it receives traffic for addresses "
+                "that are not this host's")
+        if prev is None:
+            f = Finding("transparent_listener", snap.time, row.netns, row.protocol, row.port, pids, [],
+                        f"{_who(pids, h, snap.time)} holds an IP_TRANSPARENT {what} on "
+                        f"{row.protocol} {row.local}, present when recording began" + tail,
+                        evidence, ["present in the first snapshot: when it appeared is not known"])
+        else:
+            f = Finding("transparent_listener", took.time if took and took.time > prev.time
+                        else snap.time, row.netns, row.protocol, row.port, pids, [],
+                        f"{_who(pids, h, snap.time)} opened an IP_TRANSPARENT {what} on "
+                        f"{row.protocol} {row.local} between {stamp(prev.time)} and "
+                        f"{stamp(snap.end)}" + tail, evidence)
+        out.append(f)
+    return out
+
+
 def find_all(h: History, race_window: float) -> list[Finding]:
     findings = (find_reuseport_other_uid(h) + find_foreign_members(h) + find_udp_shared(h)
                 + find_restart_races(h, race_window) + find_shadowed_wildcards(h)
-                + find_bpf_attached(h))
+                + find_bpf_attached(h) + find_device_shadows(h) + find_transparent_listeners(h))
     findings.sort(key=lambda f: (f.time, KINDS.index(f.kind), f.port))
     return findings

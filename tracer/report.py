@@ -117,7 +117,7 @@ def _evidence_line(e: dict[str, Any]) -> str:
     if e["type"] == "event":
         line = (f"{stamp(e['time'])} event     {e['call']} {e['result']} pid {e['pid']} "
                 f"{e['comm']} ({e['exe'] or '?'}) uid {e['uid']} {e['protocol']} {e['local']} "
-                f"{','.join(e['options']) or '-'} inode {e['inode']}")
+                f"{','.join(e['options']) or '-'}{_dev(e)} inode {e['inode']}")
         blockers = e.get("blockers")
         if isinstance(blockers, list) and blockers:
             line += "  blocked by: " + "; ".join(
@@ -126,12 +126,29 @@ def _evidence_line(e: dict[str, Any]) -> str:
         elif isinstance(blockers, dict):
             line += f"  blockers unknown: {blockers.get('error')}"
         return line
-    group = ""
+    if e["type"] == "program":
+        return _program_line(e)
+    group = _dev(e)
     if e["group"]:
-        group = f" group {e['group']:08x}/{e['group_size']}" + ("+bpf" if e["bpf"] else "")
+        group += f" group {e['group']:08x}/{e['group_size']}" + ("+bpf" if e["bpf"] else "")
     owners = " ".join(f"{o['comm']}[{o['pid']}] ({o['exe'] or '?'}, uid {o['uid']})" for o in e["owners"]) or "-"
     return (f"{stamp(e['time'])} snapshot  #{e['snapshot']} {e['protocol']} {e['state']} {e['local']} "
             f"{','.join(e['options'] or []) or '-'}{group} uid {e['uid']} inode {e['inode']}  {owners}")
+
+
+def _dev(e: dict[str, Any]) -> str:
+    """`` dev N`` for a socket bound to a device (SO_BINDTODEVICE), else nothing."""
+    return f" dev {e['dev']}" if e.get("dev") else ""
+
+
+def _program_line(e: dict[str, Any]) -> str:
+    """A BPF program of a snapshot, as a finding's evidence shows it."""
+    where = (f"netns {e['netns']}" if e.get("netns") is not None
+             else f"cgroup {e.get('cgroup') or '?'}")
+    owners = " ".join(f"{o.get('comm')}[{o.get('pid')}]" for o in e.get("owners") or []) or "-"
+    link = f" link {e['link_id']}" if e.get("link_id") is not None else ""
+    return (f"{stamp(e.get('time'))} programs  #{e.get('snapshot')} {e.get('kind')} prog "
+            f"{e.get('prog_id')} {e.get('name') or '?'} tag {e.get('tag')}{link} {where}  {owners}")
 
 
 def _blocker_text(b: dict[str, Any]) -> str:

@@ -1,0 +1,177 @@
+"""`portscope record` and `portscope report` against four takeovers that need
+no port conflict: a device-bound socket beside another process's unbound
+one, an IP_TRANSPARENT listener, an sk_lookup program attached to a network
+namespace, a cgroup sock_addr program attached to a cgroup.
+
+As in test_journal.py (whose actors, recorder and report this module
+reuses), every scenario is played for real while `portscope record` runs:
+separate programs in a private network namespace, real BPF programs. The
+report must list exactly the expected finding with its evidence, and the
+same shape done harmlessly must list none.
+"""
+
+# ruff: noqa: F811  (the tests take the fixture `scene` imported below as a parameter)
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+from typing import Iterator
+
+import pytest
+from test_journal import ACTOR, REPO, ExecActor, Programs, Scene, summary
+from test_journal import can_record, scene  # noqa: F401  (fixtures: scene uses our programs)
+
+pytestmark = pytest.mark.kernel
+
+# The actors of test_journal, with two more options: "transparent"
+# (IP_TRANSPARENT) and "dev=NAME" (SO_BINDTODEVICE).
+_OPTIONS = '            for name in req.get("options", []):\n                s.setsockopt(*OPTS[name], 1)\n'
+assert _OPTIONS in ACTOR
+SCRIPT = ACTOR.replace(_OPTIONS, '''            for name in req.get("options", []):
+                if name.startswith("dev="):
+                    s.setsockopt(socket.SOL_SOCKET, socket.SO_BINDTODEVICE, name[4:].encode())
+                elif name == "transparent":
+                    s.setsockopt(socket.SOL_IP, 19, 1)  # IP_TRANSPARENT
+                else:
+                    s.setsockopt(*OPTS[name], 1)
+''')
+
+
+@pytest.fixture(scope="module")
+def programs() -> Iterator[Programs]:
+    p = Programs()
+    Path(p.script).write_text(SCRIPT)
+    try:
+        yield p
+    finally:
+        p.close()
+
+
+def veth(scene: Scene) -> int:
+    """A veth device in the scene's namespace, up: its ifindex."""
+    subprocess.run(["ip", "-n", scene.ns.name, "link", "add", "pst0", "type", "veth", "peer", "name",
+                    "pst1"], check=True, capture_output=True)
+    subprocess.run(["ip", "-n", scene.ns.name, "link", "set", "pst0", "up"], check=True)
+    out = subprocess.run(["ip", "netns", "exec", scene.ns.name, "cat", "/sys/class/net/pst0/ifindex"],
+                         check=True, capture_output=True, text=True)
+    return int(out.stdout)
+
+
+# ---- device_shadow -------------------------------------------------------------------
+
+
+def device_scenario(scene: Scene, proto: str, another: bool,
+                    extra: tuple[str, ...] = ()) -> tuple[int, ExecActor, ExecActor]:
+    """A service on the wildcard of port 8053, then a second process on the
+    same wildcard bound to the device pst0: another executable (same uid,
+    so that the kernel's reuseport uid check lets a TCP one bind) or, when
+    not ``another``, a second worker of the same program. Returns the
+    device's ifindex, the service and the device-bound process."""
+    share = "reuseport" if proto == "tcp" else "reuseaddr"
+    rec = scene.record()
+    ifindex = veth(scene)
+    service = scene.actor()
+    service.serve("0.0.0.0", 8053, proto=proto, options=(share,))
+    rec.wait_snapshot()
+    bound = scene.actor(exe=scene.programs.impostor if another else None)
+    bound.serve("0.0.0.0", 8053, proto=proto, options=(share, "dev=pst0", *extra))
+    rec.wait_snapshot()
+    return ifindex, service, bound
+
+
+@pytest.mark.parametrize("proto", ["tcp", "udp"])
+def test_device_bound_socket_shadows_another_process_wildcard(scene: Scene, proto: str) -> None:
+    ifindex, service, shadow = device_scenario(scene, proto, another=True)
+
+    doc = scene.report()
+    assert summary(doc["findings"]) == [("device_shadow", [shadow.pid], [service.pid])]
+    f = doc["findings"][0]
+    assert (f["protocol"], f["port"], f["netns"]) == (proto, 8053, scene.ns.inode)
+    rows = [(e["local"], e["dev"], e["owners"][0]["pid"]) for e in f["evidence"]
+            if e["type"] == "snapshot"]
+    assert rows == [("0.0.0.0:8053", ifindex, shadow.pid), ("0.0.0.0:8053", 0, service.pid)]
+    calls = {(e["pid"], e["dev"]) for e in f["evidence"] if e["type"] == "event"}
+    assert (shadow.pid, ifindex) in calls
+    assert f"device {ifindex}" in f["summary"]
+
+
+@pytest.mark.parametrize("proto", ["tcp", "udp"])
+def test_device_binding_by_the_same_service_is_no_finding(scene: Scene, proto: str) -> None:
+    device_scenario(scene, proto, another=False)
+    assert scene.report()["findings"] == []
+
+
+def test_specific_address_on_a_device_is_wildcard_shadowed_only(scene: Scene) -> None:
+    """A specific address beats a wildcard whatever the devices: one finding,
+    wildcard_shadowed, not also device_shadow."""
+    rec = scene.record()
+    ifindex = veth(scene)
+    service = scene.actor()
+    service.serve("0.0.0.0", 8053, options=("reuseport",))
+    rec.wait_snapshot()
+    shadow = scene.actor(exe=scene.programs.impostor)
+    shadow.serve("127.0.0.1", 8053, options=("reuseport", "dev=pst0"))
+    rec.wait_snapshot()
+    doc = scene.report()
+    assert summary(doc["findings"]) == [("wildcard_shadowed", [shadow.pid], [service.pid])]
+    assert [e["dev"] for e in doc["findings"][0]["evidence"] if e["type"] == "snapshot"] == [ifindex, 0]
+
+
+# ---- transparent_listener --------------------------------------------------------------
+
+
+@pytest.mark.parametrize("proto", ["tcp", "udp"])
+def test_transparent_listener_appears(scene: Scene, proto: str) -> None:
+    rec = scene.record()
+    plain = scene.actor()
+    plain.serve("0.0.0.0", 8080, proto=proto)
+    rec.wait_snapshot()
+    proxy = scene.actor(exe=scene.programs.impostor)
+    proxy.serve("0.0.0.0", 3129, proto=proto, options=("transparent",))
+    rec.wait_snapshot()
+
+    doc = scene.report()
+    assert summary(doc["findings"]) == [("transparent_listener", [proxy.pid], [])]
+    f = doc["findings"][0]
+    assert (f["protocol"], f["port"], f["netns"]) == (proto, 3129, scene.ns.inode)
+    assert f["notes"] == [] and "opened an IP_TRANSPARENT" in f["summary"]
+    snaps = [e for e in f["evidence"] if e["type"] == "snapshot"]
+    assert len(snaps) == 1 and "transparent" in snaps[0]["options"]
+    assert snaps[0]["owners"][0]["pid"] == proxy.pid
+    events = [e for e in f["evidence"] if e["type"] == "event"]
+    assert [(e["call"], e["pid"]) for e in events] == [("listen" if proto == "tcp" else "bind", proxy.pid)]
+
+
+def test_transparent_listener_present_when_recording_began(scene: Scene) -> None:
+    proxy = scene.actor(exe=scene.programs.impostor)
+    proxy.serve("0.0.0.0", 3129, options=("transparent",))
+    rec = scene.record()
+    rec.wait_snapshot()
+    doc = scene.report()
+    assert summary(doc["findings"]) == [("transparent_listener", [proxy.pid], [])]
+    f = doc["findings"][0]
+    assert "present when recording began" in f["summary"] and f["notes"]
+
+
+def test_plain_listeners_are_no_transparent_finding(scene: Scene) -> None:
+    rec = scene.record()
+    rec.wait_snapshot()
+    a = scene.actor(exe=scene.programs.impostor)
+    a.serve("0.0.0.0", 3129)
+    a.serve("0.0.0.0", 3129, proto="udp")
+    rec.wait_snapshot()
+    assert scene.report()["findings"] == []
+
+
+def test_human_report_shows_the_new_evidence(scene: Scene) -> None:
+    ifindex, _, _ = device_scenario(scene, "tcp", another=True, extra=("transparent",))
+    assert scene.recording is not None
+    scene.recording.stop()
+    out = subprocess.run([sys.executable, "-m", "tracer.cli", "report", str(scene.recording.path),
+                          "--netns", str(scene.ns.inode)], cwd=REPO, capture_output=True,
+                         text=True, timeout=60)
+    assert out.returncode == 0, out.stderr
+    assert "2 findings:" in out.stdout
+    assert "device_shadow" in out.stdout and "transparent_listener" in out.stdout
+    assert f" dev {ifindex} " in out.stdout
