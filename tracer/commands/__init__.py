@@ -8,6 +8,7 @@ runs here (commands/ui.py): it only wires the collector to the screen.
 
 from . import (
     completion,
+    deliver,
     doctor,
     export,
     groups,
@@ -23,5 +24,5 @@ from . import (
 )
 
 # In the order ``portscope --help`` lists them.
-COMMANDS = (trace, ports, why, timewait, groups, export, ui, record, report, replay, doctor,
+COMMANDS = (trace, ports, why, deliver, timewait, groups, export, ui, record, report, replay, doctor,
             completion, man)
