@@ -101,6 +101,11 @@ class NetProgram:
         return cls(kind, prog_id, name, tag, netns, cgroup, link_id, order)
 
 
+def _reason(exc: OSError) -> str:
+    """The kernel's answer alone (libbpf's OSErrors carry what was done too)."""
+    return libbpf.strerror(exc.errno) if exc.errno else str(exc)
+
+
 def _count(v: object) -> bool:
     return isinstance(v, int) and not isinstance(v, bool) and 0 <= v < 1 << 64
 
@@ -212,7 +217,7 @@ def _info(prog_id: int, cache: dict[int, tuple[str, str, int] | None],
         try:
             cache[prog_id] = libbpf.program_info(prog_id)
         except OSError as exc:
-            problems.append((f"bpf program {prog_id}", exc.strerror or str(exc)))
+            problems.append((f"bpf program {prog_id}", _reason(exc)))
             cache[prog_id] = None
     return cache[prog_id]
 
@@ -263,7 +268,7 @@ def sock_addr_programs(kinds: Iterable[str] = SOCK_ADDR_KINDS) -> ProgramScan:
                         continue
                     if exc.errno == 2:  # ENOENT: cgroup removed meanwhile
                         break
-                    problems.append((f"cgroup {where} {kind}", os.strerror(exc.errno or 1)))
+                    problems.append((f"cgroup {where} {kind}", _reason(exc)))
                     if exc.errno == 1:  # EPERM: no point asking the rest
                         return ProgramScan(programs, problems)
                     continue
@@ -344,8 +349,9 @@ def run_sk_lookup(program: NetProgram, protocol: str, family: str,
     namespace in tests/kernel/test_netprogs.py). It runs alone, with no
     earlier program's selection in ``ctx->sk`` (the kernel refuses one), so
     a program that reads it may answer differently inside its run array.
-    The kernel's test run refuses a nonzero ingress_ifindex: with one the
-    run is made without it and ``why`` says so.
+    The kernel's test run refuses a nonzero ingress_ifindex (EINVAL on 5.17+,
+    E2BIG before, verified on 6.18 and 5.10): with one the run is made
+    without it and ``why`` says so.
     """
     ctx = lookup_context(protocol, family, remote, local, ifindex)
     try:
@@ -353,7 +359,8 @@ def run_sk_lookup(program: NetProgram, protocol: str, family: str,
     except OSError as exc:
         if exc.errno == 2:
             return LookupRun(program, "unknown", None, GONE)
-        return LookupRun(program, "unknown", None, f"cannot open the program: {exc.strerror}")
+        return LookupRun(program, "unknown", None,
+                         f"cannot open the program: {_reason(exc)}")
     note = ""
     try:
         info = libbpf.program_info(program.prog_id)
@@ -362,7 +369,9 @@ def run_sk_lookup(program: NetProgram, protocol: str, family: str,
         try:
             retval, out = libbpf.test_run_ctx(fd, ctx)
         except OSError as exc:
-            if exc.errno == 22 and ifindex:  # EINVAL: the test run wants ingress_ifindex 0
+            # The test run wants ingress_ifindex 0: EINVAL where the kernel's
+            # struct has the field, E2BIG where it ends before it (before 5.17).
+            if exc.errno in (22, 7) and ifindex:
                 note = NO_IFINDEX
                 retval, out = libbpf.test_run_ctx(fd, lookup_context(protocol, family, remote,
                                                                      local, 0))
@@ -374,7 +383,7 @@ def run_sk_lookup(program: NetProgram, protocol: str, family: str,
         if exc.errno == 95:  # EOPNOTSUPP
             return LookupRun(program, "unknown", None, REUSEPORT)
         return LookupRun(program, "unknown", None,
-                         f"the kernel refused the test run: {exc.strerror or exc}")
+                         f"the kernel refused the test run: {_reason(exc)}")
     finally:
         os.close(fd)
     cookie = struct.unpack_from("<Q", out, 0)[0] if len(out) >= 8 else 0

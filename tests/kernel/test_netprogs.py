@@ -20,10 +20,14 @@ before 5.10.136), run_sk_lookup must answer "unknown" with the reason.
 from __future__ import annotations
 
 import errno
+import json
 import os
 import re
 import socket
+import subprocess
+import sys
 import time
+from pathlib import Path
 from typing import Iterator
 
 import pytest
@@ -38,7 +42,7 @@ from steering import (
     ns_socket,
 )
 
-from tests.needs import SLOWDOWN
+from tests.needs import SLOWDOWN, need_tool
 from tracer import netprogs, sockdiag
 
 REMOTE = ("127.0.0.1", 40000)
@@ -254,3 +258,33 @@ def test_connect4_rewrite_found_and_real(netns: Netns, test_cgroup: str) -> None
         finally:
             actor.kill()
     b.close()
+
+
+_UNPRIVILEGED = """
+import json, sys
+from tracer import netprogs
+a, b = netprogs.sk_lookup_programs(), netprogs.sock_addr_programs()
+r = netprogs.run_sk_lookup(netprogs.NetProgram.from_json(json.loads(sys.argv[1])), "tcp", "ipv4",
+                           ("127.0.0.1", 40000), ("127.0.0.1", 7601))
+print(json.dumps({"links": [a.programs, a.problems, a.supported], "cgroups": [b.programs, b.problems],
+                  "run": [r.verdict, r.cookie, r.why]}))
+"""
+
+
+def test_without_privilege_the_answer_says_so(netns: Netns) -> None:
+    """As a user without CAP_SYS_ADMIN (nobody): no program, the reason in
+    ``problems``, an "unknown" run with the reason; never a traceback."""
+    setpriv = need_tool("setpriv")
+    q = listener(netns.path, 7602)
+    with attach_steer(netns.path, 7601, q.fileno()):
+        (found,) = _found(netns)
+        r = subprocess.run([setpriv, "--reuid=65534", "--regid=65534", "--clear-groups",
+                            sys.executable, "-c", _UNPRIVILEGED, json.dumps(found.to_json())],
+                           cwd=Path(__file__).resolve().parents[2], capture_output=True, text=True,
+                           timeout=60)
+    q.close()
+    assert r.returncode == 0, r.stderr
+    doc = json.loads(r.stdout)
+    assert doc["links"] == [[], [["bpf links", "Operation not permitted"]], True]
+    assert doc["cgroups"][0] == [] and ["bpf links", "Operation not permitted"] in doc["cgroups"][1]
+    assert doc["run"] == ["unknown", None, "cannot open the program: Operation not permitted"]
