@@ -40,6 +40,7 @@ from .inventory import Inventory, Socket, select_namespaces, take
 from .lookup import Endpoint, Judged, Packet
 from .netns import open_netns
 from .nsnames import NetnsNames
+from .ports import state_text
 from .records import format_addr, owner_detail, owner_label
 from .text import printable
 
@@ -245,7 +246,7 @@ def decide(a: Answer, sockets: list[Socket], local: bool, from_host: bool, known
             return
         if est is not None:
             a.notes.append({"kind": "time_wait", "cookie": est.cookie})
-        elif p.sport is None:
+        elif p.saddr is not None and p.sport is None:
             a.notes.append({"kind": "new_source_port"})
     a.judged = [(lookup.judge_listener if p.protocol == "tcp" else lookup.judge_udp)(ep, p)
                 for ep in eps]
@@ -429,7 +430,8 @@ def _who(facts: NamespaceFacts | None, s: Socket | None) -> str:
     d = s.diag
     name = facts.device_name(d.bound_dev_if) if facts else str(d.bound_dev_if)
     dev = f" dev {name}" if d.bound_dev_if else ""
-    return f"{format_addr(d.family, d.local_addr, d.local_port)}{dev} ({d.state}) of {owners}"
+    return (f"{format_addr(d.family, d.local_addr, d.local_port)}{dev} "
+            f"({state_text(d.protocol, d.state)}) of {owners}")
 
 
 def _sock_json(s: Socket | None) -> dict[str, object] | None:
@@ -511,7 +513,10 @@ def render(a: Answer, pal: Palette = PLAIN, verbose: bool = False) -> str:
                 f" on {dev}" if dev else "", f" (netns {NetnsNames(a.inventory.scan if a.inventory else None).describe(a.netns)}):")]
     if a.outcome == "socket":
         out.append(line("  goes to ", pal.verdict("free", _who(a.facts, a.winner))))
-        out.append(f"  decided by: {DECIDED[a.decided_by]}")
+        decided = DECIDED[a.decided_by]
+        if p.protocol == "udp":
+            decided = decided.replace("the listener lookup", "the socket lookup")
+        out.append(f"  decided by: {decided}")
         if verbose and a.winner:
             out += [f"    {printable(owner_detail(o))}" for o in a.winner.owners]
         if len(a.members) > 1:
@@ -520,7 +525,7 @@ def render(a: Answer, pal: Palette = PLAIN, verbose: bool = False) -> str:
         out.append(line("  ", pal.verdict("conflict", OUTCOMES[a.outcome])))
     for run in a.programs:
         out.append(f"  sk_lookup program {printable(run.program.name) or '?'} (id {run.program.prog_id}): "
-                   + _run_text(a, run))
+                   + printable(_run_text(a, run)))
     for t in a.tproxy:
         out.append(f"  TPROXY rule {printable(t['rule'].get('text', ''))}: {TPROXY[t['result']]}"
                    + ("" if t["matches"] else " (portscope cannot tell whether it matches)"))
@@ -602,7 +607,8 @@ def _note_text(n: dict[str, Any]) -> str:
         return ("a TIME_WAIT socket holds this 4-tuple: a new SYN usually reopens it "
                 "(a higher sequence number or a newer timestamp) and goes to the listener")
     if kind == "new_source_port":
-        return "a new connection takes a new source port: give --from SRC:PORT to ask about an existing one"
+        return ("without the client's port, the established table is not asked: give "
+                "--from SRC:PORT to ask about an existing connection")
     if kind == "group_has_conns":
         return "the group has connected members: the kernel may pass over the hashed pick"
     if kind == "programs_run_from":
