@@ -288,3 +288,26 @@ def test_without_privilege_the_answer_says_so(netns: Netns) -> None:
     assert doc["links"] == [[], [["bpf links", "Operation not permitted"]], True]
     assert doc["cgroups"][0] == [] and ["bpf links", "Operation not permitted"] in doc["cgroups"][1]
     assert doc["run"] == ["unknown", None, "cannot open the program: Operation not permitted"]
+
+
+def test_a_reuseport_selection_is_unknown(netns: Netns) -> None:
+    """A program that selects a socket of a SO_REUSEPORT group leaves the
+    choice of the member to the kernel, which a test run refuses to make
+    (EOPNOTSUPP): unknown, with the reason. The kernel still delivers."""
+    q = ns_socket(netns.path)
+    q.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+    q.bind(("127.0.0.1", 7702))
+    q.listen(4)
+    q.settimeout(5.0 * SLOWDOWN)
+    with attach_steer(netns.path, 7701, q.fileno()):
+        (found,) = _found(netns)
+        run = _run(found, 7701)
+        if TEST_RUN:
+            assert (run.verdict, run.cookie, run.why) == ("unknown", None, netprogs.REUSEPORT)
+        else:
+            assert (run.verdict, run.why) == ("unknown", netprogs.NO_TEST_RUN)
+        c = _connect(netns, 7701)
+        a, _ = q.accept()
+        a.close()
+        c.close()
+    q.close()
