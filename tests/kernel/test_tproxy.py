@@ -130,30 +130,37 @@ def add_nft(server: Netns) -> None:
         missing(f"the kernel refuses an nft tproxy rule: {exc}")
 
 
-def listeners(server: Netns, transparent: bool) -> tuple[Actor, int, int]:
-    """An actor with a plain listener on SERVER:PORT and one on *:TPROXY_PORT."""
+def listeners(server: Netns, transparent: bool) -> tuple[Actor, dict[int, str]]:
+    """An actor with plain listeners on SERVER:PORT and SERVER:OTHER_PORT and
+    one on *:TPROXY_PORT (IP_TRANSPARENT or not); their names by fd."""
     actor = Actor(server)
-    plain = actor.socket("tcp", reuseaddr=True)
-    assert actor.bind(plain, SERVER, PORT).ok
-    assert actor.listen(plain).ok
-    diverted = actor.socket("tcp", reuseaddr=True, transparent=transparent)
-    assert actor.bind(diverted, "0.0.0.0", TPROXY_PORT).ok
-    assert actor.listen(diverted).ok
-    return actor, plain, diverted
+    names = {}
+    for name, addr, port, options in (("plain", SERVER, PORT, {}), ("other", SERVER, OTHER_PORT, {}),
+                                      ("diverted", "0.0.0.0", TPROXY_PORT,
+                                       {"transparent": transparent})):
+        fd = actor.socket("tcp", reuseaddr=True, **options)
+        assert actor.bind(fd, addr, port).ok
+        assert actor.listen(fd).ok
+        names[fd] = name
+    return actor, names
 
 
-def delivered(server: Netns, client: Netns, transparent: bool) -> tuple[str, dict[str, Any]]:
-    """Listeners on PORT and TPROXY_PORT, a real connection from ``client`` to
-    SERVER:PORT: which listener accepted it ("plain" or "diverted"), and how."""
-    actor, plain, diverted = listeners(server, transparent)
+def delivered(server: Netns, client: Netns, transparent: bool,
+              ports: tuple[int, ...] = (PORT,)) -> list[str]:
+    """The listeners, then a real connection from ``client`` to SERVER:port
+    for each of ``ports``: which listener accepted each one."""
+    actor, names = listeners(server, transparent)
     peer = Actor(client)
-    fd = peer.socket("tcp")
-    truth = peer.connect(fd, SERVER, PORT)
-    assert truth.ok, truth.describe()
-    got = which(actor, [plain, diverted])
-    assert got["local"] == [SERVER, PORT]  # the client's destination, even when diverted
-    assert got["peer"][0] == CLIENT
-    return {plain: "plain", diverted: "diverted"}[got["fd"]], got
+    accepted = []
+    for port in ports:
+        fd = peer.socket("tcp")
+        truth = peer.connect(fd, SERVER, port)
+        assert truth.ok, truth.describe()
+        got = which(actor, list(names))
+        assert got["local"] == [SERVER, port]  # the client's destination, even when diverted
+        assert got["peer"][0] == CLIENT
+        accepted.append(names[got["fd"]])
+    return accepted
 
 
 def test_nft_rule_read_and_matched(rules: tuple[Netns, Netns]) -> None:
@@ -186,15 +193,15 @@ def test_nft_rule_read_and_matched(rules: tuple[Netns, Netns]) -> None:
 def test_transparent_listener_takes_the_connection(rules: tuple[Netns, Netns]) -> None:
     server, client = rules
     add_nft(server)
-    listener, got = delivered(server, client, transparent=True)
-    assert listener == "diverted", got
+    # 8080 matches the rule (matches() says True), 8081 does not (False).
+    assert delivered(server, client, transparent=True, ports=(PORT, OTHER_PORT)) == \
+        ["diverted", "other"]
 
 
 def test_rule_ignored_without_ip_transparent(rules: tuple[Netns, Netns]) -> None:
     server, client = rules
     add_nft(server)
-    listener, got = delivered(server, client, transparent=False)
-    assert listener == "plain", got
+    assert delivered(server, client, transparent=False) == ["plain"]
 
 
 def test_udp_datagram_goes_to_the_transparent_socket(rules: tuple[Netns, Netns]) -> None:
@@ -238,8 +245,8 @@ def test_iptables_rule_read_and_obeyed(rules: tuple[Netns, Netns]) -> None:
     assert "-j TPROXY" in rule.text
     assert matches(rule, "tcp", "ipv4", SERVER, PORT, SERVER_DEV) is True
     assert matches(rule, "tcp", "ipv4", SERVER, OTHER_PORT, SERVER_DEV) is False
-    listener, got = delivered(server, client, transparent=True)
-    assert listener == "diverted", got
+    assert delivered(server, client, transparent=True, ports=(PORT, OTHER_PORT)) == \
+        ["diverted", "other"]
 
 
 def test_namespace_without_rules(rules: tuple[Netns, Netns]) -> None:
