@@ -196,9 +196,6 @@ def ask(q: Question) -> Answer:
         raise UsageError("deliver answers in one network namespace: give --netns once")
     facts = namespace_facts(spec)
     family = "ipv4" if isinstance(q.daddr, ipaddress.IPv4Address) else "ipv6"
-    if q.saddr is not None and isinstance(q.saddr, ipaddress.IPv4Address) != (family == "ipv4"):
-        raise UsageError("--from and the destination must be of one family (an IPv4 client "
-                         "reaches an IPv6 socket through its v4-mapped address: give the IPv4 one)")
     dif = _device(q.dev, facts)
     sdif = 0
     if dif:
@@ -647,6 +644,9 @@ TPROXY = {
 def run(args: argparse.Namespace) -> ExitStatus:
     daddr, dport = endpoint(args.destination, "destination", need_port=True)
     saddr, sport = endpoint(args.source, "--from", need_port=False) if args.source else (None, None)
+    if saddr is not None and saddr.version != daddr.version:
+        raise UsageError("--from and the destination must be of one family (an IPv4 client "
+                         "reaches an IPv6 socket through its v4-mapped address: give the IPv4 one)")
     q = Question("udp" if args.udp else "tcp", daddr, dport or 0, saddr, sport, args.dev,
                  args.netns)
     a = ask(q)

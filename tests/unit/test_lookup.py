@@ -138,3 +138,35 @@ def test_hostile_owners_are_shown_escaped(name: str, monkeypatch: pytest.MonkeyP
     text = deliver.render(a, verbose=True)
     assert_safe(text, f"deliver with an owner named {name!r}")
     assert text.count("\n") >= 4  # the winner, its rule, and the two it wins over
+
+
+# ---- the command's arguments -------------------------------------------------------------
+
+
+@pytest.mark.parametrize("args, says", [
+    (["10.0.0.5"], "has no port"),
+    (["300.1.1.1:80"], "not an IPv4 or IPv6 address"),
+    (["10.0.0.5:0"], "from 1 to 65535"),
+    (["10.0.0.5:http"], "from 1 to 65535"),
+    (["[fd00::1:80"], "needs its ']'"),
+    (["[fd00::1]80"], "write [ADDR]:PORT"),
+    (["fd00::1"], "has no port"),
+    (["10.0.0.5:80", "--from", "fd00::2"], "one family"),
+    (["10.0.0.5:80", "--from", "10.0.0.9:99999"], "from 1 to 65535"),
+    (["\x1b]2;x\x07:80"], "not an IPv4 or IPv6 address"),
+])
+def test_bad_arguments_are_one_sentence(args: list[str], says: str,
+                                        capsys: pytest.CaptureFixture[str]) -> None:
+    from tracer.cli import main
+
+    assert main(["deliver", *args]) == 2
+    err = capsys.readouterr().err
+    assert says in err and len(err.strip().splitlines()) == 1, err
+    assert_safe(err, "the refusal")
+
+
+def test_endpoints_parse_as_the_kernel_writes_them() -> None:
+    assert deliver.endpoint("[fd00::1]:443", "x", True) == (A("fd00::1"), 443)
+    assert deliver.endpoint("::ffff:10.0.0.5", "x", False) == (A("10.0.0.5"), None)
+    assert deliver.endpoint("[::ffff:10.0.0.5]:80", "x", True) == (A("10.0.0.5"), 80)
+    assert deliver.endpoint("10.0.0.9", "x", False) == (A("10.0.0.9"), None)
