@@ -233,7 +233,6 @@ def decide(a: Answer, sockets: list[Socket], local: bool, from_host: bool, known
             return
     if not local:
         a.outcome, a.decided_by = "not_local", ""
-        a.notes.append({"kind": "not_local", "address": str(p.daddr)})
         return
     eps = [endpoint_of(s) for s in sockets]
     if p.protocol == "tcp":
@@ -333,8 +332,8 @@ def _sk_lookup(a: Answer) -> bool:
             return True
         a.by_cookie[outcome.cookie] = sock
         _won(a, endpoint_of(sock), "sk_lookup")
-        a.changers.append({"kind": "sk_lookup_steers", "program": outcome.decided_by.to_json()
-                           if outcome.decided_by else None})
+        a.notes.append({"kind": "steered", "program": outcome.decided_by.to_json()
+                        if outcome.decided_by else None})
         return True
     if outcome.verdict == "drop":
         a.outcome, a.decided_by = "refused", "sk_lookup"
@@ -529,10 +528,16 @@ def render(a: Answer, pal: Palette = PLAIN, verbose: bool = False) -> str:
     lost = losers(a)
     if lost:
         out.append(pal.head("  other sockets of the port:"))
-        for j, rule in lost[:LISTED]:
-            out.append(f"    {printable(_who(a.facts, a.by_cookie.get(j.endpoint.cookie)))}: "
-                       + (BEATS[rule] if rule in BEATS
-                          else f"cannot take it: {lookup.EXCLUSIONS.get(rule, rule)}"))
+        lines = [f"    {printable(_who(a.facts, a.by_cookie.get(j.endpoint.cookie)))}: "
+                 + (BEATS[rule] if rule in BEATS
+                    else f"cannot take it: {lookup.EXCLUSIONS.get(rule, rule)}")
+                 for j, rule in lost]
+        # Sockets alike (a group's members, one process's) are one line.
+        counted = list(dict.fromkeys(lines))
+        for text in counted[:LISTED]:
+            n = lines.count(text)
+            out.append(text + (f" (x{n})" if n > 1 else ""))
+        lost = counted
     if len(lost) > LISTED:
         out.append(f"    ... and {len(lost) - LISTED} more (--json lists them all)")
     for d in a.devices:
@@ -584,8 +589,6 @@ def _changer_text(c: dict[str, Any], a: Answer) -> str:
     if kind == "program_unknown":
         names = ", ".join(f"{p['name'] or '?'} (id {p['prog_id']})" for p in c["programs"])
         return f"sk_lookup program {names} may select another socket or drop it: {c['why']}"
-    if kind == "sk_lookup_steers":
-        return "an sk_lookup program hands the packet to this socket, whatever it is bound to"
     if kind == "tproxy_unknown":
         return f"TPROXY rule {c['rule'].get('text', '')} may redirect it (portscope cannot evaluate all its matches)"
     if kind == "sock_addr":
@@ -597,9 +600,6 @@ def _changer_text(c: dict[str, Any], a: Answer) -> str:
 
 def _note_text(n: dict[str, Any]) -> str:
     kind = n["kind"]
-    if kind == "not_local":
-        return (f"{n['address']} is not an address of this namespace: the packet is routed "
-                f"on (or dropped), not delivered here")
     if kind == "time_wait":
         return ("a TIME_WAIT socket holds this 4-tuple: a new SYN usually reopens it "
                 "(a higher sequence number or a newer timestamp) and goes to the listener")
@@ -611,6 +611,9 @@ def _note_text(n: dict[str, Any]) -> str:
     if kind == "programs_run_from":
         return (f"sk_lookup programs were run as from {n['source'][0]}:{n['source'][1]} "
                 f"(give --from for a client's)")
+    if kind == "steered":
+        return ("an sk_lookup program hands the packet to that socket, whatever address and "
+                "port it is bound to")
     if kind == "selected_unseen":
         return f"the selected socket (cookie {n['cookie']}) is in no dump portscope could read"
     if kind in ("unreadable", "tproxy_unreadable"):
@@ -628,7 +631,8 @@ DECIDED = {
 }
 OUTCOMES = {
     "refused": "refused: an sk_lookup program drops it (TCP answers RST; UDP, port unreachable)",
-    "not_local": "not delivered here: the address is not this namespace's",
+    "not_local": "not delivered here: the address is not one of this namespace's (no local "
+                 "route): the packet is routed on, or dropped",
     "nobody": "no socket takes it (TCP answers RST; UDP, port unreachable)",
 }
 TPROXY = {
