@@ -214,7 +214,7 @@ def ask(q: Question) -> Answer:
     finally:
         os.close(fd)
     packet = Packet(q.protocol, family, q.daddr, q.dport, q.saddr, q.sport, dif, sdif, accept)
-    inv = take(port=q.dport, protocols=(q.protocol,), netns=spec)
+    inv = _sockets(q, spec)
     answer = Answer(packet, refs[0].inode, "nobody", "", facts=facts, inventory=inv)
     answer.by_cookie = {s.diag.cookie: s for s in inv.sockets}
     decide(answer, inv.sockets, local=_is_local(q.daddr, facts, table), from_host=from_host,
@@ -222,6 +222,23 @@ def ask(q: Question) -> Answer:
     if q.saddr is None or from_host:
         local_clients(answer)
     return answer
+
+
+def _sockets(q: Question, spec: str) -> Inventory:
+    """The sockets of the port the lookup can pick: for TCP the listeners,
+    and the connections from the client's port when it is given (a busy
+    port has 10,000s of connections that take no new one); for UDP every
+    socket (a connected one takes its peer's datagrams)."""
+    if q.protocol == "udp":
+        return take(port=q.dport, protocols=("udp",), netns=spec)
+    inv = take(port=q.dport, protocols=("tcp",), states=("LISTEN",), netns=spec)
+    if q.sport is not None:
+        conns = take(port=q.dport, protocols=("tcp",), states=sorted(lookup.CONNECTION_STATES),
+                     remote_port=q.sport, netns=spec)
+        inv.sockets += conns.sockets
+        inv.unreadable_processes += conns.unreadable_processes
+        inv.flags_unknown += conns.flags_unknown
+    return inv
 
 
 def decide(a: Answer, sockets: list[Socket], local: bool, from_host: bool, known_dev: bool) -> None:

@@ -46,8 +46,8 @@ ANY6 = ipaddress.IPv6Address("::")
 
 # TCP states whose sockets are in the established hash (request sockets show
 # in sock_diag as SYN_RECV).
-CONNECTION_STATES = frozenset({"ESTABLISHED", "SYN_SENT", "SYN_RECV", "FIN_WAIT1", "FIN_WAIT2",
-                               "CLOSE_WAIT", "LAST_ACK", "CLOSING", "TIME_WAIT"})
+CONNECTION_STATES = frozenset({"ESTABLISHED", "SYN_SENT", "SYN_RECV", "FIN_WAIT1", "FIN_WAIT2", "CLOSE_WAIT", "LAST_ACK", "CLOSING",
+                               "TIME_WAIT"})
 
 
 @dataclass(frozen=True, slots=True)
