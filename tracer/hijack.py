@@ -37,7 +37,31 @@ when, and applies general rules to find port hijacks:
     an IP_TRANSPARENT listener (TCP LISTEN, or a UDP socket) that was not in
     the previous snapshot (one there when recording began is reported too,
     with a note saying so): with a TPROXY rule it receives traffic for
-    addresses that are not the host's.
+    addresses that are not the host's;
+``sk_lookup_attached``
+    an sk_lookup BPF program attached to a network namespace between two
+    snapshots, or another program put in place of one (the same bpf_link
+    updated to another program, or one detached and another attached): it
+    runs before the kernel's socket lookup and can hand the connections and
+    datagrams for any address and port of that namespace to any socket;
+``sock_addr_attached``
+    a cgroup sock_addr program (bind4/6, post_bind4/6, connect4/6,
+    sendmsg4/6, recvmsg4/6, getpeername4/6, getsockname4/6) attached to a
+    cgroup between two snapshots, or put in place of one: it rewrites where
+    the processes of that cgroup (and of the cgroups below it) bind,
+    connect or send.
+
+The two program findings compare snapshots that both looked for programs
+of that class (``snapshots.programs``, journal schema 3): a journal written
+before, the first snapshot that looks, or one whose scan failed names no
+program as attached. They name the processes that hold the program's or
+its link's file descriptor (``pids``; none when it is pinned or its loader
+exited), the holders of the program it replaced (``owners``, for
+sk_lookup) or the processes the journal saw in that cgroup (``owners``,
+for sock_addr; not for the root cgroup, which is every process), the
+namespace or cgroup, and the program's id, name, tag and link. They are
+kept by ``--port`` (a program concerns every port) and, for sock_addr, by
+``--netns`` (a cgroup is in no namespace).
 
 ``wildcard_shadowed`` and ``device_shadow`` never name the same pair: a
 specific address beats a wildcard whatever the devices (the kernel looks
@@ -58,9 +82,11 @@ import errno
 from typing import Any, Iterable
 
 from .bindrules import LISTEN, Rule, Sock, overlap, tcp_rule, udp_rule
-from .history import WILDCARDS, History, Row, Snap, stamp
+from .history import WILDCARDS, History, ProgRow, Row, Snap, stamp
+from .journal.programs import program_class
 from .records import Finding, RecordedCall
 from .records.findings import KINDS
+from .text import printable
 
 
 def event_evidence(ev: RecordedCall, h: History) -> dict[str, Any]:
@@ -600,9 +626,103 @@ def find_transparent_listeners(h: History) -> list[Finding]:
     return out
 
 
+def program_evidence(row: ProgRow, snap: Snap | None) -> dict[str, Any]:
+    return {"type": "program", "snapshot": snap.id if snap else row.first,
+            "time": snap.time if snap else None, **row.seen.program.to_json(),
+            "holders": [x.to_json() for x in row.seen.holders]}
+
+
+# What a cgroup program rewrites, by the start of its kind.
+_REWRITES = {"bind": "the address and port they bind", "post_bind": "whether their bind stands",
+             "connect": "the address and port they connect to",
+             "sendmsg": "the address and port they send datagrams to",
+             "recvmsg": "the address they see datagrams come from",
+             "getpeername": "the peer address they are told",
+             "getsockname": "the local address they are told"}
+
+
+def _program_text(row: ProgRow) -> str:
+    p = row.seen.program
+    link = f", link {p.link_id}" if p.link_id is not None else ""
+    return f"{printable(p.name) or '(no name)'} (id {p.prog_id}, tag {p.tag}{link})"
+
+
+def _holders(rows: Iterable[ProgRow]) -> list[int]:
+    return sorted({x.pid for r in rows for x in r.seen.holders})
+
+
+def find_programs_attached(h: History) -> list[Finding]:
+    """A program (sk_lookup, or cgroup sock_addr) in a snapshot that the
+    snapshot before it, which looked for that class too, did not have at
+    that place (the same program id and link)."""
+    out = []
+    for row in h.programs:
+        p = row.seen.program
+        snap, prev = h.snap_by_id.get(row.first), h.prev_of(row.first)
+        cls = program_class(p.kind)
+        if snap is None or prev is None or cls not in (snap.scanned or ()) \
+                or cls not in (prev.scanned or ()):
+            continue
+
+        def place(rows: list[ProgRow]) -> list[ProgRow]:
+            return [r for r in rows if (r.seen.program.kind, r.seen.program.netns,
+                                        r.seen.program.cgroup) == (p.kind, p.netns, p.cgroup)]
+
+        key = (p.prog_id, p.link_id)
+        before = place(h.programs_at(prev.id))
+        if any((r.seen.program.prog_id, r.seen.program.link_id) == key for r in before):
+            continue  # there already
+        now = {(r.seen.program.prog_id, r.seen.program.link_id) for r in place(h.programs_at(snap.id))}
+        gone = [r for r in before if (r.seen.program.prog_id, r.seen.program.link_id) not in now]
+        same_link = [r for r in gone if p.link_id is not None and r.seen.program.link_id == p.link_id]
+        replaced = same_link or gone
+        pids = _holders([row])
+        when = f"between {stamp(prev.time)} and {stamp(snap.end)}"
+        by = f" (held by {_who(pids, h, snap.time)})" if pids else ""
+        if same_link:
+            how = (f", replacing {', '.join(_program_text(r) for r in same_link)} on the same "
+                   "link (BPF_LINK_UPDATE)")
+        elif replaced:
+            how = f", in place of {', '.join(_program_text(r) for r in replaced)}"
+        else:
+            how = ""
+        notes = [] if pids else ["no process holds its file descriptor or its link's (pinned in "
+                                 "bpffs, or its loader exited): who attached it is not known"]
+        if cls == "sk_lookup":
+            owners = _holders(replaced)
+            summary = (f"an sk_lookup BPF program {_program_text(row)}{by} was attached to network "
+                       f"namespace {p.netns} {when}{how}: it runs before the kernel's socket lookup "
+                       "for every new TCP connection and UDP datagram there, and can hand those for "
+                       "any address and port to any socket")
+            netns = p.netns or 0
+        else:
+            owners = _cgroup_pids(h, p.cgroup or "/")
+            rewrites = next(v for k, v in _REWRITES.items() if p.kind.rstrip("46") == k)
+            summary = (f"a cgroup {p.kind} BPF program {_program_text(row)}{by} was attached to "
+                       f"cgroup {printable(p.cgroup)} {when}{how}: it can change {rewrites}, for "
+                       "every process of that cgroup and of the cgroups below it"
+                       + (f" (recorded here: {_who(owners, h, snap.time)})" if owners else ""))
+            netns = 0
+        out.append(Finding(
+            f"{cls}_attached", snap.time, netns, "any", 0, pids, owners, summary,
+            [program_evidence(r, prev) for r in replaced] + [program_evidence(row, snap)], notes))
+    return out
+
+
+def _cgroup_pids(h: History, cgroup: str) -> list[int]:
+    """The processes the journal saw in ``cgroup`` or below it; none for the
+    root cgroup (that is every process)."""
+    if cgroup == "/":
+        return []
+    below = cgroup.rstrip("/") + "/"
+    return sorted(pid for pid, seen in h.pid_cgroups().items()
+                  if any(c == cgroup or c.startswith(below) for c in seen))
+
+
 def find_all(h: History, race_window: float) -> list[Finding]:
     findings = (find_reuseport_other_uid(h) + find_foreign_members(h) + find_udp_shared(h)
                 + find_restart_races(h, race_window) + find_shadowed_wildcards(h)
-                + find_bpf_attached(h) + find_device_shadows(h) + find_transparent_listeners(h))
+                + find_bpf_attached(h) + find_device_shadows(h) + find_transparent_listeners(h)
+                + find_programs_attached(h))
     findings.sort(key=lambda f: (f.time, KINDS.index(f.kind), f.port))
     return findings

@@ -10,6 +10,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from .journal import JournalReader
+from .journal.programs import SeenProgram, scanned_classes
 from .records import EventExplanation, RecordedCall, SocketRecord
 from .text import clock_text
 
@@ -26,6 +27,7 @@ class Snap:
     session: int
     time: float  # the inventory started
     end: float  # and ended: what it saw existed somewhere in [time, end]
+    scanned: frozenset[str] | None = None  # the program classes it looked for (None: none)
 
 
 @dataclass(frozen=True, eq=False)
@@ -43,6 +45,17 @@ class Row(SocketRecord):
     __hash__ = object.__hash__
 
 
+@dataclass(frozen=True, eq=False)
+class ProgRow:
+    """A BPF program state (a SeenProgram) seen by the snapshots first..last."""
+
+    seen: SeenProgram
+    id: int
+    session: int
+    first: int
+    last: int
+
+
 class History:
     """Events and snapshots loaded from the journal, indexed for the rules.
 
@@ -56,7 +69,8 @@ class History:
         # Snapshots and events: from CONTEXT_S before the window on (the rules
         # look back), snapshots from the last one before that.
         first_snap = reader.last_snapshot_before(start - CONTEXT_S) if start is not None else 0
-        self.snaps = [Snap(r["id"], r["session"], r["time"], r["time"] + max(r["duration"], 0.0))
+        self.snaps = [Snap(r["id"], r["session"], r["time"], r["time"] + max(r["duration"], 0.0),
+                           scanned_classes(r["programs"]))
                       for r in reader.snapshots(first_snap)]
         self.snap_by_id = {s.id: s for s in self.snaps}
         self._snap_ids = [s.id for s in self.snaps]
@@ -75,6 +89,21 @@ class History:
                 continue
             self.rows.append(row)
         self.rows.sort(key=lambda r: (r.first, r.id))
+        # BPF programs: every port's business, so --port keeps them all;
+        # --netns keeps the sk_lookup programs of that namespace and every
+        # cgroup's (a cgroup is in no namespace).
+        self.programs: list[ProgRow] = []
+        for r in reader.programs_seen_since(first_snap):
+            seen = SeenProgram.from_row(r)
+            if seen is None:
+                reader.damaged["snapshot_programs"] = reader.damaged.get("snapshot_programs", 0) + 1
+                continue
+            if netns is not None and seen.program.netns not in (None, netns):
+                continue
+            last = r["last_snapshot"] if r["last_snapshot"] is not None else session_last.get(
+                r["session"], r["first_snapshot"])
+            self.programs.append(ProgRow(seen, r["id"], r["session"], r["first_snapshot"], last))
+        self.programs.sort(key=lambda r: (r.first, r.id))
         self.by_port: dict[tuple[int, str, int], list[Row]] = {}
         self.by_inode: dict[tuple[int, int], list[Row]] = {}
         for row in self.rows:
@@ -128,6 +157,9 @@ class History:
         i = bisect.bisect_left(self._snap_ids, snap_id) - 1
         return self.snaps[i] if i >= 0 else None
 
+    def programs_at(self, snap_id: int) -> list[ProgRow]:
+        return [r for r in self.programs if r.first <= snap_id <= r.last]
+
     def row_at(self, netns: int, inode: int, snap_id: int) -> Row | None:
         for r in self.by_inode.get((netns, inode), ()):
             if r.first <= snap_id <= r.last:
@@ -154,6 +186,10 @@ class History:
             return None, None, None
         best = min(seen, key=lambda s: abs(s[0] - t))
         return best[1], best[2], best[3]
+
+    def pid_cgroups(self) -> dict[int, set[str]]:
+        """The cgroups each process was recorded in."""
+        return {pid: {c for _, _, c, _ in seen if c} for pid, seen in self._pid_seen.items()}
 
     def ev_identity(self, ev: RecordedCall) -> tuple[str | None, str | None]:
         if ev.exe:

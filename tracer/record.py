@@ -10,7 +10,10 @@ Three activities, two threads:
   explained on the spot; it is the only thread that writes to the journal,
   and it commits at least every ``journal.COMMIT_S`` seconds;
 * a snapshot thread takes the inventory of listeners, UDP sockets and bound
-  sockets every ``--snapshot-interval`` seconds, and soon after any bind,
+  sockets, and of the BPF programs that steer traffic (sk_lookup programs of
+  every network namespace, cgroup sock_addr programs of every cgroup, with
+  the processes holding their file descriptors), every
+  ``--snapshot-interval`` seconds, and soon after any bind,
   listen or listener close (at most one such extra snapshot per
   ``MIN_GAP_S``), so that short-lived ownership is seen too; the main thread
   writes what it took;
@@ -26,16 +29,19 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import queue
 import threading
 import time
 
 from . import journal as jr
+from . import netprogs
 from .cgroups import CgroupIdentities
 from .engine import Engine, EngineConfig
 from .errors import ExitStatus, OutputFailed, PortscopeError
 from .events import Clock, decode
 from .inventory import take
+from .journal.programs import ProgramHolder, ProgramsSeen, SeenProgram
 from .loader import open_engine
 from .onthespot import OnTheSpot, explainable
 from .owners import Owner, OwnerCache
@@ -137,7 +143,9 @@ class Snapshotter:
 
     def __init__(self, interval: float) -> None:
         self.interval = interval
-        self.results: queue.Queue[RecordedSnapshot | BaseException] = queue.Queue()
+        self.results: queue.Queue[tuple[RecordedSnapshot, ProgramsSeen | None] | BaseException] = \
+            queue.Queue()
+        self.holders = ProgramHolders()
         self._cond = threading.Condition()
         self._trigger_at: float | None = None
         self._stopping = False
@@ -178,12 +186,13 @@ class Snapshotter:
                 except (PortscopeError, OSError) as exc:
                     self.results.put(exc)
                     snap = None
+                programs = scan_programs(self.holders) if snap is not None else None
                 last_end = time.monotonic()
                 # A slow inventory (a huge host) must not run back to back.
                 gap = max(MIN_GAP_S, 4 * (last_end - started))
                 if snap is not None:
                     snap.duration = last_end - started
-                    self.results.put(snap)
+                    self.results.put((snap, programs))
                 if reason == "periodic":
                     next_periodic = max(started + self.interval, last_end + gap)
         finally:
@@ -213,6 +222,96 @@ class Snapshotter:
         sockets = [s.record() for s in inv.sockets
                    if s.diag.local_port and not (s.diag.protocol == "udp" and s.diag.remote_port)]
         return RecordedSnapshot(wall, 0.0, reason, sockets, inv.health())
+
+
+def scan_programs(holders: "ProgramHolders") -> ProgramsSeen | None:
+    """The sk_lookup and cgroup sock_addr programs attached now. A class is
+    ``scanned`` only when the kernel has it and the scan had no problem, so
+    that a program missed by a failed scan is never taken for a new one."""
+    seen = ProgramsSeen(())
+    scanned = []
+    found: list[netprogs.NetProgram] = []
+    for cls, scan in (("sk_lookup", netprogs.sk_lookup_programs),
+                      ("sock_addr", netprogs.sock_addr_programs)):
+        try:
+            result = scan()
+        except (PortscopeError, OSError) as exc:
+            seen.problems.append((cls, str(exc)))
+            continue
+        seen.problems += result.problems
+        if result.supported and not result.problems:
+            scanned.append(cls)
+        found += result.programs
+    known = holders.of(found)
+    seen.programs = [SeenProgram(p, known[(p.prog_id, p.link_id)]) for p in found]
+    seen.scanned = tuple(scanned)
+    return seen if scanned or seen.programs or seen.problems else None
+
+
+class ProgramHolders:
+    """Who holds each program's file descriptor or its link's (from
+    /proc/PID/fdinfo: prog_id, link_id), looked up when a program first
+    appears: one walk of /proc for all the new ones, none while nothing
+    changes (the holders seen then are kept: who attached it)."""
+
+    def __init__(self, proc: str = "/proc") -> None:
+        self.proc = proc
+        self._known: dict[tuple[int, int | None], tuple[ProgramHolder, ...]] = {}
+
+    def of(self, programs: list["netprogs.NetProgram"]
+           ) -> dict[tuple[int, int | None], tuple[ProgramHolder, ...]]:
+        keys = {(p.prog_id, p.link_id) for p in programs}
+        new = keys - self._known.keys()
+        if new:
+            found: dict[tuple[int, int | None], set[int]] = {k: set() for k in new}
+            for name in os.listdir(self.proc):
+                if not name.isdigit():
+                    continue
+                for prog_id, link_id in self._bpf_fds(name):
+                    for key in new:
+                        # A link's fd names its link; a program's fd its program.
+                        if (link_id is not None and link_id == key[1]) \
+                                or (link_id is None and prog_id == key[0]):
+                            found[key].add(int(name))
+            for key, pids in found.items():
+                self._known[key] = tuple(self._holder(pid) for pid in sorted(pids))
+        self._known = {k: v for k, v in self._known.items() if k in keys}
+        return self._known
+
+    def _bpf_fds(self, pid: str) -> list[tuple[int | None, int | None]]:
+        """(prog_id, link_id) of the BPF program and link fds of a process
+        (a program fd has no link_id)."""
+        out = []
+        fd_dir = f"{self.proc}/{pid}/fd"
+        try:
+            fds = os.listdir(fd_dir)
+        except OSError:
+            return out
+        for fd in fds:
+            try:
+                target = os.readlink(f"{fd_dir}/{fd}")
+                if target not in ("anon_inode:bpf-link", "anon_inode:bpf-prog"):
+                    continue
+                with open(f"{self.proc}/{pid}/fdinfo/{fd}") as f:
+                    info = dict(line.split(":", 1) for line in f.read().splitlines() if ":" in line)
+            except OSError:
+                continue
+            ids = [int(v) if v.strip().isdigit() else None
+                   for v in (info.get("prog_id", ""), info.get("link_id", ""))]
+            out.append((ids[0], ids[1] if target == "anon_inode:bpf-link" else None))
+        return out
+
+    def _holder(self, pid: int) -> ProgramHolder:
+        try:
+            with open(f"{self.proc}/{pid}/comm", errors="replace") as f:
+                comm = f.read().strip()
+        except OSError:
+            comm = "?"
+        try:
+            exe: str | None = os.readlink(f"{self.proc}/{pid}/exe")
+        except OSError:
+            exe = None
+        return ProgramHolder(pid, comm, exe)
 
 
 class Recorder:
@@ -342,7 +441,7 @@ class Recorder:
             if isinstance(item, BaseException):
                 self._warn(f"snapshot failed: {item}")
             else:
-                self.writer.add_snapshot(item)
+                self.writer.add_snapshot(*item)
 
     def _maybe_commit(self) -> None:
         if time.monotonic() - self._last_commit >= jr.COMMIT_S:

@@ -87,8 +87,7 @@ def print_report(summary: dict[str, Any], findings: list[Finding], entries: list
     _out(pal.head(f"{len(findings)} finding{'s' if len(findings) != 1 else ''}"
                   + (":" if findings else "")))
     for i, f in enumerate(findings, 1):
-        _out(line(f"  [{i}] {stamp(f.time)}  ", pal.paint(f.kind, "bad"),
-                  f"  {f.protocol} port {f.port}  netns {f.netns}"))
+        _out(line(f"  [{i}] {stamp(f.time)}  ", pal.paint(f.kind, "bad"), _where(f)))
         _out(f"      {f.summary}")
         for note in f.notes:
             _out(f"      note: {note}")
@@ -111,6 +110,15 @@ def print_report(summary: dict[str, Any], findings: list[Finding], entries: list
                 break
             _out(line("  ", pal.head(f"{e['protocol']} port {e['port']}  netns {e['netns']}")))
         _out(line("    ", _timeline_line(e, pal)))
+
+
+def _where(f: Finding) -> str:
+    """Where a finding is: a port, or (a program's) a namespace or cgroup."""
+    if f.kind == "sock_addr_attached":
+        return f"  cgroup {f.evidence[-1].get('cgroup') if f.evidence else '?'}"
+    if f.kind == "sk_lookup_attached":
+        return f"  every port  netns {f.netns}"
+    return f"  {f.protocol} port {f.port}  netns {f.netns}"
 
 
 def _evidence_line(e: dict[str, Any]) -> str:
@@ -145,10 +153,10 @@ def _program_line(e: dict[str, Any]) -> str:
     """A BPF program of a snapshot, as a finding's evidence shows it."""
     where = (f"netns {e['netns']}" if e.get("netns") is not None
              else f"cgroup {e.get('cgroup') or '?'}")
-    owners = " ".join(f"{o.get('comm')}[{o.get('pid')}]" for o in e.get("owners") or []) or "-"
+    holders = " ".join(f"{o.get('comm')}[{o.get('pid')}]" for o in e.get("holders") or []) or "-"
     link = f" link {e['link_id']}" if e.get("link_id") is not None else ""
-    return (f"{stamp(e.get('time'))} programs  #{e.get('snapshot')} {e.get('kind')} prog "
-            f"{e.get('prog_id')} {e.get('name') or '?'} tag {e.get('tag')}{link} {where}  {owners}")
+    return (f"{stamp(e.get('time'))} program   #{e.get('snapshot')} {e.get('kind')} prog "
+            f"{e.get('prog_id')} {e.get('name') or '?'} tag {e.get('tag')}{link} {where}  {holders}")
 
 
 def _blocker_text(b: dict[str, Any]) -> str:

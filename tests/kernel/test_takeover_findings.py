@@ -13,14 +13,19 @@ same shape done harmlessly must list none.
 # ruff: noqa: F811  (the tests take the fixture `scene` imported below as a parameter)
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 from pathlib import Path
-from typing import Iterator
+from typing import Any, Iterator
 
 import pytest
+import steering
 from test_journal import ACTOR, REPO, ExecActor, Programs, Scene, summary
 from test_journal import can_record, scene  # noqa: F401  (fixtures: scene uses our programs)
+
+from tracer import libbpf
+from tracer.cgroups import cgroup2_root
 
 pytestmark = pytest.mark.kernel
 
@@ -175,3 +180,105 @@ def test_human_report_shows_the_new_evidence(scene: Scene) -> None:
     assert "2 findings:" in out.stdout
     assert "device_shadow" in out.stdout and "transparent_listener" in out.stdout
     assert f" dev {ifindex} " in out.stdout
+
+
+# ---- sk_lookup_attached, sock_addr_attached -----------------------------------------------
+
+
+def programs_of(doc: dict[str, Any], kind: str) -> list[dict[str, Any]]:
+    return [f for f in doc["findings"] if f["kind"] == kind]
+
+
+def mine(doc: dict[str, Any], cgroup: str | None = None) -> list[dict[str, Any]]:
+    """The scene's findings: sock_addr findings of other cgroups (another test
+    run on this machine at the same time) left out. sk_lookup findings are
+    the scene's namespace's already (report --netns)."""
+    return [f for f in doc["findings"] if f["kind"] != "sock_addr_attached"
+            or f["evidence"][-1]["cgroup"] == cgroup]
+
+
+def test_sk_lookup_program_attached_then_replaced_twice(scene: Scene) -> None:
+    rec = scene.record()
+    rec.wait_snapshot()  # a snapshot that looked for programs, before any
+    target = steering.listener(scene.ns.path, 8080)
+    first = steering.attach_steer(scene.ns.path, 9999, target.fileno())
+    spare = steering.Attached(steering.STEER_NAME)  # loaded, not attached
+    third = None
+    try:
+        rec.wait_snapshot()
+        # The same link, another program (BPF_LINK_UPDATE).
+        assert first.link is not None
+        ret = libbpf.lib().bpf_link_update(first.link.fd, spare.program.fd, None)
+        assert ret == 0, os.strerror(-ret)
+        spare_id = steering._id_of(spare.program.fd)
+        rec.wait_snapshot()
+        # Another program in place of that one: the link goes, a new one comes.
+        first.close()
+        third = steering.attach_steer(scene.ns.path, 9999, target.fileno())
+        rec.wait_snapshot()
+        doc = scene.report()
+    finally:
+        for handle in (first, spare, third):
+            if handle is not None:
+                handle.close()
+        target.close()
+    me = os.getpid()
+    assert summary(mine(doc)) == [("sk_lookup_attached", [me], []),
+                                  ("sk_lookup_attached", [me], [me]),
+                                  ("sk_lookup_attached", [me], [me])]
+    attached, updated, instead = mine(doc)
+    assert all(f["netns"] == scene.ns.inode and f["port"] == 0 for f in mine(doc))
+    progs = [[(e["prog_id"], e["link_id"], e["name"], e["netns"]) for e in f["evidence"]]
+             for f in (attached, updated, instead)]
+    ns = scene.ns.inode
+    assert progs[0] == [(first.prog_id, first.link_id, "ps_steer", ns)]
+    assert progs[1] == [(first.prog_id, first.link_id, "ps_steer", ns),
+                        (spare_id, first.link_id, "ps_steer", ns)]
+    assert progs[2] == [(spare_id, first.link_id, "ps_steer", ns),
+                        (third.prog_id, third.link_id, "ps_steer", ns)]
+    assert "on the same link" in updated["summary"] and "in place of" in instead["summary"]
+    assert attached["evidence"][0]["holders"][0]["pid"] == me
+
+
+def test_sk_lookup_program_there_before_recording_is_no_finding(scene: Scene) -> None:
+    target = steering.listener(scene.ns.path, 8080)
+    with steering.attach_steer(scene.ns.path, 9999, target.fileno()):
+        rec = scene.record()
+        rec.wait_snapshot()
+        rec.wait_snapshot()
+        doc = scene.report()
+    target.close()
+    assert mine(doc) == []
+
+
+def test_connect4_program_attached_to_a_cgroup(scene: Scene) -> None:
+    cgroup_dir = scene.cgroup()
+    cgroup = "/" + os.path.relpath(cgroup_dir, cgroup2_root())
+    rec = scene.record()
+    inside = scene.actor(cgroup=cgroup_dir)  # a process of that cgroup, in the journal
+    inside.serve("127.0.0.1", 7001)
+    rec.wait_snapshot()
+    with steering.attach_connect_rewrite(cgroup_dir, 7000, 7001) as rewrite:
+        rec.wait_snapshot()
+        doc = scene.report()
+    assert summary(mine(doc, cgroup)) == [("sock_addr_attached", [os.getpid()], [inside.pid])]
+    f = mine(doc, cgroup)[0]
+    (e,) = f["evidence"]
+    assert (e["kind"], e["prog_id"], e["link_id"], e["name"], e["cgroup"], e["netns"]) == (
+        "connect4", rewrite.prog_id, rewrite.link_id, "ps_rewrite", cgroup, None)
+    assert f"cgroup {cgroup}" in f["summary"] and "connect to" in f["summary"]
+
+
+def test_no_program_no_finding(scene: Scene) -> None:
+    """The same shape without a program: a listener, a process in a cgroup."""
+    cgroup_dir = scene.cgroup()
+    cgroup = "/" + os.path.relpath(cgroup_dir, cgroup2_root())
+    rec = scene.record()
+    target = steering.listener(scene.ns.path, 8080)
+    inside = scene.actor(cgroup=cgroup_dir)
+    inside.serve("127.0.0.1", 7001)
+    rec.wait_snapshot()
+    rec.wait_snapshot()
+    doc = scene.report()
+    target.close()
+    assert mine(doc, cgroup) == []

@@ -257,7 +257,7 @@ def read_everything(capsys: pytest.CaptureFixture[str], path: Path) -> None:
 def test_the_fixture_is_a_good_journal(capsys: pytest.CaptureFixture[str]) -> None:
     with copy_of_fixture() as path:
         code, out, err = run(capsys, ["report", str(path)])
-        assert code == 0 and "16 events and 7 snapshots" in out, err
+        assert code == 0 and "19 events and 5 snapshots" in out, err
         read_everything(capsys, path)
 
 

@@ -26,7 +26,15 @@ application_id`` marks the file as a portscope journal):
   per distinct socket state (address, options, reuseport group, owners),
   valid from ``first_snapshot`` to ``last_snapshot`` (NULL: until the last
   snapshot of its session). A socket that does not change costs nothing per
-  snapshot.
+  snapshot;
+* ``snapshot_programs`` (schema 3): the sk_lookup and cgroup sock_addr BPF
+  programs the snapshots saw, with the processes holding them, run-length
+  encoded the same way; ``snapshots.programs`` says which classes a snapshot
+  looked for (NULL: none, as in every older journal). See
+  tracer/journal/programs.py.
+
+An older journal reads as it is (the columns and tables a later schema
+added read as NULL and empty); a recorder appending to it adds them first.
 
 The file is created mode 0600 before SQLite opens it (it holds command lines)
 and kept bounded: the oldest data goes once the file exceeds ``max_size`` or

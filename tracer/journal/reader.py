@@ -9,6 +9,7 @@ from typing import Any, Iterable, Sequence
 from ..text import system_text
 from .schema import (
     ADDED,
+    ADDED_TABLES,
     COLUMNS,
     NotAJournal,
     check_file,
@@ -65,6 +66,8 @@ class JournalReader:
         """Rows of ``table`` (``where`` and ``order`` are SQL of the caller,
         ``params`` its values), each a dict with the declared types and the
         JSON columns decoded; damaged rows are counted, not returned."""
+        if ADDED_TABLES.get(table, 0) > self.version:
+            return []  # an older journal, written before the table existed
         wanted = list(columns or COLUMNS[table])
         # A column the file's older schema lacks reads as NULL.
         selected = [c if ADDED.get((table, c), 0) <= self.version else f"NULL AS {c}"
@@ -98,7 +101,7 @@ class JournalReader:
         if until is not None:
             where, params = where + " AND time <= ?", params + [until]
         return self.rows("snapshots", where, params, order="time, id" if by_time else "id",
-                         columns=("id", "session", "time", "duration", "health"))
+                         columns=("id", "session", "time", "duration", "health", "programs"))
 
     def calls_between(self, start: float | None, end: float | None) -> list[dict[str, Any]]:
         """Every recorded call in the window (either end open when None), by
@@ -122,6 +125,13 @@ class JournalReader:
         where, params = _filters(("port",), port, netns)
         return self.rows("snapshot_sockets", "(last_snapshot IS NULL OR last_snapshot >= ?)" + where,
                          (snapshot_id, *params))
+
+    def programs_seen_since(self, snapshot_id: int) -> list[dict[str, Any]]:
+        """The recorded BPF programs (sk_lookup, cgroup sock_addr) still seen
+        in snapshot ``snapshot_id`` or later (none in a journal older than
+        schema 3)."""
+        return self.rows("snapshot_programs", "last_snapshot IS NULL OR last_snapshot >= ?",
+                         (snapshot_id,))
 
     def sockets_in(self, snapshot_id: int, session: int) -> list[dict[str, Any]]:
         """The sockets snapshot ``snapshot_id`` of ``session`` saw."""
@@ -156,6 +166,8 @@ class JournalReader:
         """How many rows ``table`` holds (one of the schema's tables)."""
         if table not in COLUMNS:
             raise ValueError(f"no table {table!r} in the journal's schema")
+        if ADDED_TABLES.get(table, 0) > self.version:
+            return 0
         return self.scalar(f"SELECT count(*) FROM {table}", kind=int) or 0
 
     def time_span(self) -> tuple[float | None, float | None]:

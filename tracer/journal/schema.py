@@ -15,11 +15,15 @@ from typing import Any, Sequence
 from ..errors import ExitStatus, PermissionDenied, PortscopeError, UsageError
 from ..text import system_text
 
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3
 # Columns a later schema added, and the version that added them: an older
 # journal lacks them (its rows read as NULL there), and a recorder that
-# appends to it adds them first (schema 2: the explanation of a failure).
-ADDED = {("events", "explanation"): 2}
+# appends to it adds them first (schema 2: the explanation of a failure;
+# schema 3: the BPF programs a snapshot looked for).
+ADDED = {("events", "explanation"): 2, ("snapshots", "programs"): 3}
+# Tables a later schema added: an older journal has none (it reads as
+# empty), and a recorder that appends to it creates them first.
+ADDED_TABLES = {"snapshot_programs": 3}
 APPLICATION_ID = 0x50534A31  # "PSJ1"
 SQLITE_MAGIC = b"SQLite format 3\x00"
 
@@ -133,7 +137,8 @@ CREATE TABLE snapshots (
     duration REAL NOT NULL,          -- how long it took
     reason TEXT NOT NULL,            -- periodic | event | final
     sockets INTEGER NOT NULL,
-    health TEXT NOT NULL             -- JSON: namespaces gone, unreadable processes, ...
+    health TEXT NOT NULL,            -- JSON: namespaces gone and unreadable processes
+    programs TEXT                    -- JSON {scanned, problems} (schema 3), NULL: none looked for
 );
 CREATE INDEX snapshots_time ON snapshots(time);
 
@@ -161,6 +166,18 @@ CREATE TABLE snapshot_sockets (
 CREATE INDEX snapshot_sockets_first ON snapshot_sockets(first_snapshot);
 CREATE INDEX snapshot_sockets_last ON snapshot_sockets(last_snapshot);
 CREATE INDEX snapshot_sockets_port ON snapshot_sockets(netns, port);
+
+CREATE TABLE snapshot_programs (
+    id INTEGER PRIMARY KEY,
+    session INTEGER NOT NULL,
+    first_snapshot INTEGER NOT NULL,
+    last_snapshot INTEGER,           -- NULL: still there at its session's last snapshot
+    kind TEXT NOT NULL,              -- sk_lookup, connect4, bind6, ... (tracer.netprogs)
+    prog_id INTEGER NOT NULL,
+    program TEXT NOT NULL,           -- JSON: NetProgram.to_json() (name, tag, netns or cgroup, link)
+    holders TEXT NOT NULL            -- JSON list: pid, comm, exe of the processes holding its fds
+);
+CREATE INDEX snapshot_programs_last ON snapshot_programs(last_snapshot);
 """
 
 
@@ -183,7 +200,9 @@ COLUMNS = _schema_columns(SCHEMA)
 # Columns that hold JSON, and the shape each must have.
 JSON_COLUMNS = {("events", "json"): dict, ("events", "blockers"): (list, dict),
                 ("events", "explanation"): dict,
-                ("snapshot_sockets", "owners"): list, ("snapshots", "health"): dict}
+                ("snapshot_sockets", "owners"): list, ("snapshots", "health"): dict,
+                ("snapshots", "programs"): dict, ("snapshot_programs", "program"): dict,
+                ("snapshot_programs", "holders"): list}
 
 
 # ---- validating a file ------------------------------------------------------
@@ -300,6 +319,8 @@ def check_tables(conn: sqlite3.Connection, path: str, version: int = SCHEMA_VERS
     damaged or edited journal may lack some): one sentence naming the first
     that is not."""
     for table, columns in COLUMNS.items():
+        if ADDED_TABLES.get(table, 0) > version:
+            continue  # an older journal: it never had this table
         present = {r[1] for r in conn.execute(f"PRAGMA table_info({table})").fetchall()}
         if not present:
             raise JournalDamaged(f"{path} is damaged: it has no {table} table; move it aside "

@@ -22,8 +22,10 @@ from ..records import (
     RecordedSnapshot,
     SocketRecord,
 )
+from .programs import ProgramsSeen, SeenProgram
 from .schema import (
     ADDED,
+    ADDED_TABLES,
     APPLICATION_ID,
     COLUMNS,
     SCHEMA,
@@ -85,6 +87,7 @@ class JournalWriter:
         self._lock_fd = -1
         self._conn: sqlite3.Connection | None = None
         self._open_rows: dict[SocketRecord, int] = {}  # this session's live socket states
+        self._open_programs: dict[SeenProgram, int] = {}  # and program states
         self._last_snapshot = 0
         self._in_tx = False
         self._checkpointer: _Checkpointer | None = None
@@ -133,13 +136,20 @@ class JournalWriter:
             raise
 
     def _migrate(self, version: int) -> None:
-        """Bring an older journal to this schema: add the columns added since."""
+        """Bring an older journal to this schema: add the tables and columns added since."""
         if version >= SCHEMA_VERSION:
             return
         conn = self._db
         conn.execute("BEGIN")
-        for (table, column), added in sorted(ADDED.items()):
+        for table, added in sorted(ADDED_TABLES.items()):
             if added > version:
+                for statement in SCHEMA.split(";"):
+                    if f"CREATE TABLE {table} " in statement or f" ON {table}(" in statement:
+                        conn.execute(statement.replace("CREATE TABLE ", "CREATE TABLE IF NOT EXISTS ")
+                                     .replace("CREATE INDEX ", "CREATE INDEX IF NOT EXISTS "))
+        for (table, column), added in sorted(ADDED.items()):
+            present = {r[1] for r in conn.execute(f"PRAGMA table_info({table})").fetchall()}
+            if added > version and column not in present:
                 kind, _ = COLUMNS[table][column]
                 conn.execute(f"ALTER TABLE {table} ADD COLUMN {column} {kind}")
         conn.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
@@ -174,11 +184,12 @@ class JournalWriter:
         with self._write():
             # A recorder that was killed left its sockets open-ended: end
             # them at its last snapshot.
-            self._db.execute("""
-                UPDATE snapshot_sockets SET last_snapshot = COALESCE(
-                    (SELECT max(s.id) FROM snapshots s WHERE s.session = snapshot_sockets.session),
-                     first_snapshot)
-                WHERE last_snapshot IS NULL""")
+            for table in ("snapshot_sockets", "snapshot_programs"):
+                self._db.execute(f"""
+                    UPDATE {table} SET last_snapshot = COALESCE(
+                        (SELECT max(s.id) FROM snapshots s WHERE s.session = {table}.session),
+                         first_snapshot)
+                    WHERE last_snapshot IS NULL""")
             cur = self._db.execute(
                 "INSERT INTO sessions(started, last_seen, pid, host, version, plan, snapshot_interval)"
                 " VALUES (?, ?, ?, ?, ?, ?, ?)",
@@ -195,10 +206,12 @@ class JournalWriter:
     def end_session(self) -> None:
         self._begin()
         if self._last_snapshot:
-            self._db.execute(
-                "UPDATE snapshot_sockets SET last_snapshot = ? WHERE session = ? AND last_snapshot IS NULL",
-                (self._last_snapshot, self.session))
+            for table in ("snapshot_sockets", "snapshot_programs"):
+                self._db.execute(
+                    f"UPDATE {table} SET last_snapshot = ? WHERE session = ? AND last_snapshot IS NULL",
+                    (self._last_snapshot, self.session))
         self._open_rows.clear()
+        self._open_programs.clear()
         now = time.time()
         self._db.execute("UPDATE sessions SET ended = ?, last_seen = ? WHERE id = ?",
                          (now, now, self.session))
@@ -219,35 +232,54 @@ class JournalWriter:
             f"INSERT INTO events({', '.join(EVENT_COLUMNS)}) "
             f"VALUES ({', '.join('?' * len(EVENT_COLUMNS))})", rows))
 
-    def add_snapshot(self, snap: RecordedSnapshot) -> int:
+    def add_snapshot(self, snap: RecordedSnapshot, programs: ProgramsSeen | None = None) -> int:
+        """A snapshot, and the BPF programs it looked for and saw (None: it
+        looked for none)."""
         self._begin()
 
         def write() -> int:
             db = self._db
             sid = int(db.execute(
-                "INSERT INTO snapshots(session, time, duration, reason, sockets, health)"
-                " VALUES (?, ?, ?, ?, ?, ?)",
+                "INSERT INTO snapshots(session, time, duration, reason, sockets, health, programs)"
+                " VALUES (?, ?, ?, ?, ?, ?, ?)",
                 (self.session, snap.time, snap.duration, snap.reason, len(snap.sockets),
-                 _DUMPS(snap.health))).lastrowid or 0)
-            still: dict[SocketRecord, int] = {}
-            for s in snap.sockets:
-                if s in still:
-                     continue
-                row = self._open_rows.pop(s, None)
-                if row is None:
-                     row = int(db.execute(
-                        f"INSERT INTO snapshot_sockets(session, first_snapshot, {', '.join(SOCKET_COLUMNS)})"
-                        f" VALUES (?, ?, {', '.join('?' * len(SOCKET_COLUMNS))})",
-                        (self.session, sid, *s.to_row(_DUMPS))).lastrowid or 0)
-                still[s] = row
-            if self._open_rows:
-                db.executemany("UPDATE snapshot_sockets SET last_snapshot = ? WHERE id = ?",
-                               [(self._last_snapshot, row) for row in self._open_rows.values()])
-            self._open_rows = still
+                 _DUMPS(snap.health),
+                 None if programs is None else _DUMPS(programs.snapshot_json()))).lastrowid or 0)
+            self._open_rows = self._run_length(
+                "snapshot_sockets", snap.sockets, self._open_rows,
+                f"session, first_snapshot, {', '.join(SOCKET_COLUMNS)}",
+                lambda s: (self.session, sid, *s.to_row(_DUMPS)))
+            self._open_programs = self._run_length(
+                "snapshot_programs", programs.programs if programs is not None else [],
+                self._open_programs, "session, first_snapshot, kind, prog_id, program, holders",
+                lambda p: (self.session, sid, *p.to_row(_DUMPS)))
             self._last_snapshot = sid
             return sid
 
         return self._guard(write)
+
+    def _run_length(self, table: str, items: Sequence[Any], open_rows: dict[Any, int],
+                    columns: str, values: Any) -> dict[Any, int]:
+        """Write a snapshot's socket or program states run-length encoded: a
+        state still open (seen by the previous snapshot) goes on at no cost,
+        a new one gets a row, those gone end at the previous snapshot.
+        Returns the states open now."""
+        db = self._db
+        still: dict[Any, int] = {}
+        for item in items:
+            if item in still:
+                continue
+            row = open_rows.pop(item, None)
+            if row is None:
+                row_values = values(item)
+                row = int(db.execute(f"INSERT INTO {table}({columns}) VALUES "
+                                     f"({', '.join('?' * len(row_values))})",
+                                     row_values).lastrowid or 0)
+            still[item] = row
+        if open_rows:
+            db.executemany(f"UPDATE {table} SET last_snapshot = ? WHERE id = ?",
+                           [(self._last_snapshot, row) for row in open_rows.values()])
+        return still
 
     def commit(self) -> None:
         if self._in_tx:
@@ -383,6 +415,7 @@ class JournalWriter:
             if sn:
                 oldest = db.execute("SELECT min(id) FROM snapshots").fetchone()[0]
                 db.execute("DELETE FROM snapshot_sockets WHERE last_snapshot < ?", (oldest or 0,))
+                db.execute("DELETE FROM snapshot_programs WHERE last_snapshot < ?", (oldest or 0,))
             if ev or sn:
                 db.execute("""DELETE FROM sessions WHERE ended IS NOT NULL AND id != ?
                      AND NOT EXISTS (SELECT 1 FROM events e WHERE e.session = sessions.id)

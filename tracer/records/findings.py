@@ -8,7 +8,8 @@ from dataclasses import dataclass, field
 from typing import Any
 
 KINDS = ("reuseport_other_uid", "reuseport_foreign_member", "udp_shared", "restart_race",
-         "wildcard_shadowed", "reuseport_bpf_attached", "device_shadow", "transparent_listener")
+         "wildcard_shadowed", "reuseport_bpf_attached", "device_shadow", "transparent_listener",
+         "sk_lookup_attached", "sock_addr_attached")
 
 
 @dataclass
