@@ -235,8 +235,8 @@ def scan_programs(holders: "ProgramHolders") -> ProgramsSeen | None:
                       ("sock_addr", netprogs.sock_addr_programs)):
         try:
             result = scan()
-        except (PortscopeError, OSError) as exc:
-            seen.problems.append((cls, str(exc)))
+        except Exception as exc:  # noqa: BLE001 - never the snapshot thread's end: a problem
+            seen.problems.append((cls, f"{type(exc).__name__}: {exc}"))
             continue
         seen.problems += result.problems
         if result.supported and not result.problems:

@@ -16,11 +16,13 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 from typing import Any, Iterator
 
 import pytest
 import steering
+from harness import Netns
 from test_journal import ACTOR, REPO, ExecActor, Programs, Scene, summary
 from test_journal import can_record, scene  # noqa: F401  (fixtures: scene uses our programs)
 
@@ -99,6 +101,56 @@ def test_device_bound_socket_shadows_another_process_wildcard(scene: Scene, prot
     calls = {(e["pid"], e["dev"]) for e in f["evidence"] if e["type"] == "event"}
     assert (shadow.pid, ifindex) in calls
     assert f"device {ifindex}" in f["summary"]
+
+
+@pytest.mark.parametrize("proto", ["tcp", "udp"])
+def test_the_kernel_gives_the_device_bound_socket_what_arrives_on_its_device(proto: str) -> None:
+    """The fact device_shadow states: of two sockets on 0.0.0.0:port, the one
+    bound to a device receives what arrives on that device; the unbound one
+    still receives what arrives elsewhere (here: on lo)."""
+    import socket
+
+    with Netns() as here, Netns() as there:
+        subprocess.run(["ip", "-n", here.name, "link", "add", "pst0", "type", "veth", "peer", "name",
+                        "pst1", "netns", there.name], check=True, capture_output=True)
+        for ns, dev, addr in ((here, "pst0", "10.9.0.1/24"), (there, "pst1", "10.9.0.2/24")):
+            subprocess.run(["ip", "-n", ns.name, "addr", "add", addr, "dev", dev], check=True)
+            subprocess.run(["ip", "-n", ns.name, "link", "set", dev, "up"], check=True)
+        sockets = []
+        for device in (None, b"pst0"):
+            s = steering.ns_socket(here.path, proto)
+            s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT if proto == "tcp"
+                         else socket.SO_REUSEADDR, 1)
+            if device:
+                s.setsockopt(socket.SOL_SOCKET, socket.SO_BINDTODEVICE, device)
+            s.bind(("0.0.0.0", 8053))
+            if proto == "tcp":
+                s.listen(4)
+            s.setblocking(False)
+            sockets.append(s)
+        plain, bound = sockets
+        try:
+            for ns, addr, receiver in ((there, "10.9.0.1", bound), (here, "127.0.0.1", plain)):
+                peer = steering.ns_socket(ns.path, proto)
+                peer.settimeout(5)
+                if proto == "tcp":
+                    peer.connect((addr, 8053))
+                else:
+                    peer.sendto(b"x", (addr, 8053))
+                deadline = time.monotonic() + 5
+                got = []
+                while not got and time.monotonic() < deadline:
+                    for s in sockets:
+                        try:
+                            got.append((s, s.accept()[0] if proto == "tcp" else s.recv(16)))
+                        except BlockingIOError:
+                            pass
+                    time.sleep(0.01)
+                peer.close()
+                assert [s for s, _ in got] == [receiver], f"to {addr}"
+        finally:
+            for s in sockets:
+                s.close()
 
 
 @pytest.mark.parametrize("proto", ["tcp", "udp"])
