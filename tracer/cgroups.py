@@ -7,6 +7,7 @@ from __future__ import annotations
 import os
 import re
 import time
+from typing import Callable
 
 # Container runtimes and systemd leave recognisable cgroup path segments.
 _CONTAINER = re.compile(r"(?:docker|cri-containerd|crio|libpod)[-/:]([0-9a-f]{12,64})")
@@ -84,20 +85,55 @@ def cgroup2_root() -> str | None:
     return None
 
 
+# How long an identity read from /proc/PID/cgroup is kept for that pid.
+IDENTITY_TTL_S = 5.0
+IDENTITY_CACHE = 4096  # entries, of paths and of pids, before one is emptied
+
+
 class CgroupIdentities:
     """unit, container and pod of an event: from its cgroup id when the
     cgroup still exists, else from /proc/PID/cgroup (None each when the path
-    names none, or both are gone). What ``trace --json``, ``record --jsonl``
-    and ``export`` add to each event."""
+    names none, or both are gone). What ``trace`` (each line, text or
+    ``--json``), ``record --jsonl`` and ``export`` add to each event.
 
-    def __init__(self) -> None:
-        self._paths = CgroupPaths()
+    The id is looked up for every event (a dictionary, the hierarchy walked
+    again at most once a second on a miss). /proc/PID/cgroup, the fallback
+    when the id does not resolve (a cgroup v1 or hybrid host, a cgroup gone),
+    costs a file read: when the caller gives the event's ``comm`` it is read
+    once per (pid, comm) and kept ``ttl_s`` seconds, so a storm of one
+    process's calls reads it once, and a pid reused by another program
+    (another comm) is read afresh. Without ``comm`` it is read every time."""
+
+    def __init__(self, ttl_s: float = IDENTITY_TTL_S, paths: CgroupPaths | None = None,
+                 proc: str = "/proc", clock: Callable[[], float] = time.monotonic) -> None:
+        self._paths = paths if paths is not None else CgroupPaths()
         self._by_path: dict[str | None, dict[str, str | None]] = {}
+        self._by_pid: dict[tuple[int, str], tuple[float, str | None]] = {}
+        self._ttl_s = ttl_s
+        self._proc = proc
+        self._clock = clock
 
-    def get(self, pid: int, cgroup_id: int = 0) -> dict[str, str | None]:
-        path = self._paths.path_of(cgroup_id) or cgroup_of(pid)
+    def get(self, pid: int, cgroup_id: int = 0,
+            comm: str | None = None) -> dict[str, str | None]:
+        path = self._paths.path_of(cgroup_id) or self._proc_path(pid, comm)
         if path not in self._by_path:
-            if len(self._by_path) >= 4096:
+            if len(self._by_path) >= IDENTITY_CACHE:
                 self._by_path.clear()
             self._by_path[path] = identity_from_cgroup(path)
         return self._by_path[path]
+
+    def _proc_path(self, pid: int, comm: str | None) -> str | None:
+        if comm is None:
+            return cgroup_of(pid, self._proc)
+        now = self._clock()
+        key = (pid, comm)
+        kept = self._by_pid.get(key)
+        if kept is not None and now < kept[0]:
+            return kept[1]
+        if len(self._by_pid) >= IDENTITY_CACHE:
+            self._by_pid = {k: v for k, v in self._by_pid.items() if now < v[0]}
+            if len(self._by_pid) >= IDENTITY_CACHE:
+                self._by_pid.clear()
+        path = cgroup_of(pid, self._proc)
+        self._by_pid[key] = (now + self._ttl_s, path)
+        return path

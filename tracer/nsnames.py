@@ -91,6 +91,10 @@ class NetnsNames:
         self._self_pid = os.getpid() if self_pid is None else self_pid
         self._scanned_at = time.monotonic() if scan is not None else 0.0
         self._labels: dict[int, str | None] = {}
+        # inodes no source names, not in the walk of _scanned_at: the answer
+        # stays None until the next walk (a trace's every event would else
+        # search the walk and the names again)
+        self._missed: dict[int, float] = {}
         self._host: int | None = None
         self._host_known = False
         self._extra_names: dict[int, str] | None = None
@@ -99,6 +103,9 @@ class NetnsNames:
         """The namespace's label, exact (not escaped), or None."""
         if inode in self._labels:
             return self._labels[inode]
+        if (self._missed.get(inode) == self._scanned_at and self._refresh_s is not None
+                and time.monotonic() - self._scanned_at < self._refresh_s):
+            return None
         scan = self._current_scan(inode)
         found = self._compute(inode, scan)
         # An inode no walk found yet may be a namespace made since: asked
@@ -106,6 +113,10 @@ class NetnsNames:
         known = any(ref.inode == inode for ref in scan.namespaces)
         if known or self._refresh_s is None or found is not None:
             self._labels[inode] = found
+        else:
+            if len(self._missed) >= 4096:
+                self._missed.clear()
+            self._missed[inode] = self._scanned_at
         return found
 
     def describe(self, inode: int) -> str:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import time
+from typing import Callable
 
 from .cgroups import CgroupIdentities
 from .colour import PLAIN, Palette, palette
@@ -105,29 +106,35 @@ def _columns(values: tuple[str, ...]) -> str:
 
 class Printer:
     def __init__(self, out: Output, as_json: bool, explainer: OnTheSpot | None,
-                 pal: Palette = PLAIN, verbose: bool = False) -> None:
+                 pal: Palette = PLAIN, verbose: bool = False,
+                 identities: CgroupIdentities | None = None) -> None:
         self.out = out
         self.as_json = as_json
         self.explainer = explainer
         self.pal = PLAIN if as_json else pal
         self.verbose = verbose and not as_json
-        self.identities = CgroupIdentities()
+        # one per run, shared with the --unit filter: each (pid, comm) whose
+        # cgroup id does not resolve reads /proc once per IDENTITY_TTL_S
+        self.identities = identities if identities is not None else CgroupIdentities()
         self.names = NetnsNames(refresh_s=1.0)  # namespaces made since are named too
         if not as_json:
             out.write(self.pal.head(header_line()) + "\n")
+
+    def where(self, ev: CallEvent) -> dict[str, str | None]:
+        """The caller's unit, container and pod (see CgroupIdentities)."""
+        return self.identities.get(ev.pid, ev.cgroup_id, ev.comm)
 
     def emit(self, ev: CallEvent) -> None:
         found = self.explainer.explain(ev) if self.explainer else None
         if self.as_json:
             doc = with_netns_name(ev.to_json(), self.names)
-            if self.identities is not None:
-                doc.update(self.identities.get(ev.pid, ev.cgroup_id))
+            doc.update(self.where(ev))
             if found is not None:
                 doc["blockers"] = found.blockers_json()
                 doc["explanation"] = found.to_json()
             self.out.write(json.dumps(doc, separators=(",", ":")) + "\n")
         else:
-            line = human_line(ev, self.names, self.pal, self.identities.get(ev.pid, ev.cgroup_id))
+            line = human_line(ev, self.names, self.pal, self.where(ev))
             if self.verbose:
                 line += "\n" + caller_line(ev)
             if found is not None:
@@ -173,6 +180,10 @@ def _stream(engine: Engine, args: argparse.Namespace, out: Output, stop: StopSig
     explainer = None if args.no_explain else OnTheSpot()
     printer = Printer(out, args.json, explainer, output_palette(args, out),
                       getattr(args, "verbose", False))
+
+    def unit_of(ev: CallEvent) -> str | None:  # --unit asks what the line will show
+        return printer.where(ev).get("unit")
+
     out.flush()
     deadline = time.monotonic() + args.duration if args.duration else None
     shown = 0
@@ -184,7 +195,7 @@ def _stream(engine: Engine, args: argparse.Namespace, out: Output, stop: StopSig
         nonlocal shown
         for raw in raws:
             ev = decode(raw, clock)
-            if _selected(ev, args):
+            if _selected(ev, args, unit_of):
                 printer.emit(ev)
                 shown += 1
                 if args.count and shown >= args.count:
@@ -222,13 +233,14 @@ _units: list[CgroupIdentities] = []  # made at the first --unit question
 def _unit_of(ev: CallEvent) -> str | None:
     if not _units:
         _units.append(CgroupIdentities())
-    return _units[0].get(ev.pid, ev.cgroup_id).get("unit")
+    return _units[0].get(ev.pid, ev.cgroup_id, ev.comm).get("unit")
 
 
-def _selected(ev: CallEvent, args: argparse.Namespace) -> bool:
+def _selected(ev: CallEvent, args: argparse.Namespace,
+              unit_of: Callable[[CallEvent], str | None] = _unit_of) -> bool:
     """The filters the kernel side does not apply (it filters one pid and
     the port)."""
     if args.errno and ev.errno not in args.errno:
         return False
     flt: Filter | None = getattr(args, "filter", None)
-    return flt is None or flt.matches_event(ev, _unit_of)
+    return flt is None or flt.matches_event(ev, unit_of)
