@@ -245,7 +245,7 @@ def decide(a: Answer, sockets: list[Socket], local: bool, from_host: bool, known
     """Fill ``a`` in the kernel's order (the module's text)."""
     p = a.packet
     if not from_host:
-        _tproxy(a)
+        _tproxy(a, local)
         if a.outcome == "socket":
             return
     if not local:
@@ -366,9 +366,14 @@ def _socket_by_cookie(a: Answer, cookie: int) -> Socket | None:
     return next((s for s in inv.sockets if s.diag.cookie == cookie), None)
 
 
-def _tproxy(a: Answer) -> None:
-    """TPROXY rules run in prerouting, before any socket lookup."""
+def _tproxy(a: Answer, local: bool) -> None:
+    """TPROXY rules run in prerouting, before any socket lookup. For an
+    address the namespace does not own, the packet is delivered only if a
+    fwmark rule routes the rule's mark to a table with a local default
+    route; else it is routed on, whatever socket the rule found."""
     from . import tproxy
+
+    routing: Any = None
 
     scan = tproxy.tproxy_rules(a.netns)
     for what, why in scan.problems:
@@ -391,6 +396,13 @@ def _tproxy(a: Answer) -> None:
             entry["result"] = "transparent"
             entry["cookie"] = target.diag.cookie
             a.by_cookie[target.diag.cookie] = target
+        if entry["result"] == "transparent" and not local:
+            routing = routing or tproxy.policy_routing(a.netns)
+            routed = routing.delivers(rule.mark, p.family)
+            if routed is False:
+                entry["result"] = "not_routed_locally"
+            elif routed is None:
+                a.changers.append({"kind": "tproxy_routing_unknown", "rule": rule.to_json()})
         a.tproxy.append(entry)
         if hit and entry["result"] == "transparent":
             _won(a, endpoint_of(target), "tproxy")  # type: ignore[arg-type]
@@ -608,6 +620,9 @@ def _changer_text(c: dict[str, Any], a: Answer) -> str:
         return f"sk_lookup program {names} may select another socket or drop it: {c['why']}"
     if kind == "tproxy_unknown":
         return f"TPROXY rule {c['rule'].get('text', '')} may redirect it (portscope cannot evaluate all its matches)"
+    if kind == "tproxy_routing_unknown":
+        return (f"TPROXY rule {c['rule'].get('text', '')}: whether a fwmark rule routes its mark "
+                f"to a local table could not be read (without one, the packet is routed on)")
     if kind == "sock_addr":
         prog = c["program"]
         return (f"cgroup {prog['kind']} program {prog['name'] or '?'} (id {prog['prog_id']}) on "
@@ -656,6 +671,8 @@ TPROXY = {
     "transparent": "hands it to that IP_TRANSPARENT socket",
     "not_transparent": "finds a socket that is not IP_TRANSPARENT: the rule does nothing",
     "no_socket": "finds no socket on its target: the rule does nothing",
+    "not_routed_locally": "marks it, but no fwmark rule routes that mark to a table with a "
+                          "local default route: the packet is routed on, not delivered",
 }
 
 

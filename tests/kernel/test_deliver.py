@@ -38,6 +38,7 @@ SRV_DEV, CLI_DEV, OTHER_DEV, OTHER_PEER = "psd0", "psd1", "psd2", "psd3"
 SERVER, SERVER2, CLIENT = "10.88.0.1", "10.88.0.3", "10.88.0.2"
 SERVER6, CLIENT6 = "fd88::1", "fd88::2"
 OTHER = "10.89.0.1"
+FOREIGN = "10.88.50.1"  # an address no namespace has
 PORTSCOPE = [sys.executable, "-m", "tracer.cli"]
 SO_ATTACH_REUSEPORT_CBPF = 51
 
@@ -87,6 +88,14 @@ class Scene:
         c = self._in(self.server if from_server else self.client, go)
         self.kept.append(c)
         return c
+
+    def connect_nowait(self, daddr: str, port: int) -> None:
+        def go() -> socket.socket:
+            c = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+            c.setblocking(False)
+            c.connect_ex((daddr, port))
+            return c
+        self.kept.append(self._in(self.client, go))
 
     def send(self, daddr: str, port: int, sport: int) -> None:
         def go() -> None:
@@ -358,9 +367,24 @@ def test_tproxy_rule_hands_it_to_the_transparent_socket(s: Scene) -> None:
         # From the host itself there is no prerouting: the plain listener.
         local = s.ask(SERVER, port, src=SERVER)
         assert winner(local) == plain and not local.tproxy
+        # An address the server does not own: delivered through the fwmark
+        # rule's local table only.
+        sh(s.client, "ip", "route", "add", f"{FOREIGN}/32", "via", SERVER)
+        far = s.ask(FOREIGN, port, dev=SRV_DEV)
+        assert (far.decided_by, winner(far)) == ("tproxy", diverted)
+        s.connect(FOREIGN, port)
+        assert s.received(tport, expect=2) == {diverted: 2}
+        sh(s.server, "ip", "rule", "del", "fwmark", "1", "lookup", "100")
+        unrouted = s.ask(FOREIGN, port, dev=SRV_DEV)
+        assert unrouted.outcome == "not_local"
+        assert [t["result"] for t in unrouted.tproxy] == ["not_routed_locally"]
+        s.connect_nowait(FOREIGN, port)  # routed on (forwarding is off): nobody takes it
+        time.sleep(0.5 * SLOWDOWN)
+        assert s.received(tport, expect=0) == {diverted: 2}
     finally:
         sh(s.server, "nft", "delete", "table", "inet", "portscope_deliver")
-        sh(s.server, "ip", "rule", "del", "fwmark", "1", "lookup", "100")
+        subprocess.run(["ip", "netns", "exec", s.server.name, "ip", "rule", "del", "fwmark", "1",
+                        "lookup", "100"], capture_output=True, timeout=60 * SLOWDOWN)
 
 
 # ---- the command -----------------------------------------------------------------------
