@@ -69,9 +69,15 @@ class History:
         # Snapshots and events: from CONTEXT_S before the window on (the rules
         # look back), snapshots from the last one before that.
         first_snap = reader.last_snapshot_before(start - CONTEXT_S) if start is not None else 0
+        snap_rows = reader.snapshots(first_snap)
         self.snaps = [Snap(r["id"], r["session"], r["time"], r["time"] + max(r["duration"], 0.0),
                            scanned_classes(r["programs"]))
-                      for r in reader.snapshots(first_snap)]
+                      for r in snap_rows]
+        # Snapshots whose look for BPF programs had problems: (id, [[what, why], ...]).
+        self.program_problems = [
+            (r["id"], r["programs"]["problems"]) for r in snap_rows
+            if isinstance(r["programs"], dict) and isinstance(r["programs"].get("problems"), list)
+            and r["programs"]["problems"]]
         self.snap_by_id = {s.id: s for s in self.snaps}
         self._snap_ids = [s.id for s in self.snaps]
         self._snap_ends = [s.end for s in self.snaps]

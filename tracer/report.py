@@ -29,6 +29,14 @@ def run(args: argparse.Namespace) -> ExitStatus:
         findings = [f for f in find_all(h, args.race_window) if since is None or f.time >= since]
         entries = [e for e in timeline(h) if since is None or e["time"] >= since]
         summary = journal_summary(reader, args.file, since)
+        if h.program_problems:
+            first = h.program_problems[0][1][0]
+            what = ": ".join(map(str, first)) if isinstance(first, list) else str(first)
+            n = len(h.program_problems)
+            summary["notes"].append(
+                f"{n} snapshot{'s' if n != 1 else ''} could not look for every BPF program "
+                f"(first: {what}): no program is named attached next to "
+                f"{'them' if n != 1 else 'it'}")
     if args.json:
         json.dump({"journal": summary, "findings": [f.to_json() for f in findings],
                    "timeline": entries}, sys.stdout, separators=(",", ":"))

@@ -80,12 +80,16 @@ def test_a_program_there_when_the_journal_starts_keeping_programs_is_not_attache
     assert findings(path) == []
 
 
-def test_a_failed_scan_between_names_nothing(tmp_path: Path) -> None:
+def test_a_failed_scan_between_names_nothing(tmp_path: Path,
+                                             capsys: pytest.CaptureFixture[str]) -> None:
     failed = ProgramsSeen((), [], [("links", "Operation not permitted")])
     only_lookup = seen(LOOKUP, scanned=("sk_lookup",))  # sock_addr scan failed here
     path = journal(tmp_path / "j.db", [seen(), failed, seen(LOOKUP), only_lookup,
                                        seen(LOOKUP, CONNECT)])
     assert findings(path) == []
+    assert cli.main(["report", str(path)]) == 0
+    assert "note: 1 snapshot could not look for every BPF program (first: links: Operation not " \
+           "permitted): no program is named attached next to it" in capsys.readouterr().out
 
 
 def test_a_journal_older_than_programs_reads_and_reports(tmp_path: Path,
