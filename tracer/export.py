@@ -101,7 +101,7 @@ def _collect(engine: Engine, metrics: Metrics, stop: StopSignal) -> None:
         for raw in raws:
             ev = decode(raw, clock)
             if ev.errno:
-                container = identities.get(ev.pid, ev.cgroup_id)["container"] or ""
+                container = identities.get(ev.pid, ev.cgroup_id, ev.comm)["container"] or ""
                 metrics.failures.add((ev.call, ev.errno_name or str(ev.errno), str(ev.port),
                                       label_value(ev.comm), str(ev.netns), container))
 

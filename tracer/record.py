@@ -402,7 +402,7 @@ class Recorder:
         assert self.jsonl is not None
         doc = ev.to_json()
         # From the event's cgroup id: still known when the process is gone.
-        doc.update(self.cgroups.get(ev.pid, ev.cgroup_id))
+        doc.update(self.cgroups.get(ev.pid, ev.cgroup_id, ev.comm))
         if explained is not None:
             doc["blockers"] = explained.blockers_json()
             doc["explanation"] = explained.to_json()
