@@ -40,7 +40,7 @@ from .inventory import Inventory, Socket, select_namespaces, take
 from .lookup import Endpoint, Judged, Packet
 from .netns import open_netns
 from .nsnames import NetnsNames
-from .ports import state_text
+from .ports import state_text, unreadable_line
 from .records import format_addr, owner_detail, owner_label
 from .text import printable
 
@@ -261,16 +261,14 @@ def decide(a: Answer, sockets: list[Socket], local: bool, from_host: bool, known
             a.notes.append({"kind": "time_wait", "cookie": est.cookie})
         elif p.saddr is not None and p.sport is None:
             a.notes.append({"kind": "new_source_port"})
-    a.judged = [(lookup.judge_listener if p.protocol == "tcp" else lookup.judge_udp)(ep, p)
-                for ep in eps]
+    a.judged = [lookup.judge(ep, p) for ep in eps]
     exact = lookup.pick("exact", a.judged)
     if p.protocol == "udp" and exact.winner is not None and lookup.connected(exact.winner):
         _from_step(a, exact)
         return
     if _sk_lookup(a):
         return
-    step = exact if exact.winner is not None else lookup.pick("wildcard", a.judged)
-    _from_step(a, step)
+    _from_step(a, lookup.best(a.judged))
     if not known_dev:
         _other_devices(a, eps)
 
@@ -305,11 +303,7 @@ def _other_devices(a: Answer, eps: list[Endpoint]) -> None:
     for dev in sorted({ep.dev for ep in eps if ep.dev}):
         p = Packet(a.packet.protocol, a.packet.family, a.packet.daddr, a.packet.dport,
                    a.packet.saddr, a.packet.sport, dev, 0, a.packet.l3mdev_accept)
-        judge = lookup.judge_listener if p.protocol == "tcp" else lookup.judge_udp
-        judged = [judge(ep, p) for ep in eps]
-        step = lookup.pick("exact", judged)
-        if step.winner is None:
-            step = lookup.pick("wildcard", judged)
+        step = lookup.best([lookup.judge(ep, p) for ep in eps])
         if step.winner is not None and step.winner.cookie != base and not (
                 a.winner and a.winner.flags and lookup.same_group(step.winner, endpoint_of(a.winner))):
             a.devices.append({"device": dev, "cookie": step.winner.cookie})
@@ -419,12 +413,7 @@ def _tproxy_target(a: Answer, rule: Any) -> Socket | None:
     addr = lookup.address(rule.to_addr) if rule.to_addr else p.daddr
     inv = take(port=port, protocols=(p.protocol,), netns=str(a.netns))
     q = Packet(p.protocol, p.family, addr, port, p.saddr, p.sport, p.dif, p.sdif, p.l3mdev_accept)
-    eps = [endpoint_of(s) for s in inv.sockets]
-    judge = lookup.judge_listener if p.protocol == "tcp" else lookup.judge_udp
-    judged = [judge(ep, q) for ep in eps]
-    step = lookup.pick("exact", judged)
-    if step.winner is None:
-        step = lookup.pick("wildcard", judged)
+    step = lookup.best([lookup.judge(endpoint_of(s), q) for s in inv.sockets])
     if step.winner is None:
         return None
     return next(s for s in inv.sockets if s.diag.cookie == step.winner.cookie)
@@ -577,7 +566,24 @@ def render(a: Answer, pal: Palette = PLAIN, verbose: bool = False) -> str:
         out.append(line("  ", pal.fix("can change: "), printable(_changer_text(c, a))))
     for n in a.notes:
         out.append(f"  note: {printable(_note_text(n))}")
+    out += _health_lines(a)
     return "\n".join(out)
+
+
+def _health_lines(a: Answer) -> list[str]:
+    """What could not be read, which the answer may depend on."""
+    health = a.inventory.health() if a.inventory else {}
+    out = []
+    if health.get("flags_unknown"):
+        out.append(f"  note: the flags of {health['flags_unknown']} socket(s) could not be read "
+                   f"(IPV6_V6ONLY, reuseport group, IP_TRANSPARENT): an IPv6 one is judged "
+                   f"'v6only unknown'")
+    # Only when a socket of the answer shows no owner: then it may be one of theirs.
+    ownerless = any(not s.owners for s in a.by_cookie.values())
+    named = unreadable_line(a.inventory) if a.inventory and ownerless else ""
+    if named:
+        out.append(f"  note: {named} (a socket it holds shows no owner)")
+    return out
 
 
 def _source(p: Packet) -> str:

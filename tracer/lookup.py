@@ -295,6 +295,19 @@ def pick(name: str, judged: list[Judged]) -> Step:
     return step
 
 
+def judge(ep: Endpoint, p: Packet) -> Judged:
+    """The socket as the lookup of the packet's protocol scores it."""
+    return judge_listener(ep, p) if p.protocol == "tcp" else judge_udp(ep, p)
+
+
+def best(judged: list[Judged]) -> Step:
+    """The exact-address step's pick, else the wildcard step's (UDP's
+    connected sockets and the sk_lookup programs between the two are the
+    caller's: tracer/deliver.py)."""
+    exact = pick("exact", judged)
+    return exact if exact.winner is not None else pick("wildcard", judged)
+
+
 def same_group(a: Endpoint, b: Endpoint) -> bool:
     return bool(a.group) and a.group == b.group
 

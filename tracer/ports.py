@@ -171,7 +171,15 @@ def _print_health(inv: Inventory) -> None:
     gaps = [f"{v} {k.replace('_', ' ')}" for k, v in h.items() if k != "namespaces" and v]
     tail = f"; could not see: {', '.join(gaps)}" if gaps else ""
     print(f"\n{h['namespaces']} network namespace(s){tail}")
-    if inv.problems:
-        named = [f"{printable(w)} ({printable(p)})" for w, p in inv.problems[:NAMED_PROBLEMS]]
-        more = len(inv.problems) - NAMED_PROBLEMS
-        print("could not read: " + ", ".join(named) + (f", and {more} more" if more > 0 else ""))
+    named = unreadable_line(inv)
+    if named:
+        print(named)
+
+
+def unreadable_line(inv: Inventory) -> str:
+    """``could not read: pid 1 (permission denied), ...``, or ''."""
+    if not inv.problems:
+        return ""
+    named = [f"{printable(w)} ({printable(p)})" for w, p in inv.problems[:NAMED_PROBLEMS]]
+    more = len(inv.problems) - NAMED_PROBLEMS
+    return "could not read: " + ", ".join(named) + (f", and {more} more" if more > 0 else "")
