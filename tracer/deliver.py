@@ -221,7 +221,17 @@ def ask(q: Question) -> Answer:
            known_dev=bool(q.dev) or from_host)
     if q.saddr is None or from_host:
         local_clients(answer)
+    _transparent_sockets(answer)
     return answer
+
+
+def _transparent_sockets(a: Answer) -> None:
+    """IP_TRANSPARENT sockets of the port besides the winner: a TPROXY rule
+    (added now, or one portscope could not evaluate) hands them traffic
+    before any lookup."""
+    for s in a.by_cookie.values():
+        if s is not a.winner and s.flags and "transparent" in s.flags.options:
+            a.changers.append({"kind": "transparent", "cookie": s.diag.cookie})
 
 
 def _sockets(q: Question, spec: str) -> Inventory:
@@ -626,6 +636,9 @@ def _changer_text(c: dict[str, Any], a: Answer) -> str:
         return f"sk_lookup program {names} may select another socket or drop it: {c['why']}"
     if kind == "tproxy_unknown":
         return f"TPROXY rule {c['rule'].get('text', '')} may redirect it (portscope cannot evaluate all its matches)"
+    if kind == "transparent":
+        return (f"{_who(a.facts, a.by_cookie.get(c['cookie']))} is IP_TRANSPARENT: a TPROXY "
+                f"rule would hand it this traffic before any lookup")
     if kind == "tproxy_routing_unknown":
         return (f"TPROXY rule {c['rule'].get('text', '')}: whether a fwmark rule routes its mark "
                 f"to a local table could not be read (without one, the packet is routed on)")

@@ -367,6 +367,12 @@ def test_tproxy_rule_hands_it_to_the_transparent_socket(s: Scene) -> None:
         # From the host itself there is no prerouting: the plain listener.
         local = s.ask(SERVER, port, src=SERVER)
         assert winner(local) == plain and not local.tproxy
+        # A transparent socket on the port is named as what a rule could
+        # hand this traffic to, though the lookup does not pick it.
+        spare = cookie(s.sock(SERVER2, port, transparent=True))
+        named = s.ask(SERVER, port, src=SERVER)
+        assert winner(named) == plain
+        assert [c["cookie"] for c in named.changers if c["kind"] == "transparent"] == [spare]
         # An address the server does not own: delivered through the fwmark
         # rule's local table only.
         sh(s.client, "ip", "route", "add", f"{FOREIGN}/32", "via", SERVER)
