@@ -24,7 +24,7 @@ import time
 from typing import Any, Iterator
 
 import pytest
-from harness import Netns
+from harness import Actor, Netns
 from steering import attach_steer
 
 from tests.needs import SLOWDOWN, need_root, need_tool
@@ -399,13 +399,21 @@ def test_tproxy_rule_hands_it_to_the_transparent_socket(s: Scene) -> None:
 def test_command_line_answers_exit_codes_and_refusals(
         s: Scene, capsys: pytest.CaptureFixture[str]) -> None:
     port = 8110
-    exact = cookie(s.sock(SERVER, port))
+    # Two listeners of two processes (same uid, SO_REUSEPORT): the answer
+    # names each one's process.
+    service, intruder = Actor(s.server, comm=b"service"), Actor(s.server, comm=b"intruder")
+    for actor, addr in ((service, "0.0.0.0"), (intruder, SERVER)):
+        fd = actor.socket("tcp", reuseport=True)
+        assert actor.bind(fd, addr, port).ok and actor.listen(fd).ok
     # Once as a process of its own, as an operator runs it.
     ok = subprocess.run([*PORTSCOPE, "deliver", f"{SERVER}:{port}", "--netns", s.server.path,
                          "--json"], capture_output=True, text=True, timeout=120 * SLOWDOWN)
     assert ok.returncode == 0, ok.stderr
     doc = json.loads(ok.stdout)
-    assert (doc["outcome"], doc["decided_by"], doc["socket"]["cookie"]) == ("socket", "exact", exact)
+    assert (doc["outcome"], doc["decided_by"]) == ("socket", "exact")
+    assert [o["pid"] for o in doc["socket"]["owners"]] == [intruder.pid]
+    assert [([o["pid"] for o in other["socket"]["owners"]], other["rule"])
+            for other in doc["others"]] == [([service.pid], "step")]
 
     # The rest through the same entry point in this process (a start of the
     # interpreter costs ~18 s on an emulated kernel).
@@ -415,7 +423,8 @@ def test_command_line_answers_exit_codes_and_refusals(
         return status, out, err
 
     status, out, _ = run(f"{SERVER}:{port}")
-    assert status == 0 and f"goes to {SERVER}:{port} (LISTEN)" in out
+    assert status == 0 and f"goes to {SERVER}:{port} (LISTEN) of intruder[{intruder.pid}]" in out
+    assert f"0.0.0.0:{port} (LISTEN) of service[{service.pid}]: loses" in out
     status, out, _ = run(f"{SERVER}:{port + 1}")
     assert status == 5 and "no socket takes it" in out
     status, out, _ = run(f"10.99.0.1:{port}", "--json")
