@@ -64,6 +64,14 @@ class NamespaceFacts:
         dev = self.devices.get(index)
         return dev.name if dev else f"#{index}"
 
+    def device_index(self, name: str) -> int | None:
+        """The index of the device named ``name`` (or numbered so), None
+        when the namespace has none."""
+        for index, dev in self.devices.items():
+            if dev.name == name or (name.isdigit() and index == int(name)):
+                return index
+        return None
+
     def local_addresses(self, family: str) -> list[str]:
         return [a.address for a in self.addresses if a.family == family]
 
@@ -136,6 +144,17 @@ def _l3mdev_table(facts: NamespaceFacts, index: int) -> int:
     return vrf.vrf_table if vrf else 0
 
 
+def local_route(ip: ipaddress.IPv4Address, facts: NamespaceFacts, table: int) -> Route | None:
+    """The longest route of ``table`` (the local table's: local, broadcast)
+    that holds ``ip``."""
+    best: Route | None = None
+    for route in facts.local_routes:
+        if route.table == table and ip in route.network:
+            if best is None or route.network.prefixlen > best.network.prefixlen:
+                best = route
+    return best
+
+
 def ipv4_address_type(addr: str, facts: NamespaceFacts, table: int, device: int = 0) -> str:
     """__inet_dev_addr_type(): broadcast, multicast, or what the longest
     matching route of the table says (local, broadcast, ...); unicast when
@@ -146,11 +165,7 @@ def ipv4_address_type(addr: str, facts: NamespaceFacts, table: int, device: int 
         return "broadcast"
     if ip.is_multicast:
         return "multicast"
-    best: Route | None = None
-    for route in facts.local_routes:
-        if route.table == table and ip in route.network:
-            if best is None or route.network.prefixlen > best.network.prefixlen:
-                best = route
+    best = local_route(ip, facts, table)
     if best is None or (device and best.device != device):
         return "unicast"
     return best.type

@@ -32,7 +32,7 @@ from dataclasses import dataclass, field
 from typing import Any, Iterable
 
 from . import lookup
-from .bindcheck import RT_TABLE_LOCAL, NamespaceFacts, ipv4_address_type
+from .bindcheck import RT_TABLE_LOCAL, NamespaceFacts, ipv4_address_type, local_route
 from .colour import PLAIN, Palette, line, palette
 from .errors import ExitStatus, UsageError
 from .explain import namespace_facts
@@ -60,7 +60,6 @@ class Answer:
     members: list[Socket] = field(default_factory=list)  # the winner's reuseport group
     selection: str = ""  # "" (no group) | hash | bpf
     judged: list[Judged] = field(default_factory=list)
-    ties: list[Socket] = field(default_factory=list)
     programs: list[Any] = field(default_factory=list)  # netprogs.LookupRun
     tproxy: list[dict[str, Any]] = field(default_factory=list)
     changers: list[dict[str, Any]] = field(default_factory=list)
@@ -149,9 +148,9 @@ def _is_local(addr: lookup.IPAddress, facts: NamespaceFacts, table: int) -> bool
 def _device(name: str | None, facts: NamespaceFacts) -> int:
     if not name:
         return 0
-    for index, dev in facts.devices.items():
-        if dev.name == name or (name.isdigit() and index == int(name)):
-            return index
+    index = facts.device_index(name)
+    if index is not None:
+        return index
     known = ", ".join(printable(d.name) for d in facts.devices.values()) or "none"
     raise UsageError(f"no network device {printable(name)!r} in that namespace; its devices: {known}")
 
@@ -162,12 +161,8 @@ def _address_device(addr: lookup.IPAddress, facts: NamespaceFacts) -> int:
     (ip_route_output_key_hash_rcu() sets the route's input interface to
     it, though the packet goes through lo), lo for 127/8 and ::1."""
     if isinstance(addr, ipaddress.IPv4Address):
-        best = None
-        for route in facts.local_routes:
-            if route.table == RT_TABLE_LOCAL and route.type == "local" and addr in route.network:
-                if best is None or route.network.prefixlen > best.network.prefixlen:
-                    best = route
-        if best is not None:
+        best = local_route(addr, facts, RT_TABLE_LOCAL)
+        if best is not None and best.type == "local":
             return best.device
     else:
         for a in facts.addresses:
@@ -288,8 +283,7 @@ def _from_step(a: Answer, step: lookup.Step) -> None:
         a.outcome, a.decided_by = "nobody", ""
         return
     _won(a, step.winner, step.name)
-    a.ties = [a.by_cookie[t.cookie] for t in step.ties if t.cookie in a.by_cookie]
-    if a.ties:
+    if step.ties:
         a.changers.append({"kind": "equal_scores", "cookies": [t.cookie for t in step.ties]})
 
 

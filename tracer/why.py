@@ -46,9 +46,9 @@ def _device(name: str | None, facts: NamespaceFacts) -> int:
     the question has no meaning then."""
     if not name:
         return 0
-    for index, dev in facts.devices.items():
-        if dev.name == name or (name.isdigit() and index == int(name)):
-            return index
+    index = facts.device_index(name)
+    if index is not None:
+        return index
     known = ", ".join(d.name for d in facts.devices.values()) or "none"
     raise UsageError(f"no network device {name!r} in that namespace (SO_BINDTODEVICE would "
                      f"fail with ENODEV); its devices: {known}")
